@@ -1,0 +1,34 @@
+# The two set-up commands of the README: `make demo` (main job) and `make test` (tests).
+# Each creates .venv on first use from this project's own files.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo-output
+DEMO_STAYS ?= 2000
+
+.PHONY: demo test lint venv clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/carebench synth --out $(DEMO_DIR)/raw --stays $(DEMO_STAYS) --seed 0
+	$(BIN)/carebench prepare --mimic-iv $(DEMO_DIR)/raw/mimic-iv --mimic-cxr $(DEMO_DIR)/raw/mimic-cxr-jpg --out $(DEMO_DIR)/data
+	$(BIN)/carebench describe $(DEMO_DIR)/data
+
+test: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/python -m pytest -n 2 -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,119 @@
+"""Read and write the processed dataset (DESIGN.md "Processed dataset").
+
+A processed dataset is one directory:
+  manifest.json   format version, options, source files, cohort step counts, timings, warnings, feature list
+  cohort.parquet  one row per ICU stay, in the row order of the arrays
+  ehr.npy         float32 [N, hours, F], raw hourly values, NaN where unobserved
+  cxr.npy         uint8 [M, S, S] grayscale image cache (row = cohort.cxr_index), memory-mappable
+
+Directories are written atomically: build everything under a temporary sibling directory, then rename it into
+place (`atomic_output_dir`). A crash leaves no half-written dataset behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from carebench.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+COHORT = "cohort.parquet"
+EHR = "ehr.npy"
+CXR = "cxr.npy"
+
+# Columns every cohort.parquet has (the 25 pheno_* columns come from definitions.load_phenotypes()).
+COHORT_COLUMNS = (
+    "stay_id", "subject_id", "hadm_id", "intime", "outtime", "los_days", "age", "gender", "race", "race_group",
+    "admission_type", "insurance", "fold", "label_mortality", "label_los",
+    "has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index",
+)
+
+
+class DatasetError(UserError, ValueError):
+    """A processed dataset is missing or malformed; the message names the file and what was expected."""
+
+
+@dataclass
+class ProcessedDataset:
+    root: Path
+    manifest: dict[str, Any]
+    cohort: pd.DataFrame
+    ehr: np.ndarray          # [N, hours, F] float32 (memory-mapped when opened with mmap=True)
+    cxr: np.ndarray | None   # [M, S, S] uint8, None when the dataset has no images
+
+    @property
+    def features(self) -> list[str]:
+        return list(self.manifest["features"])
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to `out`; on success rename it to `out`, on failure delete it."""
+    out = Path(out).absolute()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.rename(out, trash)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
+    """Open a processed dataset, checking that its files agree with each other."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory (expected a dataset written by `carebench prepare`)")
+    for name in (MANIFEST, COHORT, EHR):
+        if not (root / name).is_file():
+            raise DatasetError(f"{root / name}: missing (expected a dataset written by `carebench prepare`)")
+    with open(root / MANIFEST) as fh:
+        manifest = json.load(fh)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, "
+                           f"this carebench reads {FORMAT_VERSION}")
+    cohort = pd.read_parquet(root / COHORT)
+    missing = [c for c in COHORT_COLUMNS if c not in cohort.columns]
+    if missing:
+        raise DatasetError(f"{root / COHORT}: missing columns {missing}")
+    ehr = np.load(root / EHR, mmap_mode="r" if mmap else None)
+    if ehr.ndim != 3 or ehr.shape[0] != len(cohort) or ehr.shape[2] != len(manifest["features"]):
+        raise DatasetError(f"{root / EHR}: shape {ehr.shape} does not match {len(cohort)} stays x "
+                           f"{len(manifest['features'])} features")
+    cxr = None
+    if (root / CXR).is_file():
+        cxr = np.load(root / CXR, mmap_mode="r" if mmap else None)
+        n_img = int(cohort["has_cxr"].sum())
+        if cxr.ndim != 3 or cxr.shape[0] != n_img:
+            raise DatasetError(f"{root / CXR}: shape {cxr.shape} does not match {n_img} stays with an X-ray")
+    return ProcessedDataset(root=root, manifest=manifest, cohort=cohort, ehr=ehr, cxr=cxr)
