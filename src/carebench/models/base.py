@@ -1,0 +1,208 @@
+"""The model contract shared by every method and by the training framework.
+
+Why a contract: the reference toolkit let each model return probabilities or logits as it pleased, read the number
+of classes from a config instead of the task, and handled a missing X-ray per batch. Here a model is a plain
+``nn.Module`` that turns a batch dict into *logits* (``ModelOutput``); the framework alone turns logits into
+probabilities and computes the task loss, so every metric sees probabilities and every method is trained the same.
+
+Batch (dict of tensors), produced by ``carebench.data.loading``:
+
+=============  ==========================  ==================================================================
+key            shape / dtype               meaning
+=============  ==========================  ==================================================================
+``ehr``        ``[B,T,F]`` float           normalised, imputed hourly values
+``ehr_mask``   ``[B,T,F]`` float           1 = observed in that hour, 0 = imputed
+``cxr``        ``[B,1,S,S]`` float         normalised grayscale image; zeros where missing
+``has_cxr``    ``[B]`` bool                per sample: the image is real
+``cxr_hours``  ``[B]`` float               hours from ICU admission to the image; 0 where missing
+``y``          task shape                  mortality float ``[B,1]``; phenotype float ``[B,25]``; LOS int64 ``[B]``
+``stay_id``    ``[B]`` int64               ICU stay id (for predictions on disk)
+=============  ==========================  ==================================================================
+
+A missing X-ray is per sample: a model must give the same prediction for a sample whatever pixel values its
+missing image holds (``tests/models/test_registry_contract.py`` checks this for every registered model).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from carebench.errors import UserError
+
+TaskKind = Literal["binary", "multilabel", "multiclass"]
+Modality = Literal["ehr", "cxr"]
+
+
+class ModelConfigError(UserError):
+    """Unknown model, task or hyper-parameter, or a hyper-parameter value of the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a task asks of a model: the output width and how the framework reads the logits.
+
+    ``binary``: one logit, sigmoid, BCE. ``multilabel``: one logit per label, sigmoid, BCE per label.
+    ``multiclass``: one logit per class, softmax, cross-entropy on int64 targets ``[B]``.
+    """
+
+    name: str
+    kind: TaskKind
+    num_outputs: int
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mortality": TaskSpec("mortality", "binary", 1),
+    "phenotype": TaskSpec("phenotype", "multilabel", 25),
+    "los": TaskSpec("los", "multiclass", 7),
+}
+
+
+def task_spec(task: str) -> TaskSpec:
+    """The ``TaskSpec`` of a task name; a clear error for anything else."""
+    try:
+        return TASKS[task]
+    except KeyError:
+        raise ModelConfigError(f"unknown task {task!r}; expected one of {sorted(TASKS)}") from None
+
+
+def num_outputs(task: str) -> int:
+    """Width of the logits for a task (mortality 1, phenotype 25, LOS 7), always derived from the task."""
+    return task_spec(task).num_outputs
+
+
+@dataclass
+class ModelOutput:
+    """What ``forward`` returns.
+
+    logits: ``[B,1]`` mortality, ``[B,25]`` phenotype, ``[B,7]`` LOS; never probabilities.
+    aux_losses: extra scalar losses of the method, already multiplied by their weights; the framework adds their
+        sum to the task loss during training (and logs each by name). Empty for most methods.
+    extra_logits: optional per-modality heads (e.g. ``"ehr"``, ``"cxr"``, ``"shared"``) with the same shape as
+        ``logits``; saved as extra prediction columns and used by modality-contribution analyses. They are not
+        trained by the framework: a method that wants them trained adds their losses to ``aux_losses``.
+    """
+
+    logits: Tensor
+    aux_losses: dict[str, Tensor] = field(default_factory=dict)
+    extra_logits: dict[str, Tensor] = field(default_factory=dict)
+
+
+def _type_ok(default: Any, value: Any) -> bool:
+    """A hyper-parameter value must have the type of its default (an int is accepted for a float)."""
+    if default is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    return isinstance(value, type(default))
+
+
+class BaseModel(nn.Module):
+    """Base class of every registered method.
+
+    Class attributes a method sets:
+      name: the registry name (set by ``@register``).
+      modalities: ``("ehr",)``, ``("cxr",)`` or ``("ehr", "cxr")``: which batch keys the method reads.
+      default_hparams: every hyper-parameter with its default (the paper's value); the only keys accepted.
+      search_space: for hyper-parameter search (Optuna). ``{key: {"type": "float", "low": a, "high": b,
+        "log": bool}}``, ``{"type": "int", "low": a, "high": b}`` or ``{"type": "categorical", "choices": [...]}``;
+        keys must be hyper-parameters.
+      presets: named overrides of ``default_hparams``: ``"quick"`` (small, CPU-friendly, no downloads),
+        ``"full"`` (the paper's setting) and ``"test"`` (the smallest dims, used by the contract tests).
+
+    Constructor: ``(task, n_features, image_size, **hparams)``; the hyper-parameters are validated against
+    ``default_hparams`` (unknown key or wrong type -> ``ModelConfigError``) and stored as ``self.hparams``.
+    """
+
+    name: ClassVar[str] = ""
+    modalities: ClassVar[tuple[str, ...]] = ()
+    default_hparams: ClassVar[dict[str, Any]] = {}
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "full": {}, "test": {}}
+
+    def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
+        super().__init__()
+        self.task = task_spec(task)
+        if not isinstance(n_features, int) or n_features < 1:
+            raise ModelConfigError(f"{self._label()}: n_features must be a positive int, got {n_features!r}")
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ModelConfigError(f"{self._label()}: image_size must be a positive int, got {image_size!r}")
+        self.n_features = n_features
+        self.image_size = image_size
+        self.hparams: dict[str, Any] = self.resolve_hparams(hparams)
+
+    @property
+    def num_outputs(self) -> int:
+        return self.task.num_outputs
+
+    @classmethod
+    def _label(cls) -> str:
+        return f"model {cls.name or cls.__name__!r}"
+
+    @classmethod
+    def resolve_hparams(cls, overrides: dict[str, Any], preset: str | None = None) -> dict[str, Any]:
+        """Defaults, then the preset, then the overrides; unknown keys and wrong types are errors."""
+        if preset is not None and preset not in cls.presets:
+            raise ModelConfigError(
+                f"{cls._label()}: unknown preset {preset!r}; expected one of {sorted(cls.presets)}"
+            )
+        merged = dict(cls.default_hparams)
+        for source in ([cls.presets[preset]] if preset else []) + [overrides]:
+            for key, value in source.items():
+                if key not in cls.default_hparams:
+                    raise ModelConfigError(
+                        f"{cls._label()}: unknown hyper-parameter {key!r}; valid keys: "
+                        f"{', '.join(sorted(cls.default_hparams))}"
+                    )
+                if not _type_ok(cls.default_hparams[key], value):
+                    raise ModelConfigError(
+                        f"{cls._label()}: hyper-parameter {key!r} must be "
+                        f"{type(cls.default_hparams[key]).__name__}, got {value!r}"
+                    )
+                merged[key] = float(value) if isinstance(cls.default_hparams[key], float) else value
+        return merged
+
+    def choice(self, key: str, choices: tuple[str, ...] | list[str]) -> Any:
+        """The value of a categorical hyper-parameter, checked against its allowed values."""
+        value = self.hparams[key]
+        if value not in choices:
+            raise ModelConfigError(
+                f"{self._label()}: hyper-parameter {key!r} must be one of {list(choices)}, got {value!r}"
+            )
+        return value
+
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_hook(self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor) -> None:
+        """Called by the training module after the loss of a training step is computed, before backward.
+
+        Default: nothing. Methods with a special procedure (gradient modulation such as AUG or InfoReg, sustained
+        boosting) use it to read per-modality outputs and adjust state, e.g. register gradient scales for the
+        coming backward or update running statistics. It must not call ``backward`` or step an optimiser: the
+        framework owns the loop so that devices, precision and checkpointing work for every method.
+        """
+        return None
+
+    def configure_param_groups(self) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups, or None to optimise ``self.parameters()`` with the framework's settings.
+
+        A method that needs per-part learning rates (e.g. a pretrained image encoder at a lower lr) returns
+        ``[{"params": [...], "lr": ...}, ...]`` in the form ``torch.optim`` accepts; the framework fills the
+        keys a group leaves out (lr, weight decay) from the run config. Every trainable parameter must appear
+        in exactly one group.
+        """
+        return None
+
+
+def cxr_present(batch: dict[str, Tensor]) -> Tensor:
+    """``has_cxr`` as a bool vector on the batch's device (accepts 0/1 floats too)."""
+    has = batch["has_cxr"]
+    return has if has.dtype == torch.bool else has > 0.5
