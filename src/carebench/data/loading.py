@@ -1,0 +1,396 @@
+"""Processed dataset -> batches of tensors (DESIGN.md "Batch"): folds, normalisation, X-ray handling, dropout.
+
+Why each rule (docs/training.md has the full description):
+- Normalisation statistics come from the training split of the fold only, so nothing about the validation or
+  test stays leaks into the inputs. The raw hourly values are kept on disk; scaling happens here, per batch.
+- Imputation follows the reference toolkit: forward fill within the stay, then the training median for hours
+  before the first observation. Robust scaling (x - median) / IQR, with guards: IQR = 0 -> the standard
+  deviation; that also 0 (or undefined) -> 1. A feature never observed in training gets median 0, scale 1.
+- The observed-mask is returned as its own tensor (`ehr_mask`, 1 = observed) so every encoder can append it as
+  extra input channels.
+- X-rays are read from the uint8 cache, resized on the fly with one batched `F.interpolate` to the run's image
+  size and normalised; a missing (or dropped) X-ray is all zeros with `has_cxr = False` and `cxr_hours = 0`.
+- Train-time augmentation (`augment_cxr`) runs on the batched tensor on the training device, not per image.
+- Controlled X-ray dropout removes an exact number of X-rays per split, chosen from a per-stay hash of
+  (seed, stay_id), so it is deterministic per stay and nested across rates.
+- Batches are built from index lists (`Dataset.__getitems__`) by slicing the memory-mapped arrays: no
+  per-item Python loop and no DataFrame access in the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from carebench.data.definitions import load_phenotypes
+from carebench.data.store import ProcessedDataset
+from carebench.errors import UserError
+
+N_FOLDS = 5
+TASKS = ("mortality", "phenotype", "los")
+COHORTS = ("base", "matched")
+SPLITS = ("train", "val", "test")
+# ImageNet statistics averaged over the three channels: our images are single-channel grayscale.
+CXR_MEAN = (0.485 + 0.456 + 0.406) / 3
+CXR_STD = (0.229 + 0.224 + 0.225) / 3
+# Reference augmentation (torchvision RandomAffine(degrees=45, scale=(0.85, 1.15), translate=(0.15, 0.15))).
+AUG_DEGREES = 45.0
+AUG_SCALE = (0.85, 1.15)
+AUG_TRANSLATE = 0.15
+
+
+class LoadingError(UserError, ValueError):
+    """A loading option does not fit the dataset (unknown fold/cohort/task, empty split, missing images)."""
+
+
+# ----------------------------------------------------------------------------------------------- folds, cohorts
+def fold_roles(fold: int) -> dict[str, tuple[int, ...]]:
+    """Which folds play which role: test = k, validation = (k mod 5) + 1, train = the other three."""
+    if not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
+        raise LoadingError(f"--fold must be an integer 1..{N_FOLDS}, got {fold!r}")
+    val = fold % N_FOLDS + 1
+    return {"train": tuple(f for f in range(1, N_FOLDS + 1) if f not in (fold, val)), "val": (val,),
+            "test": (fold,)}
+
+
+def label_columns(task: str) -> list[str]:
+    if task == "mortality":
+        return ["label_mortality"]
+    if task == "phenotype":
+        return [p.column for p in load_phenotypes()]
+    if task == "los":
+        return ["label_los"]
+    raise LoadingError(f"--task must be one of {TASKS}, got {task!r}")
+
+
+def output_names(task: str) -> list[str]:
+    """Names of the prediction columns: `mortality`, each `pheno_*` column, or `los_0` ... `los_6`."""
+    if task == "mortality":
+        return ["mortality"]
+    if task == "phenotype":
+        return label_columns(task)
+    if task == "los":
+        return [f"los_{k}" for k in range(7)]
+    raise LoadingError(f"--task must be one of {TASKS}, got {task!r}")
+
+
+def split_rows(cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "base") -> dict[str, np.ndarray]:
+    """Row indices (into the dataset arrays) of the train / val / test stays of a fold and cohort.
+
+    `base` keeps every stay (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray.
+    Stays whose task label is missing are left out.
+    """
+    if cohort_name not in COHORTS:
+        raise LoadingError(f"--cohort must be one of {COHORTS}, got {cohort_name!r}")
+    roles = fold_roles(fold)
+    cols = label_columns(task)
+    missing = [c for c in cols if c not in cohort.columns]
+    if missing:
+        raise LoadingError(f"cohort.parquet: missing label columns {missing} for task {task!r}")
+    keep = cohort[cols].notna().all(axis=1).to_numpy()
+    if cohort_name == "matched":
+        keep = keep & cohort["has_cxr"].to_numpy(dtype=bool)
+    folds = cohort["fold"].to_numpy()
+    out = {}
+    for split, fs in roles.items():
+        rows = np.flatnonzero(keep & np.isin(folds, fs))
+        if len(rows) == 0:
+            raise LoadingError(f"cohort.parquet: the {split} split of fold {fold} ({cohort_name} cohort, "
+                               f"task {task}) is empty (folds {list(fs)})")
+        out[split] = rows
+    return out
+
+
+# -------------------------------------------------------------------------------------------- normalisation
+@dataclass(frozen=True)
+class NormStats:
+    """Per-feature statistics of the training split: the imputation value and the robust scaling."""
+
+    median: np.ndarray      # [F] float64, fill value for hours before the first observation
+    iqr: np.ndarray         # [F] q75 - q25 of the observed training values (NaN if never observed)
+    std: np.ndarray         # [F] sample standard deviation (ddof=1)
+    scale: np.ndarray       # [F] divisor actually used: IQR, else std, else 1
+    n_observed: np.ndarray  # [F] int64, observed training values
+
+    def to_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
+        return {n: {"median": float(self.median[i]), "iqr": float(self.iqr[i]), "std": float(self.std[i]),
+                    "scale": float(self.scale[i]), "n_observed": int(self.n_observed[i])}
+                for i, n in enumerate(names)}
+
+
+def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> NormStats:
+    """Median, IQR and std of every observed value (all hours) of the stays `rows`, per feature.
+
+    Reads the (memory-mapped) array in chunks of stays so memory stays bounded by the observed values.
+    Quantiles use linear interpolation (numpy's and pandas' default).
+    """
+    n_feat = ehr.shape[2]
+    rows = np.sort(np.asarray(rows))
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_feat)]
+    for start in range(0, len(rows), chunk):
+        block = np.asarray(ehr[rows[start:start + chunk]], dtype=np.float64).reshape(-1, n_feat)
+        for f in range(n_feat):
+            col = block[:, f]
+            parts[f].append(col[~np.isnan(col)])
+    median = np.full(n_feat, np.nan)
+    iqr = np.full(n_feat, np.nan)
+    std = np.full(n_feat, np.nan)
+    count = np.zeros(n_feat, dtype=np.int64)
+    for f in range(n_feat):
+        vals = np.concatenate(parts[f]) if parts[f] else np.empty(0)
+        count[f] = len(vals)
+        if len(vals):
+            q25, q50, q75 = np.percentile(vals, [25, 50, 75])
+            median[f], iqr[f] = q50, q75 - q25
+            std[f] = vals.std(ddof=1) if len(vals) > 1 else np.nan
+    scale = np.where(iqr > 0, iqr, np.where(np.isfinite(std) & (std > 0), std, 1.0))
+    scale = np.where(np.isnan(iqr), 1.0, scale)
+    return NormStats(median=np.where(np.isnan(median), 0.0, median), iqr=iqr, std=std, scale=scale,
+                     n_observed=count)
+
+
+def forward_fill(x: np.ndarray) -> np.ndarray:
+    """Carry the last observed value forward along axis 1 (hours) of [B, T, F]; leading NaNs stay NaN."""
+    t = x.shape[1]
+    idx = np.where(np.isnan(x), -1, np.arange(t)[None, :, None])
+    np.maximum.accumulate(idx, axis=1, out=idx)
+    filled = np.take_along_axis(x, np.maximum(idx, 0), axis=1)
+    return np.where(idx >= 0, filled, np.nan)
+
+
+def impute_and_scale(raw: np.ndarray, stats: NormStats) -> tuple[np.ndarray, np.ndarray]:
+    """Raw [B, T, F] with NaN -> (normalised and imputed float32 values, observed mask float32)."""
+    raw = np.asarray(raw, dtype=np.float64)
+    mask = ~np.isnan(raw)
+    filled = forward_fill(raw)
+    filled = np.where(np.isnan(filled), stats.median[None, None, :], filled)
+    values = (filled - stats.median[None, None, :]) / stats.scale[None, None, :]
+    return values.astype(np.float32), mask.astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------- X-ray dropout
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed 64-bit mixing function: a stable per-stay pseudo-random number on every platform."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def stay_hash(stay_ids: np.ndarray, seed: int) -> np.ndarray:
+    """uint64 hash of (seed, stay_id); depends on nothing else."""
+    with np.errstate(over="ignore"):
+        s = _splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))[0]
+        return _splitmix64(np.asarray(stay_ids, dtype=np.int64).astype(np.uint64) ^ s)
+
+
+def n_dropped(rate: float, n_with_cxr: int) -> int:
+    """How many of a split's X-rays a dropout rate removes: round(rate x n), halves rounded up."""
+    return math.floor(rate * n_with_cxr + 0.5)
+
+
+def cxr_dropout(stay_ids: np.ndarray, has_cxr: np.ndarray, rate: float, seed: int) -> np.ndarray:
+    """Boolean mask of the stays whose X-ray is removed.
+
+    Exactly `n_dropped(rate, has_cxr.sum())` stays with an X-ray are chosen: those with the smallest
+    hash(seed, stay_id) (ties by stay_id). The choice is therefore deterministic per stay and seed, and a
+    higher rate removes a superset of the X-rays a lower rate removes.
+    """
+    if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
+        raise LoadingError(f"X-ray dropout rate must be in [0, 1], got {rate!r}")
+    stay_ids = np.asarray(stay_ids, dtype=np.int64)
+    has_cxr = np.asarray(has_cxr, dtype=bool)
+    drop = np.zeros(len(stay_ids), dtype=bool)
+    cand = np.flatnonzero(has_cxr)
+    k = n_dropped(float(rate), len(cand))
+    if k:
+        h = stay_hash(stay_ids[cand], seed)
+        order = np.lexsort((stay_ids[cand], h))
+        drop[cand[order[:k]]] = True
+    return drop
+
+
+# ------------------------------------------------------------------------------------------------- images
+def resize_cxr(x: torch.Tensor, size: int) -> torch.Tensor:
+    """[B, 1, S, S] float -> [B, 1, size, size]; bilinear with antialiasing when shrinking."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
+                         antialias=size < x.shape[-1])
+
+
+def normalise_cxr(x01: torch.Tensor) -> torch.Tensor:
+    return (x01 - CXR_MEAN) / CXR_STD
+
+
+def augment_cxr(
+    cxr: torch.Tensor,
+    has_cxr: torch.Tensor,
+    *,
+    degrees: float = AUG_DEGREES,
+    scale: tuple[float, float] = AUG_SCALE,
+    translate: float = AUG_TRANSLATE,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random affine transform of a normalised batch [B, 1, S, S], one draw per image, on its device.
+
+    Rotation uniform in ±degrees, isotropic scale uniform in `scale`, translation uniform in ±translate of the
+    image size along each axis (as torchvision's RandomAffine). Pixels moved in from outside are black (the
+    normalised value of intensity 0, as the reference fills before normalising). Missing images stay zero.
+    """
+    b = cxr.shape[0]
+    if b == 0:
+        return cxr
+    dev, dt = cxr.device, torch.float32
+    u = torch.rand(b, 4, generator=generator, device=dev, dtype=dt)
+    angle = (u[:, 0] * 2 - 1) * math.radians(degrees)
+    s = scale[0] + u[:, 1] * (scale[1] - scale[0])
+    t = (u[:, 2:] * 2 - 1) * translate * 2  # grid coordinates span [-1, 1]: a fraction f is 2f
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    # output = A @ input + t with A = s R; grid_sample needs the inverse map input = A^-1 (output - t).
+    inv = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2) / s[:, None, None]
+    theta = torch.cat([inv, -(inv @ t[:, :, None])], dim=2)
+    grid = F.affine_grid(theta, list(cxr.shape), align_corners=False)
+    black = normalise_cxr(torch.tensor(0.0))
+    out = F.grid_sample(cxr.float() - black, grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False) + black
+    keep = has_cxr.to(dev).bool()[:, None, None, None]
+    return torch.where(keep, out, torch.zeros_like(out)).to(cxr.dtype)
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+class StayDataset(Dataset):
+    """The stays of one split. `__getitems__(positions)` returns a whole batch dict (DESIGN.md "Batch").
+
+    Use with `make_loader` (or any DataLoader whose collate_fn is `collate_batch`): the loader's sampler hands a
+    list of positions to `__getitems__`, which slices the memory-mapped arrays once per batch.
+    """
+
+    def __init__(
+        self,
+        data: ProcessedDataset,
+        rows: np.ndarray,
+        task: str,
+        stats: NormStats,
+        image_size: int,
+        dropped: np.ndarray | None = None,
+        load_cxr: bool = True,
+    ) -> None:
+        self.data = data
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.task = task
+        self.stats = stats
+        self.image_size = int(image_size)
+        cohort = data.cohort
+        self.stay_ids = cohort["stay_id"].to_numpy(dtype=np.int64)[self.rows]
+        labels = cohort[label_columns(task)].to_numpy()[self.rows]
+        self.labels = labels[:, 0].astype(np.int64) if task == "los" else labels.astype(np.float32)
+        if task == "los" and (self.labels.min() < 0 or self.labels.max() > 6):
+            raise LoadingError("cohort.parquet: label_los must be a class 0..6")
+        has = cohort["has_cxr"].to_numpy(dtype=bool)[self.rows]
+        if data.cxr is None:
+            has = np.zeros_like(has)
+        self.dropped = np.zeros(len(self.rows), bool) if dropped is None else np.asarray(dropped, bool)
+        self.has_cxr = has & ~self.dropped
+        self.cxr_index = cohort["cxr_index"].to_numpy(dtype=np.int64)[self.rows]
+        if data.cxr is not None and (self.cxr_index[has] < 0).any():
+            raise LoadingError(f"{data.root}/cohort.parquet: stays with has_cxr = True need cxr_index >= 0")
+        hours = cohort["cxr_hours"].to_numpy(dtype=np.float64)[self.rows]
+        self.cxr_hours = np.where(self.has_cxr, np.nan_to_num(hours), 0.0).astype(np.float32)
+        self.load_cxr = load_cxr and data.cxr is not None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, pos: int) -> dict[str, torch.Tensor]:
+        return self.__getitems__([pos])
+
+    def __getitems__(self, positions: list[int]) -> dict[str, torch.Tensor]:
+        pos = np.asarray(positions, dtype=np.int64)
+        rows = self.rows[pos]
+        values, mask = impute_and_scale(self.data.ehr[rows], self.stats)
+        has = self.has_cxr[pos]
+        cxr = torch.zeros(len(pos), 1, self.image_size, self.image_size)
+        if self.load_cxr and has.any():
+            imgs = torch.from_numpy(np.asarray(self.data.cxr[self.cxr_index[pos[has]]]))
+            imgs = resize_cxr(imgs[:, None].float() / 255.0, self.image_size)
+            cxr[torch.from_numpy(has)] = normalise_cxr(imgs)
+        return {
+            "ehr": torch.from_numpy(values),
+            "ehr_mask": torch.from_numpy(mask),
+            "cxr": cxr,
+            "has_cxr": torch.from_numpy(has.copy()),
+            "cxr_hours": torch.from_numpy(self.cxr_hours[pos]),
+            "y": torch.from_numpy(self.labels[pos]),
+            "stay_id": torch.from_numpy(self.stay_ids[pos]),
+        }
+
+
+def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dataset already returns the whole batch; collation is the identity (module level: picklable)."""
+    return batch
+
+
+def make_loader(ds: StayDataset, batch_size: int, *, shuffle: bool, drop_last: bool = False, seed: int = 0,
+                num_workers: int = 0) -> DataLoader:
+    """DataLoader over index lists; shuffling uses its own generator seeded from `seed`."""
+    gen = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
+                      collate_fn=collate_batch, num_workers=num_workers, generator=gen,
+                      persistent_workers=num_workers > 0)
+
+
+# ------------------------------------------------------------------------------------------------- a fold
+@dataclass
+class FoldData:
+    """The three datasets of one fold plus what a run records about them."""
+
+    train: StayDataset
+    val: StayDataset
+    test: StayDataset
+    stats: NormStats
+    features: list[str]
+
+    def summary(self) -> dict[str, Any]:
+        return {split: {"n_stays": len(ds), "n_with_cxr": int(ds.has_cxr.sum()),
+                        "n_cxr_dropped": int(ds.dropped.sum())}
+                for split, ds in (("train", self.train), ("val", self.val), ("test", self.test))}
+
+
+def build_fold(
+    data: ProcessedDataset,
+    *,
+    task: str,
+    fold: int,
+    cohort: str = "base",
+    image_size: int = 224,
+    cxr_dropout_rates: dict[str, float] | None = None,
+    cxr_dropout_seed: int = 0,
+    load_cxr: bool = True,
+) -> FoldData:
+    """Split a processed dataset for one fold, compute training statistics, and apply X-ray dropout."""
+    if cohort == "matched" and data.cxr is None:
+        raise LoadingError(f"{data.root}: the matched cohort needs the X-ray cache cxr.npy, which is missing")
+    rows = split_rows(data.cohort, task, fold, cohort)
+    stats = compute_norm_stats(data.ehr, rows["train"])
+    rates = {s: 0.0 for s in SPLITS} | dict(cxr_dropout_rates or {})
+    unknown = set(rates) - set(SPLITS)
+    if unknown:
+        raise LoadingError(f"X-ray dropout rates given for unknown splits {sorted(unknown)}; expected {SPLITS}")
+    stay_ids = data.cohort["stay_id"].to_numpy(dtype=np.int64)
+    has = data.cohort["has_cxr"].to_numpy(dtype=bool) & (data.cxr is not None)
+    sets = {}
+    for split in SPLITS:
+        r = rows[split]
+        dropped = cxr_dropout(stay_ids[r], has[r], rates[split], cxr_dropout_seed)
+        sets[split] = StayDataset(data, r, task, stats, image_size, dropped=dropped, load_cxr=load_cxr)
+    return FoldData(train=sets["train"], val=sets["val"], test=sets["test"], stats=stats,
+                    features=list(data.features))
