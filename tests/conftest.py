@@ -24,3 +24,14 @@ def cxr_open_root() -> Path:
     if not (CXR_OPEN / "hannover" / "manifest.csv").is_file():
         pytest.fail(f"the open radiographs are expected at {CXR_OPEN}")
     return CXR_OPEN
+
+
+@pytest.fixture(scope="session")
+def prepared_demo(demo_root, tmp_path_factory) -> Path:
+    """The real MIMIC-IV demo through `prepare` once per test session (no X-rays, seed 0); treat as read-only."""
+    from rich.console import Console
+
+    from carebench.data.mimic.pipeline import prepare
+
+    out = tmp_path_factory.mktemp("prepared") / "demo"
+    return prepare(demo_root, out, threads=2, memory_limit="2GB", seed=0, console=Console(quiet=True))

@@ -1,0 +1,308 @@
+"""`carebench prepare`: raw MIMIC-IV (+ MIMIC-CXR-JPG) -> processed dataset, one stage after another.
+
+Stages (each a function of one DuckDB connection; see the modules named):
+  tables      find, validate and expose the raw files as views           (tables.register_tables)
+  cohort      stays, demographics, mortality and LOS labels               (cohort.build_cohort)
+  folds       patient-disjoint folds stratified by in-ICU death           (splits.assign_folds)
+  phenotypes  25 phenotype labels from the admission's ICD codes          (phenotypes.phenotype_labels)
+  timeseries  float32 [N, 48, F] hourly grid                              (timeseries.extract_timeseries)
+  cxr         last AP/PA image before the prediction time + image cache   (cxr.prepare_cxr, with --mimic-cxr)
+  write       cohort.parquet, ehr.npy, manifest.json
+
+Everything is written into a temporary directory next to the output and renamed into place only when complete
+(store.atomic_output_dir), DuckDB spills into that temporary directory, and any failure removes it: a failed
+run leaves nothing behind. The manifest records what went in (paths, sizes, hashes), every option, the cohort
+counts, per-stage timings and the peak memory (docs/cohort.md, "Manifest").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import math
+import os
+import platform
+import re
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from carebench import __version__
+from carebench.data import store
+from carebench.data.definitions import load_features, load_phenotypes
+from carebench.data.mimic.cohort import CohortError, build_cohort, step_rules
+from carebench.data.mimic.cxr import prepare_cxr
+from carebench.data.mimic.phenotypes import phenotype_labels
+from carebench.data.mimic.splits import assign_folds
+from carebench.data.mimic.tables import RawDataError, register_tables
+from carebench.data.mimic.timeseries import extract_timeseries
+from carebench.errors import UserError
+
+MIN_AGE = 18
+MIN_LOS_HOURS = 48.0
+N_FOLDS = 5
+HASH_MAX_BYTES = 64 * 1024 * 1024   # files up to this size get a sha256 in the manifest; larger: size + mtime
+_MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_CXR_COLUMNS = ("has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index")
+
+
+class OptionError(UserError, ValueError):
+    """A `prepare` option has an invalid value; the message names the option and what was expected."""
+
+
+def _check_options(mimic_iv: Path, out: Path, mimic_cxr: Path | None, image_size: int, threads: int,
+                   memory_limit: str, cxr_lookback_hours: float, overwrite: bool) -> None:
+    """Fail before anything is created, with the option's name in the message."""
+    if not mimic_iv.exists():
+        raise OptionError(f"--mimic-iv {mimic_iv}: path does not exist (expected the MIMIC-IV root with hosp/ "
+                          f"and icu/)")
+    if mimic_cxr is not None and not mimic_cxr.exists():
+        raise OptionError(f"--mimic-cxr {mimic_cxr}: path does not exist (expected the MIMIC-CXR-JPG root with "
+                          f"the metadata csv and files/)")
+    if not isinstance(image_size, int) or image_size < 8:
+        raise OptionError(f"--image-size {image_size}: expected a number of pixels >= 8 (e.g. 256)")
+    if not isinstance(threads, int) or threads < 1:
+        raise OptionError(f"--threads {threads}: expected a positive integer")
+    if not _MEMORY_LIMIT.match(str(memory_limit)):
+        raise OptionError(f"--memory-limit {memory_limit!r}: expected a size such as 8GB, 512MB or 2GiB")
+    if not math.isfinite(cxr_lookback_hours) or cxr_lookback_hours < 0:
+        raise OptionError(f"--cxr-lookback-hours {cxr_lookback_hours}: expected a number of hours >= 0")
+    if out.exists():
+        if not overwrite:
+            raise OptionError(f"--out {out}: already exists (pass --overwrite to replace it)")
+        if not out.is_dir():
+            raise OptionError(f"--out {out}: exists and is not a directory (expected a dataset directory)")
+        if any(out.iterdir()) and not (out / store.MANIFEST).is_file():
+            raise OptionError(f"--out {out}: refusing to overwrite a non-empty directory that is not a carebench "
+                              f"dataset (no {store.MANIFEST})")
+    resolved_out = out.resolve()
+    for name, src in (("--mimic-iv", mimic_iv), ("--mimic-cxr", mimic_cxr)):
+        if src is not None and (resolved_out == src.resolve() or resolved_out in src.resolve().parents):
+            raise OptionError(f"--out {out}: must not be or contain the input {name} {src}")
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    """Size plus sha256 (small files) or mtime (big files, where hashing would dominate the run time)."""
+    st = path.stat()
+    rec: dict[str, Any] = {"path": str(path.absolute()), "bytes": st.st_size}
+    if st.st_size <= HASH_MAX_BYTES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        rec["sha256"] = h.hexdigest()
+    else:
+        rec["mtime"] = _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC).isoformat()
+    return rec
+
+
+def _peak_rss_mib() -> float:
+    """Peak resident memory of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)
+
+
+def _raw_read_error(e: duckdb.Error, option: str, root: Path) -> RawDataError:
+    """One line from a DuckDB error raised while scanning raw files (it names the file; we keep that)."""
+    msg = str(e)
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    text = lines[0] if lines else type(e).__name__
+    detail = next((ln for ln in lines if ln.startswith("Error when converting column")), None)
+    if detail:
+        text = f"{text}: {detail}"
+    m = re.search(r"^\s*file = (.+)$", msg, re.MULTILINE)
+    if m and m.group(1).strip() not in text:
+        text = f"{m.group(1).strip()}: {text}"
+    return RawDataError(f"reading the raw tables under {option} {root} failed: {text} (expected complete "
+                        f"files whose values have the MIMIC-IV types)")
+
+
+def _empty_cxr_columns(n: int) -> pd.DataFrame:
+    """The X-ray columns of a dataset prepared without --mimic-cxr: no stay has an image (and no cxr.npy)."""
+    return pd.DataFrame({
+        "has_cxr": np.zeros(n, dtype=bool),
+        "cxr_dicom_id": pd.Series([None] * n, dtype=object),
+        "cxr_time": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us]"),
+        "cxr_hours": np.full(n, np.nan, dtype=np.float64),
+        "cxr_view": pd.Series([None] * n, dtype=object),
+        "cxr_index": np.full(n, -1, dtype=np.int32),
+    })
+
+
+def _write_parquet(df: pd.DataFrame, path: Path) -> None:
+    """Write with a schema fixed by the data, not by pandas' in-memory dtypes: text columns are `string` even
+    when all values are missing, and the pandas metadata is dropped, so identical content gives identical
+    bytes whichever stage (or pandas version) produced the frame."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    fields = [pa.field(f.name, pa.string() if (pa.types.is_null(f.type) or pa.types.is_large_string(f.type))
+                       else f.type) for f in table.schema]
+    table = table.cast(pa.schema(fields)).replace_schema_metadata(None)
+    pq.write_table(table, path, compression="zstd", write_statistics=True)
+
+
+class _Stages:
+    """Runs named stages and records their wall time. On a terminal a live Rich progress display shows the
+    running stage; elsewhere (logs, batch jobs) one plain line is printed as each stage finishes."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.live = console.is_terminal
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                 console=console, disable=not self.live)
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, label: str) -> Iterator[dict[str, str]]:
+        task = self.progress.add_task(label, total=1)
+        note: dict[str, str] = {}
+        t0 = time.perf_counter()
+        yield note
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+        detail = f": {note['detail']}" if "detail" in note else ""
+        self.progress.update(task, completed=1, description=f"{label}[dim]{detail}[/]")
+        if not self.live:
+            self.console.print(f"{label}{detail} ({self.timings[name]:.1f} s)", highlight=False, markup=False)
+
+
+def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | None = None, image_size: int = 256,
+            threads: int = 2, memory_limit: str = "8GB", cxr_lookback_hours: float = 0.0, seed: int = 0,
+            overwrite: bool = False, console: Console | None = None) -> Path:
+    """Build the processed dataset at `out` from the raw MIMIC-IV root (and MIMIC-CXR-JPG root, if given)."""
+    t_start = time.perf_counter()
+    mimic_iv = Path(os.path.abspath(mimic_iv))
+    out = Path(os.path.abspath(out))
+    mimic_cxr = Path(os.path.abspath(mimic_cxr)) if mimic_cxr is not None else None
+    _check_options(mimic_iv, out, mimic_cxr, image_size, threads, memory_limit, cxr_lookback_hours, overwrite)
+    features = load_features()
+    phenotypes = load_phenotypes()
+    console = console or Console(stderr=True)
+    warnings: list[str] = []
+
+    stage = _Stages(console)
+    with stage.progress, store.atomic_output_dir(out, overwrite=overwrite) as tmp:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the dataset gets normal permissions
+        spill = tmp / ".duckdb-tmp"
+        con = duckdb.connect(":memory:")
+        try:
+            con.execute(f"SET threads = {int(threads)}")
+            con.execute(f"SET memory_limit = '{memory_limit}'")
+            con.execute(f"SET temp_directory = '{str(spill).replace(chr(39), chr(39) * 2)}'")
+            con.execute("SET enable_progress_bar = false")
+            con.execute("SET preserve_insertion_order = true")
+
+            try:
+                with stage("tables", "Validating raw MIMIC-IV tables") as note:
+                    tables = register_tables(con, mimic_iv)
+                    sources = {name: {"table": f"{t.spec.module}/{t.spec.name}", "format": t.format,
+                                      **_file_record(t.path)} for name, t in tables.items()}
+                    note["detail"] = f"{len(tables)} tables"
+                with stage("cohort", "Building the cohort") as note:
+                    steps = build_cohort(con, min_age=MIN_AGE, min_los_hours=MIN_LOS_HOURS)
+                    cohort = con.execute("SELECT * FROM cohort ORDER BY row_idx").df()
+                    n = len(cohort)
+                    note["detail"] = f"{n} stays"
+                with stage("folds", "Assigning patient-disjoint folds") as note:
+                    if cohort["subject_id"].nunique() < N_FOLDS:
+                        raise CohortError(f"the cohort has {cohort['subject_id'].nunique()} patients; at least "
+                                          f"{N_FOLDS} are needed for {N_FOLDS} patient-disjoint folds")
+                    died = cohort.groupby("subject_id")["label_mortality"].transform("max")
+                    cohort["fold"] = assign_folds(cohort["subject_id"], seed, N_FOLDS, strata=died)
+                    note["detail"] = f"seed {seed}"
+                with stage("phenotypes", "Phenotype labels from ICD codes") as note:
+                    pheno, pheno_stats = phenotype_labels(con)
+                    note["detail"] = f"{len(pheno.columns)} phenotypes"
+                with stage("timeseries", f"EHR time series ({features.hours} h x {len(features.names)})") as note:
+                    ts = extract_timeseries(con, features, set(tables))
+                    note["detail"] = f"{int((~np.isnan(ts.values)).sum()):,} observed cells"
+            except duckdb.OutOfMemoryException as e:
+                raise OptionError(f"--memory-limit {memory_limit}: DuckDB ran out of memory "
+                                  f"({str(e).splitlines()[0]}); expected a larger limit or fewer --threads") from e
+            except duckdb.Error as e:
+                raise _raw_read_error(e, "--mimic-iv", mimic_iv) from e
+
+            cxr_stats: dict[str, Any] | None = None
+            if mimic_cxr is not None:
+                with stage("cxr", f"Chest X-rays: linkage and {image_size}px cache") as note:
+                    res = prepare_cxr(con, mimic_cxr, tmp / store.CXR, image_size=image_size,
+                                      lookback_hours=cxr_lookback_hours, prediction_hours=float(features.hours),
+                                      threads=threads)
+                    cxr_cols = res.columns.reset_index(drop=True)
+                    cxr_stats = res.stats
+                    warnings.extend(res.warnings)
+                    note["detail"] = f"{int(cxr_cols['has_cxr'].sum())} stays with an image"
+            else:
+                cxr_cols = _empty_cxr_columns(n)
+
+            with stage("write", "Writing the dataset") as note:
+                if ts.values.shape != (n, features.hours, len(features.names)):
+                    raise RuntimeError(f"timeseries stage returned shape {ts.values.shape}, expected "
+                                       f"{(n, features.hours, len(features.names))}")
+                pheno_cols = [p.column for p in phenotypes]
+                if list(pheno.columns) != pheno_cols or len(pheno) != n:
+                    raise RuntimeError("phenotype stage returned columns/rows that do not match the cohort")
+                if len(cxr_cols) != n or list(cxr_cols.columns) != list(_CXR_COLUMNS):
+                    raise RuntimeError("cxr stage returned columns/rows that do not match the cohort")
+                frame = pd.concat([cohort.drop(columns=["row_idx"]), pheno.reset_index(drop=True), cxr_cols],
+                                  axis=1)
+                frame = frame[list(store.COHORT_COLUMNS) + pheno_cols]
+                _write_parquet(frame, tmp / store.COHORT)
+                np.save(tmp / store.EHR, np.ascontiguousarray(ts.values, dtype=np.float32))
+                note["detail"] = f"{n} stays"
+        finally:
+            con.close()
+        shutil.rmtree(spill, ignore_errors=True)
+
+        folds = (frame.groupby("fold")
+                 .agg(stays=("stay_id", "size"), subjects=("subject_id", "nunique"),
+                      deaths=("label_mortality", "sum")))
+        rules = step_rules(MIN_AGE, MIN_LOS_HOURS)
+        stage.timings["total"] = round(time.perf_counter() - t_start, 3)
+        manifest = {
+            "format_version": store.FORMAT_VERSION,
+            "carebench_version": __version__,
+            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "software": {"python": platform.python_version(), "duckdb": duckdb.__version__,
+                         "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pa.__version__},
+            "options": {
+                "mimic_iv": str(mimic_iv), "mimic_cxr": str(mimic_cxr) if mimic_cxr else None, "out": str(out),
+                "image_size": image_size, "threads": threads, "memory_limit": memory_limit,
+                "cxr_lookback_hours": cxr_lookback_hours, "seed": seed, "overwrite": overwrite,
+                "min_age": MIN_AGE, "min_los_hours": MIN_LOS_HOURS, "n_folds": N_FOLDS,
+                "hours": features.hours, "features_file": features.source,
+            },
+            "sources": {
+                "mimic_iv": sources,
+                "mimic_cxr": ({"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
+                              if mimic_cxr and cxr_stats else None),
+                "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
+            },
+            "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
+            "cohort": {"stays": n, "subjects": int(frame["subject_id"].nunique()),
+                       "admissions": int(frame["hadm_id"].nunique()),
+                       "folds": {str(k): {c: int(v) for c, v in row.items()} for k, row in folds.iterrows()}},
+            "features": list(features.names),
+            "feature_units": {f.name: f.unit for f in features.features},
+            "feature_stats": ts.stats,
+            "phenotype_stats": pheno_stats,
+            "cxr": cxr_stats,
+            "timings_s": stage.timings,
+            "peak_rss_mib": _peak_rss_mib(),
+            "warnings": warnings,
+        }
+        store.write_json_atomic(tmp / store.MANIFEST, manifest)
+    return out
