@@ -84,3 +84,66 @@ def describe(data: str = typer.Argument(..., help="A dataset directory written b
     from carebench.data.store import open_dataset
 
     print_summary(summarize(open_dataset(data, mmap=True)), Console(), root=data)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def train(
+    overrides: list[str] | None = typer.Argument(  # noqa: B008
+        None, help="key=value overrides: training options (lr=1e-4, max_epochs=5) or model hyper-parameters "
+                   "(model.hidden=128)."),
+    data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
+    model: str = typer.Option(..., "--model", help="Registered model name (see `carebench.models.list_models()`)."),
+    task: str = typer.Option(..., "--task", help="mortality | phenotype | los."),
+    out: str = typer.Option(..., "--out", help="Runs directory; the run is written to OUT/<run_id>/."),
+    cohort: str = typer.Option("base", "--cohort", help="base (all stays) | matched (stays with an X-ray)."),
+    fold: int = typer.Option(1, "--fold", help="Test fold 1-5 (validation = next fold, train = the other three)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."),
+    preset: str = typer.Option("quick", "--preset", help="quick (small, CPU) | full (paper setting)."),
+    cxr_dropout_train: float = typer.Option(0.0, "--cxr-dropout-train", help="Fraction of training X-rays removed."),
+    cxr_dropout_val: float = typer.Option(0.0, "--cxr-dropout-val", help="Fraction of validation X-rays removed."),
+    cxr_dropout_test: float = typer.Option(0.0, "--cxr-dropout-test", help="Fraction of test X-rays removed."),
+    cxr_dropout_seed: int | None = typer.Option(None, "--cxr-dropout-seed", help="Seed of the X-ray dropout "
+                                                "(default: --seed)."),
+    accelerator: str = typer.Option("cpu", "--accelerator", help="cpu | gpu | auto."),
+    devices: str = typer.Option("1", "--devices", help="Number of devices (>1 = DDP) or auto."),
+    precision: str = typer.Option("32-true", "--precision", help="32-true | bf16-mixed | 16-mixed | ..."),
+    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
+    from carebench.training import parse_overrides, resolve_config, train_run
+
+    options = {"cohort": cohort, "fold": fold, "seed": seed, "cxr_dropout_train": cxr_dropout_train,
+               "cxr_dropout_val": cxr_dropout_val, "cxr_dropout_test": cxr_dropout_test,
+               "cxr_dropout_seed": cxr_dropout_seed, "accelerator": accelerator, "devices": devices,
+               "precision": precision, "num_workers": num_workers, "progress": progress}
+    cfg = resolve_config(data=data, model=model, task=task, preset=preset, options=options,
+                         overrides=parse_overrides(overrides))
+    result = train_run(cfg, out)
+    if not result.metrics:
+        return  # a non-zero DDP rank
+    sel = result.metrics["selection_metric"]
+    state = "skipped (already DONE)" if result.skipped else "done"
+    print(f"{result.run_dir}  {state}  test {sel} = {result.metrics['test'].get(sel)}")
+
+
+@app.command()
+@user_errors
+def evaluate(
+    run_dir: str = typer.Argument(..., help="A run directory written by `carebench train`."),
+    data: str | None = typer.Option(None, "--data", help="Dataset directory (default: the path in config.yaml)."),
+    out: str | None = typer.Option(None, "--out", help="Also write the recomputed metrics to this JSON file."),
+) -> None:
+    """Recompute a run's test metrics from its checkpoint and print the overall ones."""
+    import json
+
+    from carebench.training import evaluate_run
+
+    metrics = evaluate_run(run_dir, data)
+    if out:
+        with open(out, "w") as fh:
+            json.dump(metrics, fh, indent=2)
+    for key, value in metrics.items():
+        if "/" not in key and not isinstance(value, dict):
+            print(f"{key}\t{value}")

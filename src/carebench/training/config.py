@@ -1,0 +1,234 @@
+"""The resolved configuration of one training run, its presets, `key=value` overrides and its run id.
+
+Why: a run is identified by what determines its result. `resolve_config` turns the CLI choices into one flat,
+complete record (every training setting and every model hyper-parameter after preset and overrides), and
+`run_id` hashes it, so the same configuration always lands in the same directory and a finished run is skipped.
+Settings that cannot change the result (the dataset's path, the number of loader workers, progress bars) are
+recorded but not hashed; the dataset enters the hash through its fingerprint (a hash of its manifest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from carebench.errors import UserError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # CPU-friendly: small images, short schedule (model presets make the encoders small as well).
+    "quick": {"image_size": 64, "batch_size": 64, "max_epochs": 8, "min_epochs": 1, "lr": 1e-3,
+              "patience": 3, "plateau_patience": 2},
+    # The paper setting (reference toolkit): 224 px, batch 16, <= 50 epochs, lr 1e-4, patience 10.
+    "full": {"image_size": 224, "batch_size": 16, "max_epochs": 50, "min_epochs": 4, "lr": 1e-4,
+             "patience": 10, "plateau_patience": 10},
+    # Smallest settings, for tests of the training loop.
+    "test": {"image_size": 16, "batch_size": 32, "max_epochs": 2, "min_epochs": 1, "lr": 1e-3,
+             "patience": 2, "plateau_patience": 1},
+}
+NOT_HASHED = ("data", "num_workers", "progress")
+PRECISIONS = {"32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
+              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true",
+              "16": "16-mixed", "16-mixed": "16-mixed"}
+ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
+
+
+class ConfigError(UserError, ValueError):
+    """A training option or `key=value` override is unknown or has a value of the wrong type."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. `model_args` holds the model's resolved hyper-parameters."""
+
+    model: str
+    task: str
+    data: str
+    data_fingerprint: str
+    cohort: str = "base"
+    fold: int = 1
+    seed: int = 0
+    preset: str = "quick"
+    image_size: int = 64
+    batch_size: int = 64
+    max_epochs: int = 8
+    min_epochs: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    patience: int = 3
+    plateau_patience: int = 2
+    plateau_factor: float = 0.5
+    augment: bool = True
+    cxr_dropout_train: float = 0.0
+    cxr_dropout_val: float = 0.0
+    cxr_dropout_test: float = 0.0
+    cxr_dropout_seed: int = 0
+    accelerator: str = "cpu"
+    devices: int | str = 1
+    precision: str = "32-true"
+    deterministic: bool = True
+    num_workers: int = 0
+    progress: bool = True
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def run_id(self) -> str:
+        """`<model>_<task>_f<fold>_s<seed>_<hash>`: readable prefix, hash of every result-relevant setting."""
+        hashed = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
+        digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:12]
+        return f"{self.model}_{self.task}_f{self.fold}_s{self.seed}_{digest}"
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump({"run_id": self.run_id, **self.to_dict()}, sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh)
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping")
+        raw.pop("run_id", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - names
+        if unknown:
+            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+        return cls(**raw)
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """Hash of the dataset's manifest.json: identifies the processed dataset independently of its path."""
+    p = Path(root) / "manifest.json"
+    if not p.is_file():
+        raise ConfigError(f"{p}: missing (expected a dataset written by `carebench prepare`)")
+    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+
+
+def _scalar(text: str) -> Any:
+    """int, else float (YAML 1.1 would read `1e-4` as a string), else a YAML value."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`key=value` strings -> dict; values are read as YAML scalars (3, 1e-4, true, resnet18)."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. lr=1e-4 or model.hidden=128)")
+        try:
+            out[key.strip()] = _scalar(value.strip())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: cannot read the value ({e})") from None
+    return out
+
+
+_TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_NOT_OVERRIDABLE = {"model", "task", "data", "data_fingerprint", "model_args", "preset"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    default = TrainConfig.__dataclass_fields__[key].default
+    if key == "devices":
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {key!r} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"option {key!r} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"option {key!r} must be a number, got {value!r}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ConfigError(f"option {key!r} must be a string, got {value!r}")
+    return value
+
+
+def resolve_config(
+    *,
+    data: str | Path,
+    model: str,
+    task: str,
+    preset: str = "quick",
+    options: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults <- preset <- options (CLI flags) <- overrides (`key=value`), then validated.
+
+    An override key is a training option (`lr`, `max_epochs`, ...) or a model hyper-parameter, either as
+    `model.<name>` or bare when the name is not a training option.
+    """
+    from carebench.models import get_model_class, task_spec  # torch import only when a run is configured
+
+    if preset not in PRESETS:
+        raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    task_spec(task)
+    cls = get_model_class(model)
+    values: dict[str, Any] = dict(PRESETS[preset])
+    model_over: dict[str, Any] = {}
+    for source in (options or {}, overrides or {}):
+        for key, value in source.items():
+            if value is None:
+                continue
+            if key.startswith("model."):
+                model_over[key[len("model."):]] = value
+            elif key in _TRAIN_FIELDS and key not in _NOT_OVERRIDABLE:
+                values[key] = _coerce(key, value)
+            elif key in cls.default_hparams:
+                model_over[key] = value
+            else:
+                raise ConfigError(
+                    f"unknown option {key!r}; training options: "
+                    f"{', '.join(sorted(set(_TRAIN_FIELDS) - _NOT_OVERRIDABLE))}; hyper-parameters of model "
+                    f"{model!r}: {', '.join(sorted(cls.default_hparams))} (or model.<name>=value)")
+    values.setdefault("cxr_dropout_seed", values.get("seed", 0))
+    cfg = TrainConfig(model=model, task=task, data=str(Path(data).absolute()),
+                      data_fingerprint=dataset_fingerprint(data), preset=preset,
+                      model_args=cls.resolve_hparams(model_over, preset=preset), **values)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: TrainConfig) -> None:
+    from carebench.data.loading import COHORTS, N_FOLDS
+
+    if cfg.cohort not in COHORTS:
+        raise ConfigError(f"--cohort must be one of {COHORTS}, got {cfg.cohort!r}")
+    if not 1 <= cfg.fold <= N_FOLDS:
+        raise ConfigError(f"--fold must be 1..{N_FOLDS}, got {cfg.fold}")
+    for split in ("train", "val", "test"):
+        r = getattr(cfg, f"cxr_dropout_{split}")
+        if not 0.0 <= r <= 1.0:
+            raise ConfigError(f"--cxr-dropout-{split} must be in [0, 1], got {r}")
+    for key in ("image_size", "batch_size", "max_epochs", "patience", "plateau_patience"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"option {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.min_epochs < 0 or cfg.min_epochs > cfg.max_epochs:
+        raise ConfigError(f"option 'min_epochs' must be in [0, max_epochs], got {cfg.min_epochs}")
+    if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 < cfg.plateau_factor < 1:
+        raise ConfigError("options need lr > 0, weight_decay >= 0 and 0 < plateau_factor < 1")
+    if cfg.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {sorted(PRECISIONS)}, got {cfg.precision!r}")
+    cfg.precision = PRECISIONS[cfg.precision]
+    if cfg.accelerator not in ACCELERATORS:
+        raise ConfigError(f"--accelerator must be one of {ACCELERATORS}, got {cfg.accelerator!r}")
+    if isinstance(cfg.devices, str) and cfg.devices.isdigit():
+        cfg.devices = int(cfg.devices)
+    if not (isinstance(cfg.devices, int) and cfg.devices >= 1) and cfg.devices != "auto":
+        raise ConfigError(f"--devices must be a positive integer or 'auto', got {cfg.devices!r}")

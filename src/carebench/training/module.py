@@ -1,0 +1,182 @@
+"""The LightningModule around any registered model: task loss, probabilities, metrics, optimiser, schedule.
+
+Why one module for every method: the framework, not the model, computes the task loss from logits
+(BCE-with-logits for mortality and phenotype, cross-entropy for LOS) plus the sum of the model's `aux_losses`, and
+turns logits into probabilities (sigmoid / softmax) before any metric. A method with a special procedure uses
+`BaseModel.training_hook` (called after the loss, before backward) and `configure_param_groups`, never its own
+loop, so devices, precision, checkpointing and early stopping work the same for all methods.
+
+Validation and test outputs are gathered across processes (DDP) and de-duplicated by `stay_id` (the distributed
+sampler pads splits by repeating stays) before metrics, so every rank sees the metrics of the whole split.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from carebench.data.loading import augment_cxr, output_names
+from carebench.evaluation.metrics import SELECTION_METRIC, compute_metrics
+from carebench.models.base import BaseModel, ModelOutput, task_spec
+
+# Overall validation metrics logged every epoch (besides the selection metric and the loss).
+LOGGED = {"binary": ("auroc", "auprc", "brier"), "multilabel": ("auroc_macro", "auprc_macro", "auroc_micro"),
+          "multiclass": ("accuracy", "kappa_linear", "auroc_ovr_macro")}
+
+
+def task_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
+    """BCE-with-logits (binary, multilabel) or cross-entropy (multiclass), in float32."""
+    if kind == "multiclass":
+        return F.cross_entropy(logits.float(), y.long())
+    return F.binary_cross_entropy_with_logits(logits.float(), y.float())
+
+
+def probabilities(kind: str, logits: Tensor) -> Tensor:
+    """Sigmoid (binary, multilabel) or softmax over classes (multiclass), in float32."""
+    return torch.softmax(logits.float(), dim=-1) if kind == "multiclass" else torch.sigmoid(logits.float())
+
+
+class CareBenchModule(pl.LightningModule):
+    def __init__(
+        self,
+        model: BaseModel,
+        task: str,
+        *,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        plateau_patience: int = 2,
+        plateau_factor: float = 0.5,
+        augment: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.task = task
+        self.kind = task_spec(task).kind
+        self.names = output_names(task)
+        self.lr, self.weight_decay = lr, weight_decay
+        self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
+        self.augment = augment and "cxr" in getattr(model, "modalities", ("cxr",))
+        self.selection = SELECTION_METRIC[task]
+        self._outputs: list[dict[str, Tensor]] = []
+        self.val_metrics: dict[str, float] = {}
+        self.test_metrics: dict[str, Any] = {}
+        self.test_predictions: pd.DataFrame | None = None
+
+    # ------------------------------------------------------------------------------------------- steps
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        return self.model(batch)
+
+    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
+        """Train-time X-ray augmentation on the whole batch, on the training device."""
+        if self.augment and self._trainer is not None and self.trainer.training:
+            batch = dict(batch)
+            batch["cxr"] = augment_cxr(batch["cxr"], batch["has_cxr"])
+        return batch
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        out = self.model(batch)
+        loss = task_loss(self.kind, out.logits, batch["y"])
+        bs = len(batch["y"])
+        self.log("train/task_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs)
+        for name, aux in out.aux_losses.items():
+            loss = loss + aux
+            self.log(f"train/aux_{name}", aux.detach(), on_step=False, on_epoch=True, batch_size=bs)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs, prog_bar=True)
+        self.model.training_hook(self, batch, out, loss)
+        return loss
+
+    def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
+        out = self.model(batch)
+        loss = task_loss(self.kind, out.logits, batch["y"])
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]),
+                 sync_dist=True, prog_bar=stage == "val")
+        rec = {"stay_id": batch["stay_id"], "y": batch["y"], "has_cxr": batch["has_cxr"].to(torch.uint8),
+               "p": probabilities(self.kind, out.logits)}
+        for head, logits in out.extra_logits.items():
+            rec[f"p__{head}"] = probabilities(self.kind, logits)
+        self._outputs.append({k: v.detach() for k, v in rec.items()})
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_validation_epoch_start(self) -> None:
+        self._outputs = []
+
+    def on_test_epoch_start(self) -> None:
+        self._outputs = []
+
+    # -------------------------------------------------------------------------------------- epoch ends
+    def _collect(self) -> dict[str, np.ndarray]:
+        """Concatenate this epoch's outputs, gather them from all processes, drop padded duplicates."""
+        keys = self._outputs[0].keys() if self._outputs else ()
+        cat = {k: torch.cat([o[k] for o in self._outputs]) for k in keys}
+        self._outputs = []
+        if self.trainer.world_size > 1:
+            cat = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(cat).items()}
+        arrays = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in cat.items()}
+        if not arrays:
+            return arrays
+        _, first = np.unique(arrays["stay_id"], return_index=True)
+        return {k: v[np.sort(first)] for k, v in arrays.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._outputs = []
+            return
+        arr = self._collect()
+        if not arr:
+            return
+        self.val_metrics = compute_metrics(self.task, arr["y"], arr["p"], self.names)
+        others = [k for k in LOGGED[self.kind] if k != self.selection]
+        self.log_dict({f"val/{k}": self.val_metrics[k] for k in others}, prog_bar=False)
+        self.log(f"val/{self.selection}", self.val_metrics[self.selection], prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        arr = self._collect()
+        if not arr:
+            return
+        metrics: dict[str, Any] = compute_metrics(self.task, arr["y"], arr["p"], self.names)
+        heads = sorted(k[len("p__"):] for k in arr if k.startswith("p__"))
+        for head in heads:
+            metrics[f"head:{head}"] = compute_metrics(self.task, arr["y"], arr[f"p__{head}"], self.names)
+        self.test_metrics = metrics
+        self.test_predictions = predictions_frame(self.task, self.names, arr)
+        self.log(f"test/{self.selection}", metrics[self.selection])
+
+    # ----------------------------------------------------------------------------------------- optimiser
+    def configure_optimizers(self) -> dict[str, Any]:
+        groups = self.model.configure_param_groups()
+        params = groups if groups else [p for p in self.model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
+                                                           patience=self.plateau_patience)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
+
+
+def predictions_frame(task: str, names: list[str], arr: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per stay: stay_id, cxr_input (X-ray given to the model), y_<name>, p_<name>, p_<name>__<head>.
+
+    LOS has one label column `y_los` (the class) and one probability column per class `p_los_0 ... p_los_6`.
+    """
+    cols: dict[str, np.ndarray] = {"stay_id": arr["stay_id"].astype(np.int64),
+                                   "cxr_input": arr["has_cxr"].astype(bool)}
+    y = arr["y"]
+    if task == "los":
+        cols["y_los"] = y.astype(np.int64)
+    else:
+        for j, name in enumerate(names):
+            cols[f"y_{name}"] = y[:, j].astype(np.int8)
+    for key in ["p", *sorted(k for k in arr if k.startswith("p__"))]:
+        suffix = key[1:]  # "" or "__<head>"
+        for j, name in enumerate(names):
+            cols[f"p_{name}{suffix}"] = arr[key][:, j].astype(np.float64)
+    return pd.DataFrame(cols).sort_values("stay_id", kind="stable").reset_index(drop=True)
