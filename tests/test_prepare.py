@@ -21,6 +21,7 @@ from typer.testing import CliRunner
 from carebench.cli import app
 from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
+from carebench.data.describe import summarize
 from carebench.data.mimic.pipeline import HASH_MAX_BYTES, prepare
 from test_cohort import expected_demo_cohort
 
@@ -238,3 +239,7 @@ def test_prepare_with_cxr(prepared_demo, demo_root, cxr_open_root, tmp_path):
     meta = tmp_path / "cxr" / "mimic-cxr-2.0.0-metadata.csv.gz"
     assert m["sources"]["mimic_cxr"]["metadata"]["sha256"] == hashlib.sha256(meta.read_bytes()).hexdigest()
     assert "timeseries" in m["timings_s"] and "cxr" in m["timings_s"]
+    # describe reports the linked image
+    items = dict(zip(*[summarize(ds).cxr[c] for c in ("item", "value")], strict=True))
+    assert items["stays with an X-ray"] == "1 / 74 (1.4%)"
+    assert items["images in cache"] == "1" and items["image size"] == "64 x 64" and items["view AP"] == "1"
