@@ -289,6 +289,24 @@ def test_evaluate_rejects_other_dataset(mortality_run, tmp_path):
         evaluate_run(mortality_run.run_dir, other)
 
 
+@pytest.mark.slow
+def test_ddp_on_two_cpu_processes_gives_one_row_per_test_stay(data_dir, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "carebench"
+    cmd = [str(exe), "train", "--data", str(data_dir), "--model", "lstm", "--task", "mortality", "--preset", "test",
+           "--devices", "2", "--no-progress", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    (run_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    pred = pd.read_parquet(run_dir / "predictions.parquet")
+    cohort = pd.read_parquet(data_dir / "cohort.parquet")
+    assert pred.stay_id.is_unique and sorted(pred.stay_id) == sorted(cohort.stay_id[cohort.fold == 1])
+    assert C.TrainConfig.from_yaml(run_dir / "config.yaml").devices == 2
+
+
 # ----------------------------------------------------------------------------------------------------- CLI
 def test_cli_train_evaluate_and_errors(data_dir, tmp_path):
     runner = CliRunner()

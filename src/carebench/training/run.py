@@ -73,13 +73,19 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def _filter_warnings() -> None:
+    """Silence Lightning hints that do not apply: validation/test outputs are gathered across processes and
+    de-duplicated before metrics (so `sync_dist` and the DistributedSampler padding are handled), and a
+    single-process loader is the intended CPU setting."""
+    for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*",
+                    ".*sync_dist=True.*", ".*all_gather is deprecated.*", ".*DistributedSampler.*"):
+        warnings.filterwarnings("ignore", pattern)
+
+
 def _quiet() -> None:
-    """Keep Lightning's console to errors and our progress bar (its info lines and loader hints are noise here)."""
+    """Keep Lightning's console to warnings and errors (its info lines are noise without progress bars)."""
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")
-    warnings.filterwarnings("ignore", ".*LeafSpec.*")
 
 
 def build_module(cfg: TrainConfig, n_features: int) -> CareBenchModule:
@@ -131,6 +137,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
         (work / "config.yaml").write_text(cfg.to_yaml())
+    _filter_warnings()
     if not cfg.progress:
         _quiet()
     t0 = time.perf_counter()
@@ -180,8 +187,12 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     return RunResult(run_id, final, False, _clean(metrics))
 
 
-def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None) -> dict[str, Any]:
-    """Recompute the test metrics of a finished run from its checkpoint (and the dataset it was trained on)."""
+def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,
+                 accelerator: str = "cpu") -> dict[str, Any]:
+    """Recompute the test metrics of a finished run from its checkpoint (and the dataset it was trained on).
+
+    Runs on one device (CPU by default, so a GPU-trained run can be checked anywhere) with the run's precision.
+    """
     run_dir = Path(run_dir)
     for name in ("config.yaml", CHECKPOINT):
         if not (run_dir / name).is_file():
@@ -192,13 +203,14 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None) -> di
     if dataset_fingerprint(root) != cfg.data_fingerprint:
         raise RunError(f"{root}: not the dataset run {run_dir.name} was trained on (manifest fingerprint "
                        f"{dataset_fingerprint(root)} != {cfg.data_fingerprint})")
+    _filter_warnings()
     _quiet()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
     module = build_module(cfg, len(fold.features))
     state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
-    trainer = pl.Trainer(accelerator=cfg.accelerator, devices=1, precision=cfg.precision, logger=False,
+    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=cfg.precision, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          deterministic="warn" if cfg.deterministic else False)
     trainer.test(module, dataloaders=make_loader(fold.test, cfg.batch_size, shuffle=False), verbose=False)
