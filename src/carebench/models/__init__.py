@@ -3,6 +3,8 @@
 Importing this package registers all built-in methods, so `list_models()` is complete.
 """
 
+# Registration side effects: importing the method modules fills the registry.
+from carebench.models import baselines, fusion  # noqa: F401  (after the registry exists)
 from carebench.models.base import (
     TASKS,
     BaseModel,

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carebench.errors import UserError
@@ -206,3 +207,15 @@ def cxr_present(batch: dict[str, Tensor]) -> Tensor:
     """``has_cxr`` as a bool vector on the batch's device (accepts 0/1 floats too)."""
     has = batch["has_cxr"]
     return has if has.dtype == torch.bool else has > 0.5
+
+
+def per_sample_task_loss(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
+    """Task loss per sample ``[B]`` from logits: BCE (mean over labels) or cross-entropy.
+
+    The framework's task loss is the mean of this; methods with auxiliary prediction heads (e.g. DrFuse) use it
+    to weigh or mask per-sample losses, so every head is trained with the same loss as the final prediction.
+    """
+    if task.kind == "multiclass":
+        return F.cross_entropy(logits.float(), y.reshape(-1).long(), reduction="none")
+    target = y.reshape(logits.shape).to(torch.float32)
+    return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(dim=1)

@@ -1,0 +1,81 @@
+"""``medfuse``: MedFuse (Hayat, Geras & Shamout, MLHC 2022), LSTM-based fusion of EHR and chest X-ray features.
+
+Mechanism (paper, and the authors' code nyuad-cai/MedFuse, read for reference only):
+  * EHR encoder: a 2-layer unidirectional LSTM (hidden 256) over the hourly inputs (values and masks), last hidden
+    state, dropout 0.3.
+  * CXR encoder: ResNet-34 (ImageNet-initialised), global-pooled 512-d feature, projected by a linear layer to the
+    EHR feature size (256).
+  * Fusion: the two feature vectors form a sequence ``[EHR, CXR]`` read by a single-layer LSTM whose hidden size is
+    the CXR feature size (512); its last hidden state goes to a linear classifier. A stay without an X-ray gives a
+    sequence of length 1, ``[EHR]`` (packed sequences, per sample), so the missing image is never seen: this is
+    MedFuse's way of handling partially paired data without imputation.
+
+Deviations (docs/methods.md): the EHR inputs are our normalised values and masks (MedFuse used the 76-channel
+mimic3-benchmarks discretiser); training is end-to-end with the framework's loss on logits (the paper also reports
+initialising the encoders from unimodal pretraining, which a user can reproduce with ``cxr_pretrained`` = a local
+state_dict); the CXR encoder is grayscale (summed ImageNet conv1 filters).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from carebench.models.base import BaseModel, ModelOutput, cxr_present
+from carebench.models.encoders import RESNET_ARCHS, EHRLSTMEncoder, ResNetEncoder, ehr_input, encode_present
+from carebench.models.registry import register
+
+
+@register("medfuse")
+class MedFuse(BaseModel):
+    """EHR LSTM + projected CXR feature -> fusion LSTM over ``[EHR(, CXR)]`` -> linear classifier."""
+
+    modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    default_hparams: ClassVar[dict[str, Any]] = {
+        "ehr_hidden": 256,
+        "ehr_layers": 2,
+        "dropout": 0.3,
+        "cxr_backbone": "resnet34",
+        "cxr_pretrained": "imagenet",
+        "fusion_hidden": 512,
+    }
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "ehr_hidden": {"type": "categorical", "choices": [128, 256]},
+        "ehr_layers": {"type": "int", "low": 1, "high": 2},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.5},
+        "fusion_hidden": {"type": "categorical", "choices": [256, 512]},
+    }
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none", "fusion_hidden": 64},
+        "full": {},
+        "test": {"ehr_hidden": 8, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none", "fusion_hidden": 8},
+    }
+
+    def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
+        super().__init__(task, n_features, image_size, **hparams)
+        h = self.hparams
+        self.ehr_encoder = EHRLSTMEncoder(
+            2 * n_features, h["ehr_hidden"], num_layers=h["ehr_layers"], project_input=False
+        )
+        self.ehr_dropout = nn.Dropout(h["dropout"])
+        self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
+        self.cxr_proj = nn.Linear(self.cxr_encoder.out_dim, h["ehr_hidden"])
+        self.fusion = nn.LSTM(h["ehr_hidden"], h["fusion_hidden"], batch_first=True)
+        self.classifier = nn.Linear(h["fusion_hidden"], self.num_outputs)
+
+    def modality_sequence(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """``[B,2,d]`` sequence ``[EHR, CXR]`` (CXR slot zero when missing) and its per-sample length (1 or 2)."""
+        present = cxr_present(batch)
+        ehr = self.ehr_dropout(self.ehr_encoder(ehr_input(batch), batch.get("ehr_lengths")))
+        cxr = self.cxr_proj(encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim))
+        cxr = torch.where(present[:, None], cxr, torch.zeros_like(cxr))
+        return torch.stack([ehr, cxr.to(ehr.dtype)], dim=1), 1 + present.long()
+
+    def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        seq, lengths = self.modality_sequence(batch)
+        packed = pack_padded_sequence(seq, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        _, (h_n, _) = self.fusion(packed)
+        return ModelOutput(self.classifier(h_n[-1]))
