@@ -11,6 +11,8 @@ and which were imputed, which carries signal in ICU data (measurement frequency 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -329,7 +331,28 @@ class ResNetEncoder(nn.Module):
         return torch.flatten(self.net.avgpool(fmap), 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
+        with batchnorm_safe(self, x):
+            return self.net(x)
+
+
+@contextmanager
+def batchnorm_safe(module: nn.Module, images: Tensor) -> Iterator[None]:
+    """Let a training-mode CNN take a batch of one small image.
+
+    Batch norm in training needs more than one value per channel; a single image of <= 32 px ends layer4 at 1x1
+    and would raise. Such a step (one X-ray in the batch, tiny test-size images) normalises with the running
+    statistics instead, as in evaluation; larger images or batches are untouched.
+    """
+    frozen = []
+    if module.training and images.size(0) == 1 and min(images.shape[-2:]) <= 32:
+        frozen = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    for m in frozen:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.train()
 
 
 def encode_present(encoder: nn.Module, images: Tensor, present: Tensor, out_dim: int) -> Tensor:

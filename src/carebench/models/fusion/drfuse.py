@@ -46,6 +46,7 @@ from carebench.models.encoders import (
     RESNET_ARCHS,
     LearnedPositions,
     ResNetEncoder,
+    batchnorm_safe,
     ehr_input,
     masked_mean,
     padding_mask,
@@ -203,8 +204,11 @@ class DrFuse(BaseModel):
         shared = images.new_zeros(images.size(0), d)
         distinct = images.new_zeros(images.size(0), d)
         if bool(present.any()):
-            stem = self.cxr_stem(images[present])
-            s, t = self.cxr_shared_fc(self.cxr_shared_body(stem)), self.cxr_distinct_fc(self.cxr_distinct_body(stem))
+            kept = images[present]
+            with batchnorm_safe(self, kept):
+                stem = self.cxr_stem(kept)
+                s = self.cxr_shared_fc(self.cxr_shared_body(stem))
+                t = self.cxr_distinct_fc(self.cxr_distinct_body(stem))
             shared, distinct = shared.to(s.dtype), distinct.to(t.dtype)
             shared[present], distinct[present] = s, t
         return shared, distinct
