@@ -181,6 +181,10 @@ def test_run_record_and_predictions_join_cohort(mortality_run, data_dir):
     assert metrics["test"]["auroc"] == pytest.approx(skm.roc_auc_score(pred.y_mortality, pred.p_mortality), abs=1e-9)
     assert metrics["selection_metric"] == "auprc" and metrics["splits"]["test"]["n_stays"] == len(pred)
     assert 0 <= metrics["best_epoch"] < C.PRESETS["test"]["max_epochs"]
+    assert metrics["epochs_trained"] == C.PRESETS["test"]["max_epochs"]  # patience 2 cannot stop 2 epochs early
+    curves = pd.read_csv(run.run_dir / "log" / "metrics.csv")
+    assert curves["val/auprc"].notna().sum() == metrics["epochs_trained"]
+    assert metrics["val_best"] == pytest.approx(curves["val/auprc"].max())
     assert list(metrics["normalisation"]) == ["feat_0", "feat_1", "feat_2", "feat_3"]
 
 

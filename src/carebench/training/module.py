@@ -156,7 +156,10 @@ class CareBenchModule(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         groups = self.model.configure_param_groups()
         params = groups if groups else [p for p in self.model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop and equally exact.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+                    for p in self.model.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
                                                            patience=self.plateau_patience)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}

@@ -171,7 +171,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     metrics = {
         "run_id": run_id, "model": cfg.model, "task": cfg.task, "cohort": cfg.cohort, "fold": cfg.fold,
         "seed": cfg.seed, "selection_metric": module.selection,
-        "best_epoch": int(best["epoch"]), "epochs_trained": int(trainer.current_epoch),
+        "best_epoch": int(best["epoch"]), "epochs_trained": int(trainer.current_epoch),  # completed epochs
         "val_best": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
         "test": module.test_metrics, "splits": fold.summary(),
         "n_parameters": sum(p.numel() for p in module.model.parameters()),
