@@ -260,6 +260,15 @@ def test_los_matched_with_images_and_test_dropout(data_dir, tmp_path, tiny_fusio
     assert run.metrics["selection_metric"] == "auroc_ovr_macro"
 
 
+def test_same_seed_identical_with_images_and_augmentation(data_dir, tmp_path, tiny_fusion):
+    runs = [train_run(_cfg(data_dir, model=tiny_fusion, cxr_dropout_train=0.3, seed=4), tmp_path / str(i))
+            for i in range(2)]
+    a, b = (pd.read_parquet(r.run_dir / "predictions.parquet") for r in runs)
+    pd.testing.assert_frame_equal(a, b, check_exact=True)
+    other = train_run(_cfg(data_dir, model=tiny_fusion, cxr_dropout_train=0.3, seed=5), tmp_path / "2")
+    assert not np.array_equal(pd.read_parquet(other.run_dir / "predictions.parquet").p_mortality, a.p_mortality)
+
+
 def test_training_augments_only_during_fit(data_dir, tiny_fusion):
     seen: list[torch.Tensor] = []
     data = open_dataset(data_dir)
