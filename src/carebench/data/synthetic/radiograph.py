@@ -367,15 +367,17 @@ class _Lung:
         # Rounded apex: the width grows like a half-ellipse, then the walls run nearly parallel.
         lateral = _F32(self.apex_r) + _F32(self.lateral_r - self.apex_r) * np.sqrt(t * (1 + q))
         medial = _F32(self.apex_r) - _F32(self.apex_r - self.medial_r) * np.sqrt(1 - q * q * q)
-        # Diaphragm: a dome, highest at dome_r, falling steeply into the lateral costophrenic sulcus.
-        d = r - _F32(self.dome_r)
-        lat_fall = (self.base_v + 0.05 - self.dome_v) / (self.lateral_r - self.dome_r) ** 2
-        dia = _F32(self.dome_v) + np.where(d > 0, _F32(lat_fall), _F32(0.5)) * d * d
         m = _ramp(lateral - r, 2 * edge)
         m *= _ramp(r - medial, edge)
-        m *= _ramp(dia - v, edge)
+        m *= _ramp(self.diaphragm(r) - v, edge)
         m *= _ramp(v - _F32(self.apex_v), edge)
         return m, t
+
+    def diaphragm(self, r: np.ndarray) -> np.ndarray:
+        """Height of the hemidiaphragm: a dome, highest at dome_r, falling steeply into the lateral sulcus."""
+        d = r - _F32(self.dome_r)
+        lat_fall = (self.base_v + 0.05 - self.dome_v) / (self.lateral_r - self.dome_r) ** 2
+        return _F32(self.dome_v) + np.where(d > 0, _F32(lat_fall), _F32(0.5)) * d * d
 
     def box(self, side: float) -> tuple[float, float, float, float]:
         """Patient-frame box (u0, u1, v0, v1) of this lung on image side ``side`` (-1 left, +1 right)."""
@@ -397,12 +399,13 @@ class _Frontal:
     spine_phase: float
     rib_phase: float
     rib_space: float
+    rib_jitter: np.ndarray  # per rib: [offset in rib spacings, relative density]
     clav_v: float
     bubble: tuple[float, float] | None  # gastric air bubble (u, size)
     breast_r: float | None
     arms: bool
     scapula: float
-    atelectasis: tuple[int, float, float, float]  # side (0 right, 1 left), r, v, angle
+    atelectasis: tuple[int, float, float, float]  # side (0 right, 1 left), r / lat, height above dome, angle
 
     @classmethod
     def draw(cls, g: np.random.Generator, view: str, sev: dict[str, float]) -> _Frontal:
@@ -443,10 +446,11 @@ class _Frontal:
             scapula=0.10 if ap else 0.035,  # scapulae are rotated off the lungs on a PA film
             atelectasis=(
                 int(g.integers(2)),
-                float(g.uniform(0.3, 0.55)),
-                float(g.uniform(-0.02, 0.2)),
+                float(g.uniform(0.55, 0.78)),
+                float(g.uniform(0.12, 0.32)),
                 0.2 * n(),
             ),
+            rib_jitter=np.column_stack([g.normal(0, 0.06, 12), g.uniform(0.75, 1.2, 12)]).astype(_F32),
         )
         # Atelectasis is volume loss: the hemidiaphragm on its side is pulled up.
         s_a = sev["atelectasis"]
@@ -489,9 +493,13 @@ def _frontal_soft_tissue(sc: _Scene, a: _Frontal) -> np.ndarray:
     sc.density += trunk * (_F32(0.3) + _F32(0.72) * thick + _F32(0.08) * _ramp(v - _F32(0.2), 0.8))
     # Shoulder girdle soft tissue always; the upper arms beside the chest only when they are in the field.
     arm_low = 0.6 if a.arms else a.shoulder_v + 0.45
-    arm = _ramp(r - _F32(a.skin + 0.035), 0.04) * _ramp(_F32(a.skin + 0.3) - r, 0.06)
-    arm *= _ramp(v - _F32(a.shoulder_v + 0.02), 0.1) * _ramp(_F32(arm_low) - v, 0.15)
-    sc.density += _F32(0.55) * arm
+    for side in (-1.0, 1.0):
+        box = sorted((side * (a.skin - 0.01), side * (a.skin + 0.35)))
+        sl, pu, pv = sc.patch(*box, a.shoulder_v - 0.05, arm_low + 0.1)
+        ar = pu * _F32(side)
+        arm = _ramp(ar - _F32(a.skin + 0.035), 0.04) * _ramp(_F32(a.skin + 0.3) - ar, 0.06)
+        arm *= _ramp(pv - _F32(a.shoulder_v + 0.02), 0.1) * _ramp(_F32(arm_low) - pv, 0.15)
+        sc.density[sl] += _F32(0.55) * arm
     if a.breast_r is not None:
         cv = a.right.base_v - 0.02
         for side in (-1, 1):
@@ -569,7 +577,7 @@ def _frontal_findings(
         if s_e > 0:  # dependent fluid: blunted costophrenic angle, meniscus, dense base
             level = lung.base_v + 0.06 - (0.02 + 0.55 * s_e) * (lung.base_v - lung.apex_v)
             u0, u1, _, _ = lung.box(side)
-            v0 = lung.apex_v if ap else level - 0.45
+            v0 = lung.apex_v if ap else level - 0.6
             sl, pu, pv = sc.patch(u0, u1, v0, lung.base_v + 0.15)
             r = pu * _F32(side)
             # Meniscus: fluid climbs the lateral chest wall: its upper edge is concave, highest laterally.
@@ -581,9 +589,10 @@ def _frontal_findings(
                 fluid = np.maximum(fluid, _F32(0.35 * s_e) * _ramp(pv - _F32(lung.apex_v + 0.3), 0.6))
             fluid *= _F32(min(1.0, 10 * s_e))  # a trace of fluid is faint, not a step
             air[sl] *= 1 - _F32(0.93) * fluid
-            sc.density[sl] += (
-                _F32(0.1) * fluid * _ramp(_F32(lung.lateral_r + 0.05) - r, 0.04) * _ramp(r - _F32(0.1), 0.05)
-            )
+            # Pleural fluid is also seen beyond the aerated lung, up to the chest wall and down to the sulcus.
+            pleural = _ramp(_F32(lung.lateral_r + 0.03) - r, 0.04) * _ramp(r - _F32(0.1), 0.05)
+            pleural *= _ramp(lung.diaphragm(r) + _F32(0.03) - pv, 0.05)
+            sc.density[sl] += _F32(0.1) * fluid * pleural
     s_ed = sev["edema"]
     if s_ed > 0:  # bilateral perihilar (bat-wing) haze with engorged, indistinct vessels
         assert mottle is not None
@@ -598,8 +607,9 @@ def _frontal_findings(
     s_a = sev["atelectasis"]
     if s_a > 0:  # plate-like band, slightly curved, tapering at both ends
         assert mottle is not None
-        side_i, ar, av, ang = a.atelectasis
+        side_i, ar, above, ang = a.atelectasis
         side = -1.0 if side_i == 0 else 1.0
+        av = (a.right if side_i == 0 else a.left).dome_v - above  # lower zone, above the (raised) dome
         cr = ar * a.lat
         length = 0.12 + 0.14 * s_a
         sl, pu, pv = sc.patch(
@@ -686,10 +696,13 @@ def _frontal_bones(sc: _Scene, a: _Frontal) -> None:
     wall = _F32(lat + 0.05) - _F32(0.12) * _ramp(_F32(lung.apex_v + 0.25) - pv, 0.3) * (_F32(0.5) - cpost)
     extent = _ramp(r - _F32(0.06), 0.03) * _ramp(wall - r, 0.06) * _ramp(cpost + _F32(0.02), 0.04)
     extent *= _ramp(_F32(8.6) - phase, 0.5) * _ramp(_F32(lung.base_v + 0.1) - pv, 0.12)
-    band = np.cos(phase * _F32(2 * math.pi))
-    ribs = _F32(0.07) * _ramp(band - _F32(0.1), 0.55) + _F32(0.05) * _ramp(
-        _F32(0.35) - np.abs(band - _F32(0.1)), 0.3
-    )
+    # Ribs are centred on integer phases; each gets its own small shift and density (the jump between two
+    # ribs' values falls mid-way in the intercostal space, where the rib profile is zero).
+    k = np.minimum((phase + _F32(0.5)).astype(np.intp), 11)
+    band = np.cos((phase + a.rib_jitter[:, 0].take(k)) * _F32(2 * math.pi))
+    ribs = _F32(0.07) * _ramp(band - _F32(0.1), 0.55)
+    ribs += _F32(0.05) * _ramp(_F32(0.35) - np.abs(band - _F32(0.1)), 0.3)
+    ribs *= a.rib_jitter[:, 1].take(k)
     # Anterior ribs: fainter, wider spaced, running down and medially from the lateral wall.
     cant = pv + _F32(0.5) * rn - _F32(0.1) * rn * rn - _F32(lung.apex_v + 0.2)
     pa = np.maximum(cant, 0.0) * _F32(1.0 / (a.rib_space * 1.35))
@@ -918,47 +931,50 @@ def _draw_lateral(sc: _Scene) -> None:
         ptx_line = 4 * inner * (1 - inner) * lung
 
     sc.density += _F32(0.25) - _F32(0.8) * air + _F32(0.4) * markings * air
-    sc.density += _F32(0.1) * _gauss2(u - _F32(0.04), v + _F32(0.08), 0.08, 0.1)  # hila
+    sl, pu, pv = sc.patch(-0.25, 0.33, -0.4, 0.24)
+    sc.density[sl] += _F32(0.1) * _gauss2(pu - _F32(0.04), pv + _F32(0.08), 0.08, 0.1)  # hila
     if ptx_line is not None:
         sc.density += _F32(0.15) * ptx_line
-    tr_u = _F32(-0.12) + _F32(0.16) * (v + 1)
-    trach = _ramp(_F32(0.038) - np.abs(u - tr_u), 0.02) * _ramp(_F32(-0.12) - v, 0.06)
-    sc.density -= _F32(0.22) * trach * trunk
+    sl, pu, pv = sc.patch(-0.25, 0.25, -1.2, -0.05)
+    trach = _ramp(_F32(0.038) - np.abs(pu - _F32(-0.12) - _F32(0.16) * (pv + 1)), 0.02) * _ramp(
+        _F32(-0.12) - pv, 0.06
+    )
+    sc.density[sl] -= _F32(0.22) * trach * trunk[sl]
     if bubble:
         bv = dome + 0.12
         ell = 1 - ((u + _F32(0.05)) * _F32(10)) ** 2 - ((v - _F32(bv)) * _F32(20)) ** 2
         sc.density -= _F32(0.25) * _ramp(ell, 0.3)
 
     # ---- bones: thoracic spine (bodies, end plates, posterior elements), sternum, posterior ribs
-    sp_u = _F32(back_wall - 0.1) + _F32(0.04) * (v + _F32(0.1)) ** 2
-    us = u - sp_u
-    ph = (v * _F32(1 / 0.105) + _F32(spine_phase)) % 1.0
+    def spine_u(pv: np.ndarray) -> np.ndarray:
+        return _F32(back_wall - 0.1) + _F32(0.04) * (pv + _F32(0.1)) ** 2
+
+    sl, pu, pv = sc.patch(back_wall - 0.25, back_wall + 0.3, -1.2, 1.2)
+    us = pu - spine_u(pv)
+    ph = (pv * _F32(1 / 0.105) + _F32(spine_phase)) % 1.0
     col = _ramp(_F32(0.085) - np.abs(us), 0.02)
     dph = np.abs(ph - _F32(0.5))
-    verts = _F32(0.16) * col * _ramp(dph - _F32(0.07), 0.05) + _F32(0.08) * col * _ramp(
+    verts = _F32(0.16) * _ramp(dph - _F32(0.07), 0.05) + _F32(0.08) * _ramp(
         _F32(0.04) - np.abs(dph - _F32(0.09)), 0.03
     )
-    verts += (
-        _F32(0.1)
-        * _ramp(us - _F32(0.1), 0.03)
-        * _ramp(_F32(0.24) - us, 0.05)
-        * (_F32(0.55) + _F32(0.45) * np.cos(ph * _F32(2 * math.pi)))
-    )
-    verts *= (1 - _F32(0.3) * _ramp(v, 1.2)) * _ramp(v + _F32(1.1), 0.1)  # lower vertebrae look darker
-    sc.density += verts
-    st_u = _F32(front_wall - 0.01)
-    manubrium = _ramp(_F32(0.06) - np.abs(v + _F32(0.52)), 0.04)
-    sternum = (
-        _ramp(_F32(0.018) + _F32(0.02) * manubrium - np.abs(u - st_u), 0.015)
-        * _ramp(v + _F32(0.6), 0.05)
-        * _ramp(_F32(dome + 0.25) - v, 0.05)
-    )
-    rp = ((v + _F32(0.35) * (u - sp_u)) * _F32(1 / 0.12) + _F32(rib_phase)) % 1.0
+    verts *= col
+    posterior = _ramp(us - _F32(0.1), 0.03) * _ramp(_F32(0.24) - us, 0.05)
+    verts += _F32(0.1) * posterior * (_F32(0.55) + _F32(0.45) * np.cos(ph * _F32(2 * math.pi)))
+    verts *= (1 - _F32(0.3) * _ramp(pv, 1.2)) * _ramp(pv + _F32(1.1), 0.1)  # lower vertebrae look darker
+    sc.density[sl] += verts
+    sl, pu, pv = sc.patch(front_wall - 0.08, front_wall + 0.06, -0.7, dome + 0.35)
+    manubrium = _ramp(_F32(0.06) - np.abs(pv + _F32(0.52)), 0.04)
+    sternum = _ramp(_F32(0.018) + _F32(0.02) * manubrium - np.abs(pu - _F32(front_wall - 0.01)), 0.015)
+    sternum *= _ramp(pv + _F32(0.6), 0.05) * _ramp(_F32(dome + 0.25) - pv, 0.05)
+    sc.density[sl] += _F32(0.2) * sternum
+    sl, pu, pv = sc.patch(-0.1, back_wall + 0.1, apex - 0.1, sulcus + 0.1)
+    sp = spine_u(pv)
+    rp = ((pv + _F32(0.35) * (pu - sp)) * _F32(1 / 0.12) + _F32(rib_phase)) % 1.0
     ribs = (
-        _ramp(_F32(0.12) - np.abs(rp - _F32(0.5)), 0.12) * _ramp(sp_u - u, 0.05) * _ramp(u - _F32(0.05), 0.25)
+        _ramp(_F32(0.12) - np.abs(rp - _F32(0.5)), 0.12) * _ramp(sp - pu, 0.05) * _ramp(pu - _F32(0.05), 0.25)
     )
-    ribs *= _ramp(_F32(sulcus) - v, 0.1) * _ramp(v - _F32(apex), 0.1)
-    sc.density += _F32(0.2) * sternum + _F32(0.05) * ribs
+    ribs *= _ramp(_F32(sulcus) - pv, 0.1) * _ramp(pv - _F32(apex), 0.1)
+    sc.density[sl] += _F32(0.05) * ribs
 
     # ---- devices
     if sev["ett"] > 0:
