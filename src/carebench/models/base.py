@@ -118,8 +118,27 @@ class BaseModel(nn.Module):
       presets: named overrides of ``default_hparams``: ``"quick"`` (small, CPU-friendly, no downloads),
         ``"full"`` (the paper's setting) and ``"test"`` (the smallest dims, used by the contract tests).
 
+      train_task_loss: True (default) if the framework back-propagates the task loss of ``logits``. A method whose
+        ``aux_losses`` are its whole objective (AUG trains each modality's classifier on its own loss, never the
+        fused prediction) sets False; the task loss is then still computed and logged, but not trained.
+
     Constructor: ``(task, n_features, image_size, **hparams)``; the hyper-parameters are validated against
     ``default_hparams`` (unknown key or wrong type -> ``ModelConfigError``) and stored as ``self.hparams``.
+
+    Training hooks (the framework owns the loop; a hook never calls ``backward`` or steps an optimiser). Order in
+    one epoch of ``carebench.training.module.CareBenchModule``::
+
+        on_train_epoch_start(module)
+        for each batch:  forward -> loss -> training_hook(module, batch, output, loss) -> backward
+                         -> before_optimizer_step(module, optimizer) -> optimizer.step()
+        (validation)
+        on_train_epoch_end(module)
+
+    ``before_optimizer_step`` sees the gradients of the whole step (unscaled under mixed precision, already
+    averaged across processes under DDP) and may modify them in place (InfoReg's regulation). A method that creates
+    parameters during training (AUG's boosting layers) registers them with the running optimiser through
+    ``module.add_trainable_parameters(params)``, and rebuilds them when a checkpoint holding them is loaded.
+    ``module`` exposes ``current_epoch`` and ``trainer`` (``trainer.world_size``, ``trainer.strategy``).
     """
 
     name: ClassVar[str] = ""
@@ -127,6 +146,7 @@ class BaseModel(nn.Module):
     default_hparams: ClassVar[dict[str, Any]] = {}
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "full": {}, "test": {}}
+    train_task_loss: ClassVar[bool] = True
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
         super().__init__()
@@ -200,6 +220,18 @@ class BaseModel(nn.Module):
         keys a group leaves out (lr, weight decay) from the run config. Every trainable parameter must appear
         in exactly one group.
         """
+        return None
+
+    def on_train_epoch_start(self, trainer_module: Any) -> None:
+        """Called at the start of every training epoch (e.g. reset per-epoch statistics). Default: nothing."""
+        return None
+
+    def on_train_epoch_end(self, trainer_module: Any) -> None:
+        """Called after every training epoch and its validation (e.g. decide on new layers). Default: nothing."""
+        return None
+
+    def before_optimizer_step(self, trainer_module: Any, optimizer: Any) -> None:
+        """Called after backward, before each optimiser step; may modify ``p.grad`` in place. Default: nothing."""
         return None
 
 

@@ -3,8 +3,9 @@
 Why one module for every method: the framework, not the model, computes the task loss from logits
 (BCE-with-logits for mortality and phenotype, cross-entropy for LOS) plus the sum of the model's `aux_losses`, and
 turns logits into probabilities (sigmoid / softmax) before any metric. A method with a special procedure uses
-`BaseModel.training_hook` (called after the loss, before backward) and `configure_param_groups`, never its own
-loop, so devices, precision, checkpointing and early stopping work the same for all methods.
+`BaseModel.training_hook` (called after the loss, before backward), the epoch and pre-step hooks and
+`configure_param_groups`, never its own loop, so devices, precision, checkpointing and early stopping work the
+same for all methods.
 
 Validation and test outputs are gathered across processes (DDP) and de-duplicated by `stay_id` (the distributed
 sampler pads splits by repeating stays) before metrics, so every rank sees the metrics of the whole split.
@@ -84,12 +85,38 @@ class CareBenchModule(pl.LightningModule):
         loss = task_loss(self.kind, out.logits, batch["y"])
         bs = len(batch["y"])
         self.log("train/task_loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs)
+        if not self.model.train_task_loss:  # the method's aux losses are its whole objective (e.g. AUG)
+            loss = loss.detach() * 0.0
         for name, aux in out.aux_losses.items():
             loss = loss + aux
             self.log(f"train/aux_{name}", aux.detach(), on_step=False, on_epoch=True, batch_size=bs)
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True, batch_size=bs, prog_bar=True)
         self.model.training_hook(self, batch, out, loss)
         return loss
+
+    # Model training hooks (BaseModel docstring): per-epoch state and gradient changes before the step.
+    def on_train_epoch_start(self) -> None:
+        self.model.on_train_epoch_start(self)
+
+    def on_train_epoch_end(self) -> None:
+        self.model.on_train_epoch_end(self)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # Lightning calls this after backward (and after unscaling under 16-bit AMP), before `optimizer.step()`.
+        self.model.before_optimizer_step(self, optimizer)
+
+    def add_trainable_parameters(self, params: list[torch.nn.Parameter]) -> None:
+        """Register parameters a model created during training (AUG's boosting layers) with the running optimiser.
+
+        They join as a new param group with the current learning rate and weight decay of the first group (so a
+        plateau-reduced lr applies to them too); ReduceLROnPlateau extends its per-group minimum lr itself. Before
+        `fit` (no trainer or optimiser yet) there is nothing to do: `configure_optimizers` will see them.
+        """
+        if self._trainer is None or not self.trainer.optimizers:
+            return
+        for opt in self.trainer.optimizers:
+            ref = opt.param_groups[0]
+            opt.add_param_group({"params": list(params), "lr": ref["lr"], "weight_decay": ref["weight_decay"]})
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         out = self.model(batch)
