@@ -97,22 +97,23 @@ def main() -> None:
     try:
         data = args.data if args.data else synthesise(args.stays, work)
         loader = time_loader(data, args.task, args.preset, args.threads)
-        rows = [time_run(data, m, args.task, args.preset, args.threads, work / "runs", args.extra.split())
-                for m in models]
+        print(f"\n`carebench train --preset {args.preset} --task {args.task}` on {data} "
+              f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
+              f"load average before: {os.getloadavg()[0]:.1f})\n")
+        print(f"Loader (warm training epoch, incl. augmentation): {loader['stays']} stays in "
+              f"{loader['seconds']:.2f} s = {loader['stays_per_s']:.0f} stays/s\n")
+        print("| model | params | train stays | epochs | fit s | test s | wall s | peak RSS MiB | test metric |")
+        print("|---|---|---|---|---|---|---|---|---|", flush=True)
+        for m in models:  # one row as soon as each run ends
+            r = time_run(data, m, args.task, args.preset, args.threads, work / "runs", args.extra.split())
+            if "error" in r:
+                print(f"| {r['model']} | error: {r['error']} |||||||| ", flush=True)
+                continue
+            print(f"| {r['model']} | {r['params']:,} | {r['n_train']} | {r['epochs']} | {r['fit_s']:.1f} | "
+                  f"{r['test_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+                  f"{r['metric']} {r['value']:.3f} |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\n`carebench train --preset {args.preset} --task {args.task}` on {data} "
-          f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU)\n")
-    print(f"Loader (warm training epoch, incl. augmentation): {loader['stays']} stays in {loader['seconds']:.2f} s "
-          f"= {loader['stays_per_s']:.0f} stays/s\n")
-    print("| model | params | train stays | epochs | fit s | test s | wall s | peak RSS MiB | test metric |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "error" in r:
-            print(f"| {r['model']} | error: {r['error']} |||||||| ")
-            continue
-        print(f"| {r['model']} | {r['params']:,} | {r['n_train']} | {r['epochs']} | {r['fit_s']:.1f} | "
-              f"{r['test_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | {r['metric']} {r['value']:.3f} |")
 
 
 if __name__ == "__main__":
