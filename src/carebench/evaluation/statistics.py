@@ -1,0 +1,998 @@
+"""Bootstrap confidence intervals, paired permutation tests and multiplicity adjustment for comparing models.
+
+Why kernels of our own rather than scikit-learn in a loop: a comparison of two phenotype models with 10,000
+permutations needs 10,000 x 25 labels x 2 models x 2 metrics = 1,000,000 scikit-learn calls (minutes per pair,
+hours for all method pairs). Here every metric of `carebench.evaluation.metrics` is computed for a whole batch of
+resamples or permutations at once, and equals scikit-learn's value on the materialised resample (tests, 1e-12).
+
+One mechanism serves both procedures: a *weighting* of the stays. A bootstrap resample is a vector of counts
+(how often each stay was drawn); a permutation of a paired test is a 0/1 weighting of the 2n pooled predictions
+(stay i contributes model a's score to "A*" unless it is swapped, then model b's). The kernels take the weights
+as wt [items, R] (R weightings side by side, so a step over the items adds contiguous rows):
+
+- rank metrics (AUROC, average precision) sort the scores once; prefix sums of the weights, in score order, give
+  for every positive the weighted number of negatives ranked strictly below and tied with it (Mann-Whitney U
+  with half credit for ties = scikit-learn's trapezoidal ROC area), and the weighted positives and items scored
+  at or above it, tie block included (= scikit-learn's step-wise average precision). No sort per resample or
+  permutation: O(R x items) integer additions. In a permutation B* is the complement of A*, so its prefix sums
+  come for free.
+- every other metric is a function of weighted sums of per-stay quantities (confusion-matrix cells, squared
+  errors, calibration-bin sums), i.e. one matrix product.
+
+Degenerate resamples: a rank metric is undefined (NaN) on a resample without both classes; an average over
+labels or classes (macro, weighted) is undefined when any label or class defined on the full data lost a class,
+so every resample averages the same labels. Such resamples are skipped and counted (`n_valid`). Details and the
+p-value conventions are in docs/statistics.md.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from scipy.special import ndtr, ndtri
+
+from carebench.errors import UserError
+from carebench.evaluation.metrics import SELECTION_METRIC, TASK_KIND, _check_probs
+
+# Working memory of one rank-kernel call (bytes); the kernel splits the rows of W to stay below it.
+CHUNK_BYTES = 32 * 2**20
+# Random draws per block. Fixed (not derived from free memory) so results depend only on data, seed and counts.
+RNG_BLOCK = 2**22
+# Largest number of stays for which the paired permutation test enumerates all 2**n swap patterns.
+MAX_EXACT_STAYS = 20
+# Null statistics within this distance of the observed one count as "as extreme" (floating-point ties).
+TIE_TOLERANCE = 1e-12
+
+_BINARY_METRICS = ("auroc", "auprc", "accuracy", "f1", "precision", "recall", "specificity", "brier", "ece")
+_MULTILABEL_AGG = ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted", "auroc_micro", "auprc_micro")
+_MULTICLASS_METRICS = ("accuracy", "f1_macro", "f1_weighted", "kappa", "kappa_linear", "auroc_ovr_macro")
+ALTERNATIVES = ("two-sided", "greater", "less")
+CI_METHODS = ("percentile", "bca")
+# What `compare_methods` tests when `metrics` is not given; "auroc/*" expands to every label.
+DEFAULT_COMPARE_METRICS = {
+    "mortality": ("auroc", "auprc"),
+    "phenotype": ("auroc_macro", "auprc_macro", "auroc/*", "auprc/*"),
+    "los": ("auroc_ovr_macro", "accuracy"),
+}
+
+
+class StatisticsInputError(UserError, ValueError):
+    """Predictions or options that the statistics cannot use (the message says which and what was expected)."""
+
+
+# ------------------------------------------------------------------------------------------ rank kernels
+
+
+@dataclass(frozen=True)
+class _RankChannel:
+    """One binary ranking problem (scores + 0/1 labels over weighted items), sorted once.
+
+    Positives and negatives are listed in ascending score order (`pos_items`/`neg_items`: the item whose weight
+    each carries). For each positive, `neg_below`/`neg_upto`/`pos_below` count the negatives (positives) with a
+    strictly lower / lower-or-equal score; the kernels need prefix sums of the weights only at those counts,
+    so they are taken at the sorted distinct `neg_points`/`pos_points` (which end with the class size, i.e. the
+    total) and read through `*_at` indices. For the pooled predictions of a paired test (entries 0..q-1 are model
+    a's, q..2q-1 model b's of the same stays), `pair_a`/`pair_b` give each positive stay's two positions among
+    the sorted positives and `pair_swap` the item whose weight says whether the stay is swapped.
+    """
+
+    pos_items: np.ndarray
+    neg_items: np.ndarray
+    neg_below: np.ndarray
+    neg_upto: np.ndarray
+    pos_below: np.ndarray
+    neg_points: np.ndarray
+    pos_points: np.ndarray
+    below_at: np.ndarray
+    upto_at: np.ndarray
+    pbelow_at: np.ndarray
+    pair_a: np.ndarray | None = None
+    pair_b: np.ndarray | None = None
+    pair_swap: np.ndarray | None = None
+
+
+def _rank_channel(score: np.ndarray, label: np.ndarray, items: np.ndarray | None = None,
+                  paired: bool = False) -> _RankChannel:
+    score = np.asarray(score, dtype=np.float64)
+    label = np.asarray(label).astype(bool)
+    items = np.arange(len(score)) if items is None else items
+    pos_entries, neg_entries = np.flatnonzero(label), np.flatnonzero(~label)
+    po = np.argsort(score[pos_entries], kind="stable")
+    no = np.argsort(score[neg_entries], kind="stable")
+    ps, ns = score[pos_entries[po]], score[neg_entries[no]]
+    neg_below, neg_upto = np.searchsorted(ns, ps, "left"), np.searchsorted(ns, ps, "right")
+    pos_below = np.searchsorted(ps, ps, "left")
+    neg_points = np.unique(np.concatenate([neg_below, neg_upto, [len(ns)]]))
+    pos_points = np.unique(np.concatenate([pos_below, [len(ps)]]))
+    pair = {}
+    if paired:
+        q = len(score) // 2
+        where = np.empty(len(score), dtype=np.int64)
+        where[pos_entries[po]] = np.arange(len(po))
+        stays = pos_entries[pos_entries < q]
+        pair = {"pair_a": where[stays], "pair_b": where[stays + q], "pair_swap": items[stays + q]}
+    return _RankChannel(pos_items=items[pos_entries[po]], neg_items=items[neg_entries[no]], neg_below=neg_below,
+                        neg_upto=neg_upto, pos_below=pos_below, neg_points=neg_points, pos_points=pos_points,
+                        below_at=np.searchsorted(neg_points, neg_below),
+                        upto_at=np.searchsorted(neg_points, neg_upto),
+                        pbelow_at=np.searchsorted(pos_points, pos_below), **pair)
+
+
+def _prefix_at(wt: np.ndarray, items: np.ndarray, points: np.ndarray, dtype: type) -> np.ndarray:
+    """Prefix sums of the weights of `items` (in list order) at sorted `points`: out[t] = rows items[:points[t]].
+
+    A running row of R sums (cache-resident) is advanced segment by segment and copied out at each point: numpy's
+    cumsum walks its dependency chain element by element and writes every prefix, both several times slower.
+    """
+    out = np.empty((len(points), wt.shape[1]), dtype=dtype)
+    acc = np.zeros(wt.shape[1], dtype=dtype)
+    j = 0
+    for t, x in enumerate(points):
+        if x - j == 1:
+            np.add(acc, wt[items[j]], out=acc)
+        elif x > j:
+            np.add(acc, wt[items[j:x]].sum(axis=0, dtype=dtype), out=acc)
+        j = x
+        out[t] = acc
+    return out
+
+
+def _int_dtype(max_total: int) -> type:
+    return np.int16 if max_total <= np.iinfo(np.int16).max else np.int32 if max_total < 2**31 else np.int64
+
+
+def _rank_kernel(ch: _RankChannel, wt: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted AUROC and average precision of one channel for every column of integer weights wt [items, R].
+
+    `max_total` bounds the sum of a column (it picks the narrowest exact integer type).
+    """
+    r_total = wt.shape[1]
+    auc, ap = np.full(r_total, np.nan), np.full(r_total, np.nan)
+    m1, m0 = len(ch.pos_items), len(ch.neg_items)
+    if m1 == 0 or m0 == 0:
+        return auc, ap
+    dtype = _int_dtype(max_total)
+    cols = max(1, CHUNK_BYTES // (np.dtype(dtype).itemsize * (len(ch.neg_points) + len(ch.pos_points)) + 56 * m1))
+    for s in range(0, r_total, cols):
+        w = wt[:, s:s + cols]
+        cn = _prefix_at(w, ch.neg_items, ch.neg_points, dtype)
+        cp = _prefix_at(w, ch.pos_items, ch.pos_points, dtype)
+        wp = w[ch.pos_items].astype(np.float64)
+        below = cn[ch.below_at].astype(np.float64)
+        w1, w0 = cp[-1].astype(np.float64), cn[-1].astype(np.float64)
+        u2 = (wp * (below + cn[ch.upto_at])).sum(axis=0)  # 2 x Mann-Whitney U (ties count 1/2)
+        tp = w1 - cp[ch.pbelow_at]  # weighted positives scored >= this positive (its tie block included)
+        called = tp + (w0 - below)  # ... and all items scored >= it
+        prec = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
+        ok = (w1 > 0) & (w0 > 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            auc[s:s + cols] = np.where(ok, u2 / (2.0 * w1 * w0), np.nan)
+            ap[s:s + cols] = np.where(ok, (wp * prec).sum(axis=0) / w1, np.nan)
+    return auc, ap
+
+
+def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """AUROC and average precision of A* (0/1 weights wt [2q, R]) and B* (weights 1 - wt) of a paired test.
+
+    Every stay contributes exactly one of its two scores to A* and the other to B*, so each has n1 positives
+    and n0 negatives of weight 1. Prefix sums are taken once, for A*; B*'s follow as prefix_B(x) = x -
+    prefix_A(x). Each positive stay then reads the counts at the position of the score it contributes,
+    selected with a bit mask rather than np.where (random swaps make a branch per element mispredict).
+    """
+    r_total = wt.shape[1]
+    m1, m0 = len(ch.pos_items), len(ch.neg_items)
+    if m1 == 0 or m0 == 0:
+        nan = (np.full(r_total, np.nan), np.full(r_total, np.nan))
+        return nan, nan
+    n1, n0 = m1 // 2, m0 // 2
+    dtype = _int_dtype(wt.shape[0])
+    size = np.dtype(dtype).itemsize
+    cols = max(1, CHUNK_BYTES // (size * (len(ch.neg_points) + len(ch.pos_points) + 12 * n1) + 24 * n1))
+    ka, kb = ch.pair_a, ch.pair_b
+    ties = not np.array_equal(ch.neg_below, ch.neg_upto)  # some positive ties with a negative
+    targets = [(ch.neg_below, ch.below_at, "neg"), (ch.pos_below, ch.pbelow_at, "pos")]
+    if ties:
+        targets.append((ch.neg_upto, ch.upto_at, "neg"))
+    static = [(count[ka][:, None].astype(dtype), count[kb][:, None].astype(dtype), at[ka], at[kb], kind)
+              for count, at, kind in targets]
+    out: list[list[np.ndarray]] = [[], [], [], []]
+    for s in range(0, r_total, cols):
+        w = wt[:, s:s + cols]
+        prefix = {"neg": _prefix_at(w, ch.neg_items, ch.neg_points, dtype),
+                  "pos": _prefix_at(w, ch.pos_items, ch.pos_points, dtype)}
+        mask = -w[ch.pair_swap].astype(dtype)  # all bits set where the stay gives its b score to A*
+        sides: list[list[np.ndarray]] = [[], []]
+        for sa, sb, at_a_idx, at_b_idx, kind in static:
+            at_a, at_b = prefix[kind][at_a_idx], prefix[kind][at_b_idx]  # A*'s counts at the a and b score
+            sides[0].append(at_a + ((at_b - at_a) & mask))
+            comp_a, comp_b = sa - at_a, sb - at_b  # B*'s counts there (B* = complement of A*)
+            sides[1].append(comp_b + ((comp_a - comp_b) & mask))  # B* takes a's score where A* took b's
+        for side, (below, pbelow, *upto) in enumerate(sides):
+            u2 = below.sum(axis=0, dtype=np.int64) + (upto or [below])[0].sum(axis=0, dtype=np.int64)
+            tp = n1 - pbelow
+            prec = np.divide(tp, tp + (n0 - below), dtype=np.float64)
+            out[2 * side].append(u2 / (2.0 * n1 * n0))
+            out[2 * side + 1].append(prec.sum(axis=0) / n1)
+    res = [np.concatenate(o) for o in out]
+    return (res[0], res[1]), (res[2], res[3])
+
+
+def weighted_rank_metrics(y_true: np.ndarray, score: np.ndarray,
+                          weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision of fixed scores under many integer weightings of the samples.
+
+    `weights` [R, n] holds non-negative integers (bootstrap counts, 0/1 masks); row r equals scikit-learn's
+    `roc_auc_score` / `average_precision_score` with `sample_weight=weights[r]`. NaN where a row leaves one class
+    without weight.
+    """
+    wt = _weights_t(weights, len(score))
+    ch = _rank_channel(score, _binary_labels(y_true, "y_true"))
+    return _rank_kernel(ch, wt, int(wt.sum(axis=0, dtype=np.int64).max(initial=0)))
+
+
+def _weights_t(weights: np.ndarray, n: int) -> np.ndarray:
+    """Validated user weights [R, n] -> the kernels' layout [n, R] (items x weightings)."""
+    w = np.asarray(weights)
+    if w.ndim != 2 or w.shape[1] != n or not np.issubdtype(w.dtype, np.integer) or (w < 0).any():
+        raise StatisticsInputError(f"weights: expected non-negative integers of shape [R, {n}]")
+    return np.ascontiguousarray(w.T)
+
+
+def rank_metrics_rows(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """AUROC and average precision of every row of a score matrix [R, n] (labels [n] or [R, n]).
+
+    Each row is sorted; tie blocks get midranks (AUROC) and are treated as one threshold (average precision),
+    exactly as scikit-learn. NaN for a row whose labels lack a class.
+    """
+    s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    y = np.broadcast_to(_binary_labels(y_true, "y_true"), s.shape)
+    r, n = s.shape
+    order = np.argsort(s, axis=1, kind="stable")
+    s = np.take_along_axis(s, order, axis=1)
+    ys = np.take_along_axis(y, order, axis=1).astype(np.int64)
+    idx = np.broadcast_to(np.arange(n), (r, n))
+    new = np.ones((r, n), dtype=bool)
+    new[:, 1:] = s[:, 1:] != s[:, :-1]
+    start = np.maximum.accumulate(np.where(new, idx, 0), axis=1)  # first position of each tie block
+    last = np.ones((r, n), dtype=bool)
+    last[:, :-1] = new[:, 1:]
+    end = np.minimum.accumulate(np.where(last, idx, n - 1)[:, ::-1], axis=1)[:, ::-1]  # last position
+    cp, cn = (np.concatenate([np.zeros((r, 1), np.int64), np.cumsum(v, axis=1)], axis=1) for v in (ys, 1 - ys))
+    n1, n0 = cp[:, -1], cn[:, -1]
+    below = np.take_along_axis(cn, start, axis=1)
+    upto = np.take_along_axis(cn, end + 1, axis=1)
+    tp = (n1[:, None] - np.take_along_axis(cp, start, axis=1)).astype(np.float64)
+    called = tp + (n0[:, None] - below)
+    prec = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
+    ok = (n1 > 0) & (n0 > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = np.where(ok, (ys * (below + upto)).sum(axis=1) / (2.0 * n1 * n0), np.nan)
+        ap = np.where(ok, (ys * prec).sum(axis=1) / n1, np.nan)
+    return auc, ap
+
+
+def _binary_labels(y: np.ndarray, what: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.size and not np.isin(y, (0, 1)).all():
+        raise StatisticsInputError(f"{what}: labels must be 0/1")
+    return y.astype(bool)
+
+
+# ------------------------------------------------------------------------------------ metric sets
+
+
+def task_kind(y: np.ndarray, p: np.ndarray) -> str:
+    """binary (y [n], p [n]), multilabel (y and p [n, L]) or multiclass (y [n] classes, p [n, K])."""
+    if y.ndim == 1 and p.ndim == 1:
+        return "binary"
+    if y.ndim == 2 and p.shape == y.shape:
+        return "multilabel"
+    if y.ndim == 1 and p.ndim == 2 and p.shape[0] == y.shape[0] and p.shape[1] >= 2:
+        return "multiclass"
+    raise StatisticsInputError(f"labels {y.shape} and scores {p.shape} do not match a task: expected [n] and [n] "
+                               "(binary), [n, L] and [n, L] (multilabel) or [n] and [n, K] (multiclass)")
+
+
+def available_metrics(kind: str, names: Sequence[str]) -> list[str]:
+    """Metric keys (as in `carebench.evaluation.metrics`) that the vectorised statistics compute for a task kind."""
+    if kind == "binary":
+        return list(_BINARY_METRICS)
+    if kind == "multilabel":
+        return [*_MULTILABEL_AGG, *(f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names)]
+    if kind == "multiclass":
+        return [*_MULTICLASS_METRICS, *(f"auroc/{nm}" for nm in names)]
+    raise StatisticsInputError(f"unknown task kind {kind!r}")
+
+
+class _MetricSet:
+    """Requested metrics of one set of predictions, evaluated for many integer weightings of its rows at once.
+
+    With `paired`, `y`/`p` hold the 2n pooled predictions of a paired test (model a's rows, then model b's for
+    the same stays) and `evaluate_swapped` gives both arms of every permutation.
+    """
+
+    def __init__(self, y: np.ndarray, p: np.ndarray, names: Sequence[str], keys: Sequence[str],
+                 paired: bool = False):
+        self.kind = task_kind(y, p)
+        self.paired = paired
+        self.names = list(names)
+        unknown = sorted(set(keys) - set(available_metrics(self.kind, self.names)))
+        if unknown:
+            raise StatisticsInputError(f"metric(s) {unknown} not available for {self.kind} predictions; choose "
+                                       f"from {available_metrics(self.kind, self.names)}")
+        self.keys = list(keys)
+        self.channels: dict[str, _RankChannel] = {}
+        self.features: np.ndarray | None = None
+        getattr(self, f"_setup_{self.kind}")(y, p)
+
+    # --- set-up: which rank channels and which additive per-row features the requested keys need
+    def _needs_additive(self, rank_keys: Sequence[str]) -> bool:
+        return any(k not in rank_keys and "/" not in k for k in self.keys)
+
+    def _setup_binary(self, y: np.ndarray, p: np.ndarray) -> None:
+        y = _binary_labels(y, "labels").astype(np.float64)
+        if {"auroc", "auprc"} & set(self.keys):
+            self.channels["score"] = _rank_channel(p, y, paired=self.paired)
+        if self._needs_additive(("auroc", "auprc")):
+            pred = (p >= 0.5).astype(np.float64)
+            b = np.minimum((p * 10).astype(np.int64), 9)
+            onehot = np.eye(10)[b]
+            self.features = np.column_stack([y * pred, (1 - y) * pred, y * (1 - pred), (1 - y) * (1 - pred),
+                                             (p - y) ** 2, onehot * p[:, None], onehot * y[:, None]])
+
+    def _setup_multilabel(self, y: np.ndarray, p: np.ndarray) -> None:
+        y = _binary_labels(y, "labels")
+        self.defined = [j for j in range(y.shape[1]) if y[:, j].any() and not y[:, j].all()]
+        agg = any(k in self.keys for k in ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted"))
+        for j, nm in enumerate(self.names):
+            if (agg and j in self.defined) or f"auroc/{nm}" in self.keys or f"auprc/{nm}" in self.keys:
+                self.channels[nm] = _rank_channel(p[:, j], y[:, j], paired=self.paired)
+        if "auroc_micro" in self.keys or "auprc_micro" in self.keys:
+            items = np.repeat(np.arange(len(y)), y.shape[1])
+            self.channels["__micro__"] = _rank_channel(p.ravel(), y.ravel(), items, paired=self.paired)
+        if any(k.endswith("_weighted") for k in self.keys):
+            self.features = y.astype(np.float64)  # weighted positive support of every label
+
+    def _setup_multiclass(self, y: np.ndarray, p: np.ndarray) -> None:
+        k = p.shape[1]
+        if len(y) and (not np.isin(y, np.arange(k)).all()):
+            raise StatisticsInputError(f"labels must be classes 0..{k - 1}")
+        y = y.astype(np.int64)
+        self.defined = [c for c in range(k) if (y == c).any() and not (y == c).all()]
+        for c, nm in enumerate(self.names):
+            if ("auroc_ovr_macro" in self.keys and c in self.defined) or f"auroc/{nm}" in self.keys:
+                self.channels[nm] = _rank_channel(p[:, c], y == c, paired=self.paired)
+        if self._needs_additive(("auroc_ovr_macro",)):
+            self.features = np.eye(k * k)[y * k + p.argmax(axis=1)]  # one-hot confusion cell (true, predicted)
+
+    # --- evaluation
+    def evaluate(self, wt: np.ndarray) -> dict[str, np.ndarray]:
+        """Every requested key -> values [R] for integer weights wt [items, R] (NaN where undefined)."""
+        total = wt.sum(axis=0, dtype=np.int64)
+        max_total = int(total.max(initial=0))
+        ranks = {name: _rank_kernel(ch, wt, max_total) for name, ch in self.channels.items()}
+        sums = (self.features.T @ wt.astype(np.float64)).T if self.features is not None else None
+        return self._finish(ranks, sums, total.astype(np.float64))
+
+    def evaluate_swapped(self, wt: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Values for 0/1 weights wt [items, R] and for their complement 1 - wt (one pass of prefix sums)."""
+        total = wt.sum(axis=0, dtype=np.int64)
+        ranks = [{}, {}]
+        for name, ch in self.channels.items():
+            ranks[0][name], ranks[1][name] = _rank_kernel_paired(ch, wt)
+        sums = [None, None]
+        if self.features is not None:
+            sums[0] = (self.features.T @ wt.astype(np.float64)).T
+            sums[1] = self.features.sum(axis=0)[None, :] - sums[0]
+        totals = (total.astype(np.float64), (wt.shape[0] - total).astype(np.float64))
+        return self._finish(ranks[0], sums[0], totals[0]), self._finish(ranks[1], sums[1], totals[1])
+
+    def _finish(self, ranks, sums, total) -> dict[str, np.ndarray]:
+        values = getattr(self, f"_finish_{self.kind}")(ranks, sums, total)
+        return {k: values[k] for k in self.keys}
+
+    @staticmethod
+    def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        """num / den, and 0 where den is 0 (scikit-learn's zero_division=0)."""
+        return np.divide(num, den, out=np.zeros_like(num, dtype=np.float64), where=den > 0)
+
+    def _finish_binary(self, ranks, sums, total) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        if "score" in ranks:
+            out["auroc"], out["auprc"] = ranks["score"]
+        if sums is not None:
+            tp, fp, fn, tn, sq = (sums[:, i] for i in range(5))
+            out.update(accuracy=(tp + tn) / total, precision=self._ratio(tp, tp + fp),
+                       recall=self._ratio(tp, tp + fn), specificity=self._ratio(tn, tn + fp),
+                       f1=self._ratio(2 * tp, 2 * tp + fp + fn), brier=sq / total,
+                       ece=np.abs(sums[:, 5:15] - sums[:, 15:25]).sum(axis=1) / total)
+        return out
+
+    def _finish_multilabel(self, ranks, sums, total) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for nm in self.names:
+            if nm in ranks:
+                out[f"auroc/{nm}"], out[f"auprc/{nm}"] = ranks[nm]
+        if "__micro__" in ranks:
+            out["auroc_micro"], out["auprc_micro"] = ranks["__micro__"]
+        r = len(total)
+        for i, metric in enumerate(("auroc", "auprc")):
+            if not self.defined:
+                out[f"{metric}_macro"] = out[f"{metric}_weighted"] = np.full(r, np.nan)
+                continue
+            keys = [self.names[j] for j in self.defined]
+            if f"{metric}_macro" not in self.keys and f"{metric}_weighted" not in self.keys:
+                continue
+            vals = np.column_stack([ranks[nm][i] for nm in keys])
+            out[f"{metric}_macro"] = vals.mean(axis=1)  # NaN if any defined label lost a class
+            if sums is not None:
+                support = sums[:, self.defined]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[f"{metric}_weighted"] = (vals * support).sum(axis=1) / support.sum(axis=1)
+        return out
+
+    def _finish_multiclass(self, ranks, sums, total) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for nm in self.names:
+            if nm in ranks:
+                out[f"auroc/{nm}"] = ranks[nm][0]
+        if "auroc_ovr_macro" in self.keys:
+            out["auroc_ovr_macro"] = (np.column_stack([ranks[self.names[c]][0] for c in self.defined]).mean(axis=1)
+                                      if self.defined else np.full(len(total), np.nan))
+        if sums is not None:
+            k = len(self.names)
+            conf = sums.reshape(-1, k, k)  # [R, true, predicted]
+            true_n, pred_n = conf.sum(axis=2), conf.sum(axis=1)
+            tp = np.diagonal(conf, axis1=1, axis2=2)
+            f1 = self._ratio(2 * tp, true_n + pred_n)
+            present = (true_n + pred_n) > 0  # scikit-learn averages over labels in y_true or y_pred
+            out["accuracy"] = tp.sum(axis=1) / total
+            out["f1_macro"] = (f1 * present).sum(axis=1) / present.sum(axis=1)
+            out["f1_weighted"] = (f1 * true_n).sum(axis=1) / true_n.sum(axis=1)
+            expected = true_n[:, :, None] * pred_n[:, None, :] / total[:, None, None]
+            rank = np.cumsum(present, axis=1) - 1  # position among present labels (scikit-learn's weights)
+            for key, w in (("kappa", 1.0 - np.eye(k)[None]),
+                           ("kappa_linear", np.abs(rank[:, :, None] - rank[:, None, :]).astype(np.float64))):
+                den = (w * expected).sum(axis=(1, 2))
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    out[key] = np.where(den > 0, 1.0 - (w * conf).sum(axis=(1, 2)) / den, np.nan)
+        return out
+
+
+def _prepare(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Validated arrays and label / class names (default "0", "1", ...)."""
+    try:
+        y, p = np.asarray(y), _check_probs(np.asarray(p), "scores")
+    except UserError as err:
+        raise StatisticsInputError(str(err)) from err
+    if y.ndim == 1 and p.ndim == 2 and p.shape[1] == 1:
+        p = p[:, 0]
+    kind = task_kind(y, p)
+    width = 1 if kind == "binary" else p.shape[1]
+    if names is None:
+        names = [str(j) for j in range(width)]
+    if len(names) != width:
+        raise StatisticsInputError(f"{len(names)} names for {width} label/class columns")
+    if len(y) < 2:
+        raise StatisticsInputError(f"need at least 2 stays, got {len(y)}")
+    if kind == "multiclass" and not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
+        raise StatisticsInputError("multiclass scores: each row must sum to 1 (apply softmax to logits)")
+    return y, p, list(names)
+
+
+def metric_values(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
+                  weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The vectorised metrics for integer weightings [R, n] of the stays (default: one row of ones)."""
+    y, p, names = _prepare(y_true, p, names)
+    wt = np.ones((len(y), 1), dtype=np.int32) if weights is None else _weights_t(weights, len(y))
+    return _MetricSet(y, p, names, metrics).evaluate(wt)
+
+
+# ------------------------------------------------------------------------------------------ bootstrap
+
+
+@dataclass(frozen=True)
+class BootstrapResult:
+    """A bootstrap confidence interval. `n_valid` resamples defined the statistic; the others were skipped."""
+
+    estimate: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    method: str
+    n_resamples: int
+    n_valid: int
+    standard_error: float
+    distribution: np.ndarray = field(repr=False)
+
+
+def bootstrap_weights(n: int, n_resamples: int, seed: int,
+                      strata: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Blocks of bootstrap counts [n, r] (stays x resamples): how often each stay is drawn in each resample.
+
+    Unstratified draws are `default_rng(seed).integers(0, n, (r, n))` (row = resample), the same stream as
+    `scipy.stats.bootstrap` with the same generator when one block holds all resamples (n_resamples x n <=
+    RNG_BLOCK). With `strata`, each stratum is resampled within itself, so every resample keeps its sizes.
+    """
+    rng = np.random.default_rng(seed)
+    rows = max(1, RNG_BLOCK // n)
+    dtype = np.int16 if n <= np.iinfo(np.int16).max else np.int32
+    groups = None if strata is None else [np.flatnonzero(strata == s) for s in np.unique(strata)]
+    for start in range(0, n_resamples, rows):
+        r = min(rows, n_resamples - start)
+        if groups is None:
+            idx = rng.integers(0, n, (r, n))
+        else:
+            idx = np.concatenate([g[rng.integers(0, len(g), (r, len(g)))] for g in groups], axis=1)
+        yield np.bincount((idx * r + np.arange(r)[:, None]).ravel(), minlength=n * r).reshape(n, r).astype(dtype)
+
+
+def _jackknife_weights(n: int) -> Iterator[np.ndarray]:
+    """Leave-one-out weights [n, r] in blocks: column j drops stay start + j."""
+    cols = max(1, RNG_BLOCK // n)
+    for start in range(0, n, cols):
+        c = min(cols, n - start)
+        w = np.ones((n, c), dtype=np.int16 if n <= np.iinfo(np.int16).max else np.int32)
+        w[start + np.arange(c), np.arange(c)] = 0
+        yield w
+
+
+def _evaluate_blocks(sets: Sequence[_MetricSet], blocks: Iterator[np.ndarray]) -> dict[str, np.ndarray]:
+    """Metric values (one set) or differences a - b (two sets evaluated on the same weights), concatenated."""
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in sets[0].keys}
+    for w in blocks:
+        vals = [s.evaluate(w) for s in sets]
+        for k in parts:
+            parts[k].append(vals[0][k] - vals[1][k] if len(vals) == 2 else vals[0][k])
+    return {k: np.concatenate(v) for k, v in parts.items()}
+
+
+def _interval(dist: np.ndarray, estimate: float, confidence: float, method: str,
+              jackknife: np.ndarray | None) -> BootstrapResult:
+    valid = dist[~np.isnan(dist)]
+    lo = hi = se = float("nan")
+    if len(valid) and not np.isnan(estimate):
+        alpha = (1.0 - confidence) / 2
+        levels = np.array([alpha, 1.0 - alpha])
+        if method == "bca":
+            levels = _bca_levels(valid, estimate, alpha, jackknife)
+        if not np.isnan(levels).any():
+            lo, hi = (float(v) for v in np.quantile(valid, levels))
+        se = float(np.std(valid, ddof=1)) if len(valid) > 1 else float("nan")
+    return BootstrapResult(estimate=float(estimate), ci_low=lo, ci_high=hi, confidence=confidence, method=method,
+                           n_resamples=len(dist), n_valid=len(valid), standard_error=se, distribution=valid)
+
+
+def _bca_levels(valid: np.ndarray, estimate: float, alpha: float, jackknife: np.ndarray) -> np.ndarray:
+    """Bias-corrected and accelerated quantile levels (Efron & Tibshirani 1993, 14.3)."""
+    if np.isnan(jackknife).any():  # some leave-one-out sample does not define the statistic
+        return np.array([np.nan, np.nan])
+    z0 = ndtri(((valid < estimate).sum() + (valid <= estimate).sum()) / (2.0 * len(valid)))
+    d = jackknife.mean() - jackknife
+    den = 6.0 * (d**2).sum() ** 1.5
+    accel = (d**3).sum() / den if den > 0 else 0.0
+    z = z0 + ndtri(np.array([alpha, 1.0 - alpha]))
+    return ndtr(z0 + z / (1.0 - accel * z))
+
+
+def _check_options(confidence: float, method: str, n: int, name: str) -> None:
+    if not 0.0 < confidence < 1.0:
+        raise StatisticsInputError(f"ci: confidence level must be in (0, 1), got {confidence}")
+    if method not in CI_METHODS:
+        raise StatisticsInputError(f"method: expected one of {list(CI_METHODS)}, got {method!r}")
+    if n < 1:
+        raise StatisticsInputError(f"{name}: must be at least 1, got {n}")
+
+
+def _bootstrap_many(sets: Sequence[_MetricSet], n: int, strata: np.ndarray | None, n_resamples: int,
+                    confidence: float, seed: int, method: str) -> dict[str, BootstrapResult]:
+    point = _evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)]))
+    dist = _evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, strata))
+    jack = _evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else {}
+    return {k: _interval(dist[k], float(point[k][0]), confidence, method, jack.get(k)) for k in point}
+
+
+def _strata(y: np.ndarray, stratify: bool) -> np.ndarray | None:
+    if not stratify:
+        return None
+    if y.ndim != 1:
+        raise StatisticsInputError("stratify: defined for binary and multiclass labels (one column), not "
+                                   "multilabel; resample without stratification")
+    return y
+
+
+def bootstrap_ci(y_true, p, metric: str = "auroc", *, names: Sequence[str] | None = None,
+                 n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
+                 stratify: bool = False) -> BootstrapResult:
+    """Bootstrap confidence interval of one metric (stays resampled with replacement).
+
+    `method`: "percentile" or "bca" (bias-corrected and accelerated, jackknife acceleration). `stratify`
+    resamples each class separately (binary / multiclass). Resamples where the metric is undefined are skipped.
+    """
+    return bootstrap_cis(y_true, p, [metric], names=names, n_resamples=n_resamples, ci=ci, seed=seed,
+                         method=method, stratify=stratify)[metric]
+
+
+def bootstrap_cis(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
+                  n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
+                  stratify: bool = False) -> dict[str, BootstrapResult]:
+    """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
+    y, p, names = _prepare(y_true, p, names)
+    _check_options(ci, method, n_resamples, "n_resamples")
+    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)))]
+    return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
+
+
+def paired_bootstrap_ci(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
+                        n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
+                        stratify: bool = False) -> BootstrapResult:
+    """Bootstrap confidence interval of metric(a) - metric(b) on the same stays (one resample serves both)."""
+    return paired_bootstrap_cis(y_true, p_a, p_b, [metric], names=names, n_resamples=n_resamples, ci=ci,
+                                seed=seed, method=method, stratify=stratify)[metric]
+
+
+def paired_bootstrap_cis(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
+                         n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
+                         stratify: bool = False) -> dict[str, BootstrapResult]:
+    """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass."""
+    y, p_a, names = _prepare(y_true, p_a, names)
+    _, p_b, _ = _prepare(y_true, p_b, names)
+    _same_shape(p_a, p_b)
+    _check_options(ci, method, n_resamples, "n_resamples")
+    keys = list(dict.fromkeys(metrics))
+    sets = [_MetricSet(y, p_a, names, keys), _MetricSet(y, p_b, names, keys)]
+    return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
+
+
+def _same_shape(p_a: np.ndarray, p_b: np.ndarray) -> None:
+    if p_a.shape != p_b.shape:
+        raise StatisticsInputError(f"scores of the two models differ in shape: {p_a.shape} vs {p_b.shape}")
+
+
+# ------------------------------------------------------------------------------------ permutation test
+
+
+@dataclass(frozen=True)
+class PermutationResult:
+    """A paired permutation test of metric(a) - metric(b)."""
+
+    statistic: float
+    p_value: float
+    n_permutations: int
+    exact: bool
+    alternative: str
+    null_distribution: np.ndarray = field(repr=False)
+
+
+def swap_blocks(n: int, n_permutations: int, seed: int) -> tuple[bool, Iterator[np.ndarray]]:
+    """Swap patterns [r, n] (uint8, 1 = swap the two models' scores of that stay), in blocks.
+
+    When 2**n <= n_permutations (and n <= MAX_EXACT_STAYS) all 2**n patterns are enumerated (exact test);
+    otherwise n_permutations random patterns, each stay swapped independently with probability 1/2.
+    """
+    exact = n <= MAX_EXACT_STAYS and 2**n <= n_permutations
+    rows = max(1, 8 * RNG_BLOCK // (2 * n))  # 32 MiB of 0/1 weights per block
+
+    def blocks() -> Iterator[np.ndarray]:
+        if exact:
+            for start in range(0, 2**n, rows):
+                codes = np.arange(start, min(2**n, start + rows))
+                yield ((codes[:, None] >> np.arange(n)) & 1).astype(np.uint8)
+            return
+        rng = np.random.default_rng(seed)
+        for start in range(0, n_permutations, rows):
+            yield rng.integers(0, 2, (min(rows, n_permutations - start), n), dtype=np.uint8)
+
+    return exact, blocks()
+
+
+def _p_value(null: np.ndarray, observed: float, alternative: str, exact: bool) -> float:
+    if np.isnan(observed):
+        return float("nan")
+    if alternative == "two-sided":
+        count = np.count_nonzero(np.abs(null) >= abs(observed) - TIE_TOLERANCE)
+    elif alternative == "greater":
+        count = np.count_nonzero(null >= observed - TIE_TOLERANCE)
+    else:
+        count = np.count_nonzero(null <= observed + TIE_TOLERANCE)
+    return count / len(null) if exact else (1 + count) / (1 + len(null))
+
+
+def _permutation_many(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, names: list[str], keys: Sequence[str],
+                      n_permutations: int, seed: int, alternative: str) -> dict[str, PermutationResult]:
+    n = len(y)
+    pooled = _MetricSet(np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True)
+    identity = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.uint8)[:, None]
+    obs_a, obs_b = pooled.evaluate_swapped(identity)
+    observed = {k: float(obs_a[k][0] - obs_b[k][0]) for k in keys}
+    exact, blocks = swap_blocks(n, n_permutations, seed)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for swap in blocks:
+        st = swap.T
+        va, vb = pooled.evaluate_swapped(np.concatenate([1 - st, st], axis=0))  # A*: a's score unless swapped
+        for k in keys:
+            parts[k].append(va[k] - vb[k])
+    out = {}
+    for k in keys:
+        null = np.concatenate(parts[k])
+        out[k] = PermutationResult(statistic=observed[k], p_value=_p_value(null, observed[k], alternative, exact),
+                                   n_permutations=len(null), exact=exact, alternative=alternative,
+                                   null_distribution=null)
+    return out
+
+
+def _check_alternative(alternative: str, n_permutations: int) -> None:
+    if alternative not in ALTERNATIVES:
+        raise StatisticsInputError(f"alternative: expected one of {list(ALTERNATIVES)}, got {alternative!r}")
+    if n_permutations < 1:
+        raise StatisticsInputError(f"n_permutations: must be at least 1, got {n_permutations}")
+
+
+def paired_permutation_test(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
+                            n_permutations: int = 10000, seed: int = 0,
+                            alternative: str = "two-sided") -> PermutationResult:
+    """Paired permutation test of T = metric(a) - metric(b) on the same stays.
+
+    Under the null the two models are exchangeable per stay, so each permutation swaps the two models' scores
+    of a random subset of stays (labels stay with their stay). Two-sided p = (1 + #{|T*| >= |T|}) / (1 + R):
+    the observed arrangement counts as one of the permutations, so p is never 0 and the test keeps its level.
+    With 2**n <= n_permutations every swap pattern is enumerated and p = #{|T*| >= |T|} / 2**n (exact).
+    """
+    return paired_permutation_tests(y_true, p_a, p_b, [metric], names=names, n_permutations=n_permutations,
+                                    seed=seed, alternative=alternative)[metric]
+
+
+def paired_permutation_tests(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
+                             n_permutations: int = 10000, seed: int = 0,
+                             alternative: str = "two-sided") -> dict[str, PermutationResult]:
+    """`paired_permutation_test` of several metrics (e.g. every phenotype) on the same permutations, in one pass."""
+    y, p_a, names = _prepare(y_true, p_a, names)
+    _, p_b, _ = _prepare(y_true, p_b, names)
+    _same_shape(p_a, p_b)
+    _check_alternative(alternative, n_permutations)
+    return _permutation_many(y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative)
+
+
+# ------------------------------------------------------------------------------------ multiplicity
+
+
+def _p_array(pvalues) -> np.ndarray:
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1:
+        raise StatisticsInputError(f"p-values: expected a 1-D array, got shape {p.shape}")
+    if ((p[~np.isnan(p)] < 0) | (p[~np.isnan(p)] > 1)).any():
+        raise StatisticsInputError("p-values must lie in [0, 1]")
+    return p
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error). NaN stays NaN and does not count in the family."""
+    p = _p_array(pvalues)
+    out = np.full(len(p), np.nan)
+    ok = ~np.isnan(p)
+    q = p[ok]
+    m = len(q)
+    order = np.argsort(q, kind="stable")
+    adj = np.empty(m)
+    adj[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+    out[ok] = adj
+    return out
+
+
+def benjamini_hochberg(pvalues) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (false discovery rate). NaN stays NaN and does not count."""
+    p = _p_array(pvalues)
+    out = np.full(len(p), np.nan)
+    ok = ~np.isnan(p)
+    q = p[ok]
+    m = len(q)
+    order = np.argsort(q, kind="stable")
+    scaled = q[order] * m / np.arange(1, m + 1)
+    adj = np.empty(m)
+    adj[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
+    out[ok] = adj
+    return out
+
+
+# ------------------------------------------------------------------------- runs: seeds, folds, tidy tables
+
+
+@dataclass(frozen=True)
+class PooledPredictions:
+    """One method's test predictions: out-of-fold predictions concatenated, probabilities averaged over seeds."""
+
+    stay_id: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    n_seeds: int
+
+
+def task_columns(columns: Sequence[str], task: str) -> tuple[list[str], list[str], list[str]]:
+    """(label columns, probability columns, names) of a task in a predictions table."""
+    cols = list(columns)
+    if task == "mortality":
+        return ["y_mortality"], ["p_mortality"], ["mortality"]
+    if task == "phenotype":
+        names = [c[2:] for c in cols if c.startswith("y_pheno_")]
+        return [f"y_{nm}" for nm in names], [f"p_{nm}" for nm in names], names
+    if task == "los":
+        found = sorted(int(m.group(1)) for c in cols if (m := re.fullmatch(r"p_los_(\d+)", c)))
+        return ["y_los"], [f"p_los_{k}" for k in found], [f"los_{k}" for k in found]
+    raise StatisticsInputError(f"task: expected one of {sorted(TASK_KIND)}, got {task!r}")
+
+
+def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredictions]:
+    """Per method: the test predictions of every stay, seeds averaged.
+
+    `preds` is long: one row per (method, seed, stay) with `method`, `seed`, `stay_id` (and optionally `fold`),
+    the task's `y_*` and `p_*` columns. Each stay must be tested exactly once per (method, seed) - the five
+    folds' test sets partition the cohort - and every seed of a method must cover the same stays. Probabilities
+    are averaged over seeds per stay (a seed ensemble: it removes seed noise from the comparison, and LOS rows
+    still sum to 1).
+    """
+    y_cols, p_cols, names = task_columns(preds.columns, task)
+    need = ["method", "seed", "stay_id", *y_cols, *p_cols]
+    missing = [c for c in need if c not in preds.columns]
+    if missing or not p_cols or not names:
+        raise StatisticsInputError(f"predictions for task {task!r}: missing column(s) {missing or need[3:]}")
+    dup = preds.duplicated(["method", "seed", "stay_id"], keep=False)
+    if dup.any():
+        row = preds.loc[dup].iloc[0]
+        raise StatisticsInputError(f"predictions: stay {row['stay_id']} of method {row['method']!r} seed "
+                                   f"{row['seed']} appears more than once (each stay is tested in exactly one fold)")
+    out: dict[str, PooledPredictions] = {}
+    for method, g in preds.groupby("method", sort=True):
+        stays_by_seed = {s: frozenset(gs["stay_id"]) for s, gs in g.groupby("seed")}
+        if len(set(stays_by_seed.values())) > 1:
+            raise StatisticsInputError(f"predictions: the seeds of method {method!r} cover different stays "
+                                       f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)")
+        per_stay = g.groupby("stay_id", sort=True)
+        if (per_stay[y_cols].nunique() > 1).to_numpy().any():
+            raise StatisticsInputError(f"predictions: labels of method {method!r} differ between seeds")
+        y = per_stay[y_cols].first().to_numpy()
+        p = per_stay[p_cols].mean().to_numpy(dtype=np.float64)
+        y = y[:, 0] if TASK_KIND[task] != "multilabel" else y
+        p = p[:, 0] if TASK_KIND[task] == "binary" else p
+        try:
+            _prepare(y, p, names)
+        except UserError as err:
+            raise StatisticsInputError(f"predictions of method {method!r}: {err}") from err
+        out[str(method)] = PooledPredictions(stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64),
+                                             p=p, n_seeds=len(stays_by_seed))
+    return out
+
+
+def _expand_keys(task: str, metrics: Sequence[str] | None, names: list[str]) -> list[str]:
+    keys: list[str] = []
+    for m in metrics if metrics is not None else DEFAULT_COMPARE_METRICS[task]:
+        keys.extend([f"{m[:-2]}/{nm}" for nm in names] if m.endswith("/*") else [m])
+    return list(dict.fromkeys(keys))
+
+
+def _split_key(task: str, key: str) -> tuple[str, str]:
+    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); overall keys -> (task, key)."""
+    metric, _, label = key.partition("/")
+    return (label, metric) if label else (task, metric)
+
+
+def _align(a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str,
+           method_b: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    common, ia, ib = np.intersect1d(a.stay_id, b.stay_id, return_indices=True)
+    if len(common) < 2:
+        raise StatisticsInputError(f"methods {method_a!r} and {method_b!r} share {len(common)} test stays; "
+                                   "a paired comparison needs the same stays")
+    if not np.array_equal(a.y[ia], b.y[ib]):
+        bad = common[np.flatnonzero((a.y[ia] != b.y[ib]).reshape(len(common), -1).any(axis=1))[0]]
+        raise StatisticsInputError(f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}")
+    return a.y[ia], a.p[ia], b.p[ib]
+
+
+def _best_method(pooled: dict[str, PooledPredictions], candidates: Sequence[str], task: str,
+                 names: list[str]) -> str:
+    metric = SELECTION_METRIC[task]
+    scores = {m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names)[metric][0]
+              for m in sorted(candidates)}
+    return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
+
+
+def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = None,
+                    unimodal: Sequence[str] = (), metrics: Sequence[str] | None = None, pairwise: bool = True,
+                    n_resamples: int = 2000, n_permutations: int = 10000, ci: float = 0.95, seed: int = 0,
+                    ci_method: str = "percentile", alternative: str = "two-sided",
+                    stratify: bool = False) -> pd.DataFrame:
+    """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
+
+    Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
+    reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise").
+    The reference is `reference`, or else the unimodal method with the best test value of the task's selection
+    metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
+    p-values are adjusted within each `family` = task x comparison x metric x (overall | per_label).
+    `stratify` (mortality, LOS) resamples the bootstrap within classes. Details: docs/statistics.md.
+    """
+    _check_options(ci, ci_method, n_resamples, "n_resamples")
+    _check_alternative(alternative, n_permutations)
+    pooled = pool_predictions(preds, task)
+    names = task_columns(preds.columns, task)[2]
+    methods = sorted(pooled)
+    keys = _expand_keys(task, metrics, names)
+    unknown_methods = sorted({*unimodal, *([reference] if reference else [])} - set(methods))
+    if unknown_methods:
+        raise StatisticsInputError(f"method(s) {unknown_methods} have no predictions; methods: {methods}")
+    if reference is None and unimodal:
+        reference = _best_method(pooled, unimodal, task, names)
+    pairs: list[tuple[str, str, str]] = []
+    if reference is not None:
+        pairs += [("reference", m, reference) for m in methods if m != reference and m not in unimodal]
+    if pairwise:
+        pairs += [("pairwise", a, b) for a, b in itertools.combinations(methods, 2)]
+    done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
+    rows = []
+    for comparison, a, b in pairs:
+        if (a, b) not in done:
+            y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
+            sets = [_MetricSet(y, pa, names, keys), _MetricSet(y, pb, names, keys)]
+            point = [s.evaluate(np.ones((len(y), 1), dtype=np.int32)) for s in sets]
+            boot = _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, ci_method)
+            perm = _permutation_many(y, pa, pb, names, keys, n_permutations, seed, alternative)
+            done[(a, b)] = (point, boot, perm, len(y))
+        point, boot, perm, n = done[(a, b)]
+        for key in keys:
+            label, metric = _split_key(task, key)
+            rows.append({
+                "task": task, "comparison": comparison, "family": "", "label": label, "metric": metric,
+                "method_a": a, "method_b": b, "estimate_a": float(point[0][key][0]),
+                "estimate_b": float(point[1][key][0]), "delta": boot[key].estimate, "ci_low": boot[key].ci_low,
+                "ci_high": boot[key].ci_high, "p_value": perm[key].p_value, "n_stays": n,
+                "n_seeds_a": pooled[a].n_seeds, "n_seeds_b": pooled[b].n_seeds,
+                "n_resamples_valid": boot[key].n_valid, "n_permutations": perm[key].n_permutations,
+                "scope": "per_label" if "/" in key else "overall"})
+    table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
+    if len(table):
+        table["family"] = table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
+        for col, fn in (("p_holm", holm), ("p_bh", benjamini_hochberg)):
+            table[col] = table.groupby("family", sort=False)["p_value"].transform(lambda s, f=fn: f(s.to_numpy()))
+    table = table.drop(columns="scope")
+    table.attrs["reference"] = reference
+    return table
+
+
+_COMPARE_COLUMNS = ["task", "comparison", "family", "label", "metric", "method_a", "method_b", "estimate_a",
+                    "estimate_b", "delta", "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "n_stays",
+                    "n_seeds_a", "n_seeds_b", "n_resamples_valid", "n_permutations"]
+
+
+def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | None = None,
+                   n_resamples: int = 2000, ci: float = 0.95, seed: int = 0,
+                   ci_method: str = "percentile", stratify: bool = False) -> pd.DataFrame:
+    """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
+
+    `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
+    NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
+    """
+    _check_options(ci, ci_method, n_resamples, "n_resamples")
+    pooled = pool_predictions(preds, task)
+    names = task_columns(preds.columns, task)[2]
+    kind = TASK_KIND[task]
+    keys = list(metrics) if metrics is not None else available_metrics(kind, names)
+    rows = []
+    for method, pp in pooled.items():
+        boot = _bootstrap_many([_MetricSet(pp.y, pp.p, names, keys)], len(pp.y), _strata(pp.y, stratify),
+                               n_resamples, ci, seed, ci_method)
+        per_seed = []
+        for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
+            one = pool_predictions(g, task)[method]
+            per_seed.append(metric_values(one.y, one.p, keys, names=names))
+        for key in keys:
+            label, metric = _split_key(task, key)
+            seed_vals = np.array([v[key][0] for v in per_seed])
+            rows.append({"task": task, "label": label, "metric": metric, "method": method,
+                         "estimate": boot[key].estimate, "ci_low": boot[key].ci_low, "ci_high": boot[key].ci_high,
+                         "n_stays": len(pp.y), "n_resamples_valid": boot[key].n_valid, "n_seeds": pp.n_seeds,
+                         "seed_mean": float(np.mean(seed_vals)),
+                         "seed_sd": float(np.std(seed_vals, ddof=1)) if len(seed_vals) > 1 else float("nan")})
+    return pd.DataFrame(rows)

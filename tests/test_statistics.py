@@ -1,0 +1,476 @@
+"""Statistics: vectorised kernels equal scikit-learn, bootstrap and permutation test agree with scipy, p-values
+are uniform under the null and small under a clear difference, multiplicity adjustments match known values, and
+the tidy comparison of runs equals the same numbers computed by hand from the long predictions table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from sklearn import metrics as skm
+
+from carebench.evaluation import statistics as st
+from carebench.evaluation.metrics import compute_metrics
+from carebench.evaluation.statistics import (
+    StatisticsInputError,
+    available_metrics,
+    benjamini_hochberg,
+    bootstrap_ci,
+    bootstrap_weights,
+    compare_methods,
+    holm,
+    method_metrics,
+    metric_values,
+    paired_bootstrap_ci,
+    paired_permutation_test,
+    rank_metrics_rows,
+    swap_blocks,
+    weighted_rank_metrics,
+)
+
+TOL = 1e-12
+KIND = {"mortality": "binary", "phenotype": "multilabel", "los": "multiclass"}
+
+
+def _task_data(task: str, n: int, rng: np.random.Generator):
+    """Labels, two models' probabilities (rounded, so scores tie) and names for a task."""
+    if task == "mortality":
+        y = (rng.random(n) < 0.3).astype(int)
+        p = np.round(np.clip(0.35 * y + 0.65 * rng.random(n), 0, 1), 1)
+        q = np.round(rng.random(n), 1)
+        return y, p, q, ["mortality"]
+    if task == "phenotype":
+        y = (rng.random((n, 4)) < [0.5, 0.3, 0.15, 0.0]).astype(int)
+        y[:2, 3] = 1  # a rare label (2 positives), often lost by a resample
+        p = np.round(np.clip(0.3 * y + 0.7 * rng.random((n, 4)), 0, 1), 1)
+        q = np.round(rng.random((n, 4)), 1)
+        return y, p, q, [f"pheno_{j}" for j in range(4)]
+    y = rng.choice(6, n, p=[0.25, 0.2, 0.15, 0.15, 0.1, 0.15])
+    y[:2] = 6  # a rare class (2 stays)
+    logits = rng.normal(size=(n, 7)) + 1.5 * np.eye(7)[y]
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    q = rng.dirichlet(np.ones(7), n)
+    return y, p, q, [f"los_{k}" for k in range(7)]
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+
+def test_hand_examples():
+    # scikit-learn's documented example, and a tie between a positive and a negative (half credit, one threshold)
+    for y, s, auc, ap in (([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75, 0.5 * 1 + 0.5 * 2 / 3 + 0),
+                          ([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9], 3.5 / 4, 0.5 * 1 + 0.5 * 2 / 3)):
+        y, s = np.array(y), np.array(s)
+        rows = rank_metrics_rows(y, s[None])
+        weighted = weighted_rank_metrics(y, s, np.ones((1, 4), dtype=int))
+        vals = metric_values(y, s, ["auroc", "auprc"])
+        for got_auc, got_ap in (rows, weighted, (vals["auroc"], vals["auprc"])):
+            assert got_auc[0] == pytest.approx(auc, abs=TOL)
+            assert got_ap[0] == pytest.approx(ap, abs=TOL)
+    # first example: AP = 1/2 * 1 (0.8) + 1/2 * 2/3 (0.35) = 0.8333
+    assert rank_metrics_rows(np.array([0, 0, 1, 1]), np.array([[0.1, 0.4, 0.35, 0.8]]))[1][0] == pytest.approx(5 / 6)
+
+
+def test_row_kernel_equals_sklearn_with_ties():
+    rng = np.random.default_rng(0)
+    r, n = 200, 50
+    y = (rng.random((r, n)) < rng.uniform(0.05, 0.6, (r, 1))).astype(int)
+    y[0] = 0  # one class only -> NaN
+    scores = np.round(rng.random((r, n)), 1)  # about 5 stays per distinct score
+    auc, ap = rank_metrics_rows(y, scores)
+    assert np.isnan(auc[0]) and np.isnan(ap[0])
+    for i in range(1, r):
+        assert auc[i] == pytest.approx(skm.roc_auc_score(y[i], scores[i]), abs=TOL)
+        assert ap[i] == pytest.approx(skm.average_precision_score(y[i], scores[i]), abs=TOL)
+
+
+def test_weighted_kernel_equals_sklearn_sample_weight():
+    rng = np.random.default_rng(1)
+    n = 80
+    y = (rng.random(n) < 0.25).astype(int)
+    score = np.round(rng.random(n), 1)
+    w = rng.integers(0, 4, (100, n))
+    w[0, y == 1] = 0  # no positive weight -> NaN
+    auc, ap = weighted_rank_metrics(y, score, w)
+    assert np.isnan(auc[0]) and np.isnan(ap[0])
+    for i in range(1, len(w)):
+        assert auc[i] == pytest.approx(skm.roc_auc_score(y, score, sample_weight=w[i]), abs=TOL)
+        assert ap[i] == pytest.approx(skm.average_precision_score(y, score, sample_weight=w[i]), abs=TOL)
+        idx = np.repeat(np.arange(n), w[i])  # integer weights = a resample with repeated stays
+        assert auc[i] == pytest.approx(skm.roc_auc_score(y[idx], score[idx]), abs=TOL)
+
+
+@pytest.mark.parametrize("task", ["mortality", "phenotype", "los"])
+def test_every_metric_equals_compute_metrics_on_resamples(task):
+    rng = np.random.default_rng(2)
+    n = 60
+    y, p, _, names = _task_data(task, n, rng)
+    keys = available_metrics(KIND[task], names)
+    counts = next(bootstrap_weights(n, 40, seed=3)).T  # [40 resamples, n stays]
+    got = metric_values(y, p, keys, names=names, weights=counts)
+    full = compute_metrics(task, y, p, names)
+    n_undefined = 0
+    for r, w in enumerate(counts):
+        idx = np.repeat(np.arange(n), w)
+        want = compute_metrics(task, y[idx], p[idx], names)
+        for k in keys:
+            if np.isnan(got[k][r]) and not np.isnan(want[k]):
+                # documented rule: an average is undefined when a label/class defined on the full data lost a class
+                assert k.endswith(("_macro", "_weighted"))
+                prefix = "auroc/" if task == "los" else f"{k.split('_')[0]}/"
+                lost = [nm for nm in names if not np.isnan(full[prefix + nm]) and np.isnan(want[prefix + nm])]
+                assert lost, (k, r)
+                n_undefined += 1
+            else:
+                assert got[k][r] == pytest.approx(want[k], abs=TOL, nan_ok=True), (k, r)
+    if task != "mortality":
+        assert n_undefined > 0  # the rare label / class is lost by some resamples: the rule was exercised
+
+
+@pytest.mark.parametrize("task", ["mortality", "phenotype", "los"])
+def test_permutation_null_equals_sklearn_on_swapped_predictions(task):
+    rng = np.random.default_rng(4)
+    n, n_perm, seed = 40, 5, 5
+    y, p, q, names = _task_data(task, n, rng)
+    keys = ["auroc", "auprc", "brier", "f1", "ece"] if task == "mortality" else (
+        ["auprc_macro", "auroc_weighted", "auroc_micro", "auprc/pheno_2"] if task == "phenotype"
+        else ["auroc_ovr_macro", "kappa_linear", "f1_macro", "auroc/los_6"])
+    _, blocks = swap_blocks(n, n_perm, seed)
+    swaps = np.concatenate(list(blocks)).astype(bool)
+    want = []
+    for s in swaps:
+        s2 = s if p.ndim == 1 else s[:, None]
+        a_star, b_star = np.where(s2, q, p), np.where(s2, p, q)  # stay i's scores swapped where s[i]
+        ma, mb = compute_metrics(task, y, a_star, names), compute_metrics(task, y, b_star, names)
+        want.append({k: ma[k] - mb[k] for k in keys})
+    full_a, full_b = compute_metrics(task, y, p, names), compute_metrics(task, y, q, names)
+    for k in keys:
+        res = paired_permutation_test(y, p, q, k, names=names, n_permutations=n_perm, seed=seed)
+        assert res.statistic == pytest.approx(full_a[k] - full_b[k], abs=TOL)
+        assert res.null_distribution == pytest.approx([w[k] for w in want], abs=TOL), k
+
+
+# ------------------------------------------------------------------------------------------ bootstrap
+
+
+def _auroc_vectorised(y, p, axis=-1):
+    """Reference AUROC by midranks (scipy.stats.rankdata), vectorised over resamples for scipy.stats.bootstrap."""
+    ranks = stats.rankdata(p, axis=-1)
+    n1 = y.sum(axis=-1)
+    n0 = y.shape[-1] - n1
+    return ((ranks * y).sum(axis=-1) - n1 * (n1 + 1) / 2) / (n1 * n0)
+
+
+def _small_binary(rng, n=40):
+    y = np.r_[np.ones(15, int), np.zeros(n - 15, int)]
+    rng.shuffle(y)
+    return y, np.round(np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1), 2), np.round(rng.random(n), 2)
+
+
+@pytest.mark.parametrize("method", ["percentile", "bca"])
+def test_bootstrap_equals_scipy_on_the_same_resamples(method):
+    # Our unstratified draws are scipy's (rng.integers(0, n, (R, n)) of the same generator), so the intervals match
+    # to rounding; if scipy changes its resampling this test says so, and the Monte Carlo test below still holds.
+    y, p, q = _small_binary(np.random.default_rng(5))
+    ref = stats.bootstrap((y, p), _auroc_vectorised, paired=True, vectorized=True, n_resamples=3000,
+                          method=method, rng=np.random.default_rng(7))
+    got = bootstrap_ci(y, p, "auroc", n_resamples=3000, seed=7, method=method)
+    assert (got.ci_low, got.ci_high) == pytest.approx(tuple(ref.confidence_interval), abs=TOL)
+    assert got.standard_error == pytest.approx(ref.standard_error, abs=TOL)
+    assert got.estimate == pytest.approx(skm.roc_auc_score(y, p), abs=TOL)
+
+    def delta(y, p, q, axis=-1):
+        return _auroc_vectorised(y, p) - _auroc_vectorised(y, q)
+
+    ref = stats.bootstrap((y, p, q), delta, paired=True, vectorized=True, n_resamples=3000, method=method,
+                          rng=np.random.default_rng(8))
+    got = paired_bootstrap_ci(y, p, q, "auroc", n_resamples=3000, seed=8, method=method)
+    assert (got.ci_low, got.ci_high) == pytest.approx(tuple(ref.confidence_interval), abs=TOL)
+
+
+def test_bootstrap_agrees_with_scipy_within_monte_carlo_error():
+    # Independent resamples: percentile bounds of an AUROC at 5,000 resamples differ by Monte Carlo error only
+    # (sd of a 2.5 % quantile here ~ 0.003); tolerance 0.01.
+    y, p, _ = _small_binary(np.random.default_rng(6))
+    ref = stats.bootstrap((y, p), _auroc_vectorised, paired=True, vectorized=True, n_resamples=5000,
+                          method="percentile", rng=np.random.default_rng(100))
+    got = bootstrap_ci(y, p, "auroc", n_resamples=5000, seed=1, method="percentile")
+    assert got.ci_low == pytest.approx(ref.confidence_interval.low, abs=0.01)
+    assert got.ci_high == pytest.approx(ref.confidence_interval.high, abs=0.01)
+    assert got.ci_low < got.estimate < got.ci_high
+
+
+def test_bootstrap_skips_and_counts_resamples_without_both_classes():
+    y = np.zeros(20, int)
+    y[3] = 1
+    p = np.linspace(0, 1, 20)
+    res = bootstrap_ci(y, p, "auroc", n_resamples=2000, seed=0)
+    expected_valid = 2000 * (1 - (19 / 20) ** 20)  # the positive is drawn at least once
+    sd = np.sqrt(2000 * (19 / 20) ** 20 * (1 - (19 / 20) ** 20))
+    assert abs(res.n_valid - expected_valid) < 4 * sd
+    assert res.n_resamples == 2000 and len(res.distribution) == res.n_valid
+    assert not np.isnan(res.distribution).any()
+    # threshold metrics stay defined on every resample
+    assert bootstrap_ci(y, p, "brier", n_resamples=500, seed=0).n_valid == 500
+
+
+def test_stratified_bootstrap_keeps_class_counts():
+    rng = np.random.default_rng(9)
+    y = (rng.random(50) < 0.1).astype(int)
+    for counts in bootstrap_weights(50, 300, seed=2, strata=y):
+        assert (counts.sum(axis=0) == 50).all()
+        assert (counts[y == 1].sum(axis=0) == y.sum()).all()
+    p = np.clip(0.4 * y + 0.6 * rng.random(50), 0, 1)
+    res = bootstrap_ci(y, p, "auroc", n_resamples=500, seed=0, stratify=True)
+    assert res.n_valid == 500  # every stratified resample keeps both classes
+
+
+def test_seeded_results_are_deterministic():
+    rng = np.random.default_rng(10)
+    y, p, q = _small_binary(rng)
+    a = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=4)
+    b = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=4)
+    c = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=5)
+    assert np.array_equal(a.distribution, b.distribution) and not np.array_equal(a.distribution, c.distribution)
+    t1 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=4)
+    t2 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=4)
+    t3 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=5)
+    assert np.array_equal(t1.null_distribution, t2.null_distribution) and t1.p_value == t2.p_value
+    assert not np.array_equal(t1.null_distribution, t3.null_distribution)
+
+
+# ------------------------------------------------------------------------------------------ permutation test
+
+
+@pytest.mark.parametrize("metric, fn", [("auroc", skm.roc_auc_score), ("auprc", skm.average_precision_score)])
+def test_permutation_exact_equals_scipy(metric, fn):
+    # n = 8 stays: 2**8 = 256 <= n_permutations, so both enumerate every swap pattern (exact test).
+    rng = np.random.default_rng(11)
+    y = np.array([0, 1, 0, 1, 1, 0, 0, 1])
+    pa, pb = np.round(rng.random(8), 1), np.round(rng.random(8), 1)
+    ref = stats.permutation_test((pa, pb), lambda a, b: fn(y, a) - fn(y, b), permutation_type="samples",
+                                 n_resamples=1000, vectorized=False)
+    got = paired_permutation_test(y, pa, pb, metric, n_permutations=1000)
+    assert got.exact and got.n_permutations == 256
+    assert got.statistic == pytest.approx(ref.statistic, abs=TOL)
+    assert got.p_value == pytest.approx(ref.pvalue, abs=TOL)
+    assert np.sort(got.null_distribution) == pytest.approx(np.sort(ref.null_distribution), abs=TOL)
+
+
+def test_permutation_monte_carlo_agrees_with_scipy():
+    rng = np.random.default_rng(12)
+    n, r = 60, 4000
+    y = (rng.random(n) < 0.4).astype(int)
+    pa = np.clip(0.15 * y + 0.85 * rng.random(n), 0, 1)
+    pb = rng.random(n)
+
+    def delta(a, b, axis=-1):
+        return _auroc_vectorised(y, a) - _auroc_vectorised(y, b)
+
+    ref = stats.permutation_test((pa, pb), delta, permutation_type="samples", n_resamples=r, vectorized=True,
+                                 rng=np.random.default_rng(1))
+    got = paired_permutation_test(y, pa, pb, "auroc", n_permutations=r, seed=2)
+    assert not got.exact
+    assert got.statistic == pytest.approx(ref.statistic, abs=TOL)
+    assert 0.01 < ref.pvalue < 0.5  # a p-value in the range where the comparison means something
+    sd = np.sqrt(2 * ref.pvalue * (1 - ref.pvalue) / r)  # two independent Monte Carlo estimates
+    assert abs(got.p_value - ref.pvalue) < 4 * sd + 2 / r
+
+
+def test_p_values_uniform_under_the_null_and_small_under_a_clear_difference():
+    rng = np.random.default_rng(13)
+    n = 40
+    pvals = []
+    for i in range(200):
+        y = (rng.random(n) < 0.4).astype(int)
+        signal = 0.3 * y
+        pa = np.clip(signal + 0.7 * rng.random(n), 0, 1)  # both models from the same distribution
+        pb = np.clip(signal + 0.7 * rng.random(n), 0, 1)
+        pvals.append(paired_permutation_test(y, pa, pb, "auroc", n_permutations=199, seed=i).p_value)
+    pvals = np.array(pvals)
+    # binomial(200, 0.05): mean 10, sd 3.1 -> [2, 20] is about +-3 sd; p <= 0.5 in about half
+    assert 2 <= (pvals <= 0.05).sum() <= 20
+    assert 0.38 <= (pvals <= 0.5).mean() <= 0.62
+    y = (rng.random(200) < 0.4).astype(int)
+    good = np.clip(0.5 * y + 0.5 * rng.random(200), 0, 1)
+    noise = rng.random(200)
+    for metric in ("auroc", "auprc"):
+        res = paired_permutation_test(y, good, noise, metric, n_permutations=999, seed=0)
+        assert res.statistic > 0.2 and res.p_value < 0.01
+        assert res.p_value == pytest.approx(1 / 1000)  # no permutation as extreme: the +1 correction's floor
+    greater = paired_permutation_test(y, good, noise, n_permutations=999, alternative="greater")
+    less = paired_permutation_test(y, good, noise, n_permutations=999, alternative="less")
+    assert greater.p_value < 0.01 and less.p_value > 0.99
+
+
+# ------------------------------------------------------------------------------------------ multiplicity
+
+
+def test_holm_and_bh_known_values():
+    p = [0.01, 0.04, 0.03, 0.005]
+    # Holm: sorted 0.005, 0.01, 0.03, 0.04 -> 4*0.005, 3*0.01, max(., 2*0.03), max(., 1*0.04)
+    assert holm(p) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    # BH: m*p/rank = 0.02, 0.02, 0.04, 0.04, then running minimum from the largest
+    assert benjamini_hochberg(p) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])  # capped at 1
+    out = holm([0.01, np.nan, 0.02])
+    assert np.isnan(out[1]) and out[[0, 2]] == pytest.approx([0.02, 0.02])  # NaN outside the family
+    rng = np.random.default_rng(14)
+    q = rng.random(57) ** 3
+    assert benjamini_hochberg(q) == pytest.approx(stats.false_discovery_control(q, method="bh"), abs=TOL)
+    assert (holm(q) >= benjamini_hochberg(q) - TOL).all() and (holm(q) >= q).all()
+    with pytest.raises(StatisticsInputError, match=r"\[0, 1\]"):
+        holm([0.2, 1.5])
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+
+def test_bad_input_gives_clear_errors():
+    y, p = np.array([0, 1, 0, 1]), np.array([0.1, 0.8, 0.3, 0.6])
+    with pytest.raises(StatisticsInputError, match=r"not available for binary.*choose from"):
+        bootstrap_ci(y, p, "auroc_macro")
+    with pytest.raises(StatisticsInputError, match="probabilities"):
+        bootstrap_ci(y, p * 3, "auroc")
+    with pytest.raises(StatisticsInputError, match="differ in shape"):
+        paired_permutation_test(y, p, np.r_[p, 0.5][:3].reshape(3), "auroc")
+    with pytest.raises(StatisticsInputError, match="alternative"):
+        paired_permutation_test(y, p, p, alternative="bigger")
+    with pytest.raises(StatisticsInputError, match="method"):
+        bootstrap_ci(y, p, method="student")
+    with pytest.raises(StatisticsInputError, match="stratify"):
+        bootstrap_ci(np.eye(4, dtype=int), np.full((4, 4), 0.5), "auroc_macro", stratify=True)
+    with pytest.raises(StatisticsInputError, match="0/1"):
+        bootstrap_ci(np.array([0, 2, 0, 1]), p)
+
+
+# ------------------------------------------------------------------------------------------ runs -> tables
+
+
+def _long_predictions(task: str, rng: np.random.Generator, n: int = 100) -> pd.DataFrame:
+    """Long table of three methods x two seeds x five folds; 'fusion' is clearly the best model."""
+    y, _, _, names = _task_data(task, n, rng)
+    stays = rng.permutation(np.arange(1000, 1000 + n))
+    fold = np.arange(n) % 5 + 1
+    frames = []
+    for method, strength in (("ehr", 0.6), ("cxr", 0.2), ("fusion", 1.6)):
+        for seed in (0, 1):
+            df = pd.DataFrame({"method": method, "seed": seed, "fold": fold, "stay_id": stays})
+            if task == "los":
+                logits = rng.normal(size=(n, 7)) + 2 * strength * np.eye(7)[y]
+                prob = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+                df["y_los"] = y
+                for k in range(7):
+                    df[f"p_los_{k}"] = prob[:, k]
+            else:
+                yy = y.reshape(n, -1)
+                prob = 1 / (1 + np.exp(-(strength * 2 * (yy - 0.5) + rng.normal(size=yy.shape))))
+                for j, nm in enumerate(names):
+                    df[f"y_{nm}"] = yy[:, j]
+                    df[f"p_{nm}"] = prob[:, j]
+            frames.append(df.sample(frac=1, random_state=seed))  # row order must not matter
+    return pd.concat(frames, ignore_index=True)
+
+
+def _seed_average(preds: pd.DataFrame, method: str, task: str):
+    """Independent of the module: pandas mean over seeds per stay, sorted by stay_id."""
+    g = preds[preds["method"] == method].groupby("stay_id").mean(numeric_only=True).sort_index()
+    if task == "mortality":
+        return g["y_mortality"].to_numpy(int), g["p_mortality"].to_numpy()
+    if task == "phenotype":
+        cols = [c for c in preds.columns if c.startswith("y_pheno_")]
+        return g[cols].to_numpy(int), g[["p_" + c[2:] for c in cols]].to_numpy()
+    return g["y_los"].to_numpy(int), g[[f"p_los_{k}" for k in range(7)]].to_numpy()
+
+
+@pytest.mark.parametrize("task", ["mortality", "phenotype", "los"])
+def test_compare_methods_table(task):
+    preds = _long_predictions(task, np.random.default_rng(15))
+    names = {"mortality": ["mortality"], "phenotype": [f"pheno_{j}" for j in range(4)],
+             "los": [f"los_{k}" for k in range(7)]}[task]
+    table = compare_methods(preds, task, unimodal=["ehr", "cxr"], n_resamples=200, n_permutations=199, seed=0)
+    sel = {"mortality": "auprc", "phenotype": "auprc_macro", "los": "auroc_ovr_macro"}[task]
+    by_method = {m: compute_metrics(task, *_seed_average(preds, m, task), names) for m in ("cxr", "ehr", "fusion")}
+    best = max(["cxr", "ehr"], key=lambda m: by_method[m][sel])
+    assert table.attrs["reference"] == best == "ehr"
+    keys = {"mortality": ["auroc", "auprc"],
+            "phenotype": ["auroc_macro", "auprc_macro", *[f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names]],
+            "los": ["auroc_ovr_macro", "accuracy"]}[task]
+    # fusion vs ehr (reference), then the 3 pairs (cxr, ehr), (cxr, fusion), (ehr, fusion)
+    assert len(table) == 4 * len(keys)
+    ref_rows = table[table["comparison"] == "reference"]
+    assert set(zip(ref_rows["method_a"], ref_rows["method_b"], strict=True)) == {("fusion", "ehr")}
+    pair_rows = table[table["comparison"] == "pairwise"]
+    assert set(zip(pair_rows["method_a"], pair_rows["method_b"], strict=True)) == {
+        ("cxr", "ehr"), ("cxr", "fusion"), ("ehr", "fusion")}
+    for row in table.itertuples():
+        key = row.metric if row.label == task else f"{row.metric}/{row.label}"
+        ma, mb = by_method[row.method_a][key], by_method[row.method_b][key]
+        assert row.estimate_a == pytest.approx(ma, abs=TOL) and row.estimate_b == pytest.approx(mb, abs=TOL)
+        assert row.delta == pytest.approx(ma - mb, abs=TOL)
+        assert row.n_stays == 100 and row.n_seeds_a == 2 and row.n_permutations == 199
+    overall = ref_rows[ref_rows["label"] == task]
+    assert (overall["delta"] > 0).all() and (overall["p_value"] < 0.01).all()
+    assert (overall["ci_low"] > 0).all()
+    for _, fam in table.groupby("family"):
+        assert fam["p_holm"].to_numpy() == pytest.approx(holm(fam["p_value"].to_numpy()))
+        assert fam["p_bh"].to_numpy() == pytest.approx(benjamini_hochberg(fam["p_value"].to_numpy()))
+    if task == "phenotype":
+        assert set(table["family"]) == {f"phenotype:{c}:{m}:{s}" for c in ("reference", "pairwise")
+                                         for m, s in (("auroc_macro", "overall"), ("auprc_macro", "overall"),
+                                                      ("auroc", "per_label"), ("auprc", "per_label"))}
+        assert len(table[table["family"] == "phenotype:pairwise:auroc:per_label"]) == 3 * 4
+
+
+def test_method_metrics_seed_ensemble_and_seed_spread():
+    task = "mortality"
+    preds = _long_predictions(task, np.random.default_rng(16))
+    table = method_metrics(preds, task, metrics=["auroc", "brier"], n_resamples=300, seed=0)
+    assert len(table) == 3 * 2
+    for row in table.itertuples():
+        y, p = _seed_average(preds, row.method, task)
+        assert row.estimate == pytest.approx(compute_metrics(task, y, p, ["mortality"])[row.metric], abs=TOL)
+        per_seed = []
+        for _, g in preds[preds["method"] == row.method].groupby("seed"):
+            g = g.sort_values("stay_id")
+            per_seed.append(compute_metrics(task, g["y_mortality"].to_numpy(), g["p_mortality"].to_numpy(),
+                                            ["mortality"])[row.metric])
+        assert row.seed_mean == pytest.approx(np.mean(per_seed), abs=TOL)
+        assert row.seed_sd == pytest.approx(np.std(per_seed, ddof=1), abs=TOL)
+        assert row.ci_low <= row.estimate <= row.ci_high and row.n_seeds == 2 and row.n_stays == 100
+
+
+def test_run_tables_reject_inconsistent_predictions():
+    preds = _long_predictions("mortality", np.random.default_rng(17), n=30)
+    dup = pd.concat([preds, preds.iloc[[0]]], ignore_index=True)
+    with pytest.raises(StatisticsInputError, match="appears more than once"):
+        compare_methods(dup, "mortality", n_resamples=10, n_permutations=10)
+    short = preds.drop(index=preds[(preds["method"] == "ehr") & (preds["seed"] == 1)].index[:3])
+    with pytest.raises(StatisticsInputError, match="seeds of method 'ehr' cover different stays"):
+        compare_methods(short, "mortality", n_resamples=10, n_permutations=10)
+    flipped = preds.copy()
+    flipped.loc[flipped["method"] == "cxr", "y_mortality"] = 1 - flipped.loc[flipped["method"] == "cxr",
+                                                                            "y_mortality"]
+    with pytest.raises(StatisticsInputError, match=r"labels of stay .* differ between methods"):
+        compare_methods(flipped, "mortality", n_resamples=10, n_permutations=10)
+    with pytest.raises(StatisticsInputError, match=r"missing column.*p_mortality"):
+        compare_methods(preds.drop(columns="p_mortality"), "mortality")
+    with pytest.raises(StatisticsInputError, match="have no predictions"):
+        compare_methods(preds, "mortality", reference="medfuse")
+    with pytest.raises(StatisticsInputError, match="task"):
+        compare_methods(preds, "sepsis")
+
+
+def test_kernel_memory_chunks_do_not_change_results(monkeypatch):
+    rng = np.random.default_rng(18)
+    y, p, q, names = _task_data("phenotype", 50, rng)
+    keys = ["auroc_macro", "auprc_macro"]
+    full = [paired_permutation_test(y, p, q, k, names=names, n_permutations=300, seed=1) for k in keys]
+    boot = paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300, seed=1)
+    monkeypatch.setattr(st, "CHUNK_BYTES", 4096)  # a few columns per kernel call
+    small = [paired_permutation_test(y, p, q, k, names=names, n_permutations=300, seed=1) for k in keys]
+    assert all(np.array_equal(a.null_distribution, b.null_distribution) for a, b in zip(full, small, strict=True))
+    assert np.array_equal(boot.distribution,
+                          paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300,
+                                              seed=1).distribution)
