@@ -1,5 +1,5 @@
 """Fusion methods, one module per method, named as the method is known in the literature."""
 
-from carebench.models.fusion import aug, drfuse, inforeg, latefusion, medfuse, utde
+from carebench.models.fusion import aug, daft, drfuse, inforeg, latefusion, medfuse, mmtm, utde
 
-__all__ = ["aug", "drfuse", "inforeg", "latefusion", "medfuse", "utde"]
+__all__ = ["aug", "daft", "drfuse", "inforeg", "latefusion", "medfuse", "mmtm", "utde"]
