@@ -12,13 +12,20 @@ Prints a Markdown table for docs/performance.md.
 
 from __future__ import annotations
 
+import os.path
+import sys
+
+# Run as a file, this script's folder is sys.path[0]: drop it so a sibling script (e.g. benchmarks/statistics.py)
+# cannot shadow a standard-library module that torch or Lightning imports.
+if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
+    sys.path.pop(0)
+
 import argparse
 import json
 import os
 import platform
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
