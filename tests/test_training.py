@@ -118,6 +118,65 @@ def test_module_loss_hook_param_groups_and_extra_heads(data_dir):
         skm.roc_auc_score(pred["y_mortality"], pred["p_mortality__ehr"]))
 
 
+class _Hooked(_Tiny):
+    """Records the order of the framework's hook calls; adds a layer at the start of epoch 1."""
+
+    train_task_loss: ClassVar[bool] = True
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.events: list[str] = []
+        self.extra = nn.ModuleList()
+        self.grad_seen: list[bool] = []
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        for layer in self.extra:
+            out.logits = out.logits + layer(batch["ehr"].mean(1))
+        return out
+
+    def on_train_epoch_start(self, module):
+        self.events.append(f"start{module.current_epoch}")
+        if module.current_epoch == 1:
+            layer = nn.Linear(self.n_features, self.num_outputs)
+            self.extra.append(layer)
+            module.add_trainable_parameters(list(layer.parameters()))
+            self.new_layer_init = layer.weight.detach().clone()
+
+    def on_train_epoch_end(self, module):
+        self.events.append(f"end{module.current_epoch}")
+
+    def before_optimizer_step(self, module, optimizer):
+        self.grad_seen.append(self.lin.weight.grad is not None and bool(self.lin.weight.grad.abs().sum() > 0))
+
+    def configure_param_groups(self):
+        return None
+
+
+def test_model_hooks_order_new_parameters_and_aux_only_objective(data_dir):
+    pl.seed_everything(0, verbose=False)
+    fold = build_fold(open_dataset(data_dir), task="mortality", fold=1, image_size=16, load_cxr=False)
+    model = _Hooked("mortality", 4, 16)
+    module = CareBenchModule(model, "mortality", lr=1e-2)
+    module.on_validation_epoch_end = (lambda orig: lambda: (model.events.append("val"), orig())[1])(
+        module.on_validation_epoch_end)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+    train = make_loader(fold.train, 16, shuffle=True, drop_last=True)
+    trainer.fit(module, train, make_loader(fold.val, 32, shuffle=False))
+    assert model.events == ["start0", "val", "end0", "start1", "val", "end1"]
+    assert len(model.grad_seen) == 2 * len(train) and all(model.grad_seen)
+    opt = trainer.optimizers[0]
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["params"][0] is model.extra[0].weight
+    assert not torch.equal(model.extra[0].weight, model.new_layer_init)  # the added layer was trained
+    # train_task_loss = False: the returned loss is the sum of the aux losses only
+    aux_only = _Tiny("mortality", 4, 16)
+    aux_only.train_task_loss = False
+    batch = fold.train.__getitems__(list(range(8)))
+    loss = CareBenchModule(aux_only, "mortality").training_step(batch, 0)
+    assert loss.item() == pytest.approx(aux_only(batch).aux_losses["side"].item(), rel=1e-6)
+
+
 def test_predictions_frame_los_and_phenotype_columns():
     rng = np.random.default_rng(0)
     arr = {"stay_id": np.array([5, 3]), "has_cxr": np.array([1, 0]), "y": np.array([6, 0]),
