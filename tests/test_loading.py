@@ -208,3 +208,13 @@ def test_augment_cxr():
     a = L.augment_cxr(x, has, generator=torch.Generator().manual_seed(1))
     b = L.augment_cxr(x, has, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a[has], x[has])
+
+
+def test_worker_processes_give_the_same_batches(data):
+    """num_workers is not part of the run id: batches must not depend on it."""
+    fold = L.build_fold(data, task="phenotype", fold=3, image_size=16)
+    serial = list(L.make_loader(fold.train, 16, shuffle=True, drop_last=True, seed=2))
+    parallel = list(L.make_loader(fold.train, 16, shuffle=True, drop_last=True, seed=2, num_workers=2))
+    assert len(serial) == len(parallel)
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
