@@ -166,6 +166,17 @@ def test_resize_on_the_fly_and_dropout_in_batches(data):
     # a constant image stays constant after resizing
     const = torch.full((2, 1, 16, 16), 0.25)
     np.testing.assert_allclose(L.resize_cxr(const, 8).numpy(), 0.25, atol=1e-6)
+    const8 = torch.full((2, 1, 16, 16), 77, dtype=torch.uint8)
+    assert (L.resize_cxr(const8, 8) == 77).all() and (L.resize_cxr(const8, 24) == 77).all()
+    # the uint8 kernel (used for the cache) is within one grey level of the float one
+    img = torch.from_numpy(data.cxr[:4].copy())[:, None]
+    diff = L.resize_cxr(img, 8).float() - L.resize_cxr(img.float(), 8)
+    assert diff.abs().max() <= 1.0
+    resized = fold.train.__getitems__([int(i) for i in np.flatnonzero(fold.train.has_cxr)[:3]])["cxr"]
+    rows = fold.train.rows[np.flatnonzero(fold.train.has_cxr)[:3]]
+    raw = torch.from_numpy(data.cxr[data.cohort.cxr_index.to_numpy()[rows]].copy())[:, None]
+    expect = L.normalise_cxr(L.resize_cxr(raw, 8).float() / 255.0)
+    torch.testing.assert_close(resized, expect, atol=1e-6, rtol=0)
 
 
 def test_matched_cohort_has_every_xray(data):
