@@ -201,7 +201,7 @@ def test_config_presets_overrides_and_run_id(data_dir, tmp_path):
     assert cfg.run_id != _cfg(data_dir, overrides={"lr": 0.02, "model.hidden": 4, "dropout": 0.1}).run_id
     assert _cfg(data_dir).run_id != _cfg(data_dir, overrides={"model.hidden": 4}).run_id
     assert _cfg(data_dir).run_id != _cfg(data_dir, cxr_dropout_train=0.5).run_id
-    assert _cfg(data_dir).run_id == _cfg(data_dir, num_workers=2).run_id  # execution-only setting
+    assert _cfg(data_dir).run_id == _cfg(data_dir, num_workers=2, threads=1).run_id  # execution-only settings
     copy = shutil.copytree(data_dir, tmp_path / "moved")                 # same dataset elsewhere: same id
     assert _cfg(copy).run_id == _cfg(data_dir).run_id
     full = resolve_config(data=data_dir, model="lstm", task="los", preset="full")
@@ -383,12 +383,12 @@ def test_ddp_on_two_cpu_processes_gives_one_row_per_test_stay(data_dir, tmp_path
 def test_cli_train_evaluate_and_errors(data_dir, tmp_path):
     runner = CliRunner()
     args = ["train", "--data", str(data_dir), "--model", "lstm", "--task", "phenotype", "--preset", "test",
-            "--fold", "3", "--seed", "1", "--no-progress", "--out", str(tmp_path), "max_epochs=1"]
+            "--fold", "3", "--seed", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path), "max_epochs=1"]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("lstm_phenotype_f3_s1_"))
     cfg = C.TrainConfig.from_yaml(run_dir / "config.yaml")
-    assert cfg.max_epochs == 1 and cfg.fold == 3
+    assert cfg.max_epochs == 1 and cfg.fold == 3 and cfg.threads == 1
     pred = pd.read_parquet(run_dir / "predictions.parquet")
     assert sum(c.startswith("p_pheno_") for c in pred.columns) == 25
     res2 = runner.invoke(app, args)

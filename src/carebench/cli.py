@@ -109,6 +109,8 @@ def train(
     devices: str = typer.Option("1", "--devices", help="Number of devices (>1 = DDP) or auto."),
     precision: str = typer.Option("32-true", "--precision", help="32-true | bf16-mixed | 16-mixed | ..."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
+    threads: int = typer.Option(0, "--threads", help="CPU threads of torch (0 = torch's default); use 1 when "
+                                "several runs share a machine."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
@@ -117,7 +119,8 @@ def train(
     options = {"cohort": cohort, "fold": fold, "seed": seed, "cxr_dropout_train": cxr_dropout_train,
                "cxr_dropout_val": cxr_dropout_val, "cxr_dropout_test": cxr_dropout_test,
                "cxr_dropout_seed": cxr_dropout_seed, "accelerator": accelerator, "devices": devices,
-               "precision": precision, "num_workers": num_workers, "progress": progress}
+               "precision": precision, "num_workers": num_workers, "threads": threads,
+               "progress": progress}
     cfg = resolve_config(data=data, model=model, task=task, preset=preset, options=options,
                          overrides=parse_overrides(overrides))
     result = train_run(cfg, out)

@@ -31,7 +31,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "test": {"image_size": 16, "batch_size": 32, "max_epochs": 2, "min_epochs": 1, "lr": 1e-3,
              "patience": 2, "plateau_patience": 1},
 }
-NOT_HASHED = ("data", "num_workers", "progress")
+NOT_HASHED = ("data", "num_workers", "threads", "progress")
 PRECISIONS = {"32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
               "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true",
               "16": "16-mixed", "16-mixed": "16-mixed"}
@@ -73,6 +73,7 @@ class TrainConfig:
     precision: str = "32-true"
     deterministic: bool = True
     num_workers: int = 0
+    threads: int = 0  # torch CPU threads, 0 = torch's default
     progress: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
 
@@ -219,6 +220,8 @@ def _validate(cfg: TrainConfig) -> None:
     for key in ("image_size", "batch_size", "max_epochs", "patience", "plateau_patience"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"option {key!r} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.num_workers < 0 or cfg.threads < 0:
+        raise ConfigError("options 'num_workers' and 'threads' must be >= 0")
     if cfg.min_epochs < 0 or cfg.min_epochs > cfg.max_epochs:
         raise ConfigError(f"option 'min_epochs' must be in [0, max_epochs], got {cfg.min_epochs}")
     if cfg.lr <= 0 or cfg.weight_decay < 0 or not 0 < cfg.plateau_factor < 1:

@@ -140,6 +140,8 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     _filter_warnings()
     if not cfg.progress:
         _quiet()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
@@ -205,6 +207,8 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,
                        f"{dataset_fingerprint(root)} != {cfg.data_fingerprint})")
     _filter_warnings()
     _quiet()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
     module = build_module(cfg, len(fold.features))
