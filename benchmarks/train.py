@@ -48,7 +48,7 @@ def time_run(data: Path, model: str, task: str, preset: str, threads: int, out: 
              extra: list[str]) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     cmd = [CAREBENCH, "train", "--data", str(data), "--model", model, "--task", task, "--preset", preset,
-           "--no-progress", "--out", str(out), *extra]
+           "--threads", str(threads), "--no-progress", "--out", str(out), *extra]
     # A wrapper process per run, so RUSAGE_CHILDREN's peak RSS is this run's alone.
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True, text=True)
