@@ -349,10 +349,13 @@ def test_training_augments_only_during_fit(data_dir, tiny_fusion):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model", __import__("carebench.models", fromlist=["list_models"]).list_models())
-def test_every_registered_model_trains(model, data_dir, tmp_path):
-    run = train_run(_cfg(data_dir, model=model, overrides={"max_epochs": 1}), tmp_path)
+def test_every_registered_model_trains_and_its_checkpoint_reproduces_the_test(model, data_dir, tmp_path):
+    run = train_run(_cfg(data_dir, model=model), tmp_path)  # 2 epochs: methods that change between epochs do
     pred = pd.read_parquet(run.run_dir / "predictions.parquet")
     assert pred.p_mortality.between(0, 1).all() and len(pred) == run.metrics["splits"]["test"]["n_stays"]
+    again = evaluate_run(run.run_dir)
+    for key in ("auroc", "auprc", "brier"):
+        assert again[key] == pytest.approx(run.metrics["test"][key], abs=1e-9), key
 
 
 def test_evaluate_rejects_other_dataset(mortality_run, tmp_path):
