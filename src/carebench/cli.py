@@ -55,6 +55,33 @@ def main(
 
 @app.command()
 @user_errors
+def synth(
+    out: str = typer.Option(..., "--out", help="Output root (gets mimic-iv/, mimic-cxr-jpg/, planted.json)."),
+    stays: int = typer.Option(..., "--stays", help="Number of ICU stays to generate (about 80% pass the cohort rules)."),
+    seed: int = typer.Option(..., "--seed", help="Random seed; the same seed and options give identical files."),
+    image_size: int = typer.Option(512, "--image-size", help="Side in pixels of the rendered radiographs."),
+    cxr_rate: float = typer.Option(0.3, "--cxr-rate", help="Share of stays with a frontal X-ray in the first 48 h."),
+    workers: int = typer.Option(2, "--workers", help="Worker processes (the output does not depend on it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory at --out."),
+) -> None:
+    """Synthetic MIMIC-IV + MIMIC-CXR-JPG raw files with a planted ground truth (docs/synthetic.md)."""
+    from rich.progress import Progress
+
+    from carebench.data.synthetic.simulator import synthesize
+
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("Simulating stays", total=None)
+        result = synthesize(out, stays=stays, seed=seed, image_size=image_size, cxr_rate=cxr_rate, workers=workers,
+                            overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                        total=total))
+    c = result.counts
+    err_console.print(f"{c['stays']} ICU stays ({c['cohort_stays']} adult >= 48 h, {c['cohort_with_cxr']} of them "
+                      f"with an X-ray), {c['images']} images in {result.seconds:.1f} s", highlight=False)
+    print(result.path)
+
+
+@app.command()
+@user_errors
 def prepare(
     mimic_iv: str = typer.Option(..., "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."),
     out: str = typer.Option(..., "--out", help="Output directory for the processed dataset (written atomically)."),
