@@ -233,6 +233,7 @@ def test_subgroup_has_planted_lower_ehr_sensitivity(prepared: ProcessedDataset, 
 def test_xray_availability_depends_on_acuity(prepared: ProcessedDataset, truth: pd.DataFrame,
                                              planted: dict) -> None:
     has = prepared.cohort["has_cxr"].astype(int).to_numpy()
+    assert abs(has.mean() - planted["missingness"]["target_rate"]) < 0.04   # --cxr-rate is met
     acuity = truth["acuity"].to_numpy()
     fit = LogisticRegression(C=1e6).fit(acuity[:, None], has)
     slope = planted["missingness"]["slope"]
