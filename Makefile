@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/carebench describe $(DEMO_DIR)/data
 
 test: $(STAMP)
+	command -v chromium || (apt-get update && apt-get install -y chromium)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -n 2 -q
 

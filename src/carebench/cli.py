@@ -177,3 +177,51 @@ def evaluate(
     for key, value in metrics.items():
         if "/" not in key and not isinstance(value, dict):
             print(f"{key}\t{value}")
+
+
+@app.command()
+@user_errors
+def analyze(
+    runs: str = typer.Argument(..., help="Runs directory (carebench benchmark --out / carebench train --out)."),
+    data: str | None = typer.Option(None, "--data", help="Dataset directory, if it moved since training "
+                                    "(default: the path in the runs' config.yaml)."),
+    n_bootstrap: int | None = typer.Option(None, "--n-bootstrap", help="Bootstrap resamples per CI "
+                                           "(default: the plan's statistics.n_bootstrap, else 1000)."),
+    n_permutations: int | None = typer.Option(None, "--n-permutations", help="Permutations per paired test "
+                                              "(default: the plan's statistics.n_permutations, else 10000)."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed of every resampling (default: plan's, else 0)."),
+    confidence: float | None = typer.Option(None, "--confidence", help="CI level (default: plan's, else 0.95)."),
+    fairness: bool | None = typer.Option(None, "--fairness/--skip-fairness", help="Fairness tables (default: "
+                                         "the plan's fairness.enabled, else on)."),
+    missingness: bool = typer.Option(True, "--missingness/--skip-missingness", help="Missing-X-ray tables "
+                                     "(natural, test-time curves, train/val rates)."),
+    ablation: bool = typer.Option(True, "--ablation/--skip-ablation", help="Test-time modality ablation."),
+    device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Statistics, fairness, missing-modality and modality-contribution tables of every finished run ->
+    RUNS/analysis/ (parquet + csv, summary.json)."""
+    from carebench.evaluation.analyze import analyze as run_analysis
+
+    result = run_analysis(runs, data=data, console=err_console if progress else None, n_bootstrap=n_bootstrap,
+                          n_permutations=n_permutations, seed=seed, confidence=confidence, fairness=fairness,
+                          missingness=missingness, ablation=ablation, device=device)
+    s = result.summary
+    for w in s["warnings"]:
+        err_console.print(f"[yellow]note:[/] {w}", highlight=False, soft_wrap=True)
+    err_console.print(f"{s['n_runs']} runs analysed in {s['timings_s']['total']:.1f} s", highlight=False)
+    print(result.path)
+
+
+@app.command()
+@user_errors
+def report(
+    runs: str = typer.Argument(..., help="Runs directory analysed by `carebench analyze`."),
+    planted: str | None = typer.Option(None, "--planted", help="planted.json of `carebench synth`: adds a "
+                                       "section comparing the conclusions with the planted truth."),
+    out: str | None = typer.Option(None, "--out", help="Output directory (default: RUNS/report)."),
+) -> None:
+    """One self-contained HTML page (RUNS/report/index.html) and every analysis table as CSV."""
+    from carebench.report import build_report
+
+    print(build_report(runs, planted=planted, out=out))

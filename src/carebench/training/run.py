@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -40,6 +41,7 @@ from carebench.training.module import CareBenchModule
 
 DONE = "DONE"
 CHECKPOINT = "checkpoint"
+VAL_PREDICTIONS = "predictions_val.parquet"
 
 
 class RunError(UserError, RuntimeError):
@@ -170,6 +172,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     preds = module.test_predictions
     preds.to_parquet(work / "predictions.parquet", index=False)
+    validation_predictions(module, val_loader, cfg.seed).to_parquet(work / VAL_PREDICTIONS, index=False)
     metrics = {
         "run_id": run_id, "model": cfg.model, "task": cfg.task, "cohort": cfg.cohort, "fold": cfg.fold,
         "seed": cfg.seed, "selection_metric": module.selection,
@@ -187,6 +190,30 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
         shutil.rmtree(final)  # an unfinished earlier attempt (no DONE): replaced cleanly
     os.rename(work, final)
     return RunResult(run_id, final, False, _clean(metrics))
+
+
+def validation_predictions(module: CareBenchModule, loader: Any, seed: int) -> pd.DataFrame:
+    """The selected (best) model's validation predictions, same columns as predictions.parquet.
+
+    Why: decision thresholds for fairness metrics must be chosen on validation, never on test, so the record
+    keeps them. Computed as `evaluation.modality.RunPredictor.predict(split="val")` does (eval mode, float32,
+    one process, dataset order, torch seeded with the run's seed), so for a 32-bit run both give the same frame.
+    """
+    from carebench.training.module import predictions_frame, probabilities
+
+    model = module.model.eval()
+    device = next(model.parameters()).device
+    parts: list[dict[str, torch.Tensor]] = []
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for batch in loader:
+            out = model({k: v.to(device) for k, v in batch.items()})
+            rec = {"stay_id": batch["stay_id"], "y": batch["y"], "has_cxr": batch["has_cxr"],
+                   "p": probabilities(module.kind, out.logits).cpu()}
+            rec.update({f"p__{h}": probabilities(module.kind, lg).cpu() for h, lg in out.extra_logits.items()})
+            parts.append(rec)
+    arr = {k: torch.cat([r[k] for r in parts]).numpy() for k in parts[0]}
+    return predictions_frame(module.task, module.names, arr)
 
 
 def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,

@@ -1,0 +1,226 @@
+"""`carebench report RUNS`: the analysis tables -> one self-contained HTML page plus every table as CSV.
+
+Why one file: a benchmark report is mailed, attached to papers' supplements and opened on air-gapped machines.
+`RUNS/report/index.html` has inline CSS, figures as base64 PNGs, no JavaScript and no external URL; the page is
+rendered by a Jinja2 template with autoescaping (method names and group values are data, never markup).
+`RUNS/report/tables/*.csv` are the analysis tables, linked from the page. The report only reads
+`RUNS/analysis/` (written by `carebench analyze`), so it is quick to rebuild and never retrains or resamples.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import pandas as pd
+
+from carebench import __version__
+from carebench.data.store import atomic_output_dir
+from carebench.errors import UserError
+from carebench.evaluation.analyze import ANALYSIS_DIR, HEADLINE, TABLES, load_analysis
+from carebench.report import figures as fg
+from carebench.report import tables as tb
+
+REPORT_DIR = "report"
+INDEX = "index.html"
+TABLE_NOTES = {
+    "runs": "every finished run analysed (model, task, cohort, fold, seed, X-ray dropout rates, modalities)",
+    "cohort_overview": "dataset summary",
+    "cohort_steps": "cohort selection steps and stays left after each (from the dataset manifest)",
+    "cohort_folds": "stays, patients, deaths and stays with an X-ray per fold",
+    "cohort_labels": "label prevalence overall, with and without an X-ray",
+    "leaderboard": "every metric of every method with 95% bootstrap CI, seed mean and sd",
+    "comparisons": "paired comparisons (vs best unimodal and all pairs), per label: delta, CI, p, Holm, BH",
+    "fairness_groups": "per run, label, attribute and group: metrics with CIs",
+    "fairness_summary": "per run, label, attribute and metric: gap, ratio, worst/best group, parity, gap CI",
+    "fairness_thresholds": "decision thresholds chosen on each run's validation predictions",
+    "missingness_natural": "headline metrics on stays with and without a linked X-ray",
+    "missingness_test": "headline metrics vs test-time X-ray missing rate, per train/val missing rate",
+    "missingness_train": "headline metrics of runs trained with train/val X-rays removed",
+    "dropout_runs": "test metrics of each run trained with X-ray dropout, with its rates",
+    "ablation": "headline metrics with the X-ray or the EHR removed at test time, and per-modality heads",
+}
+
+
+class ReportError(UserError, ValueError):
+    """A planted-truth file that cannot be read, or analysis tables that do not fit together."""
+
+
+@dataclass
+class Group:
+    """Everything the page shows for one task x cohort."""
+
+    task: str
+    cohort: str
+    reference: str | None
+    selection: str
+    leaderboard: tb.Table
+    pairwise: tb.Table
+    heatmap: str | None = None
+    curves: str | None = None
+    natural: tb.Table | None = None
+    train_table: tb.Table | None = None
+    train_figure: str | None = None
+    fairness_figure: str | None = None
+    fairness_table: tb.Table | None = None
+    ablation_figure: str | None = None
+    ablation_table: tb.Table | None = None
+
+    @property
+    def anchor(self) -> str:
+        return f"{self.task}-{self.cohort}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.task.capitalize()}, {self.cohort} cohort"
+
+
+@dataclass
+class Planted:
+    table: tb.Table
+    agree: int
+    compared: int
+    subgroup: tb.Table | None
+    source: str
+    subgroup_text: str = ""
+
+
+@dataclass
+class Page:
+    title: str
+    summary: dict[str, Any]
+    cohort: dict[str, tb.Table]
+    groups: list[Group]
+    csv: list[tuple[str, str, int]]
+    planted: Planted | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(loader=jinja2.PackageLoader("carebench.report", "templates"),
+                              autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+
+
+def read_planted(path: str | Path) -> dict[str, Any]:
+    """planted.json of `carebench synth` (needs its `phenotypes` mapping: column -> ehr|cxr|both|none)."""
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise ReportError(f"--planted {p}: not a readable JSON file ({e})") from None
+    kinds = raw.get("phenotypes") if isinstance(raw, dict) else None
+    if not isinstance(kinds, dict) or not kinds:
+        raise ReportError(f"--planted {p}: expected the planted.json of `carebench synth` with a 'phenotypes' "
+                          "mapping (phenotype column -> ehr/cxr/both/none)")
+    bad = sorted({str(v) for v in kinds.values()} - {"ehr", "cxr", "both", "none"})
+    if bad:
+        raise ReportError(f"--planted {p}: phenotype kinds must be ehr, cxr, both or none; got {bad}")
+    return raw
+
+
+def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
+               planted: dict[str, Any] | None = None, planted_source: str = "") -> Page:
+    """The page's content (tables and figures) from the analysis; no file is written."""
+    info = {(g["task"], g["cohort"]): g for g in summary.get("groups", [])}
+    board, comp = tables["leaderboard"], tables["comparisons"]
+    palette = fg.colors(tables["runs"]["model"].unique()) if len(tables["runs"]) else {}
+    groups = []
+    for task, cohort in tb.groups_of(board):
+        meta = info.get((task, cohort), {})
+        ref, sel = meta.get("reference"), meta.get("selection_metric", HEADLINE[task][0])
+        metric = HEADLINE[task][0]
+        g = Group(task, cohort, ref, sel, tb.leaderboard(board, comp, task, cohort, ref, sel),
+                  tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]))
+        if task == "phenotype":
+            g.heatmap = fg.fusion_gain_heatmap(comp, cohort)
+        mt = tables["missingness_test"]
+        if not mt.empty:
+            g.curves = fg.missingness_curves(mt, task, cohort, metric, palette)
+        nat = tables["missingness_natural"]
+        if not nat.empty and ((nat["task"] == task) & (nat["cohort"] == cohort)).any():
+            g.natural = tb.natural(nat, task, cohort)
+        tr = tables["missingness_train"]
+        if not tr.empty and ((tr["task"] == task) & (tr["cohort"] == cohort)).any():
+            g.train_table = tb.train_rates(tr, task, cohort)
+            g.train_figure = fg.train_rate_curves(tr, task, cohort, metric, palette)
+        fs = tables["fairness_summary"]
+        if not fs.empty and ((fs["task"] == task) & (fs["cohort"] == cohort)).any():
+            g.fairness_figure = fg.fairness_gaps(fs, task, cohort, palette=palette)
+            g.fairness_table = tb.fairness(fs, task, cohort)
+        ab = tables["ablation"]
+        if not ab.empty and ((ab["task"] == task) & (ab["cohort"] == cohort)).any():
+            g.ablation_figure = fg.ablation_chart(ab, task, cohort, metric)
+            g.ablation_table = tb.ablation(ab, task, cohort)
+        groups.append(g)
+    labels = tables["cohort_labels"]
+    cohort_tables = {
+        "overview": tb.simple(tables["cohort_overview"], {"item": "dataset", "value": ""}, key="overview"),
+        "folds": tb.simple(tables["cohort_folds"], {"fold": "fold", "stays": "stays", "patients": "patients",
+                                                    "deaths": "in-ICU deaths", "with_cxr": "with X-ray"},
+                           {"stays": "int", "patients": "int", "deaths": "int", "with_cxr": "int"}, key="folds"),
+        "labels": tb.simple(labels, {"task": "task", "label": "label", "name": "name", "positives": "positives",
+                                     "prevalence": "prevalence", "prevalence_with_cxr": "with X-ray",
+                                     "prevalence_without_cxr": "without X-ray"},
+                            {"positives": "int", "prevalence": "pct", "prevalence_with_cxr": "pct",
+                             "prevalence_without_cxr": "pct"}, key="labels"),
+    }
+    if len(tables["cohort_steps"]):
+        cohort_tables["steps"] = tb.simple(tables["cohort_steps"], {"step": "step", "rule": "rule",
+                                                                    "stays": "stays"}, {"stays": "int"}, key="steps")
+    planted_page = None
+    if planted is not None:
+        observed = tb.planted_kinds(board, comp, tables["runs"])
+        table, agree, compared = tb.planted(planted, observed)
+        sub = planted.get("subgroup") or {}
+        text = (f"{sub.get('attribute')} = {sub.get('value')}: {sub.get('degraded', '')} Expected: "
+                f"{sub.get('expected', '')}" if sub else "")
+        planted_page = Planted(table, agree, compared, tb.planted_subgroup(planted, tables["fairness_summary"]),
+                               planted_source, text)
+    name = summary.get("plan") or Path(summary.get("runs_dir", "runs")).name
+    return Page(title=f"carebench report: {name}", summary=summary, cohort=cohort_tables, groups=groups,
+                csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES], planted=planted_page,
+                notes=list(summary.get("warnings", [])))
+
+
+def stale_notes(runs_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """A note when runs finished or disappeared after the analysis (the page would not show them)."""
+    now = {d.parent.name for d in runs_dir.glob("*/DONE") if not d.parent.name.startswith(".")}
+    then = set(summary.get("run_ids", []))
+    new, gone = sorted(now - then), sorted(then - now)
+    out = []
+    if new:
+        out.append(f"{len(new)} run(s) finished after the analysis and are not in this report "
+                   f"(re-run `carebench analyze`): {', '.join(new)}")
+    if gone:
+        out.append(f"{len(gone)} analysed run(s) no longer exist under {runs_dir}: {', '.join(gone)}")
+    return out
+
+
+def render(page: Page) -> str:
+    return _environment().get_template("report.html.j2").render(
+        page=page, version=__version__, created=time.strftime("%Y-%m-%d %H:%M"), alpha=tb.ALPHA,
+        metric_name=tb.metric_name, fmt=tb.fmt, options=page.summary.get("options", {}))
+
+
+def build_report(runs_dir: str | Path, *, planted: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Write `RUNS/report/index.html` and `RUNS/report/tables/*.csv` (atomically); return the HTML path."""
+    runs_dir = Path(runs_dir)
+    tables, summary = load_analysis(runs_dir)
+    truth = read_planted(planted) if planted is not None else None
+    page = build_page(tables, summary, truth, str(planted) if planted else "")
+    page.notes += stale_notes(runs_dir, summary)
+    html = render(page)
+    target = Path(out) if out is not None else runs_dir / REPORT_DIR
+    with atomic_output_dir(target, overwrite=True) as tmp:
+        (tmp / "tables").mkdir()
+        for name in TABLES:
+            shutil.copyfile(runs_dir / ANALYSIS_DIR / f"{name}.csv", tmp / "tables" / f"{name}.csv")
+        (tmp / INDEX).write_text(html, encoding="utf-8")
+        tmp.chmod(0o755)  # mkdtemp makes it private; a report is meant to be shared
+    return target / INDEX

@@ -1,0 +1,306 @@
+"""`carebench report`: one self-contained HTML page (well formed, no scripts, no external URL, every image a
+decodable PNG), every section, leaderboard cells equal to the analysis tables with the right significance marks,
+CSV tables linked and identical, the planted-truth comparison, autoescaping, errors, and a headless Chromium
+load without console errors, failed loads or broken images (Debian `chromium`; `make test` installs it)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from benchmark_fixture import train_runs, write_runs
+from carebench.cli import app
+from carebench.data.definitions import load_phenotypes
+from carebench.evaluation import analyze as A
+from carebench.report import browser, build_report
+from carebench.report import html as H
+from carebench.report import tables as T
+from fake_dataset import make_fake_dataset
+
+torch.set_num_threads(2)
+SECTIONS = ["cohort", "leaderboard", "fusion-gain", "missingness", "fairness", "modality", "planted", "tables"]
+VOID = {"meta", "img", "br", "hr", "link", "input", "col", "source", "wbr", "area", "base", "embed", "param",
+        "track"}
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    data = make_fake_dataset(root, n=150, image_size=16, n_features=4, seed=11)
+    runs = root / "runs"
+    write_runs(data, runs, folds=(1,), seeds=(0,))
+    train_runs(data, runs, ["lstm", "latefusion"])
+    A.analyze(runs, n_bootstrap=200, n_permutations=400, test_rates=[0.5])
+    kinds = ("ehr", "cxr", "both", "none")
+    planted = {"phenotypes": {p.column: kinds[i % 4] for i, p in enumerate(load_phenotypes())},
+               "subgroup": {"attribute": "race_group", "value": "WHITE", "degraded": "EHR effects scaled",
+                            "expected": "worse EHR models"}}
+    (root / "planted.json").write_text(json.dumps(planted))
+    index = build_report(runs, planted=root / "planted.json")
+    return runs, index, planted
+
+
+class _Strict(HTMLParser):
+    """Collects tags, attributes and text; fails on a close tag that does not match the open one."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.stack: list[str] = []
+        self.tags: list[tuple[str, dict[str, str]]] = []
+        self.errors: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes <{self.stack[-1] if self.stack else None}>")
+        else:
+            self.stack.pop()
+
+
+def _parse(text: str) -> _Strict:
+    p = _Strict()
+    p.feed(text)
+    p.close()
+    return p
+
+
+class _Tables(HTMLParser):
+    """Tables by id: rows of (text, attributes) cells."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
+        self.current: str | None = None
+        self.cell: list[str] | None = None
+        self.attrs: dict = {}
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table":
+            self.current = a.get("id", f"anon{len(self.tables)}")
+            self.tables[self.current] = []
+        elif tag == "tr" and self.current:
+            self.tables[self.current].append([])
+        elif tag in ("td", "th") and self.current:
+            self.cell, self.attrs = [], a
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self.cell is not None:
+            self.tables[self.current][-1].append(("".join(self.cell).strip(), self.attrs))
+            self.cell = None
+        elif tag == "table":
+            self.current = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell.append(data)
+
+
+def test_files_and_csv_tables(bench):
+    runs, index, _ = bench
+    assert index == runs / "report" / "index.html" and index.is_file()
+    html = index.read_text()
+    links = re.findall(r'href="(tables/[^"]+)"', html)
+    assert sorted(links) == sorted(f"tables/{n}.csv" for n in A.TABLES)
+    for name in A.TABLES:
+        assert (runs / "report" / "tables" / f"{name}.csv").read_bytes() == \
+            (runs / "analysis" / f"{name}.csv").read_bytes()
+    assert not list(runs.glob(".report*"))
+
+
+def test_html_is_well_formed_and_self_contained(bench):
+    _, index, _ = bench
+    html = index.read_text()
+    p = _parse(html)
+    assert not p.errors and p.stack == []
+    tags = [t for t, _ in p.tags]
+    assert "script" not in tags and "iframe" not in tags and "link" not in tags
+    for _, attrs in p.tags:
+        for key in ("src", "href"):
+            v = attrs.get(key)
+            if v is not None:
+                assert not re.match(r"^(https?:)?//", v), v
+                assert v.startswith(("#", "tables/", "data:image/png;base64,")), v
+    assert "http://" not in html and "https://" not in html and "url(" not in html
+    images = [a["src"] for t, a in p.tags if t == "img"]
+    assert len(images) >= 5                  # heatmap, curves, 2 fairness charts, ablation
+    for src in images:
+        png = base64.b64decode(src.split(",", 1)[1])
+        with Image.open(io.BytesIO(png)) as im:
+            im.verify()
+            assert im.format == "PNG"
+
+
+def test_every_section_and_figure_is_there(bench):
+    _, index, _ = bench
+    html = index.read_text()
+    ids = re.findall(r'<section id="([^"]+)"', html)
+    assert [s for s in ids if s != "notes"] == SECTIONS
+    tables = _Tables()
+    tables.feed(html)
+    for tid in ("cohort-overview", "cohort-folds", "cohort-labels", "leaderboard-mortality-base",
+                "leaderboard-phenotype-base", "natural-mortality-base", "fairness-mortality-base",
+                "ablation-mortality-base", "planted-table", "planted-subgroup"):
+        assert tid in tables.tables and len(tables.tables[tid]) > 1, tid
+    for alt in ("Fusion gain heatmap, Phenotype, base cohort", "Missingness curves, Mortality, base cohort",
+                "Fairness gaps, Mortality, base cohort", "Modality ablation, Mortality, base cohort"):
+        assert f'alt="{alt}"' in html
+    assert len(tables.tables["cohort-labels"]) == 1 + 1 + 7 + 25
+
+
+def test_leaderboard_cells_equal_the_analysis_and_marks_follow_holm(bench):
+    runs, index, _ = bench
+    tables = _Tables()
+    tables.feed(index.read_text())
+    board = pd.read_parquet(runs / "analysis" / "leaderboard.parquet")
+    comp = pd.read_parquet(runs / "analysis" / "comparisons.parquet")
+    n_marks = 0
+    for task in ("mortality", "phenotype"):
+        rows = tables.tables[f"leaderboard-{task}-base"]
+        header = [c for c, _ in rows[0]]
+        metrics = T.LEADERBOARD_METRICS[task]
+        assert header == ["method", "modalities", "runs (seeds)", *[T.metric_name(m) for m in metrics]]
+        b = board[(board.task == task) & (board.label == task)].set_index(["method", "metric"])
+        assert len(rows) - 1 == b.index.get_level_values(0).nunique()
+        ref = comp[(comp.task == task)].reference.iloc[0]
+        for row in rows[1:]:
+            method = row[0][0].replace(" (reference)", "")
+            assert (row[0][0].endswith("(reference)")) == (method == ref)
+            for (text, attrs), m in zip(row[3:], metrics, strict=True):
+                r = b.loc[(method, m)]
+                assert float(attrs["data-value"]) == pytest.approx(r.estimate, rel=1e-11, abs=1e-15)
+                assert text.startswith(f"{r.estimate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
+                c = comp[(comp.task == task) & (comp.comparison == "reference") & (comp.label == task)
+                         & (comp.metric == m) & (comp.method_a == method)]
+                sig = len(c) == 1 and c.p_holm.item() < 0.05
+                better = sig and (c.delta.item() > 0) != (m in T.LOWER_IS_BETTER)
+                assert text.endswith(T.BETTER) == better and text.endswith(T.WORSE) == (sig and not better)
+                n_marks += sig
+    assert n_marks >= 1  # medfuse's planted advantage on phenotypes is significant
+
+
+def test_planted_truth_comparison():
+    labels = ["pheno_a", "pheno_b", "pheno_c", "pheno_d"]
+    rows = []
+    # per label: (EHR-only CI, X-ray-only CI)
+    cis = {"pheno_a": ((0.7, 0.6, 0.8), (0.5, 0.4, 0.6)), "pheno_b": ((0.7, 0.6, 0.8), (0.7, 0.55, 0.8)),
+           "pheno_c": ((0.52, 0.45, 0.6), (0.5, 0.4, 0.6)), "pheno_d": ((0.5, 0.4, 0.6), (0.49, 0.4, 0.6))}
+    for label in labels:
+        for method, (est, lo, hi) in zip(("lstm", "resnet"), cis[label], strict=True):
+            rows.append({"task": "phenotype", "cohort": "base", "label": label, "metric": "auroc", "method": method,
+                         "estimate": est, "ci_low": lo, "ci_high": hi})
+    board = pd.DataFrame(rows)
+    comp = pd.DataFrame([{"task": "phenotype", "cohort": "base", "comparison": "reference", "metric": "auroc",
+                          "label": lab, "method_a": "medfuse", "method_b": "lstm", "delta": d, "p_holm": p}
+                         for lab, d, p in (("pheno_a", 0.01, 0.6), ("pheno_b", 0.0, 1.0), ("pheno_c", 0.2, 0.001),
+                                           ("pheno_d", -0.01, 0.9))])
+    runs = pd.DataFrame({"model": ["lstm", "resnet", "medfuse"], "modalities": ["ehr", "cxr", "ehr+cxr"]})
+    obs = T.planted_kinds(board, comp, runs).set_index("label")
+    assert obs.observed.to_dict() == {"pheno_a": "ehr", "pheno_b": "both", "pheno_c": "both", "pheno_d": "none"}
+    truth = {"phenotypes": {"pheno_a": "ehr", "pheno_b": "both", "pheno_c": "cxr", "pheno_d": "none"}}
+    table, agree, compared = T.planted(truth, obs.reset_index())
+    assert (agree, compared) == (3, 4)
+    assert [r[-1].text for r in table.rows] == ["✓", "✓", "✗", "✓"]
+    no_cxr = T.planted_kinds(board[board.method == "lstm"], comp, runs[runs.model != "resnet"])
+    assert set(no_cxr.observed) == {"n/a"}
+
+
+def test_planted_section_of_the_page(bench):
+    _, index, planted = bench
+    html = index.read_text()
+    tables = _Tables()
+    tables.feed(html)
+    rows = tables.tables["planted-table"][1:]
+    assert [r[0][0] for r in rows] == list(planted["phenotypes"])
+    assert [r[1][0] for r in rows] == list(planted["phenotypes"].values())
+    agree = sum(r[-1][0] == "✓" for r in rows)
+    compared = sum(r[-1][0] in ("✓", "✗") for r in rows)
+    assert f"{agree} of {compared}</strong> phenotypes" in html
+    sub = tables.tables["planted-subgroup"][1:]
+    assert {r[2][0] for r in sub} == {"lstm", "latefusion", "medfuse", "resnet"}
+
+
+def test_autoescaping_of_data(bench):
+    runs, _, _ = bench
+    tables, summary = A.load_analysis(runs)
+    evil = "<b onmouseover=x>lstm</b>"
+    for name in A.TABLES:
+        t = tables[name].copy()
+        for col in ("method", "method_a", "method_b", "reference", "model"):
+            if col in t:
+                t[col] = t[col].replace("lstm", evil)
+        tables[name] = t
+    html = H.render(H.build_page(tables, summary))
+    assert evil not in html and "&lt;b onmouseover=x&gt;lstm&lt;/b&gt;" in html
+    assert not _parse(html).errors
+
+
+def test_errors(tmp_path, bench):
+    runs, _, _ = bench
+    with pytest.raises(A.AnalysisError, match="carebench analyze"):
+        build_report(tmp_path)
+    bad = tmp_path / "planted.json"
+    bad.write_text(json.dumps({"phenotypes": {"pheno_shock": "lungs"}}))
+    with pytest.raises(H.ReportError, match="ehr, cxr, both or none"):
+        build_report(runs, planted=bad, out=tmp_path / "r")
+    bad.write_text("{not json")
+    with pytest.raises(H.ReportError, match="--planted"):
+        build_report(runs, planted=bad, out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()
+    res = CliRunner().invoke(app, ["report", str(tmp_path)])
+    assert res.exit_code == 2 and "carebench analyze" in res.output and len(res.output.strip().splitlines()) == 1
+    ok = CliRunner().invoke(app, ["report", str(runs), "--out", str(tmp_path / "cli")])
+    assert ok.exit_code == 0 and (tmp_path / "cli" / "index.html").is_file()
+
+
+def test_headless_chromium_loads_the_page_without_errors(bench, tmp_path):
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("Debian package `chromium` is not installed: run `make test` (it installs it) or "
+                    "`apt-get install -y chromium`")
+    _, index, _ = bench
+    # the detector works: a broken page is caught
+    broken = tmp_path / "broken.html"
+    broken.write_text('<html><body><img src="missing.png"><script>console.error("boom"); nope();</script></body>'
+                      "</html>")
+    bad = browser.check_page(broken, chromium=exe)
+    assert any("boom" in e for e in bad.errors) and any("nope" in e for e in bad.errors)
+    assert any("failed load" in e for e in bad.errors) and bad.probe["broken_images"] == 1
+
+    shot = tmp_path / "report.png"
+    check = browser.check_page(index, screenshot=shot, chromium=exe)
+    assert check.errors == []
+    assert not [lvl for lvl, _ in check.console]                 # the page logs nothing at all
+    n_img = index.read_text().count("<img ")
+    assert check.probe["images"] == n_img and check.probe["broken_images"] == 0
+    assert check.probe["scripts"] == 0 and check.probe["title"].startswith("carebench report")
+    assert [s for s in check.probe["sections"] if s != "notes"] == SECTIONS
+    assert all(u.startswith(("file://", "data:image/png")) for u in check.requests)
+    with Image.open(shot) as im:
+        assert im.size == (1280, 2400)
+        assert np.asarray(im.convert("L")).std() > 10              # a rendered page, not a blank image
+
+
+def test_a_stale_analysis_is_noted(bench):
+    runs, _, _ = bench
+    _, summary = A.load_analysis(runs)
+    assert H.stale_notes(runs, summary) == []
+    older = dict(summary, run_ids=[*summary["run_ids"][1:], "lstm_mortality_f9_s0_000000000000"])
+    new, gone = H.stale_notes(runs, older)
+    assert "1 run(s) finished after the analysis" in new and summary["run_ids"][0] in new
+    assert "lstm_mortality_f9_s0_000000000000" in gone
