@@ -15,7 +15,7 @@ from __future__ import annotations
 import os.path
 import sys
 
-# Run as a file, this script's folder is sys.path[0]: drop it so a sibling script (e.g. benchmarks/statistics.py)
+# Run as a file, this script's folder is sys.path[0]: drop it so a sibling script (e.g. benchmarks/statistics_throughput.py)
 # cannot shadow a standard-library module that torch or Lightning imports.
 if sys.path and os.path.realpath(sys.path[0]) == os.path.dirname(os.path.realpath(__file__)):
     sys.path.pop(0)

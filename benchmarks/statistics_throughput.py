@@ -11,8 +11,8 @@ each label and arm - is timed on a subset (--loop-permutations) and extrapolated
 wall and CPU time are reported. The loop's statistics are checked against the vectorised null distribution on the
 same swap patterns, so both compute the same numbers.
 
-    python benchmarks/statistics.py                      # prints a Markdown table for docs/performance.md
-    python benchmarks/statistics.py --stays 2000 --labels 25 --permutations 10000 --repeats 3
+    python benchmarks/statistics_throughput.py                      # prints a Markdown table for docs/performance.md
+    python benchmarks/statistics_throughput.py --stays 2000 --labels 25 --permutations 10000 --repeats 3
 """
 
 from __future__ import annotations
