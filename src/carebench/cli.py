@@ -179,6 +179,44 @@ def evaluate(
             print(f"{key}\t{value}")
 
 
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def benchmark(
+    overrides: list[str] | None = typer.Argument(  # noqa: B008
+        None, help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=bf16-mixed)."),
+    plan: str = typer.Option(..., "--plan", help="A built-in profile (quick, paper) or a plan YAML file (docs/benchmark.md)."),
+    data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
+    out: str = typer.Option(..., "--out", help="Runs directory: OUT/<run_id>/, OUT/plan.yaml, OUT/runs.csv."),
+    executor: str = typer.Option("local", "--executor", help="local (worker processes) | ray (pip install 'carebench[ray]')."),
+    jobs: int | None = typer.Option(None, "--jobs", help="Runs at a time (local: 1; ray: cluster CPUs / threads)."),
+    threads: int | None = typer.Option(None, "--threads", help="Torch threads per run (default: CPU cores // jobs)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, "
+                                           "else a local Ray instance)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="List the planned runs and whether they are done; run nothing."),
+) -> None:
+    """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
+    from carebench.experiments import load_plan, print_summary, run_benchmark
+    from carebench.training import parse_overrides
+
+    p = load_plan(plan, parse_overrides(overrides))
+    if dry_run:
+        from pathlib import Path
+
+        from carebench.experiments.plan import expand_plan
+
+        for cfg in expand_plan(p, data):
+            done = (Path(out) / cfg.run_id / "DONE").is_file()
+            print(f"{cfg.run_id}\t{'done' if done else 'pending'}")
+        return
+    summary = run_benchmark(p, data, out, executor=executor, jobs=jobs, threads=threads, address=ray_address,
+                            console=err_console)
+    print_summary(summary, Console())
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
 @app.command()
 @user_errors
 def analyze(
