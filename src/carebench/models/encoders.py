@@ -25,6 +25,19 @@ from torchvision.models.resnet import BasicBlock
 from carebench.errors import UserError
 from carebench.models.base import ModelConfigError
 
+# Encoder hyper-parameters (and their defaults: the reference setting) shared by the methods that pair a
+# Transformer EHR encoder with an ImageNet ResNet-50 (latefusion, daft, aug, inforeg). Each spreads them into its
+# own default_hparams, so the keys and defaults are defined once.
+TRANSFORMER_RESNET_DEFAULTS: dict[str, object] = {
+    "ehr_encoder": "transformer",
+    "ehr_hidden": 256,
+    "ehr_layers": 1,
+    "ehr_heads": 4,
+    "ehr_dropout": 0.2,
+    "cxr_backbone": "resnet50",
+    "cxr_pretrained": "imagenet",
+}
+
 
 class PretrainedWeightsError(UserError):
     """Image-encoder weights could not be obtained or do not fit the architecture."""

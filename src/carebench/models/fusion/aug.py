@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, TaskSpec, cxr_present
 from carebench.models.encoders import (
     RESNET_ARCHS,
+    TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
     build_ehr_encoder,
     ehr_input,
@@ -101,13 +102,7 @@ class AUG(BaseModel):
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
     train_task_loss: ClassVar[bool] = False  # each modality is trained on its own boosting loss (aux_losses)
     default_hparams: ClassVar[dict[str, Any]] = {
-        "ehr_encoder": "transformer",
-        "ehr_hidden": 256,
-        "ehr_layers": 1,
-        "ehr_heads": 4,
-        "ehr_dropout": 0.2,
-        "cxr_backbone": "resnet50",
-        "cxr_pretrained": "imagenet",
+        **TRANSFORMER_RESNET_DEFAULTS,
         "head_dim": 256,
         "alpha": 0.6,
         "lam": 1.0,

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
 from carebench.models.encoders import (
     RESNET_ARCHS,
+    TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
     batchnorm_safe,
     build_ehr_encoder,
@@ -120,13 +121,7 @@ class DAFT(BaseModel):
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
     default_hparams: ClassVar[dict[str, Any]] = {
-        "ehr_encoder": "transformer",
-        "ehr_hidden": 256,
-        "ehr_layers": 1,
-        "ehr_heads": 4,
-        "ehr_dropout": 0.2,
-        "cxr_backbone": "resnet50",
-        "cxr_pretrained": "imagenet",
+        **TRANSFORMER_RESNET_DEFAULTS,
         "daft_location": 2,
         "daft_activation": "linear",
         "bottleneck_factor": 7.0,

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present, per_sample_task_loss
 from carebench.models.encoders import (
     RESNET_ARCHS,
+    TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
     build_ehr_encoder,
     ehr_input,
@@ -76,13 +77,7 @@ class InfoReg(BaseModel):
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
     default_hparams: ClassVar[dict[str, Any]] = {
-        "ehr_encoder": "transformer",
-        "ehr_hidden": 256,
-        "ehr_layers": 1,
-        "ehr_heads": 4,
-        "ehr_dropout": 0.2,
-        "cxr_backbone": "resnet50",
-        "cxr_pretrained": "imagenet",
+        **TRANSFORMER_RESNET_DEFAULTS,
         "k_threshold": 0.04,
         "beta_ehr": 0.95,
         "beta_cxr": 0.1,

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from carebench.models.base import BaseModel, ModelOutput, cxr_present
 from carebench.models.encoders import (
     RESNET_ARCHS,
+    TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
     build_ehr_encoder,
     ehr_input,
@@ -30,13 +31,7 @@ class LateFusion(BaseModel):
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
     default_hparams: ClassVar[dict[str, Any]] = {
-        "ehr_encoder": "transformer",
-        "ehr_hidden": 256,
-        "ehr_layers": 1,
-        "ehr_heads": 4,
-        "ehr_dropout": 0.2,
-        "cxr_backbone": "resnet50",
-        "cxr_pretrained": "imagenet",
+        **TRANSFORMER_RESNET_DEFAULTS,
         "fusion_dim": 256,
         "dropout": 0.2,
     }
