@@ -474,3 +474,73 @@ def test_kernel_memory_chunks_do_not_change_results(monkeypatch):
     assert np.array_equal(boot.distribution,
                           paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300,
                                               seed=1).distribution)
+
+
+# ------------------------------------------------------------------------------------------ label groups
+
+
+def test_group_macro_equals_sklearn_mean_over_the_group_and_resamples_like_macro():
+    rng = np.random.default_rng(21)
+    y, p, q, names = _task_data("phenotype", 120, rng)
+    groups = {"ab": ["pheno_0", "pheno_1"], "rare": ["pheno_2", "pheno_3"]}
+    keys = ["auroc_macro@ab", "auprc_macro@ab", "auroc_macro@rare", "auroc_macro"]
+    assert set(keys) <= set(available_metrics("multilabel", names, groups))
+    v = metric_values(y, p, keys, names=names, groups=groups)
+    for g, labels in groups.items():
+        idx = [names.index(nm) for nm in labels if 0 < y[:, names.index(nm)].sum() < len(y)]
+        assert v[f"auroc_macro@{g}"][0] == pytest.approx(
+            np.mean([skm.roc_auc_score(y[:, j], p[:, j]) for j in idx]), abs=TOL)
+    assert v["auprc_macro@ab"][0] == pytest.approx(
+        np.mean([skm.average_precision_score(y[:, j], p[:, j]) for j in (0, 1)]), abs=TOL)
+    # a one-label group is that label's metric; the group of all labels is the macro average
+    one = metric_values(y, p, ["auroc_macro@x", "auroc/pheno_1"], names=names, groups={"x": ["pheno_1"]})
+    assert one["auroc_macro@x"][0] == one["auroc/pheno_1"][0]
+    every = metric_values(y, p, ["auroc_macro@all", "auroc_macro"], names=names, groups={"all": names})
+    assert every["auroc_macro@all"][0] == pytest.approx(every["auroc_macro"][0], abs=TOL)
+    # on resamples a group is undefined exactly when one of its defined labels lost a class (pheno_3: 2 positives)
+    w = np.concatenate(list(bootstrap_weights(len(y), 300, seed=3)), axis=1).T
+    r = metric_values(y, p, ["auroc_macro@rare", "auroc/pheno_2", "auroc/pheno_3", "auroc_macro@ab"],
+                      names=names, groups=groups, weights=w)
+    lost = np.isnan(r["auroc/pheno_2"]) | np.isnan(r["auroc/pheno_3"])
+    assert lost.any() and np.array_equal(np.isnan(r["auroc_macro@rare"]), lost)
+    assert np.nanmax(np.abs(r["auroc_macro@rare"] - (r["auroc/pheno_2"] + r["auroc/pheno_3"]) / 2)) < TOL
+    # the paired permutation test of a group uses the same swaps as the per-label tests
+    t = st.paired_permutation_tests(y, p, q, ["auroc_macro@ab", "auroc/pheno_0", "auroc/pheno_1"], names=names,
+                                    n_permutations=500, seed=0, groups=groups)
+    null = (t["auroc/pheno_0"].null_distribution + t["auroc/pheno_1"].null_distribution) / 2
+    assert np.allclose(t["auroc_macro@ab"].null_distribution, null, atol=TOL)
+
+
+def test_compare_methods_with_label_groups_picks_a_reference_per_group():
+    """Model "ehr" sees labels 0-1 and "cxr" labels 2-3: each group's reference is the unimodal model that sees it,
+    group rows have their own Holm family, and fusion (sees all) beats each group's reference."""
+    rng = np.random.default_rng(22)
+    n = 300
+    y = (rng.random((n, 4)) < 0.3).astype(int)
+    def see(cols: list[int], strength: float) -> np.ndarray:  # informative on `cols`, noise elsewhere
+        z = np.where(np.isin(np.arange(4), cols), strength * (2 * y - 1), 0.0) + rng.normal(size=(n, 4))
+        return 1 / (1 + np.exp(-z))
+
+    rows = []
+    for method, p in (("ehr", see([0, 1], 0.6)), ("cxr", see([2, 3], 0.6)), ("fusion", see([0, 1, 2, 3], 1.2))):
+        frame = pd.DataFrame({"method": method, "seed": 0, "stay_id": np.arange(n)})
+        for j in range(4):
+            frame[f"y_pheno_{j}"], frame[f"p_pheno_{j}"] = y[:, j], p[:, j]
+        rows.append(frame)
+    preds = pd.concat(rows, ignore_index=True)
+    groups = {"e": ["pheno_0", "pheno_1"], "x": ["pheno_2", "pheno_3"]}
+    table = compare_methods(preds, "phenotype", unimodal=["ehr", "cxr"], n_resamples=200, n_permutations=999,
+                            seed=0, label_groups=groups, metrics=["auroc_macro"])
+    assert table.attrs["group_references"] == {"e": "ehr", "x": "cxr"}
+    ref = table[table["comparison"] == "reference"].set_index("label")
+    assert ref.loc["group:e", "method_b"] == "ehr" and ref.loc["group:x", "method_b"] == "cxr"
+    assert set(ref["method_a"]) == {"fusion"}
+    fam = table[table["family"] == "phenotype:reference:auroc_macro:group"]
+    assert len(fam) == 2 and (fam["delta"] > 0.1).all() and (fam["p_holm"] < 0.01).all()
+    # pairwise rows carry every group; no label group may reuse the separator or name an unknown label
+    assert len(table[(table["comparison"] == "pairwise") & (table["label"] == "group:e")]) == 3
+    with pytest.raises(StatisticsInputError, match="label group 'bad': unknown label"):
+        compare_methods(preds, "phenotype", unimodal=["ehr"], label_groups={"bad": ["pheno_9"]})
+    with pytest.raises(StatisticsInputError, match="without '@'"):
+        metric_values(y, y * 0.5, ["auroc_macro"], names=[f"pheno_{j}" for j in range(4)],
+                      groups={"a@b": ["pheno_0"]})

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +49,7 @@ MAX_EXACT_STAYS = 20
 TIE_TOLERANCE = 1e-12
 
 _BINARY_METRICS = ("auroc", "auprc", "accuracy", "f1", "precision", "recall", "specificity", "brier", "ece")
+GROUP_SEP = "@"  # "auroc_macro@both": macro average over the labels of group "both"
 _MULTILABEL_AGG = ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted", "auroc_micro", "auprc_micro")
 _MULTICLASS_METRICS = ("accuracy", "f1_macro", "f1_weighted", "kappa", "kappa_linear", "auroc_ovr_macro")
 ALTERNATIVES = ("two-sided", "greater", "less")
@@ -298,12 +299,38 @@ def task_kind(y: np.ndarray, p: np.ndarray) -> str:
                                "(binary), [n, L] and [n, L] (multilabel) or [n] and [n, K] (multiclass)")
 
 
-def available_metrics(kind: str, names: Sequence[str]) -> list[str]:
-    """Metric keys (as in `carebench.evaluation.metrics`) that the vectorised statistics compute for a task kind."""
+def group_key(metric: str, group: str) -> str:
+    """Key of a macro average over a label group: `group_key("auroc_macro", "both")` -> "auroc_macro@both"."""
+    return f"{metric}{GROUP_SEP}{group}"
+
+
+def _check_groups(groups: Mapping[str, Sequence[str]] | None, names: Sequence[str]) -> dict[str, list[str]]:
+    """Label groups (group -> label names) validated against the task's labels."""
+    out: dict[str, list[str]] = {}
+    for g, labels in (groups or {}).items():
+        if not isinstance(g, str) or not g or GROUP_SEP in g or "/" in g:
+            raise StatisticsInputError(f"label group name {g!r}: expected a non-empty name without '@' or '/'")
+        labels = list(dict.fromkeys(labels))
+        unknown = sorted(set(labels) - set(names))
+        if unknown or not labels:
+            raise StatisticsInputError(f"label group {g!r}: " + (f"unknown label(s) {unknown}" if unknown else
+                                       "no labels") + f"; labels: {list(names)}")
+        out[g] = labels
+    return out
+
+
+def available_metrics(kind: str, names: Sequence[str],
+                      groups: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """Metric keys (as in `carebench.evaluation.metrics`) that the vectorised statistics compute for a task kind.
+
+    Multilabel predictions with label `groups` also have `auroc_macro@<group>` and `auprc_macro@<group>`: the
+    macro average over the group's labels (those defined on the data, as for `auroc_macro`).
+    """
     if kind == "binary":
         return list(_BINARY_METRICS)
     if kind == "multilabel":
-        return [*_MULTILABEL_AGG, *(f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names)]
+        return [*_MULTILABEL_AGG, *(f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names),
+                *(group_key(f"{m}_macro", g) for g in (groups or {}) for m in ("auroc", "auprc"))]
     if kind == "multiclass":
         return [*_MULTICLASS_METRICS, *(f"auroc/{nm}" for nm in names)]
     raise StatisticsInputError(f"unknown task kind {kind!r}")
@@ -317,14 +344,16 @@ class _MetricSet:
     """
 
     def __init__(self, y: np.ndarray, p: np.ndarray, names: Sequence[str], keys: Sequence[str],
-                 paired: bool = False):
+                 paired: bool = False, groups: Mapping[str, Sequence[str]] | None = None):
         self.kind = task_kind(y, p)
         self.paired = paired
         self.names = list(names)
-        unknown = sorted(set(keys) - set(available_metrics(self.kind, self.names)))
+        self.groups = _check_groups(groups, self.names) if self.kind == "multilabel" else {}
+        available = available_metrics(self.kind, self.names, self.groups)
+        unknown = sorted(set(keys) - set(available))
         if unknown:
             raise StatisticsInputError(f"metric(s) {unknown} not available for {self.kind} predictions; choose "
-                                       f"from {available_metrics(self.kind, self.names)}")
+                                       f"from {available}")
         self.keys = list(keys)
         self.channels: dict[str, _RankChannel] = {}
         self.features: np.ndarray | None = None
@@ -349,8 +378,11 @@ class _MetricSet:
         y = _binary_labels(y, "labels")
         self.defined = [j for j in range(y.shape[1]) if y[:, j].any() and not y[:, j].all()]
         agg = any(k in self.keys for k in ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted"))
+        in_groups = {nm for g, labels in self.groups.items() for nm in labels
+                     if any(group_key(f"{m}_macro", g) in self.keys for m in ("auroc", "auprc"))}
         for j, nm in enumerate(self.names):
-            if (agg and j in self.defined) or f"auroc/{nm}" in self.keys or f"auprc/{nm}" in self.keys:
+            if ((agg or nm in in_groups) and j in self.defined) or f"auroc/{nm}" in self.keys \
+                    or f"auprc/{nm}" in self.keys:
                 self.channels[nm] = _rank_channel(p[:, j], y[:, j], paired=self.paired)
         if "auroc_micro" in self.keys or "auprc_micro" in self.keys:
             items = np.repeat(np.arange(len(y)), y.shape[1])
@@ -434,6 +466,13 @@ class _MetricSet:
                 support = sums[:, self.defined]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     out[f"{metric}_weighted"] = (vals * support).sum(axis=1) / support.sum(axis=1)
+        for g, labels in self.groups.items():
+            members = [self.names[j] for j in self.defined if self.names[j] in labels]
+            for i, metric in enumerate(("auroc", "auprc")):
+                key = group_key(f"{metric}_macro", g)
+                if key in self.keys:
+                    out[key] = (np.column_stack([ranks[nm][i] for nm in members]).mean(axis=1) if members
+                                else np.full(r, np.nan))
         return out
 
     def _finish_multiclass(self, ranks, sums, total) -> dict[str, np.ndarray]:
@@ -486,11 +525,12 @@ def _prepare(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray,
 
 
 def metric_values(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                  weights: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                  weights: np.ndarray | None = None,
+                  groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, np.ndarray]:
     """The vectorised metrics for integer weightings [R, n] of the stays (default: one row of ones)."""
     y, p, names = _prepare(y_true, p, names)
     wt = np.ones((len(y), 1), dtype=np.int32) if weights is None else _weights_t(weights, len(y))
-    return _MetricSet(y, p, names, metrics).evaluate(wt)
+    return _MetricSet(y, p, names, metrics, groups=groups).evaluate(wt)
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -608,44 +648,47 @@ def _strata(y: np.ndarray, stratify: bool) -> np.ndarray | None:
 
 def bootstrap_ci(y_true, p, metric: str = "auroc", *, names: Sequence[str] | None = None,
                  n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                 stratify: bool = False) -> BootstrapResult:
+                 stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None) -> BootstrapResult:
     """Bootstrap confidence interval of one metric (stays resampled with replacement).
 
     `method`: "percentile" or "bca" (bias-corrected and accelerated, jackknife acceleration). `stratify`
     resamples each class separately (binary / multiclass). Resamples where the metric is undefined are skipped.
     """
     return bootstrap_cis(y_true, p, [metric], names=names, n_resamples=n_resamples, ci=ci, seed=seed,
-                         method=method, stratify=stratify)[metric]
+                         method=method, stratify=stratify, groups=groups)[metric]
 
 
 def bootstrap_cis(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
                   n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                  stratify: bool = False) -> dict[str, BootstrapResult]:
+                  stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
+                  ) -> dict[str, BootstrapResult]:
     """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
     y, p, names = _prepare(y_true, p, names)
     _check_options(ci, method, n_resamples, "n_resamples")
-    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)))]
+    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups)]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
 
 def paired_bootstrap_ci(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
                         n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                        stratify: bool = False) -> BootstrapResult:
+                        stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
+                        ) -> BootstrapResult:
     """Bootstrap confidence interval of metric(a) - metric(b) on the same stays (one resample serves both)."""
     return paired_bootstrap_cis(y_true, p_a, p_b, [metric], names=names, n_resamples=n_resamples, ci=ci,
-                                seed=seed, method=method, stratify=stratify)[metric]
+                                seed=seed, method=method, stratify=stratify, groups=groups)[metric]
 
 
 def paired_bootstrap_cis(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
                          n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                         stratify: bool = False) -> dict[str, BootstrapResult]:
+                         stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
+                         ) -> dict[str, BootstrapResult]:
     """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass."""
     y, p_a, names = _prepare(y_true, p_a, names)
     _, p_b, _ = _prepare(y_true, p_b, names)
     _same_shape(p_a, p_b)
     _check_options(ci, method, n_resamples, "n_resamples")
     keys = list(dict.fromkeys(metrics))
-    sets = [_MetricSet(y, p_a, names, keys), _MetricSet(y, p_b, names, keys)]
+    sets = [_MetricSet(y, p_a, names, keys, groups=groups), _MetricSet(y, p_b, names, keys, groups=groups)]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
 
@@ -704,9 +747,11 @@ def _p_value(null: np.ndarray, observed: float, alternative: str, exact: bool) -
 
 
 def _permutation_many(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, names: list[str], keys: Sequence[str],
-                      n_permutations: int, seed: int, alternative: str) -> dict[str, PermutationResult]:
+                      n_permutations: int, seed: int, alternative: str,
+                      groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, PermutationResult]:
     n = len(y)
-    pooled = _MetricSet(np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True)
+    pooled = _MetricSet(np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True,
+                        groups=groups)
     identity = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.uint8)[:, None]
     obs_a, obs_b = pooled.evaluate_swapped(identity)
     observed = {k: float(obs_a[k][0] - obs_b[k][0]) for k in keys}
@@ -734,8 +779,8 @@ def _check_alternative(alternative: str, n_permutations: int) -> None:
 
 
 def paired_permutation_test(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
-                            n_permutations: int = 10000, seed: int = 0,
-                            alternative: str = "two-sided") -> PermutationResult:
+                            n_permutations: int = 10000, seed: int = 0, alternative: str = "two-sided",
+                            groups: Mapping[str, Sequence[str]] | None = None) -> PermutationResult:
     """Paired permutation test of T = metric(a) - metric(b) on the same stays.
 
     Under the null the two models are exchangeable per stay, so each permutation swaps the two models' scores
@@ -744,18 +789,19 @@ def paired_permutation_test(y_true, p_a, p_b, metric: str = "auroc", *, names: S
     With 2**n <= n_permutations every swap pattern is enumerated and p = #{|T*| >= |T|} / 2**n (exact).
     """
     return paired_permutation_tests(y_true, p_a, p_b, [metric], names=names, n_permutations=n_permutations,
-                                    seed=seed, alternative=alternative)[metric]
+                                    seed=seed, alternative=alternative, groups=groups)[metric]
 
 
 def paired_permutation_tests(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                             n_permutations: int = 10000, seed: int = 0,
-                             alternative: str = "two-sided") -> dict[str, PermutationResult]:
+                             n_permutations: int = 10000, seed: int = 0, alternative: str = "two-sided",
+                             groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, PermutationResult]:
     """`paired_permutation_test` of several metrics (e.g. every phenotype) on the same permutations, in one pass."""
     y, p_a, names = _prepare(y_true, p_a, names)
     _, p_b, _ = _prepare(y_true, p_b, names)
     _same_shape(p_a, p_b)
     _check_alternative(alternative, n_permutations)
-    return _permutation_many(y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative)
+    return _permutation_many(y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative,
+                             groups)
 
 
 # ------------------------------------------------------------------------------------ multiplicity
@@ -867,17 +913,34 @@ def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredicti
     return out
 
 
-def _expand_keys(task: str, metrics: Sequence[str] | None, names: list[str]) -> list[str]:
+def _expand_keys(task: str, metrics: Sequence[str] | None, names: list[str],
+                 groups: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+    """Metric keys; `auroc/*` expands to every label, and with label groups every requested macro average
+    (`auroc_macro`, `auprc_macro`) is added for each group (`auroc_macro@<group>`)."""
     keys: list[str] = []
     for m in metrics if metrics is not None else DEFAULT_COMPARE_METRICS[task]:
         keys.extend([f"{m[:-2]}/{nm}" for nm in names] if m.endswith("/*") else [m])
+    for m in list(keys):
+        if m in ("auroc_macro", "auprc_macro"):
+            keys.extend(group_key(m, g) for g in (groups or {}))
     return list(dict.fromkeys(keys))
 
 
+GROUP_LABEL = "group:"  # label column of a label-group row: "group:<name>"
+
+
 def _split_key(task: str, key: str) -> tuple[str, str]:
-    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); overall keys -> (task, key)."""
+    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); a group key 'auroc_macro@both'
+    -> ('group:both', 'auroc_macro'); overall keys -> (task, key)."""
     metric, _, label = key.partition("/")
-    return (label, metric) if label else (task, metric)
+    if label:
+        return label, metric
+    metric, sep, group = key.partition(GROUP_SEP)
+    return (GROUP_LABEL + group, metric) if sep else (task, metric)
+
+
+def _scope(key: str) -> str:
+    return "per_label" if "/" in key else "group" if GROUP_SEP in key else "overall"
 
 
 def _align(a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str,
@@ -893,9 +956,10 @@ def _align(a: PooledPredictions, b: PooledPredictions, names: list[str], method_
 
 
 def _best_method(pooled: dict[str, PooledPredictions], candidates: Sequence[str], task: str,
-                 names: list[str]) -> str:
-    metric = SELECTION_METRIC[task]
-    scores = {m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names)[metric][0]
+                 names: list[str], group: str | None = None,
+                 groups: Mapping[str, Sequence[str]] | None = None) -> str:
+    metric = SELECTION_METRIC[task] if group is None else group_key(SELECTION_METRIC[task], group)
+    scores = {m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
               for m in sorted(candidates)}
     return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
 
@@ -904,44 +968,56 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
                     unimodal: Sequence[str] = (), metrics: Sequence[str] | None = None, pairwise: bool = True,
                     n_resamples: int = 2000, n_permutations: int = 10000, ci: float = 0.95, seed: int = 0,
                     ci_method: str = "percentile", alternative: str = "two-sided",
-                    stratify: bool = False) -> pd.DataFrame:
+                    stratify: bool = False, label_groups: Mapping[str, Sequence[str]] | None = None
+                    ) -> pd.DataFrame:
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
     Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
     reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise").
     The reference is `reference`, or else the unimodal method with the best test value of the task's selection
     metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
-    p-values are adjusted within each `family` = task x comparison x metric x (overall | per_label).
-    `stratify` (mortality, LOS) resamples the bootstrap within classes. Details: docs/statistics.md.
+    `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
+    without an explicit `reference`, each group's reference is the unimodal method best on the group's macro
+    selection metric. p-values are adjusted within each `family` = task x comparison x metric x
+    (overall | per_label | group). `stratify` (mortality, LOS) resamples the bootstrap within classes.
+    Details: docs/statistics.md.
     """
     _check_options(ci, ci_method, n_resamples, "n_resamples")
     _check_alternative(alternative, n_permutations)
     pooled = pool_predictions(preds, task)
     names = task_columns(preds.columns, task)[2]
+    groups = _check_groups(label_groups, names) if TASK_KIND[task] == "multilabel" else {}
     methods = sorted(pooled)
-    keys = _expand_keys(task, metrics, names)
+    keys = _expand_keys(task, metrics, names, groups)
     unknown_methods = sorted({*unimodal, *([reference] if reference else [])} - set(methods))
     if unknown_methods:
         raise StatisticsInputError(f"method(s) {unknown_methods} have no predictions; methods: {methods}")
+    group_refs: dict[str, str] = {}
     if reference is None and unimodal:
+        group_refs = {g: _best_method(pooled, unimodal, task, names, g, groups) for g in groups}
         reference = _best_method(pooled, unimodal, task, names)
-    pairs: list[tuple[str, str, str]] = []
+    key_ref = {k: group_refs.get(k.partition(GROUP_SEP)[2], reference) if GROUP_SEP in k else reference
+               for k in keys}
+    pairs: list[tuple[str, str, str, list[str]]] = []
     if reference is not None:
-        pairs += [("reference", m, reference) for m in methods if m != reference and m not in unimodal]
+        for ref in dict.fromkeys(key_ref.values()):
+            ref_keys = [k for k in keys if key_ref[k] == ref]
+            pairs += [("reference", m, ref, ref_keys) for m in methods
+                      if m not in (ref, reference) and m not in unimodal]
     if pairwise:
-        pairs += [("pairwise", a, b) for a, b in itertools.combinations(methods, 2)]
+        pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
     done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
     rows = []
-    for comparison, a, b in pairs:
+    for comparison, a, b, row_keys in pairs:
         if (a, b) not in done:
             y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
-            sets = [_MetricSet(y, pa, names, keys), _MetricSet(y, pb, names, keys)]
+            sets = [_MetricSet(y, pa, names, keys, groups=groups), _MetricSet(y, pb, names, keys, groups=groups)]
             point = [s.evaluate(np.ones((len(y), 1), dtype=np.int32)) for s in sets]
             boot = _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, ci_method)
-            perm = _permutation_many(y, pa, pb, names, keys, n_permutations, seed, alternative)
+            perm = _permutation_many(y, pa, pb, names, keys, n_permutations, seed, alternative, groups)
             done[(a, b)] = (point, boot, perm, len(y))
         point, boot, perm, n = done[(a, b)]
-        for key in keys:
+        for key in row_keys:
             label, metric = _split_key(task, key)
             rows.append({
                 "task": task, "comparison": comparison, "family": "", "label": label, "metric": metric,
@@ -950,7 +1026,7 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
                 "ci_high": boot[key].ci_high, "p_value": perm[key].p_value, "n_stays": n,
                 "n_seeds_a": pooled[a].n_seeds, "n_seeds_b": pooled[b].n_seeds,
                 "n_resamples_valid": boot[key].n_valid, "n_permutations": perm[key].n_permutations,
-                "scope": "per_label" if "/" in key else "overall"})
+                "scope": _scope(key)})
     table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
     if len(table):
         table["family"] = table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
@@ -958,6 +1034,7 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
             table[col] = table.groupby("family", sort=False)["p_value"].transform(lambda s, f=fn: f(s.to_numpy()))
     table = table.drop(columns="scope")
     table.attrs["reference"] = reference
+    table.attrs["group_references"] = group_refs
     return table
 
 
@@ -968,7 +1045,8 @@ _COMPARE_COLUMNS = ["task", "comparison", "family", "label", "metric", "method_a
 
 def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | None = None,
                    n_resamples: int = 2000, ci: float = 0.95, seed: int = 0,
-                   ci_method: str = "percentile", stratify: bool = False) -> pd.DataFrame:
+                   ci_method: str = "percentile", stratify: bool = False,
+                   label_groups: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
     """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
 
     `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
@@ -978,15 +1056,16 @@ def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | N
     pooled = pool_predictions(preds, task)
     names = task_columns(preds.columns, task)[2]
     kind = TASK_KIND[task]
-    keys = list(metrics) if metrics is not None else available_metrics(kind, names)
+    groups = _check_groups(label_groups, names) if kind == "multilabel" else {}
+    keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
     rows = []
     for method, pp in pooled.items():
-        boot = _bootstrap_many([_MetricSet(pp.y, pp.p, names, keys)], len(pp.y), _strata(pp.y, stratify),
-                               n_resamples, ci, seed, ci_method)
+        boot = _bootstrap_many([_MetricSet(pp.y, pp.p, names, keys, groups=groups)], len(pp.y),
+                               _strata(pp.y, stratify), n_resamples, ci, seed, ci_method)
         per_seed = []
         for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
             one = pool_predictions(g, task)[method]
-            per_seed.append(metric_values(one.y, one.p, keys, names=names))
+            per_seed.append(metric_values(one.y, one.p, keys, names=names, groups=groups))
         for key in keys:
             label, metric = _split_key(task, key)
             seed_vals = np.array([v[key][0] for v in per_seed])
