@@ -117,7 +117,7 @@ class ResNetBaseline(BaseModel):
         "dropout": _DROPOUT,
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"backbone": "resnet18", "pretrained": "none"},
+        "quick": {"backbone": "resnet_small", "pretrained": "none"},
         "full": {},
         "test": {"backbone": "resnet_tiny", "pretrained": "none"},
     }

@@ -10,6 +10,7 @@ and which were imputed, which carries signal in ICU data (measurement frequency 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,6 +244,7 @@ _RESNETS: dict[str, tuple[Any, Any, int, list[int]]] = {
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512, [64, 64, 128, 256, 512]),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, 2048, [64, 256, 512, 1024, 2048]),
     "resnet_tiny": (TinyResNet, None, 64, [8, 8, 16, 32, 64]),
+    "resnet_small": (functools.partial(TinyResNet, widths=(16, 32, 64, 128)), None, 128, [16, 16, 32, 64, 128]),
 }
 RESNET_ARCHS = tuple(_RESNETS)
 

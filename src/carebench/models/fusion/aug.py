@@ -118,7 +118,7 @@ class AUG(BaseModel):
         "rho": {"type": "float", "low": 0.1, "high": 0.9},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none", "head_dim": 64,
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "head_dim": 64,
                   "check_interval": 1},
         "full": {},
         "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",

@@ -135,7 +135,7 @@ class DAFT(BaseModel):
         "bottleneck_factor": {"type": "float", "low": 2.0, "high": 14.0},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none"},
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
         "full": {},
         "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
     }

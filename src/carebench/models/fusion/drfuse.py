@@ -167,7 +167,7 @@ class DrFuse(BaseModel):
         "lambda_attn_aux": _LAMBDA,
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"hidden": 64, "ehr_ff_dim": 128, "cxr_backbone": "resnet18", "cxr_pretrained": "none"},
+        "quick": {"hidden": 64, "ehr_ff_dim": 128, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
         "full": {},
         "test": {"hidden": 8, "ehr_heads": 2, "ehr_ff_dim": 16, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
     }

@@ -90,7 +90,7 @@ class InfoReg(BaseModel):
         "fim_window": {"type": "categorical", "choices": [5, 10, 15]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none", "fim_window": 3},
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fim_window": 3},
         "full": {},
         "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",
                  "fim_window": 2},

@@ -43,7 +43,7 @@ class LateFusion(BaseModel):
         "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none", "fusion_dim": 64},
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fusion_dim": 64},
         "full": {},
         "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",
                  "fusion_dim": 8},

@@ -49,7 +49,7 @@ class MedFuse(BaseModel):
         "fusion_hidden": {"type": "categorical", "choices": [256, 512]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none", "fusion_hidden": 64},
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fusion_hidden": 64},
         "full": {},
         "test": {"ehr_hidden": 8, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none", "fusion_hidden": 8},
     }

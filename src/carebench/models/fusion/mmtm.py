@@ -104,7 +104,7 @@ class MMTM(BaseModel):
         "mmtm_ratio": {"type": "categorical", "choices": [2.0, 4.0, 8.0]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet18", "cxr_pretrained": "none"},
+        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
         "full": {},
         "test": {"ehr_hidden": 8, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
     }

@@ -172,7 +172,7 @@ class UTDE(BaseModel):
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"embed_dim": 64, "heads": 4, "cross_layers": 2, "embed_time": 32, "time_heads": 4,
-                  "cxr_backbone": "resnet18", "cxr_pretrained": "none"},
+                  "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
         "full": {},
         "test": {"embed_dim": 8, "heads": 2, "cross_layers": 1, "embed_time": 8, "time_heads": 2,
                  "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
