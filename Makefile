@@ -17,10 +17,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/carebench synth --out $(DEMO_DIR)/raw --stays $(DEMO_STAYS) --seed 0
-	$(BIN)/carebench prepare --mimic-iv $(DEMO_DIR)/raw/mimic-iv --mimic-cxr $(DEMO_DIR)/raw/mimic-cxr-jpg --out $(DEMO_DIR)/data
+# make demo: set-up, then synth -> prepare -> quick benchmark -> analyze -> report. Re-running it skips the
+# synthetic data and dataset when they exist and resumes the benchmark (finished runs are kept).
+$(DEMO_DIR)/raw/planted.json: | $(STAMP)
+	$(BIN)/carebench synth --out $(DEMO_DIR)/raw --stays $(DEMO_STAYS) --seed 0 --overwrite
+
+$(DEMO_DIR)/data/manifest.json: $(DEMO_DIR)/raw/planted.json
+	$(BIN)/carebench prepare --mimic-iv $(DEMO_DIR)/raw/mimic-iv --mimic-cxr $(DEMO_DIR)/raw/mimic-cxr-jpg \
+		--out $(DEMO_DIR)/data --overwrite
+
+demo: $(STAMP) $(DEMO_DIR)/data/manifest.json
 	$(BIN)/carebench describe $(DEMO_DIR)/data
+	$(BIN)/carebench benchmark --plan quick --data $(DEMO_DIR)/data --out $(DEMO_DIR)/runs --jobs 2
+	$(BIN)/carebench analyze $(DEMO_DIR)/runs --label-groups $(DEMO_DIR)/raw/planted.json
+	$(BIN)/carebench report $(DEMO_DIR)/runs --planted $(DEMO_DIR)/raw/planted.json
+	@echo "Report: $(abspath $(DEMO_DIR))/runs/report/index.html"
 
 test: $(STAMP)
 	command -v chromium || (apt-get update && apt-get install -y chromium)

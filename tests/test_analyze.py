@@ -333,3 +333,43 @@ def test_cli_analyze(tmp_path, data_dir):
     assert len(comp) == 2 * 2 and (comp.n_permutations == 99).all()    # fusion vs lstm, and the one pair
     bad = cli.invoke(app, ["analyze", str(tmp_path / "empty")])
     assert bad.exit_code == 2 and "error:" in bad.output and len(bad.output.strip().splitlines()) == 1
+
+
+def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, written):
+    """--label-groups planted.json: one group per planted kind; group macros in the leaderboard equal the mean of
+    the per-label AUROCs, group comparisons form their own Holm family, bad files are named."""
+    out = tmp_path / "runs"
+    shutil.copytree(written[0], out)  # the module's analysis stays as it was
+    names = [c[2:] for c in pd.read_parquet(next(out.glob("lstm_phenotype*")) / "predictions.parquet").columns
+             if c.startswith("y_pheno_")]
+    planted = tmp_path / "planted.json"
+    planted.write_text(json.dumps({"phenotypes": {nm: ("a" if j < 10 else "b") for j, nm in enumerate(names)}}))
+    res = A.analyze(out, label_groups=str(planted), fairness=False, missingness=False, ablation=False,
+                    n_bootstrap=50, n_permutations=99)
+    assert res.summary["options"]["label_groups"] == {"a": names[:10], "b": names[10:]}
+    board = res.tables["leaderboard"]
+    pheno = board[board.task == "phenotype"]
+    for method in PHENO:
+        b = pheno[pheno.method == method].set_index(["label", "metric"])["estimate"]
+        per_label = np.array([b[(nm, "auroc")] for nm in names[:10]])
+        assert b[("group:a", "auroc_macro")] == pytest.approx(np.nanmean(per_label), abs=1e-12)
+    comp = res.tables["comparisons"]
+    fam = comp[comp.family == "phenotype:reference:auroc_macro:group"]
+    assert set(fam.label) == {"group:a", "group:b"} and len(fam) == 2 * 2   # 2 fusion methods x 2 groups
+    assert (fam.reference == fam.method_b).all() and set(fam.method_b) <= {"lstm", "resnet"}
+    assert len(board[board.task == "los"]) and not board[board.task == "los"].label.str.startswith("group:").any()
+    # the CLI reads YAML {group: [labels]} too, and names a bad file or label
+    groups = tmp_path / "groups.yaml"
+    groups.write_text(f"first: [{names[0]}, {names[1]}]\n")
+    assert A.resolve_options(None, label_groups=str(groups)).label_groups == {"first": names[:2]}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("first: pheno_x\n")
+    with pytest.raises(A.AnalysisError, match=r"--label-groups .*bad\.yaml: expected a mapping"):
+        A.resolve_options(None, label_groups=str(bad))
+    with pytest.raises(A.AnalysisError, match=r"--label-groups .*missing\.json: not a readable"):
+        A.resolve_options(None, label_groups=str(tmp_path / "missing.json"))
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("first: [pheno_nonexistent]\n")
+    cli = CliRunner().invoke(app, ["analyze", str(out), "--no-progress", "--label-groups", str(unknown),
+                                   "--skip-fairness", "--skip-missingness", "--skip-ablation"])
+    assert cli.exit_code == 2 and "label group 'first': unknown label(s) ['pheno_nonexistent']" in cli.output

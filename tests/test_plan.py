@@ -176,7 +176,8 @@ def test_quick_profile_covers_every_method_on_phenotype(data_dir):
     pheno = {r.model for r in runs if r.task == "phenotype" and r.fold == 1 and r.seed == 0
              and r.cohort == "base" and r.cxr_dropout_train == 0}
     assert pheno == set(list_models())
-    assert {r.preset for r in runs} == {"quick"} and {r.max_epochs for r in runs} == {6}  # docs/benchmark.md
+    assert {r.preset for r in runs} == {"quick"} and {r.max_epochs for r in runs} == {20}  # the quick preset
+    assert quick.statistics["n_bootstrap"] >= 1000 and quick.statistics["n_permutations"] == 10000
     assert len(runs) == len(list_models()) + 3 * 2 + 1
     assert {r.task for r in runs} == {"mortality", "phenotype", "los"}
     assert any(r.cxr_dropout_train > 0 for r in runs) and quick.missingness.test_rates
@@ -189,3 +190,15 @@ def test_plan_dict_round_trips():
     assert again.to_dict() == p.to_dict()
     assert p.grids[0].models == tuple(list_models())
     assert p.statistics == DEFAULT_STATISTICS and p.fairness["enabled"] is False
+
+
+def test_plan_label_groups_are_validated_and_reach_the_analysis():
+    from carebench.evaluation.analyze import resolve_options
+
+    p = plan(statistics={"label_groups": {"cardiac": ["pheno_shock", "pheno_congestive_heart_failure"]}})
+    assert p.statistics["label_groups"] == {"cardiac": ["pheno_shock", "pheno_congestive_heart_failure"]}
+    opts = resolve_options(p.to_dict())
+    assert opts.label_groups == {"cardiac": ["pheno_shock", "pheno_congestive_heart_failure"]}
+    for bad in ({"a@b": ["pheno_shock"]}, {"cardiac": []}, ["pheno_shock"], {"cardiac": "pheno_shock"}):
+        with pytest.raises(PlanError, match=r"statistics\.label_groups"):
+            plan(statistics={"label_groups": bad})

@@ -234,6 +234,10 @@ def analyze(
     missingness: bool = typer.Option(True, "--missingness/--skip-missingness", help="Missing-X-ray tables "
                                      "(natural, test-time curves, train/val rates)."),
     ablation: bool = typer.Option(True, "--ablation/--skip-ablation", help="Test-time modality ablation."),
+    label_groups: str | None = typer.Option(None, "--label-groups", help="Phenotype label groups for group-macro "
+                                            "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
+                                            "planted.json of `carebench synth` (grouped by planted kind). "
+                                            "Default: the plan's statistics.label_groups, else none."),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -243,7 +247,8 @@ def analyze(
 
     result = run_analysis(runs, data=data, console=err_console if progress else None, n_bootstrap=n_bootstrap,
                           n_permutations=n_permutations, seed=seed, confidence=confidence, fairness=fairness,
-                          missingness=missingness, ablation=ablation, device=device)
+                          missingness=missingness, ablation=ablation, device=device,
+                          label_groups=label_groups)
     s = result.summary
     for w in s["warnings"]:
         err_console.print(f"[yellow]note:[/] {w}", highlight=False, soft_wrap=True)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,11 +80,46 @@ class AnalysisOptions:
     ablation: bool = True
     test_rates: list[float] = field(default_factory=lambda: list(DEFAULT_TEST_RATES))
     device: str = "cpu"
+    label_groups: dict[str, list[str]] = field(default_factory=dict)
+    label_groups_source: str = ""
+
+
+def read_label_groups(source: str | Path | Mapping[str, Any], what: str = "--label-groups"
+                      ) -> dict[str, list[str]]:
+    """Phenotype label groups from a mapping or a JSON/YAML file: `{group: [labels]}`, or the planted.json of
+    `carebench synth` (`{"phenotypes": {label: kind}}` -> one group per kind, in order of first appearance)."""
+    import json
+
+    import yaml
+
+    if isinstance(source, Mapping):
+        data: Any = source
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise AnalysisError(f"{what} {path}: not a readable JSON or YAML file ({e})") from None
+    if isinstance(data, Mapping) and isinstance(data.get("phenotypes"), Mapping):
+        kinds = data["phenotypes"]
+        data = {}
+        for label, kind in kinds.items():
+            data.setdefault(str(kind), []).append(str(label))
+    if not isinstance(data, Mapping) or not data or not all(
+            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in data.values()):
+        raise AnalysisError(f"{what} {source}: expected a mapping of group name to a non-empty list of phenotype "
+                            "columns (e.g. {cardiac: [pheno_congestive_heart_failure, ...]}) or a planted.json")
+    for g in data:  # labels are checked against the runs' phenotype columns by the statistics
+        if not isinstance(g, str) or not g or "@" in g or "/" in g:
+            raise AnalysisError(f"{what} {source}: group {g!r}: names must be non-empty, without '@' or '/'")
+    return {str(g): list(dict.fromkeys(v)) for g, v in data.items()}
 
 
 def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOptions:
     """Options from the command line (`given`, None = not given), else the plan's, else DEFAULTS; validated."""
-    unknown = sorted(set(given) - {"fairness", "missingness", "ablation", "test_rates", "device", *DEFAULTS})
+    unknown = sorted(set(given) - {"fairness", "missingness", "ablation", "test_rates", "device", "label_groups",
+                                   *DEFAULTS})
     if unknown:
         raise AnalysisError(f"unknown analysis option(s) {unknown}")
     plan = plan or {}
@@ -113,6 +148,14 @@ def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOption
         raise AnalysisError(f"test missing rates: expected numbers in [0, 1], got {rates}")
     out.test_rates = rates
     out.device = given.get("device") or "cpu"
+    groups = given.get("label_groups")
+    what = "--label-groups"
+    if groups is None and stats.get("label_groups") is not None:
+        groups, what = stats["label_groups"], "plan statistics.label_groups"
+    if groups is not None:
+        out.label_groups = read_label_groups(groups, what)
+        out.label_groups_source = groups if isinstance(groups, str) else str(Path(groups)) \
+            if isinstance(groups, Path) else "plan"
     return out
 
 
@@ -165,13 +208,26 @@ def _names(task: str, frame: pd.DataFrame) -> list[str]:
     return st.task_columns(frame.columns, task)[2]
 
 
+def _headline(task: str, opts: AnalysisOptions) -> list[str]:
+    """HEADLINE metrics of a task, plus their label-group macro averages (phenotype, with --label-groups)."""
+    metrics = list(HEADLINE[task])
+    if task == "phenotype":
+        metrics += [st.group_key(m, g) for g in opts.label_groups for m in HEADLINE[task]]
+    return metrics
+
+
+def _groups(task: str, opts: AnalysisOptions) -> dict[str, list[str]] | None:
+    return opts.label_groups if task == "phenotype" and opts.label_groups else None
+
+
 def _pooled_cis(long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions
                 ) -> dict[str, tuple[st.PooledPredictions, dict[str, st.BootstrapResult]]]:
     """Per method: seed-pooled predictions and bootstrap CIs of `metrics`."""
     pooled = st.pool_predictions(long, task)
     names = _names(task, long)
     return {m: (pp, st.bootstrap_cis(pp.y, pp.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                                     ci=opts.confidence, seed=opts.seed)) for m, pp in pooled.items()}
+                                     ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts)))
+            for m, pp in pooled.items()}
 
 
 def _n_cxr(long: pd.DataFrame, method: str) -> float:
@@ -205,7 +261,8 @@ def _heads(frame: pd.DataFrame) -> list[str]:
 def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.DataFrame,
                 opts: AnalysisOptions) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
     unimodal = sorted({r.method for r in members if r.unimodal})
-    board = st.method_metrics(test, task, n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed)
+    board = st.method_metrics(test, task, n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed,
+                              label_groups=_groups(task, opts))
     mods = {r.method: "+".join(r.modalities) for r in members}
     runs = {m: sum(1 for r in members if r.method == m) for m in mods}
     board.insert(1, "cohort", cohort)
@@ -214,11 +271,13 @@ def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.Da
     reference = None
     if len(mods) > 1:
         comp = st.compare_methods(test, task, unimodal=unimodal, n_resamples=opts.n_bootstrap,
-                                  n_permutations=opts.n_permutations, ci=opts.confidence, seed=opts.seed)
+                                  n_permutations=opts.n_permutations, ci=opts.confidence, seed=opts.seed,
+                                  label_groups=_groups(task, opts))
         reference = comp.attrs.get("reference")
         comp.attrs = {}
         comp.insert(1, "cohort", cohort)
-        comp["reference"] = reference
+        # the reference of a row: its method_b in "reference" comparisons (a label group may have its own)
+        comp["reference"] = comp["method_b"].where(comp["comparison"] == "reference", reference)
     else:
         comp = pd.DataFrame()
     return board, comp, reference
@@ -229,7 +288,7 @@ def _natural(task: str, cohort: str, test: pd.DataFrame, has_cxr: pd.Series,
     """Headline metrics on all test stays, those with and those without a linked X-ray (dataset's has_cxr)."""
     avail = test["stay_id"].map(has_cxr).astype(bool)
     rows = []
-    metrics = list(HEADLINE[task])
+    metrics = _headline(task, opts)
     base = {}
     for subset, part in (("all", test), ("with_cxr", test[avail]), ("without_cxr", test[~avail])):
         if part.empty:
@@ -329,7 +388,7 @@ def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: 
     """Per method: metric under full / drop_cxr / drop_ehr / head:<name>, CI, and paired-bootstrap delta vs full."""
     from carebench.experiments import results as rs
 
-    metrics = list(HEADLINE[task])
+    metrics = _headline(task, opts)
     full_long = rs.long_predictions((r, frames[r.run_id].full) for r in members)
     conditions: dict[str, pd.DataFrame] = {
         "drop_cxr": rs.long_predictions((r, frames[r.run_id].drop_cxr) for r in members),
@@ -344,7 +403,7 @@ def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: 
     rows = []
     for method, pp in full_pool.items():
         cis = st.bootstrap_cis(pp.y, pp.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                               ci=opts.confidence, seed=opts.seed)
+                               ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts))
         base = {"task": task, "cohort": cohort, "method": method, "n_stays": len(pp.y), "n_seeds": pp.n_seeds}
         for metric, res in cis.items():
             rows.append({**base, "condition": "full", "metric": metric, **_ci_row(res), "delta": 0.0,
@@ -358,9 +417,10 @@ def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: 
             if not np.array_equal(other.stay_id, pp.stay_id):
                 raise AnalysisError(f"method {method!r}: condition {cond} predicts other stays than full")
             own = st.bootstrap_cis(other.y, other.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                                   ci=opts.confidence, seed=opts.seed)
+                                   ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts))
             delta = st.paired_bootstrap_cis(pp.y, other.p, pp.p, metrics, names=names,
-                                            n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed)
+                                            n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed,
+                                            groups=_groups(task, opts))
             for metric in metrics:
                 rows.append({**base, "condition": cond, "metric": metric, **_ci_row(own[metric]),
                              "delta": delta[metric].estimate, "delta_ci_low": delta[metric].ci_low,
@@ -373,7 +433,7 @@ def _curve_rows(task: str, cohort: str, train_rate: float, members: list[rs.RunR
     """Per method and test-time missing rate: headline metrics of the seed-pooled predictions, CI, delta."""
     from carebench.experiments import results as rs
 
-    metrics = list(HEADLINE[task])
+    metrics = _headline(task, opts)
     rows = []
     first: dict[tuple[str, str], float] = {}
     for rate in opts.test_rates:
@@ -404,7 +464,7 @@ def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
         if not chosen:
             continue
         long = rs.long_predictions((r, rs.read_predictions(r)) for r in chosen)
-        for method, (pp, cis) in _pooled_cis(long, task, list(HEADLINE[task]), opts).items():
+        for method, (pp, cis) in _pooled_cis(long, task, _headline(task, opts), opts).items():
             for metric, res in cis.items():
                 rows.append({"task": task, "cohort": cohort, "method": method, "train_rate": rates[0],
                              "metric": metric, **_ci_row(res), "n_stays": len(pp.y), "n_seeds": pp.n_seeds,

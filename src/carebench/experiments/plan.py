@@ -36,7 +36,7 @@ GRID_KEYS = ("models", "tasks", "cohorts", "folds", "seeds", "overrides", "model
 PLAN_KEYS = ("name", "description", "preset", *GRID_KEYS, "grids", "missingness", "fairness", "statistics")
 MISSINGNESS_KEYS = ("train_rates", "test_rates", "models", "tasks", "cohorts", "folds", "seeds")
 FAIRNESS_KEYS = ("enabled", "attributes")
-STATISTICS_KEYS = ("n_bootstrap", "n_permutations", "confidence", "seed")
+STATISTICS_KEYS = ("n_bootstrap", "n_permutations", "confidence", "seed", "label_groups")
 # Set by the grid itself: an override of these would silently collapse or duplicate grid cells.
 GRID_OWNED = {"cohort": "cohorts", "fold": "folds", "seed": "seeds", "cxr_dropout_train": "missingness.train_rates",
               "cxr_dropout_val": "missingness.train_rates", "cxr_dropout_seed": "seeds"}
@@ -360,6 +360,14 @@ def _statistics(raw: Any, where: str) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
             raise PlanError(f"{where}: key 'statistics.confidence': expected a number in (0, 1), got {v!r}")
         out["confidence"] = float(v)
+    if raw.get("label_groups") is not None:
+        groups = raw["label_groups"]
+        if not isinstance(groups, dict) or not groups or not all(
+                isinstance(g, str) and g and "@" not in g and "/" not in g and isinstance(v, list) and v
+                and all(isinstance(x, str) for x in v) for g, v in groups.items()):
+            raise PlanError(f"{where}: key 'statistics.label_groups': expected a mapping of group name (no '@' or "
+                            f"'/') to a non-empty list of phenotype columns, got {groups!r}")
+        out["label_groups"] = {g: list(v) for g, v in groups.items()}
     return out
 
 
