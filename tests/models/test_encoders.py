@@ -130,7 +130,7 @@ def test_bad_pretrained_values_are_clear_errors(tmp_path):
         ResNetEncoder("resnet_tiny", "imagenet")
 
 
-@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18"])
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet_small", "resnet18"])
 def test_stages_reproduce_forward_and_report_their_channels(arch):
     torch.manual_seed(0)
     enc = ResNetEncoder(arch).eval()
@@ -176,3 +176,13 @@ def test_a_single_small_image_trains_with_running_batchnorm_statistics():
     before = enc.net.bn1.running_mean.clone()
     enc(two)  # a real batch still uses (and updates) batch statistics
     assert not torch.equal(before, enc.net.bn1.running_mean)
+
+
+def test_resnet_small_is_the_tiny_layout_at_twice_the_width():
+    enc = ResNetEncoder("resnet_small")
+    assert enc.out_dim == 128 and enc.stage_channels == [16, 16, 32, 64, 128]
+    assert [len(getattr(enc.net, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    # by hand: stem 784 + 32, layer1 4,672, layer2 14,528, layer3 57,728, layer4 230,144
+    assert sum(p.numel() for p in enc.parameters()) == 307_888
+    with pytest.raises(PretrainedWeightsError, match="no ImageNet weights for 'resnet_small'"):
+        ResNetEncoder("resnet_small", "imagenet")
