@@ -8,6 +8,14 @@ Prints a Markdown table for docs/performance.md.
 
     python benchmarks/train.py --data DATA [--models lstm,latefusion] [--task mortality] [--preset quick]
     python benchmarks/train.py --stays 2000        # synthesise + prepare first (needs `carebench synth`)
+
+Throughput mode (`--steps N`): instead of whole runs, N timed optimiser steps (after --warmup steps) of the real
+Lightning training loop (loader, augmentation when the preset has it, forward, loss, backward, the method's hooks,
+AdamW) at batch size 16 (`--batch-size`), per method and preset, each in a fresh process; training samples/s
+(median over --repeat processes) and that process's peak RSS. `full` is run with randomly initialised encoders
+(`*pretrained=none`): same architecture and cost as the ImageNet-initialised paper setting, no download.
+
+    python benchmarks/train.py --data DATA --steps 20 --presets quick,full --threads 2
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -64,6 +73,73 @@ def time_run(data: Path, model: str, task: str, preset: str, threads: int, out: 
             "value": m["test"].get(m["selection_metric"]), "params": m["n_parameters"]}
 
 
+def throughput_worker(spec: dict) -> None:
+    """In a fresh process: `steps` timed training steps of one method; prints a JSON line."""
+    import resource
+
+    import lightning.pytorch as pl
+    import torch
+
+    from carebench.data.loading import build_fold, make_loader
+    from carebench.data.store import open_dataset
+    from carebench.models import get_model_class
+    from carebench.training.config import resolve_config
+    from carebench.training.run import build_module
+
+    torch.set_num_threads(spec["threads"])
+    cls = get_model_class(spec["model"])
+    overrides = {"batch_size": spec["batch_size"]}
+    overrides |= {f"model.{k}": "none" for k in cls.default_hparams if k.endswith("pretrained")}
+    cfg = resolve_config(model=spec["model"], task=spec["task"], data=spec["data"], preset=spec["preset"],
+                         overrides=overrides)
+    data = open_dataset(spec["data"], mmap=True)
+    fold = build_fold(data, task=cfg.task, fold=1, image_size=cfg.image_size,
+                      load_cxr="cxr" in cls.modalities)
+    loader = make_loader(fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=0)
+    warm, steps = spec["warmup"], spec["steps"]
+    if len(loader) < warm + steps:
+        raise SystemExit(f"{len(loader)} training batches, need {warm + steps}")
+    module = build_module(cfg, len(fold.features))
+    times: list[float] = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == warm:
+                times.append(time.perf_counter())
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == warm + steps - 1:
+                times.append(time.perf_counter())
+
+    # one validation batch after the timed steps: the plateau schedule needs its val/loss (not timed)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warm + steps,
+                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])
+    trainer.fit(module, train_dataloaders=loader, val_dataloaders=make_loader(fold.val, 64, shuffle=False))
+    print(json.dumps({"model": spec["model"], "preset": spec["preset"], "image_size": cfg.image_size,
+                      "samples_per_s": steps * cfg.batch_size / (times[1] - times[0]),
+                      "params": sum(p.numel() for p in module.parameters()),
+                      "cxr_share": float(fold.train.has_cxr.mean()),
+                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def throughput(data: Path, model: str, preset: str, args: argparse.Namespace) -> dict:
+    spec = {"data": str(data), "model": model, "preset": preset, "task": args.task, "threads": args.threads,
+            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+    rows = []
+    for _ in range(args.repeat):
+        proc = subprocess.run([sys.executable, os.path.realpath(__file__), "--worker", json.dumps(spec)], env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return {"model": model, "preset": preset, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+        rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    out = dict(rows[0])
+    out["samples_per_s"] = statistics.median(r["samples_per_s"] for r in rows)
+    out["peak_rss_mib"] = statistics.median(r["peak_rss_mib"] for r in rows)
+    return out
+
+
 def time_loader(data: Path, task: str, preset: str, threads: int) -> dict:
     import torch
 
@@ -86,6 +162,9 @@ def time_loader(data: Path, task: str, preset: str, threads: int) -> dict:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        throughput_worker(json.loads(sys.argv[2]))
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", type=Path, help="a processed dataset")
@@ -95,6 +174,11 @@ def main() -> None:
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra train arguments, space-separated (e.g. 'max_epochs=3')")
+    ap.add_argument("--steps", type=int, default=0, help="throughput mode: timed training steps per method")
+    ap.add_argument("--warmup", type=int, default=3, help="throughput mode: untimed steps first")
+    ap.add_argument("--batch-size", type=int, default=16, help="throughput mode: batch size")
+    ap.add_argument("--presets", default="quick,full", help="throughput mode: comma-separated presets")
+    ap.add_argument("--repeat", type=int, default=1, help="throughput mode: processes per method (median)")
     args = ap.parse_args()
 
     from carebench.models import list_models
@@ -103,6 +187,22 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="carebench-bench-train-"))
     try:
         data = args.data if args.data else synthesise(args.stays, work)
+        if args.steps:
+            print(f"\nTraining throughput, task {args.task}, batch {args.batch_size}, {args.steps} timed steps after "
+                  f"{args.warmup}, median of {args.repeat} process(es); {data} "
+                  f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
+                  f"load average before: {os.getloadavg()[0]:.1f})\n")
+            print("| model | preset | image px | params | X-ray share | train samples/s | peak RSS MiB |")
+            print("|---|---|---|---|---|---|---|", flush=True)
+            for preset in args.presets.split(","):
+                for m in models:
+                    r = throughput(data, m, preset, args)
+                    if "error" in r:
+                        print(f"| {m} | {preset} | error: {r['error']} |||||", flush=True)
+                        continue
+                    print(f"| {m} | {preset} | {r['image_size']} | {r['params']:,} | {r['cxr_share']:.2f} | "
+                          f"{r['samples_per_s']:.1f} | {r['peak_rss_mib']:.0f} |", flush=True)
+            return
         loader = time_loader(data, args.task, args.preset, args.threads)
         print(f"\n`carebench train --preset {args.preset} --task {args.task}` on {data} "
               f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "

@@ -41,12 +41,12 @@ def bench(tmp_path_factory):
     runs = root / "runs"
     write_runs(data, runs, folds=(1,), seeds=(0,))
     train_runs(data, runs, ["lstm", "latefusion"])
-    A.analyze(runs, n_bootstrap=200, n_permutations=400, test_rates=[0.5])
     kinds = ("ehr", "cxr", "both", "none")
     planted = {"phenotypes": {p.column: kinds[i % 4] for i, p in enumerate(load_phenotypes())},
                "subgroup": {"attribute": "race_group", "value": "WHITE", "degraded": "EHR effects scaled",
                             "expected": "worse EHR models"}}
     (root / "planted.json").write_text(json.dumps(planted))
+    A.analyze(runs, n_bootstrap=200, n_permutations=400, test_rates=[0.5], label_groups=str(root / "planted.json"))
     index = build_report(runs, planted=root / "planted.json")
     return runs, index, planted
 
@@ -233,6 +233,17 @@ def test_planted_section_of_the_page(bench):
     assert f"{agree} of {compared}</strong> phenotypes" in html
     sub = tables.tables["planted-subgroup"][1:]
     assert {r[2][0] for r in sub} == {"lstm", "latefusion", "medfuse", "resnet"}
+    # by planted kind: one row per group, label counts, and the significant fusion methods from the comparisons
+    groups = tables.tables["planted-groups"][1:]
+    assert [r[0][0] for r in groups] == ["ehr", "cxr", "both", "none"]
+    assert [r[1][0] for r in groups] == ["7", "6", "6", "6"]
+    comp = A.load_analysis(bench[0])[0]["comparisons"]
+    fam = comp[comp.family == "phenotype:reference:auroc_macro:group"]
+    for r in groups:
+        rows = fam[fam.label == "group:" + r[0][0]]
+        sig = rows[(rows.p_holm < 0.05) & (rows.delta > 0)]
+        assert r[5][0] == ", ".join(sorted(set(rows.method_b)))
+        assert (r[6][0] == "none") == sig.empty and all(m in r[6][0] for m in sig.method_a)
 
 
 def test_autoescaping_of_data(bench):

@@ -88,6 +88,7 @@ class Planted:
     subgroup: tb.Table | None
     source: str
     subgroup_text: str = ""
+    groups: tb.Table | None = None
 
 
 @dataclass
@@ -181,7 +182,9 @@ def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
         text = (f"{sub.get('attribute')} = {sub.get('value')}: {sub.get('degraded', '')} Expected: "
                 f"{sub.get('expected', '')}" if sub else "")
         planted_page = Planted(table, agree, compared, tb.planted_subgroup(planted, tables["fairness_summary"]),
-                               planted_source, text)
+                               planted_source, text,
+                               groups=tb.label_groups(board, comp, tables["runs"],
+                                                      (summary.get("options") or {}).get("label_groups")))
     name = summary.get("plan") or Path(summary.get("runs_dir", "runs")).name
     return Page(title=f"carebench report: {name}", summary=summary, cohort=cohort_tables, groups=groups,
                 csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES], planted=planted_page,

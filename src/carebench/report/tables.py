@@ -361,6 +361,45 @@ def planted(planted_truth: dict[str, Any], observed: pd.DataFrame) -> tuple[Tabl
     return table, agree, compared
 
 
+def label_groups(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFrame,
+                 groups: dict[str, list[str]] | None = None, cohort: str = "base") -> Table | None:
+    """Per label group (analyze --label-groups): best EHR-only, X-ray-only and fusion macro AUROC with CIs, and the
+    fusion methods significantly better than the group's best unimodal method (Holm p < ALPHA, delta > 0)."""
+    b = board[(board["task"] == "phenotype") & (board["cohort"] == cohort) & (board["metric"] == "auroc_macro")
+              & board["label"].astype(str).str.startswith("group:")] if len(board) else board
+    if b.empty:
+        return None
+    mods = runs.drop_duplicates("model").set_index("model")["modalities"].to_dict()
+    c = comparisons[(comparisons["task"] == "phenotype") & (comparisons["cohort"] == cohort)
+                    & (comparisons["family"] == "phenotype:reference:auroc_macro:group")] \
+        if len(comparisons) else pd.DataFrame(columns=["label"])
+    groups = groups or {}
+    table = Table(["group", "labels", "best EHR-only [CI]", "best X-ray-only [CI]", "best fusion [CI]",
+                   "reference", "fusion significantly better (Holm p)"], key="label_groups",
+                  caption="Macro AUROC over each group's labels (test stays); fusion methods tested against the "
+                          f"group's best unimodal method, Holm-adjusted over methods × groups, p < {ALPHA}.")
+    for label, g in b.groupby("label", sort=False):
+        name = str(label).removeprefix("group:")
+
+        def best(kind: str, g: pd.DataFrame = g) -> Cell:
+            part = g[g["method"].map(mods) == kind].sort_values("estimate", ascending=False)
+            if part.empty:
+                return Cell("–")
+            r = part.iloc[0]
+            return Cell(f"{r['method']}: {fmt_ci(r['estimate'], r['ci_low'], r['ci_high'])}", _num(r["estimate"]))
+
+        rows = c[c["label"] == label]
+        sig = rows[(rows["p_holm"] < ALPHA) & (rows["delta"] > 0)].sort_values("p_holm")
+        n_labels = len(groups.get(name, []))
+        table.rows.append([
+            Cell(name), Cell(str(n_labels) if n_labels else "–", n_labels or None),
+            best("ehr"), best("cxr"), best("ehr+cxr"),
+            Cell(", ".join(sorted(set(rows["method_b"]))) or "–"),
+            Cell(", ".join(f"{r['method_a']} (+{fmt(r['delta'])}, {fmt_p(r['p_holm'])})" for _, r in sig.iterrows())
+                 or "none", len(sig), css="sig" if len(sig) else "")])
+    return table
+
+
 def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Table | None:
     """Worst AUROC group of the planted subgroup's attribute per method and task (fairness summary)."""
     sub = planted_truth.get("subgroup") or {}
