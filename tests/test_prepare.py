@@ -23,6 +23,7 @@ from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
 from carebench.data.describe import summarize
 from carebench.data.mimic.pipeline import HASH_MAX_BYTES, prepare
+from carebench.training.config import dataset_fingerprint
 from test_cohort import expected_demo_cohort
 
 TABLES = {"hosp": ["patients", "admissions", "labevents", "diagnoses_icd"],
@@ -144,6 +145,11 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     prepare(demo_root, out, threads=1, memory_limit="1GB", seed=0, console=QUIET)
     for name in (store.COHORT, store.EHR):
         assert _bytes(out / name) == _bytes(prepared_demo / name), name
+    # the fingerprint of runs is the content: another build of the same data (other path, time, threads) keeps it
+    content = json.loads((out / store.MANIFEST).read_text())["content_sha256"]
+    assert content == {n: hashlib.sha256(_bytes(out / n)).hexdigest() for n in (store.COHORT, store.EHR)}
+    assert dataset_fingerprint(out) == dataset_fingerprint(prepared_demo)
+    first = dataset_fingerprint(out)
 
     # the CLI: a different seed over the existing dataset with --overwrite
     res = CliRunner().invoke(app, ["prepare", "--mimic-iv", str(demo_root), "--out", str(out), "--seed", "1",
@@ -159,6 +165,7 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     assert _bytes(out / store.EHR) == _bytes(prepared_demo / store.EHR)
     m = json.loads((out / store.MANIFEST).read_text())
     assert m["options"]["seed"] == 1 and m["options"]["overwrite"] is True
+    assert dataset_fingerprint(out) != first  # other folds: other data
     assert [p.name for p in tmp_path.iterdir()] == ["again"]       # no temp or old dirs left beside it
 
 

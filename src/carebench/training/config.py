@@ -108,11 +108,22 @@ class TrainConfig:
 
 
 def dataset_fingerprint(root: str | Path) -> str:
-    """Hash of the dataset's manifest.json: identifies the processed dataset independently of its path."""
+    """Identifies a processed dataset independently of its path and of when it was built.
+
+    The manifest's `content_sha256` (digests of cohort.parquet, ehr.npy and cxr.npy, written by `prepare`), so
+    re-preparing the same inputs keeps every run valid; for a dataset without it, the hash of manifest.json.
+    """
     p = Path(root) / "manifest.json"
     if not p.is_file():
         raise ConfigError(f"{p}: missing (expected a dataset written by `carebench prepare`)")
-    return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    raw = p.read_bytes()
+    try:
+        content = json.loads(raw).get("content_sha256")
+    except (ValueError, AttributeError):
+        content = None
+    if isinstance(content, dict) and content:
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(raw).hexdigest()[:16]
 
 
 def _scalar(text: str) -> Any:

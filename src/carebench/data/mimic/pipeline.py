@@ -94,6 +94,14 @@ def _check_options(mimic_iv: Path, out: Path, mimic_cxr: Path | None, image_size
             raise OptionError(f"--out {out}: must not be or contain the input {name} {src}")
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _file_record(path: Path) -> dict[str, Any]:
     """Size plus sha256 (small files) or mtime (big files, where hashing would dominate the run time)."""
     st = path.stat()
@@ -303,6 +311,10 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
             "timings_s": stage.timings,
             "peak_rss_mib": _peak_rss_mib(),
             "warnings": warnings,
+            # what the data is, independent of when, where and how fast it was built: the outputs are
+            # byte-for-byte deterministic, so re-preparing the same inputs gives the same digests
+            "content_sha256": {name: _sha256(tmp / name) for name in (store.COHORT, store.EHR, store.CXR)
+                               if (tmp / name).is_file()},
         }
         store.write_json_atomic(tmp / store.MANIFEST, manifest)
     return out
