@@ -88,8 +88,6 @@ def read_label_groups(source: str | Path | Mapping[str, Any], what: str = "--lab
                       ) -> dict[str, list[str]]:
     """Phenotype label groups from a mapping or a JSON/YAML file: `{group: [labels]}`, or the planted.json of
     `carebench synth` (`{"phenotypes": {label: kind}}` -> one group per kind, in order of first appearance)."""
-    import json
-
     import yaml
 
     if isinstance(source, Mapping):
@@ -154,8 +152,7 @@ def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOption
         groups, what = stats["label_groups"], "plan statistics.label_groups"
     if groups is not None:
         out.label_groups = read_label_groups(groups, what)
-        out.label_groups_source = groups if isinstance(groups, str) else str(Path(groups)) \
-            if isinstance(groups, Path) else "plan"
+        out.label_groups_source = str(groups) if isinstance(groups, str | Path) else "plan"
     return out
 
 
