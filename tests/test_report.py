@@ -244,6 +244,8 @@ def test_planted_section_of_the_page(bench):
         sig = rows[(rows.p_holm < 0.05) & (rows.delta > 0)]
         assert r[5][0] == ", ".join(sorted(set(rows.method_b)))
         assert (r[6][0] == "none") == sig.empty and all(m in r[6][0] for m in sig.method_a)
+    # the fusion-gain section shows the same table for any label groups, planted or not
+    assert tables.tables["label-groups-base"] == tables.tables["planted-groups"]
 
 
 def test_autoescaping_of_data(bench):

@@ -69,6 +69,7 @@ class Group:
     fairness_figure: str | None = None
     fairness_table: tb.Table | None = None
     ablation_figure: str | None = None
+    label_groups: tb.Table | None = None
     ablation_table: tb.Table | None = None
 
     @property
@@ -140,6 +141,8 @@ def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
                   tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]))
         if task == "phenotype":
             g.heatmap = fg.fusion_gain_heatmap(comp, cohort)
+            g.label_groups = tb.label_groups(board, comp, tables["runs"],
+                                             (summary.get("options") or {}).get("label_groups"), cohort)
         mt = tables["missingness_test"]
         if not mt.empty:
             g.curves = fg.missingness_curves(mt, task, cohort, metric, palette)
