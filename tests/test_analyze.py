@@ -364,7 +364,7 @@ def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, writt
     assert A.resolve_options(None, label_groups=str(groups)).label_groups == {"first": names[:2]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("first: pheno_x\n")
-    with pytest.raises(A.AnalysisError, match=r"--label-groups .*bad\.yaml: expected a mapping"):
+    with pytest.raises(A.AnalysisError, match=r"--label-groups .*bad\.yaml: group 'first': expected a non-empty list"):
         A.resolve_options(None, label_groups=str(bad))
     with pytest.raises(A.AnalysisError, match=r"--label-groups .*missing\.json: not a readable"):
         A.resolve_options(None, label_groups=str(tmp_path / "missing.json"))

@@ -104,13 +104,10 @@ def read_label_groups(source: str | Path | Mapping[str, Any], what: str = "--lab
         data = {}
         for label, kind in kinds.items():
             data.setdefault(str(kind), []).append(str(label))
-    if not isinstance(data, Mapping) or not data or not all(
-            isinstance(v, list) and v and all(isinstance(x, str) for x in v) for v in data.values()):
-        raise AnalysisError(f"{what} {source}: expected a mapping of group name to a non-empty list of phenotype "
-                            "columns (e.g. {cardiac: [pheno_congestive_heart_failure, ...]}) or a planted.json")
-    for g in data:  # labels are checked against the runs' phenotype columns by the statistics
-        if not isinstance(g, str) or not g or "@" in g or "/" in g:
-            raise AnalysisError(f"{what} {source}: group {g!r}: names must be non-empty, without '@' or '/'")
+    # the labels themselves are checked against the runs' phenotype columns by the statistics
+    if problem := st.label_groups_problem(data):
+        raise AnalysisError(f"{what} {source}: {problem} (e.g. {{cardiac: [pheno_congestive_heart_failure, ...]}}, "
+                            "or a planted.json)")
     return {str(g): list(dict.fromkeys(v)) for g, v in data.items()}
 
 

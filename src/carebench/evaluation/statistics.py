@@ -31,6 +31,7 @@ import itertools
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -304,12 +305,24 @@ def group_key(metric: str, group: str) -> str:
     return f"{metric}{GROUP_SEP}{group}"
 
 
+def label_groups_problem(groups: Any) -> str | None:
+    """Why `groups` is not a label-group mapping ({name: [label, ...]}, names without '@' or '/'), or None."""
+    if not isinstance(groups, Mapping) or not groups:
+        return "expected a non-empty mapping of group name to a list of labels"
+    for g, labels in groups.items():
+        if not isinstance(g, str) or not g or GROUP_SEP in g or "/" in g:
+            return f"group name {g!r}: expected a non-empty name without '@' or '/'"
+        if not isinstance(labels, list | tuple) or not labels or not all(isinstance(x, str) for x in labels):
+            return f"group {g!r}: expected a non-empty list of label names, got {labels!r}"
+    return None
+
+
 def _check_groups(groups: Mapping[str, Sequence[str]] | None, names: Sequence[str]) -> dict[str, list[str]]:
     """Label groups (group -> label names) validated against the task's labels."""
     out: dict[str, list[str]] = {}
+    if groups and (problem := label_groups_problem(groups)):
+        raise StatisticsInputError(f"label groups: {problem}")
     for g, labels in (groups or {}).items():
-        if not isinstance(g, str) or not g or GROUP_SEP in g or "/" in g:
-            raise StatisticsInputError(f"label group name {g!r}: expected a non-empty name without '@' or '/'")
         labels = list(dict.fromkeys(labels))
         unknown = sorted(set(labels) - set(names))
         if unknown or not labels:

@@ -361,12 +361,11 @@ def _statistics(raw: Any, where: str) -> dict[str, Any]:
             raise PlanError(f"{where}: key 'statistics.confidence': expected a number in (0, 1), got {v!r}")
         out["confidence"] = float(v)
     if raw.get("label_groups") is not None:
+        from carebench.evaluation.statistics import label_groups_problem
+
         groups = raw["label_groups"]
-        if not isinstance(groups, dict) or not groups or not all(
-                isinstance(g, str) and g and "@" not in g and "/" not in g and isinstance(v, list) and v
-                and all(isinstance(x, str) for x in v) for g, v in groups.items()):
-            raise PlanError(f"{where}: key 'statistics.label_groups': expected a mapping of group name (no '@' or "
-                            f"'/') to a non-empty list of phenotype columns, got {groups!r}")
+        if problem := label_groups_problem(groups):
+            raise PlanError(f"{where}: key 'statistics.label_groups': {problem} (phenotype columns)")
         out["label_groups"] = {g: list(v) for g, v in groups.items()}
     return out
 
