@@ -270,8 +270,6 @@ def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.Da
         reference = comp.attrs.get("reference")
         comp.attrs = {}
         comp.insert(1, "cohort", cohort)
-        # the reference of a row: its method_b in "reference" comparisons (a label group may have its own)
-        comp["reference"] = comp["method_b"].where(comp["comparison"] == "reference", reference)
     else:
         comp = pd.DataFrame()
     return board, comp, reference

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -829,33 +829,28 @@ def _p_array(pvalues) -> np.ndarray:
     return p
 
 
-def holm(pvalues) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error). NaN stays NaN and does not count in the family."""
+def _adjust(pvalues, step: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """Apply `step` (sorted p-values -> adjusted, same order) to the non-NaN p-values; NaN stays NaN and does
+    not count in the family."""
     p = _p_array(pvalues)
     out = np.full(len(p), np.nan)
     ok = ~np.isnan(p)
     q = p[ok]
-    m = len(q)
     order = np.argsort(q, kind="stable")
-    adj = np.empty(m)
-    adj[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * q[order]))
+    adj = np.empty(len(q))
+    adj[order] = np.minimum(1.0, step(q[order]))
     out[ok] = adj
     return out
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm step-down adjusted p-values (family-wise error). NaN stays NaN and does not count in the family."""
+    return _adjust(pvalues, lambda q: np.maximum.accumulate((len(q) - np.arange(len(q))) * q))
 
 
 def benjamini_hochberg(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate). NaN stays NaN and does not count."""
-    p = _p_array(pvalues)
-    out = np.full(len(p), np.nan)
-    ok = ~np.isnan(p)
-    q = p[ok]
-    m = len(q)
-    order = np.argsort(q, kind="stable")
-    scaled = q[order] * m / np.arange(1, m + 1)
-    adj = np.empty(m)
-    adj[order] = np.minimum(1.0, np.minimum.accumulate(scaled[::-1])[::-1])
-    out[ok] = adj
-    return out
+    return _adjust(pvalues, lambda q: np.minimum.accumulate((q * len(q) / np.arange(1, len(q) + 1))[::-1])[::-1])
 
 
 # ------------------------------------------------------------------------- runs: seeds, folds, tidy tables
@@ -1039,7 +1034,7 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
                 "ci_high": boot[key].ci_high, "p_value": perm[key].p_value, "n_stays": n,
                 "n_seeds_a": pooled[a].n_seeds, "n_seeds_b": pooled[b].n_seeds,
                 "n_resamples_valid": boot[key].n_valid, "n_permutations": perm[key].n_permutations,
-                "scope": _scope(key)})
+                "reference": b if comparison == "reference" else reference, "scope": _scope(key)})
     table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
     if len(table):
         table["family"] = table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
@@ -1053,7 +1048,7 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
 
 _COMPARE_COLUMNS = ["task", "comparison", "family", "label", "metric", "method_a", "method_b", "estimate_a",
                     "estimate_b", "delta", "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "n_stays",
-                    "n_seeds_a", "n_seeds_b", "n_resamples_valid", "n_permutations"]
+                    "n_seeds_a", "n_seeds_b", "n_resamples_valid", "n_permutations", "reference"]
 
 
 def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | None = None,

@@ -38,6 +38,10 @@ TRANSFORMER_RESNET_DEFAULTS: dict[str, object] = {
     "cxr_backbone": "resnet50",
     "cxr_pretrained": "imagenet",
 }
+# The X-ray encoder of every fusion method's `quick` preset (small, from scratch, no download; docs/methods.md,
+# "resnet_small") and of its `test` preset. Spread into each method's presets so the choice is made here once.
+CXR_QUICK: dict[str, object] = {"cxr_backbone": "resnet_small", "cxr_pretrained": "none"}
+CXR_TEST: dict[str, object] = {"cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"}
 
 
 class PretrainedWeightsError(UserError):

@@ -184,10 +184,9 @@ def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
         sub = planted.get("subgroup") or {}
         text = (f"{sub.get('attribute')} = {sub.get('value')}: {sub.get('degraded', '')} Expected: "
                 f"{sub.get('expected', '')}" if sub else "")
+        base = [g.label_groups for g in groups if g.task == "phenotype" and g.cohort == "base"]
         planted_page = Planted(table, agree, compared, tb.planted_subgroup(planted, tables["fairness_summary"]),
-                               planted_source, text,
-                               groups=tb.label_groups(board, comp, tables["runs"],
-                                                      (summary.get("options") or {}).get("label_groups")))
+                               planted_source, text, groups=base[0] if base else None)
     name = summary.get("plan") or Path(summary.get("runs_dir", "runs")).name
     return Page(title=f"carebench report: {name}", summary=summary, cohort=cohort_tables, groups=groups,
                 csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES], planted=planted_page,

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, TaskSpec, cxr_present
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
@@ -118,10 +120,10 @@ class AUG(BaseModel):
         "rho": {"type": "float", "low": 0.1, "high": 0.9},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "head_dim": 64,
+        "quick": {"ehr_hidden": 64, **CXR_QUICK, "head_dim": 64,
                   "check_interval": 1},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
                  "head_dim": 8, "check_interval": 1},
     }
 

@@ -33,6 +33,8 @@ from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
@@ -135,9 +137,9 @@ class DAFT(BaseModel):
         "bottleneck_factor": {"type": "float", "low": 2.0, "high": 14.0},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:

@@ -43,6 +43,8 @@ from carebench.models.base import (
     per_sample_task_loss,
 )
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     LearnedPositions,
     ResNetEncoder,
@@ -167,9 +169,9 @@ class DrFuse(BaseModel):
         "lambda_attn_aux": _LAMBDA,
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"hidden": 64, "ehr_ff_dim": 128, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
+        "quick": {"hidden": 64, "ehr_ff_dim": 128, **CXR_QUICK},
         "full": {},
-        "test": {"hidden": 8, "ehr_heads": 2, "ehr_ff_dim": 16, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
+        "test": {"hidden": 8, "ehr_heads": 2, "ehr_ff_dim": 16, **CXR_TEST},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:

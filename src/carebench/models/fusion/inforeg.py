@@ -37,6 +37,8 @@ from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present, per_sample_task_loss
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
@@ -90,9 +92,9 @@ class InfoReg(BaseModel):
         "fim_window": {"type": "categorical", "choices": [5, 10, 15]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fim_window": 3},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK, "fim_window": 3},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
                  "fim_window": 2},
     }
 

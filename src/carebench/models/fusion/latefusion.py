@@ -15,6 +15,8 @@ from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelOutput, cxr_present
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
     ResNetEncoder,
@@ -43,9 +45,9 @@ class LateFusion(BaseModel):
         "dropout": {"type": "float", "low": 0.0, "high": 0.5},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fusion_dim": 64},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK, "fusion_dim": 64},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none",
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
                  "fusion_dim": 8},
     }
 

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from carebench.models.base import BaseModel, ModelOutput, cxr_present
-from carebench.models.encoders import RESNET_ARCHS, EHRLSTMEncoder, ResNetEncoder, ehr_input, encode_present
+from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
+    RESNET_ARCHS,
+    EHRLSTMEncoder,
+    ResNetEncoder,
+    ehr_input,
+    encode_present,
+)
 from carebench.models.registry import register
 
 
@@ -49,9 +57,9 @@ class MedFuse(BaseModel):
         "fusion_hidden": {"type": "categorical", "choices": [256, 512]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none", "fusion_hidden": 64},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK, "fusion_hidden": 64},
         "full": {},
-        "test": {"ehr_hidden": 8, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none", "fusion_hidden": 8},
+        "test": {"ehr_hidden": 8, **CXR_TEST, "fusion_hidden": 8},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:

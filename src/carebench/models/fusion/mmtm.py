@@ -39,6 +39,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
 from carebench.models.encoders import (
+    CXR_QUICK,
+    CXR_TEST,
     RESNET_ARCHS,
     EHRLSTMEncoder,
     ResNetEncoder,
@@ -104,9 +106,9 @@ class MMTM(BaseModel):
         "mmtm_ratio": {"type": "categorical", "choices": [2.0, 4.0, 8.0]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK},
         "full": {},
-        "test": {"ehr_hidden": 8, "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
+        "test": {"ehr_hidden": 8, **CXR_TEST},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
-from carebench.models.encoders import RESNET_ARCHS, ResNetEncoder, encode_present
+from carebench.models.encoders import CXR_QUICK, CXR_TEST, RESNET_ARCHS, ResNetEncoder, encode_present
 from carebench.models.registry import register
 
 MIXUP_LEVELS = ("batch", "batch_seq", "batch_seq_feature")
@@ -172,10 +172,10 @@ class UTDE(BaseModel):
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"embed_dim": 64, "heads": 4, "cross_layers": 2, "embed_time": 32, "time_heads": 4,
-                  "cxr_backbone": "resnet_small", "cxr_pretrained": "none"},
+                  **CXR_QUICK},
         "full": {},
         "test": {"embed_dim": 8, "heads": 2, "cross_layers": 1, "embed_time": 8, "time_heads": 2,
-                 "cxr_backbone": "resnet_tiny", "cxr_pretrained": "none"},
+                 **CXR_TEST},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
