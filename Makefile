@@ -33,14 +33,14 @@ demo: $(STAMP) $(DEMO_DIR)/data/manifest.json
 	$(BIN)/carebench report $(DEMO_DIR)/runs --planted $(DEMO_DIR)/raw/planted.json
 	@echo "Report: $(abspath $(DEMO_DIR))/runs/report/index.html"
 
-test: $(STAMP)
+# make test: lint (ruff check + ruff format --check, so formatting never drifts), then the whole test suite.
+test: lint
 	command -v chromium || (apt-get update && apt-get install -y chromium)
-	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest -n 2 -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks docs
+	$(BIN)/ruff format --check src tests benchmarks docs
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -73,8 +73,9 @@ def loop_permutations(y, p_a, p_b, swaps: np.ndarray) -> np.ndarray:
         a_star, b_star = np.where(s[:, None], p_b, p_a), np.where(s[:, None], p_a, p_b)
         for j in range(y.shape[1]):
             out[r, j, 0] = skm.roc_auc_score(y[:, j], a_star[:, j]) - skm.roc_auc_score(y[:, j], b_star[:, j])
-            out[r, j, 1] = (skm.average_precision_score(y[:, j], a_star[:, j])
-                            - skm.average_precision_score(y[:, j], b_star[:, j]))
+            out[r, j, 1] = skm.average_precision_score(y[:, j], a_star[:, j]) - skm.average_precision_score(
+                y[:, j], b_star[:, j]
+            )
     return out
 
 
@@ -86,8 +87,9 @@ def loop_bootstrap(y, p_a, p_b, counts: np.ndarray) -> np.ndarray:
         yr, ar, br = y[idx], p_a[idx], p_b[idx]
         for j in range(y.shape[1]):
             out[r, j, 0] = skm.roc_auc_score(yr[:, j], ar[:, j]) - skm.roc_auc_score(yr[:, j], br[:, j])
-            out[r, j, 1] = (skm.average_precision_score(yr[:, j], ar[:, j])
-                            - skm.average_precision_score(yr[:, j], br[:, j]))
+            out[r, j, 1] = skm.average_precision_score(yr[:, j], ar[:, j]) - skm.average_precision_score(
+                yr[:, j], br[:, j]
+            )
     return out
 
 
@@ -107,9 +109,12 @@ def main() -> None:
     rows = []
 
     # --- permutation test
-    wall, cpu, res = timed(lambda: paired_permutation_tests(y, p_a, p_b, keys, names=names,
-                                                            n_permutations=args.permutations, seed=0),
-                           args.repeats)
+    wall, cpu, res = timed(
+        lambda: paired_permutation_tests(
+            y, p_a, p_b, keys, names=names, n_permutations=args.permutations, seed=0
+        ),
+        args.repeats,
+    )
     k = args.loop_permutations
     _, blocks = swap_blocks(args.stays, args.permutations, 0)
     swaps = next(iter(blocks))[:k]
@@ -117,18 +122,30 @@ def main() -> None:
     vec = np.stack([[res[f"{m}/{nm}"].null_distribution[:k] for m in ("auroc", "auprc")] for nm in names])
     assert np.allclose(vec.transpose(2, 0, 1), loop, atol=1e-12), "loop and vectorised nulls differ"
     scale = args.permutations / k
-    rows.append(("paired permutation test", f"{args.permutations:,} permutations", wall, cpu, lwall * scale,
-                 lcpu * scale))
+    rows.append(
+        (
+            "paired permutation test",
+            f"{args.permutations:,} permutations",
+            wall,
+            cpu,
+            lwall * scale,
+            lcpu * scale,
+        )
+    )
 
     # --- paired bootstrap
-    bwall, bcpu, bres = timed(lambda: paired_bootstrap_cis(y, p_a, p_b, keys, names=names,
-                                                           n_resamples=args.resamples, seed=0), args.repeats)
+    bwall, bcpu, bres = timed(
+        lambda: paired_bootstrap_cis(y, p_a, p_b, keys, names=names, n_resamples=args.resamples, seed=0),
+        args.repeats,
+    )
     counts = next(iter(bootstrap_weights(args.stays, args.resamples, 0))).T[:k]
     blwall, blcpu, bloop = timed(lambda: loop_bootstrap(y, p_a, p_b, counts), args.repeats)
     bvec = np.stack([[bres[f"{m}/{nm}"].distribution[:k] for m in ("auroc", "auprc")] for nm in names])
     assert np.allclose(bvec.transpose(2, 0, 1), bloop, atol=1e-12), "loop and vectorised bootstrap differ"
     scale = args.resamples / k
-    rows.append(("paired bootstrap", f"{args.resamples:,} resamples", bwall, bcpu, blwall * scale, blcpu * scale))
+    rows.append(
+        ("paired bootstrap", f"{args.resamples:,} resamples", bwall, bcpu, blwall * scale, blcpu * scale)
+    )
 
     cpu_name = platform.processor() or platform.machine()
     try:
@@ -136,16 +153,24 @@ def main() -> None:
             cpu_name = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    print(f"Machine: {cpu_name}, {os.cpu_count()} logical CPUs, single-threaded; 1-min load average {load:.1f} at "
-          f"the start (the machine may be shared: CPU times are the fairer figure); {datetime.date.today().isoformat()}; Python {platform.python_version()}, "
-          f"numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn {sklearn.__version__}.")
-    print(f"Workload: {args.stays:,} stays x {args.labels} labels, AUROC + AUPRC per label and arm; loop timed on "
-          f"{k} permutations/resamples and extrapolated; median of {args.repeats} repeats.\n")
-    print("| procedure | size | vectorised wall s | vectorised CPU s | sklearn loop wall s (extrapolated) "
-          "| sklearn loop CPU s (extrapolated) | ratio wall | ratio CPU |")
+    print(
+        f"Machine: {cpu_name}, {os.cpu_count()} logical CPUs, single-threaded; 1-min load average {load:.1f} at "
+        f"the start (the machine may be shared: CPU times are the fairer figure); {datetime.date.today().isoformat()}; Python {platform.python_version()}, "
+        f"numpy {np.__version__}, scipy {scipy.__version__}, scikit-learn {sklearn.__version__}."
+    )
+    print(
+        f"Workload: {args.stays:,} stays x {args.labels} labels, AUROC + AUPRC per label and arm; loop timed on "
+        f"{k} permutations/resamples and extrapolated; median of {args.repeats} repeats.\n"
+    )
+    print(
+        "| procedure | size | vectorised wall s | vectorised CPU s | sklearn loop wall s (extrapolated) "
+        "| sklearn loop CPU s (extrapolated) | ratio wall | ratio CPU |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name, size, w, c, lw, lc in rows:
-        print(f"| {name} | {size} | {w:.1f} | {c:.1f} | {lw:,.0f} | {lc:,.0f} | {lw / w:,.0f}x | {lc / c:,.0f}x |")
+        print(
+            f"| {name} | {size} | {w:.1f} | {c:.1f} | {lw:,.0f} | {lc:,.0f} | {lw / w:,.0f}x | {lc / c:,.0f}x |"
+        )
 
 
 if __name__ == "__main__":

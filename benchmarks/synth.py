@@ -37,8 +37,20 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run(stays: int, image_size: int, workers: int, out: Path) -> dict:
-    cmd = [str(Path(sys.executable).with_name("carebench")), "synth", "--out", str(out), "--stays", str(stays),
-           "--seed", "0", "--image-size", str(image_size), "--workers", str(workers)]
+    cmd = [
+        str(Path(sys.executable).with_name("carebench")),
+        "synth",
+        "--out",
+        str(out),
+        "--stays",
+        str(stays),
+        "--seed",
+        "0",
+        "--image-size",
+        str(image_size),
+        "--workers",
+        str(workers),
+    ]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ps = psutil.Process(child.pid)
@@ -59,8 +71,16 @@ def run(stays: int, image_size: int, workers: int, out: Path) -> dict:
     files = [p for p in out.rglob("*") if p.is_file()]
     images = sum(1 for p in files if p.suffix == ".jpg")
     size_mb = sum(p.stat().st_size for p in files) / 2**20
-    return {"stays": stays, "wall": wall, "cpu": cpu, "stays_per_s": stays / wall, "peak_sum": peak_sum / 2**20,
-            "peak_one": peak_one / 2**20, "images": images, "mb": size_mb}
+    return {
+        "stays": stays,
+        "wall": wall,
+        "cpu": cpu,
+        "stays_per_s": stays / wall,
+        "peak_sum": peak_sum / 2**20,
+        "peak_one": peak_one / 2**20,
+        "images": images,
+        "mb": size_mb,
+    }
 
 
 def main() -> None:
@@ -69,8 +89,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, load average "
-          f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}", file=sys.stderr)
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} logical CPUs, load average "
+        f"{os.getloadavg()[0]:.1f}, Python {platform.python_version()}",
+        file=sys.stderr,
+    )
     rows = []
     with tempfile.TemporaryDirectory(prefix="synth-bench-") as tmp:
         for n in (int(s) for s in args.stays.split(",")):
@@ -78,13 +101,17 @@ def main() -> None:
             rows.append(run(n, args.image_size, args.workers, out))
             print(rows[-1], file=sys.stderr)
             subprocess.run(["rm", "-rf", str(out)], check=True)
-    print("| stays | image px | workers | wall s | CPU s | stays/s | images | output MiB | "
-          "peak RSS, all processes MiB | peak RSS, largest process MiB |")
+    print(
+        "| stays | image px | workers | wall s | CPU s | stays/s | images | output MiB | "
+        "peak RSS, all processes MiB | peak RSS, largest process MiB |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['stays']:,} | {args.image_size} | {args.workers} | {r['wall']:.1f} | {r['cpu']:.1f} | "
-              f"{r['stays_per_s']:.0f} | {r['images']:,} | {r['mb']:.0f} | {r['peak_sum']:.0f} | "
-              f"{r['peak_one']:.0f} |")
+        print(
+            f"| {r['stays']:,} | {args.image_size} | {args.workers} | {r['wall']:.1f} | {r['cpu']:.1f} | "
+            f"{r['stays_per_s']:.0f} | {r['images']:,} | {r['mb']:.0f} | {r['peak_sum']:.0f} | "
+            f"{r['peak_one']:.0f} |"
+        )
 
 
 if __name__ == "__main__":

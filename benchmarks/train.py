@@ -40,24 +40,58 @@ import time
 from pathlib import Path
 
 CAREBENCH = str(Path(sys.executable).with_name("carebench"))
-WRAPPER = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+WRAPPER = (
+    "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
+)
 
 
 def synthesise(stays: int, work: Path) -> Path:
     raw, data = work / "raw", work / "data"
-    subprocess.run([CAREBENCH, "synth", "--out", str(raw), "--stays", str(stays), "--seed", "0"], check=True,
-                   stdout=subprocess.DEVNULL)
-    subprocess.run([CAREBENCH, "prepare", "--mimic-iv", str(raw / "mimic-iv"), "--mimic-cxr",
-                    str(raw / "mimic-cxr-jpg"), "--out", str(data)], check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [CAREBENCH, "synth", "--out", str(raw), "--stays", str(stays), "--seed", "0"],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [
+            CAREBENCH,
+            "prepare",
+            "--mimic-iv",
+            str(raw / "mimic-iv"),
+            "--mimic-cxr",
+            str(raw / "mimic-cxr-jpg"),
+            "--out",
+            str(data),
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return data
 
 
-def time_run(data: Path, model: str, task: str, preset: str, threads: int, out: Path,
-             extra: list[str]) -> dict:
+def time_run(
+    data: Path, model: str, task: str, preset: str, threads: int, out: Path, extra: list[str]
+) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [CAREBENCH, "train", "--data", str(data), "--model", model, "--task", task, "--preset", preset,
-           "--threads", str(threads), "--no-progress", "--out", str(out), *extra]
+    cmd = [
+        CAREBENCH,
+        "train",
+        "--data",
+        str(data),
+        "--model",
+        model,
+        "--task",
+        task,
+        "--preset",
+        preset,
+        "--threads",
+        str(threads),
+        "--no-progress",
+        "--out",
+        str(out),
+        *extra,
+    ]
     # A wrapper process per run, so RUSAGE_CHILDREN's peak RSS is this run's alone.
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], env=env, capture_output=True, text=True)
@@ -67,10 +101,18 @@ def time_run(data: Path, model: str, task: str, preset: str, threads: int, out: 
     lines = proc.stdout.strip().splitlines()
     run_dir, peak_kib = Path(lines[-2].split()[0]), int(lines[-1])
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {"model": model, "wall_s": wall, "peak_rss_mib": peak_kib / 1024,
-            "epochs": m["epochs_trained"], "fit_s": m["timing_s"]["fit"], "test_s": m["timing_s"]["test"],
-            "n_train": m["splits"]["train"]["n_stays"], "metric": m["selection_metric"],
-            "value": m["test"].get(m["selection_metric"]), "params": m["n_parameters"]}
+    return {
+        "model": model,
+        "wall_s": wall,
+        "peak_rss_mib": peak_kib / 1024,
+        "epochs": m["epochs_trained"],
+        "fit_s": m["timing_s"]["fit"],
+        "test_s": m["timing_s"]["test"],
+        "n_train": m["splits"]["train"]["n_stays"],
+        "metric": m["selection_metric"],
+        "value": m["test"].get(m["selection_metric"]),
+        "params": m["n_parameters"],
+    }
 
 
 def throughput_worker(spec: dict) -> None:
@@ -90,11 +132,13 @@ def throughput_worker(spec: dict) -> None:
     cls = get_model_class(spec["model"])
     overrides = {"batch_size": spec["batch_size"]}
     overrides |= {f"model.{k}": "none" for k in cls.default_hparams if k.endswith("pretrained")}
-    cfg = resolve_config(model=spec["model"], task=spec["task"], data=spec["data"], preset=spec["preset"],
-                         overrides=overrides)
+    cfg = resolve_config(
+        model=spec["model"], task=spec["task"], data=spec["data"], preset=spec["preset"], overrides=overrides
+    )
     data = open_dataset(spec["data"], mmap=True)
-    fold = build_fold(data, task=cfg.task, fold=1, image_size=cfg.image_size,
-                      load_cxr="cxr" in cls.modalities)
+    fold = build_fold(
+        data, task=cfg.task, fold=1, image_size=cfg.image_size, load_cxr="cxr" in cls.modalities
+    )
     loader = make_loader(fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=0)
     warm, steps = spec["warmup"], spec["steps"]
     if len(loader) < warm + steps:
@@ -112,27 +156,61 @@ def throughput_worker(spec: dict) -> None:
                 times.append(time.perf_counter())
 
     # one validation batch after the timed steps: the plateau schedule needs its val/loss (not timed)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=1, limit_train_batches=warm + steps,
-                         limit_val_batches=1, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()])
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=warm + steps,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Clock()],
+    )
     trainer.fit(module, train_dataloaders=loader, val_dataloaders=make_loader(fold.val, 64, shuffle=False))
-    print(json.dumps({"model": spec["model"], "preset": spec["preset"], "image_size": cfg.image_size,
-                      "samples_per_s": steps * cfg.batch_size / (times[1] - times[0]),
-                      "params": sum(p.numel() for p in module.parameters()),
-                      "cxr_share": float(fold.train.has_cxr.mean()),
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(
+        json.dumps(
+            {
+                "model": spec["model"],
+                "preset": spec["preset"],
+                "image_size": cfg.image_size,
+                "samples_per_s": steps * cfg.batch_size / (times[1] - times[0]),
+                "params": sum(p.numel() for p in module.parameters()),
+                "cxr_share": float(fold.train.has_cxr.mean()),
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
 
 
 def throughput(data: Path, model: str, preset: str, args: argparse.Namespace) -> dict:
-    spec = {"data": str(data), "model": model, "preset": preset, "task": args.task, "threads": args.threads,
-            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup}
+    spec = {
+        "data": str(data),
+        "model": model,
+        "preset": preset,
+        "task": args.task,
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+    }
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     rows = []
     for _ in range(args.repeat):
-        proc = subprocess.run([sys.executable, os.path.realpath(__file__), "--worker", json.dumps(spec)], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, os.path.realpath(__file__), "--worker", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode != 0:
-            return {"model": model, "preset": preset, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+            return {
+                "model": model,
+                "preset": preset,
+                "error": (proc.stderr.strip().splitlines() or ["?"])[-1],
+            }
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     out = dict(rows[0])
     out["samples_per_s"] = statistics.median(r["samples_per_s"] for r in rows)
@@ -174,7 +252,9 @@ def main() -> None:
     ap.add_argument("--task", default="mortality")
     ap.add_argument("--preset", default="quick")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--extra", default="", help="extra train arguments, space-separated (e.g. 'max_epochs=3')")
+    ap.add_argument(
+        "--extra", default="", help="extra train arguments, space-separated (e.g. 'max_epochs=3')"
+    )
     ap.add_argument("--steps", type=int, default=0, help="throughput mode: timed training steps per method")
     ap.add_argument("--warmup", type=int, default=3, help="throughput mode: untimed steps first")
     ap.add_argument("--batch-size", type=int, default=16, help="throughput mode: batch size")
@@ -189,10 +269,12 @@ def main() -> None:
     try:
         data = args.data if args.data else synthesise(args.stays, work)
         if args.steps:
-            print(f"\nTraining throughput, task {args.task}, batch {args.batch_size}, {args.steps} timed steps after "
-                  f"{args.warmup}, median of {args.repeat} process(es); {data} "
-                  f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
-                  f"load average before: {os.getloadavg()[0]:.1f})\n")
+            print(
+                f"\nTraining throughput, task {args.task}, batch {args.batch_size}, {args.steps} timed steps after "
+                f"{args.warmup}, median of {args.repeat} process(es); {data} "
+                f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
+                f"load average before: {os.getloadavg()[0]:.1f})\n"
+            )
             print("| model | preset | image px | params | X-ray share | train samples/s | peak RSS MiB |")
             print("|---|---|---|---|---|---|---|", flush=True)
             for preset in args.presets.split(","):
@@ -201,25 +283,37 @@ def main() -> None:
                     if "error" in r:
                         print(f"| {m} | {preset} | error: {r['error']} |||||", flush=True)
                         continue
-                    print(f"| {m} | {preset} | {r['image_size']} | {r['params']:,} | {r['cxr_share']:.2f} | "
-                          f"{r['samples_per_s']:.1f} | {r['peak_rss_mib']:.0f} |", flush=True)
+                    print(
+                        f"| {m} | {preset} | {r['image_size']} | {r['params']:,} | {r['cxr_share']:.2f} | "
+                        f"{r['samples_per_s']:.1f} | {r['peak_rss_mib']:.0f} |",
+                        flush=True,
+                    )
             return
         loader = time_loader(data, args.task, args.preset, args.threads)
-        print(f"\n`carebench train --preset {args.preset} --task {args.task}` on {data} "
-              f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
-              f"load average before: {os.getloadavg()[0]:.1f})\n")
-        print(f"Loader (warm training epoch, incl. augmentation if the preset has it): {loader['stays']} stays in "
-              f"{loader['seconds']:.2f} s = {loader['stays_per_s']:.0f} stays/s\n")
-        print("| model | params | train stays | epochs | fit s | test s | wall s | peak RSS MiB | test metric |")
+        print(
+            f"\n`carebench train --preset {args.preset} --task {args.task}` on {data} "
+            f"({platform.processor() or platform.machine()}, {args.threads} threads, torch CPU, "
+            f"load average before: {os.getloadavg()[0]:.1f})\n"
+        )
+        print(
+            f"Loader (warm training epoch, incl. augmentation if the preset has it): {loader['stays']} stays in "
+            f"{loader['seconds']:.2f} s = {loader['stays_per_s']:.0f} stays/s\n"
+        )
+        print(
+            "| model | params | train stays | epochs | fit s | test s | wall s | peak RSS MiB | test metric |"
+        )
         print("|---|---|---|---|---|---|---|---|---|", flush=True)
         for m in models:  # one row as soon as each run ends
             r = time_run(data, m, args.task, args.preset, args.threads, work / "runs", args.extra.split())
             if "error" in r:
                 print(f"| {r['model']} | error: {r['error']} |||||||| ", flush=True)
                 continue
-            print(f"| {r['model']} | {r['params']:,} | {r['n_train']} | {r['epochs']} | {r['fit_s']:.1f} | "
-                  f"{r['test_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
-                  f"{r['metric']} {r['value']:.3f} |", flush=True)
+            print(
+                f"| {r['model']} | {r['params']:,} | {r['n_train']} | {r['epochs']} | {r['fit_s']:.1f} | "
+                f"{r['test_s']:.1f} | {r['wall_s']:.1f} | {r['peak_rss_mib']:.0f} | "
+                f"{r['metric']} {r['value']:.3f} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

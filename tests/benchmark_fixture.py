@@ -22,13 +22,19 @@ from carebench.training import resolve_config, train_run
 PHENO_SIGNAL = {"lstm": 0.8, "resnet": 0.3, "latefusion": 1.0, "medfuse": 1.6}
 
 
-def train_runs(data_dir: Path, out: Path, models: Iterable[str], task: str = "mortality",
-               **options) -> dict[str, Path]:
+def train_runs(
+    data_dir: Path, out: Path, models: Iterable[str], task: str = "mortality", **options
+) -> dict[str, Path]:
     """Train each model for one epoch (preset `test`); returns model -> run directory."""
     res = {}
     for model in models:
-        cfg = resolve_config(data=data_dir, model=model, task=task, preset="test",
-                             options={"progress": False, "max_epochs": 1, **options})
+        cfg = resolve_config(
+            data=data_dir,
+            model=model,
+            task=task,
+            preset="test",
+            options={"progress": False, "max_epochs": 1, **options},
+        )
         res[model] = train_run(cfg, out).run_dir
     return res
 
@@ -38,12 +44,26 @@ def _probabilities(y: np.ndarray, signal: float, rng: np.random.Generator) -> np
     return 1.0 / (1.0 + np.exp(-logit))
 
 
-def write_run(data_dir: Path, out: Path, model: str, task: str, fold: int, seed: int, signal: float,
-              overrides: dict | None = None) -> Path:
+def write_run(
+    data_dir: Path,
+    out: Path,
+    model: str,
+    task: str,
+    fold: int,
+    seed: int,
+    signal: float,
+    overrides: dict | None = None,
+) -> Path:
     """A finished run record whose test/validation predictions are sigmoid(signal * (2y - 1) + N(0, 1))
     (LOS: softmax(signal * onehot(y) + N(0, 1)))."""
-    cfg = resolve_config(data=data_dir, model=model, task=task, preset="test",
-                         options={"progress": False, "fold": fold, "seed": seed}, overrides=overrides)
+    cfg = resolve_config(
+        data=data_dir,
+        model=model,
+        task=task,
+        preset="test",
+        options={"progress": False, "fold": fold, "seed": seed},
+        overrides=overrides,
+    )
     cohort = pd.read_parquet(data_dir / "cohort.parquet")
     names = output_names(task)
     rng = np.random.default_rng([fold, seed, sum(map(ord, model)), sum(map(ord, task))])
@@ -71,8 +91,14 @@ def write_run(data_dir: Path, out: Path, model: str, task: str, fold: int, seed:
     return run
 
 
-def write_runs(data_dir: Path, out: Path, task: str = "phenotype", signal: dict[str, float] | None = None,
-               folds=(1, 2), seeds=(0, 1)) -> list[Path]:
+def write_runs(
+    data_dir: Path,
+    out: Path,
+    task: str = "phenotype",
+    signal: dict[str, float] | None = None,
+    folds=(1, 2),
+    seeds=(0, 1),
+) -> list[Path]:
     """`write_run` for every method x fold x seed."""
     signal = signal or PHENO_SIGNAL
     return [write_run(data_dir, out, m, task, f, s, signal[m]) for m in signal for f in folds for s in seeds]

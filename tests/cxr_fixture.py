@@ -28,21 +28,21 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Img:
-    hours: float                 # study time = anchor intime + hours
-    view: str                    # ViewPosition as written ('' = empty)
-    state: str = "ok"            # ok | corrupt (garbage bytes) | truncated (cut JPEG) | missing (not on disk)
-    source: str = "hannover"     # hannover | nih | large
-    study: int | None = None     # images with the same `study` share a study_id (same study time)
+    hours: float  # study time = anchor intime + hours
+    view: str  # ViewPosition as written ('' = empty)
+    state: str = "ok"  # ok | corrupt (garbage bytes) | truncated (cut JPEG) | missing (not on disk)
+    source: str = "hannover"  # hannover | nih | large
+    study: int | None = None  # images with the same `study` share a study_id (same study time)
 
 
 # Scenario name -> images. Offsets chosen on both sides of every window edge.
 SCENARIOS: dict[str, list[Img]] = {
     "single_ap": [Img(10, "AP")],
-    "at_intime": [Img(0, "PA")],                                   # lower edge is inclusive
-    "two_eligible": [Img(5, "AP"), Img(30, "PA", source="nih")],   # the later one wins
-    "before_intime": [Img(-6, "AP")],                              # only with lookback >= 6 h
+    "at_intime": [Img(0, "PA")],  # lower edge is inclusive
+    "two_eligible": [Img(5, "AP"), Img(30, "PA", source="nih")],  # the later one wins
+    "before_intime": [Img(-6, "AP")],  # only with lookback >= 6 h
     "before_and_in": [Img(-6, "PA"), Img(20, "AP")],
-    "at_prediction": [Img(48, "AP")],                              # upper edge is exclusive
+    "at_prediction": [Img(48, "AP")],  # upper edge is exclusive
     "just_before_prediction": [Img(48 - 0.5 / 3600, "PA"), Img(48, "AP")],
     "after": [Img(60, "AP"), Img(100, "PA")],
     "lateral_later": [Img(10, "AP"), Img(40, "LATERAL")],
@@ -52,11 +52,11 @@ SCENARIOS: dict[str, list[Img]] = {
     "truncated_only": [Img(9, "AP", state="truncated")],
     "missing_fallback": [Img(15, "AP"), Img(25, "AP", state="missing")],
     "same_time": [Img(16, "AP", study=1), Img(16, "PA", study=1)],  # tie: larger dicom_id wins
-    "fractional": [Img(3 + 25 / 60 + 12.5 / 3600, "ap")],          # 03:25:12.5 after intime; lower-case view
+    "fractional": [Img(3 + 25 / 60 + 12.5 / 3600, "ap")],  # 03:25:12.5 after intime; lower-case view
     "nih_png": [Img(7, "PA", source="nih")],
     "large_jpeg": [Img(11, "PA", source="large")],
 }
-MULTI_STAY = "multi_stay"   # offsets relative to the FIRST of two close stays of one subject
+MULTI_STAY = "multi_stay"  # offsets relative to the FIRST of two close stays of one subject
 MULTI_STAY_IMAGES = [Img(0.25, "PA"), Img(5, "AP"), Img(48.5, "AP")]
 UNKNOWN_SUBJECT = 19999999  # metadata rows for a subject not in the cohort: must be ignored
 
@@ -66,7 +66,7 @@ _VIEW_TEXT = {"AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "la
 def dicom_id_for(scenario: str, k: int) -> str:
     """Deterministic MIMIC-looking dicom_id (5 groups of 8 hex digits)."""
     h = hashlib.sha1(f"{scenario}/{k}".encode()).hexdigest()
-    return "-".join(h[i:i + 8] for i in range(0, 40, 8))
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
 
 
 def scenario_stays(stays: pd.DataFrame) -> dict[str, int]:
@@ -122,8 +122,14 @@ def _write_image(dst: Path, img: Img, src: Path, rng: random.Random) -> tuple[in
         return im.height, im.width
 
 
-def build_cxr_fixture(root: Path, stays: pd.DataFrame, cxr_open: Path, *, lookback_hours: float = 0.0,
-                      prediction_hours: float = 48.0) -> dict[int, str | None]:
+def build_cxr_fixture(
+    root: Path,
+    stays: pd.DataFrame,
+    cxr_open: Path,
+    *,
+    lookback_hours: float = 0.0,
+    prediction_hours: float = 48.0,
+) -> dict[int, str | None]:
     """Write the tree under `root` and return {stay_id: expected dicom_id or None} for every row of `stays`.
 
     `stays` needs stay_id, subject_id, intime. The tree does not depend on the window options; they only change
@@ -161,8 +167,18 @@ def build_cxr_fixture(root: Path, stays: pd.DataFrame, cxr_open: Path, *, lookba
     t0 = pd.Timestamp(by_stay.loc[first, "intime"]) + pd.Timedelta(hours=2)
     d, tm = _study_date_time(t0, 0)
     rows.append(_row(dicom_id_for("unknown_subject", 0), UNKNOWN_SUBJECT, 59_999_999, "AP", 10, 10, d, tm))
-    rows.append(_row(dicom_id_for("bad_time", 0), int(by_stay.loc[first, "subject_id"]), 59_999_998, "AP",
-                     10, 10, d, ""))
+    rows.append(
+        _row(
+            dicom_id_for("bad_time", 0),
+            int(by_stay.loc[first, "subject_id"]),
+            59_999_998,
+            "AP",
+            10,
+            10,
+            d,
+            "",
+        )
+    )
     meta = pd.DataFrame(rows)
     meta.to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False, compression="gzip")
 
@@ -173,27 +189,42 @@ def _row(dicom: str, subject: int, study: int, view: str, h: int, w: int, date: 
     v = view.strip().upper()
     proc = "CHEST (PORTABLE AP)" if v == "AP" else "CHEST (PA AND LAT)"
     return {
-        "dicom_id": dicom, "subject_id": subject, "study_id": study, "PerformedProcedureStepDescription": proc,
-        "ViewPosition": view, "Rows": h, "Columns": w, "StudyDate": date, "StudyTime": tm,
-        "ProcedureCodeSequence_CodeMeaning": proc, "ViewCodeSequence_CodeMeaning": _VIEW_TEXT.get(v, ""),
+        "dicom_id": dicom,
+        "subject_id": subject,
+        "study_id": study,
+        "PerformedProcedureStepDescription": proc,
+        "ViewPosition": view,
+        "Rows": h,
+        "Columns": w,
+        "StudyDate": date,
+        "StudyTime": tm,
+        "ProcedureCodeSequence_CodeMeaning": proc,
+        "ViewCodeSequence_CodeMeaning": _VIEW_TEXT.get(v, ""),
         "PatientOrientationCodeSequence_CodeMeaning": "Erect" if v == "PA" else "Recumbent",
     }
 
 
-def expected_linkage(stays: pd.DataFrame, images: list[tuple], *, lookback_hours: float,
-                     prediction_hours: float) -> dict[int, str | None]:
+def expected_linkage(
+    stays: pd.DataFrame, images: list[tuple], *, lookback_hours: float, prediction_hours: float
+) -> dict[int, str | None]:
     """The rule, by hand: per stay, readable AP/PA images of its subject in the window; latest (time, dicom_id)."""
     out: dict[int, str | None] = {}
     for stay_id, subject, intime in zip(stays["stay_id"], stays["subject_id"], stays["intime"], strict=True):
         lo = pd.Timestamp(intime) - pd.Timedelta(hours=lookback_hours)
         hi = pd.Timestamp(intime) + pd.Timedelta(hours=prediction_hours)
-        ok = [(t, d) for s, t, v, state, d in images
-              if s == subject and v in ("AP", "PA") and state == "ok" and lo <= t < hi]
+        ok = [
+            (t, d)
+            for s, t, v, state, d in images
+            if s == subject and v in ("AP", "PA") and state == "ok" and lo <= t < hi
+        ]
         out[int(stay_id)] = max(ok)[1] if ok else None
     return out
 
 
 def read_metadata(root: Path) -> pd.DataFrame:
     """The fixture's metadata as written (for tests that check the fixture itself)."""
-    return pd.read_csv(io.BytesIO((root / "mimic-cxr-2.0.0-metadata.csv.gz").read_bytes()),
-                       compression="gzip", dtype={"StudyTime": str})
+    return pd.read_csv(
+        io.BytesIO((root / "mimic-cxr-2.0.0-metadata.csv.gz").read_bytes()),
+        compression="gzip",
+        dtype={"StudyTime": str},
+    )

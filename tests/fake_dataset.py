@@ -65,23 +65,25 @@ def make_fake_dataset(
     subject = np.arange(n) // 2 + 10_000
     intime = pd.Timestamp("2150-01-01") + pd.to_timedelta(np.arange(n) * 7, unit="h")
     cxr_hours = np.where(has_cxr, rng.uniform(-12, 47, n), np.nan)
-    cohort = pd.DataFrame({
-        "stay_id": np.arange(n, dtype=np.int64) * 3 + 30_000_000,
-        "subject_id": subject.astype(np.int64),
-        "hadm_id": np.arange(n, dtype=np.int64) + 20_000_000,
-        "intime": intime,
-        "outtime": intime + pd.to_timedelta(2 + los, unit="D"),
-        "los_days": (2.5 + los).astype(float),
-        "age": rng.uniform(18, 90, n).round(),
-        "gender": rng.choice(["M", "F"], n),
-        "race": rng.choice(["WHITE", "BLACK/AFRICAN AMERICAN", "ASIAN"], n),
-        "race_group": "WHITE",
-        "admission_type": "EW EMER.",
-        "insurance": "Other",
-        "fold": (1 + (subject - subject.min()) % 5).astype(np.int8),
-        "label_mortality": mortality,
-        "label_los": los,
-    })
+    cohort = pd.DataFrame(
+        {
+            "stay_id": np.arange(n, dtype=np.int64) * 3 + 30_000_000,
+            "subject_id": subject.astype(np.int64),
+            "hadm_id": np.arange(n, dtype=np.int64) + 20_000_000,
+            "intime": intime,
+            "outtime": intime + pd.to_timedelta(2 + los, unit="D"),
+            "los_days": (2.5 + los).astype(float),
+            "age": rng.uniform(18, 90, n).round(),
+            "gender": rng.choice(["M", "F"], n),
+            "race": rng.choice(["WHITE", "BLACK/AFRICAN AMERICAN", "ASIAN"], n),
+            "race_group": "WHITE",
+            "admission_type": "EW EMER.",
+            "insurance": "Other",
+            "fold": (1 + (subject - subject.min()) % 5).astype(np.int8),
+            "label_mortality": mortality,
+            "label_los": los,
+        }
+    )
     for j, ph in enumerate(load_phenotypes()):
         logit_j = severity * (1 if j % 2 else -1) + 0.5 * brightness - 0.5 + 0.05 * j
         cohort[ph.column] = (rng.random(n) < 1 / (1 + np.exp(-logit_j))).astype(np.int8)
@@ -97,8 +99,14 @@ def make_fake_dataset(
     np.save(root / store.EHR, ehr)
     if with_cxr:
         np.save(root / store.CXR, cxr)
-    manifest = {"format_version": store.FORMAT_VERSION, "features": features, "hours": HOURS,
-                "source": "tests/fake_dataset.py", "seed": seed, "image_size": image_size}
+    manifest = {
+        "format_version": store.FORMAT_VERSION,
+        "features": features,
+        "hours": HOURS,
+        "source": "tests/fake_dataset.py",
+        "seed": seed,
+        "image_size": image_size,
+    }
     with open(root / store.MANIFEST, "w") as fh:
         json.dump(manifest, fh)
     return root

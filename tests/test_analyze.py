@@ -27,8 +27,8 @@ from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)
 PHENO = ("latefusion", "lstm", "medfuse", "resnet")
-N_PHENO_METRICS = 6 + 2 * 25            # macro/weighted/micro AUROC/AUPRC + per-label AUROC and AUPRC
-N_COMPARE_KEYS = 2 + 2 * 25              # auroc_macro, auprc_macro + per-label auroc/auprc
+N_PHENO_METRICS = 6 + 2 * 25  # macro/weighted/micro AUROC/AUPRC + per-label AUROC and AUPRC
+N_COMPARE_KEYS = 2 + 2 * 25  # auroc_macro, auprc_macro + per-label auroc/auprc
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +39,13 @@ def data_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def written(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("written")
-    write_runs(data_dir, out)                                             # phenotype: 4 methods x 2 folds x 2 seeds
+    write_runs(data_dir, out)  # phenotype: 4 methods x 2 folds x 2 seeds
     write_runs(data_dir, out, task="los", signal={"lstm": 0.6, "latefusion": 1.2}, folds=(1,), seeds=(0,))
-    write_plan(out, fairness={"enabled": False},
-               statistics={"n_bootstrap": 300, "n_permutations": 999, "confidence": 0.9, "seed": 3})
+    write_plan(
+        out,
+        fairness={"enabled": False},
+        statistics={"n_bootstrap": 300, "n_permutations": 999, "confidence": 0.9, "seed": 3},
+    )
     res = A.analyze(out)
     return out, res
 
@@ -51,9 +54,12 @@ def written(data_dir, tmp_path_factory):
 def trained(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("trained")
     runs = train_runs(data_dir, out, ["lstm", "resnet", "latefusion", "drfuse"])
-    runs["latefusion_r05"] = train_runs(data_dir, out, ["latefusion"], cxr_dropout_train=0.5,
-                                        cxr_dropout_val=0.5)["latefusion"]
-    (runs["resnet"] / R.VAL_PREDICTIONS).unlink()  # an older record: validation predictions from the checkpoint
+    runs["latefusion_r05"] = train_runs(
+        data_dir, out, ["latefusion"], cxr_dropout_train=0.5, cxr_dropout_val=0.5
+    )["latefusion"]
+    (
+        runs["resnet"] / R.VAL_PREDICTIONS
+    ).unlink()  # an older record: validation predictions from the checkpoint
     res = A.analyze(out, n_bootstrap=200, n_permutations=400, test_rates=[0.3, 0.9])
     return out, runs, res
 
@@ -79,7 +85,11 @@ def test_leaderboard_rows_and_values_equal_sklearn_on_seed_averaged_predictions(
     assert len(los) == 2 * (6 + 7) and (los.n_seeds == 1).all() and los.seed_sd.isna().all()
     assert (board.cohort == "base").all()
     assert dict(zip(pheno.method, pheno.modalities, strict=False)) == {
-        "latefusion": "ehr+cxr", "lstm": "ehr", "medfuse": "ehr+cxr", "resnet": "cxr"}
+        "latefusion": "ehr+cxr",
+        "lstm": "ehr",
+        "medfuse": "ehr+cxr",
+        "resnet": "cxr",
+    }
 
     cohort = pd.read_parquet(data_dir / "cohort.parquet")
     stays_f12 = set(cohort.stay_id[cohort.fold.isin([1, 2])])
@@ -90,24 +100,33 @@ def test_leaderboard_rows_and_values_equal_sklearn_on_seed_averaged_predictions(
         y = df[ycols].to_numpy().astype(int)
         p = df[[f"p_{c[2:]}" for c in ycols]].to_numpy()
         got = pheno[pheno.method == method].set_index(["label", "metric"])["estimate"]
-        assert got[("phenotype", "auroc_macro")] == pytest.approx(skm.roc_auc_score(y, p, average="macro"), abs=1e-12)
+        assert got[("phenotype", "auroc_macro")] == pytest.approx(
+            skm.roc_auc_score(y, p, average="macro"), abs=1e-12
+        )
         assert got[("phenotype", "auprc_micro")] == pytest.approx(
-            skm.average_precision_score(y, p, average="micro"), abs=1e-12)
+            skm.average_precision_score(y, p, average="micro"), abs=1e-12
+        )
         j = ycols.index("y_pheno_shock")
         assert got[("pheno_shock", "auroc")] == pytest.approx(skm.roc_auc_score(y[:, j], p[:, j]), abs=1e-12)
         # seed mean: the metric per seed (folds concatenated), then averaged
         per_seed = []
         for seed in (0, 1):
-            parts = [pd.read_parquet(c.parent / "predictions.parquet")
-                     for c in sorted(out.glob(f"{method}_phenotype_*_s{seed}_*/config.yaml"))]
+            parts = [
+                pd.read_parquet(c.parent / "predictions.parquet")
+                for c in sorted(out.glob(f"{method}_phenotype_*_s{seed}_*/config.yaml"))
+            ]
             d = pd.concat(parts)
-            per_seed.append(skm.roc_auc_score(d[ycols].to_numpy(), d[[f"p_{c[2:]}" for c in ycols]].to_numpy()))
+            per_seed.append(
+                skm.roc_auc_score(d[ycols].to_numpy(), d[[f"p_{c[2:]}" for c in ycols]].to_numpy())
+            )
         row = pheno[(pheno.method == method) & (pheno.metric == "auroc_macro") & (pheno.label == "phenotype")]
         assert row.seed_mean.item() == pytest.approx(np.mean(per_seed), abs=1e-12)
         assert row.seed_sd.item() == pytest.approx(np.std(per_seed, ddof=1), abs=1e-12)
     ok = board.ci_low.notna()
     assert ok.mean() > 0.9
-    assert ((board.ci_low[ok] <= board.estimate[ok] + 1e-12) & (board.estimate[ok] <= board.ci_high[ok] + 1e-12)).all()
+    assert (
+        (board.ci_low[ok] <= board.estimate[ok] + 1e-12) & (board.estimate[ok] <= board.ci_high[ok] + 1e-12)
+    ).all()
 
 
 def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
@@ -122,8 +141,9 @@ def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
     for method in ("lstm", "resnet"):
         df = _pooled(data_dir, out, "phenotype", method)
         ycols = [c for c in df.columns if c.startswith("y_pheno_")]
-        best[method] = skm.average_precision_score(df[ycols].to_numpy().astype(int),
-                                                   df[[f"p_{c[2:]}" for c in ycols]].to_numpy(), average="macro")
+        best[method] = skm.average_precision_score(
+            df[ycols].to_numpy().astype(int), df[[f"p_{c[2:]}" for c in ycols]].to_numpy(), average="macro"
+        )
     ref = max(best, key=best.get)
     assert set(pheno.reference) == {ref} and set(pheno[pheno.comparison == "reference"].method_b) == {ref}
     assert set(pheno[pheno.comparison == "reference"].method_a) == {"latefusion", "medfuse"}
@@ -142,8 +162,12 @@ def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
     holm = np.minimum(1, np.maximum.accumulate((m - np.arange(m)) * q))
     np.testing.assert_allclose(np.sort(fam.p_holm.to_numpy()), holm, rtol=0, atol=1e-15)
     # the strong method is significantly better than the reference on macro AUROC
-    strong = pheno[(pheno.comparison == "reference") & (pheno.method_a == "medfuse")
-                   & (pheno.label == "phenotype") & (pheno.metric == "auroc_macro")].iloc[0]
+    strong = pheno[
+        (pheno.comparison == "reference")
+        & (pheno.method_a == "medfuse")
+        & (pheno.label == "phenotype")
+        & (pheno.metric == "auroc_macro")
+    ].iloc[0]
     assert strong.delta > 0 and strong.p_holm < 0.05 and strong.ci_low > 0
     assert strong.delta == pytest.approx(strong.estimate_a - strong.estimate_b, abs=1e-12)
 
@@ -151,14 +175,23 @@ def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
 def test_plan_options_and_their_precedence(written):
     out, res = written
     opts = res.summary["options"]
-    assert (opts["n_bootstrap"], opts["n_permutations"], opts["confidence"], opts["seed"]) == (300, 999, 0.9, 3)
+    assert (opts["n_bootstrap"], opts["n_permutations"], opts["confidence"], opts["seed"]) == (
+        300,
+        999,
+        0.9,
+        3,
+    )
     assert opts["fairness"] is False and res.tables["fairness_summary"].empty
     plan = R.read_plan(out)
     assert A.resolve_options(plan, n_bootstrap=50, fairness=True).n_bootstrap == 50
     assert A.resolve_options(plan, fairness=True).fairness is True
     default = A.resolve_options(None)
-    assert (default.n_bootstrap, default.n_permutations, default.confidence, default.fairness) == (1000, 10000,
-                                                                                                   0.95, True)
+    assert (default.n_bootstrap, default.n_permutations, default.confidence, default.fairness) == (
+        1000,
+        10000,
+        0.95,
+        True,
+    )
     assert default.test_rates == [round(0.1 * i, 1) for i in range(10)]
     assert A.resolve_options(None, test_rates=[0.5, 0.2]).test_rates == [0.0, 0.2, 0.5]
     with pytest.raises(A.AnalysisError, match="--n-bootstrap"):
@@ -173,9 +206,13 @@ def test_natural_missingness_splits_stays_by_xray(data_dir, written):
     cohort = pd.read_parquet(data_dir / "cohort.parquet")
     f12 = cohort[cohort.fold.isin([1, 2])]
     lstm = nat[(nat.task == "phenotype") & (nat.method == "lstm") & (nat.metric == "auroc_macro")].set_index(
-        "subset")
-    assert lstm.n_stays.to_dict() == {"all": len(f12), "with_cxr": int(f12.has_cxr.sum()),
-                                      "without_cxr": int((~f12.has_cxr).sum())}
+        "subset"
+    )
+    assert lstm.n_stays.to_dict() == {
+        "all": len(f12),
+        "with_cxr": int(f12.has_cxr.sum()),
+        "without_cxr": int((~f12.has_cxr).sum()),
+    }
     df = _pooled(data_dir, out, "phenotype", "lstm")
     with_cxr = df.loc[sorted(f12.stay_id[f12.has_cxr])]
     ycols = [c for c in df.columns if c.startswith("y_pheno_")]
@@ -203,8 +240,11 @@ def test_fairness_thresholds_come_from_validation_predictions(trained, data_dir)
     thr = res.tables["fairness_thresholds"].set_index("run_id")["threshold"]
     assert set(thr.index) == {runs[m].name for m in ("lstm", "resnet", "latefusion", "drfuse")}
     for model in ("lstm", "resnet"):
-        val = (pd.read_parquet(runs[model] / R.VAL_PREDICTIONS) if model == "lstm"
-               else RunPredictor(runs[model]).predict(split="val"))
+        val = (
+            pd.read_parquet(runs[model] / R.VAL_PREDICTIONS)
+            if model == "lstm"
+            else RunPredictor(runs[model]).predict(split="val")
+        )
         fpr, tpr, cut = skm.roc_curve(val.y_mortality, val.p_mortality, drop_intermediate=False)
         assert thr[runs[model].name] == pytest.approx(cut[1:][np.argmax((tpr - fpr)[1:])], abs=0)
     groups = res.tables["fairness_groups"]
@@ -212,18 +252,20 @@ def test_fairness_thresholds_come_from_validation_predictions(trained, data_dir)
     assert set(groups.method) == {"lstm", "resnet", "latefusion", "drfuse"}
     summ = res.tables["fairness_summary"]
     g = summ[(summ.method == "lstm") & (summ.attribute == "gender") & (summ.metric == "auroc")].iloc[0]
-    both = groups[(groups.method == "lstm") & (groups.attribute == "gender") & ~groups.suppressed.astype(bool)]
+    both = groups[
+        (groups.method == "lstm") & (groups.attribute == "gender") & ~groups.suppressed.astype(bool)
+    ]
     assert g.gap == pytest.approx(both.auroc.max() - both.auroc.min(), abs=1e-12)
 
 
 def test_ablation_deltas_and_heads(trained):
     _, runs, res = trained
     abl = res.tables["ablation"]
-    assert set(abl.method) == {"lstm", "resnet", "latefusion", "drfuse"}   # main runs only
+    assert set(abl.method) == {"lstm", "resnet", "latefusion", "drfuse"}  # main runs only
     a = abl.set_index(["method", "condition", "metric"])
-    assert a.loc[("lstm", "drop_cxr", "auroc"), "delta"] == 0.0           # the EHR-only model ignores the X-ray
+    assert a.loc[("lstm", "drop_cxr", "auroc"), "delta"] == 0.0  # the EHR-only model ignores the X-ray
     assert a.loc[("lstm", "drop_cxr", "auroc"), ["delta_ci_low", "delta_ci_high"]].tolist() == [0.0, 0.0]
-    assert a.loc[("resnet", "drop_ehr", "auprc"), "delta"] == 0.0         # the X-ray-only model ignores the EHR
+    assert a.loc[("resnet", "drop_ehr", "auprc"), "delta"] == 0.0  # the X-ray-only model ignores the EHR
     pred = RunPredictor(runs["latefusion"])
     for cond in ("drop_cxr", "drop_ehr"):
         frame = pred.predict(condition=cond)
@@ -237,7 +279,8 @@ def test_ablation_deltas_and_heads(trained):
     assert set(abl[abl.condition.str.startswith("head:")].method) == {"drfuse"}
     rec = pd.read_parquet(runs["drfuse"] / "predictions.parquet")
     assert a.loc[("drfuse", "head:ehr", "auroc"), "value"] == pytest.approx(
-        skm.roc_auc_score(rec.y_mortality, rec["p_mortality__ehr"]), abs=1e-6)
+        skm.roc_auc_score(rec.y_mortality, rec["p_mortality__ehr"]), abs=1e-6
+    )
 
 
 def test_test_time_missingness_composes_exactly(trained, data_dir):
@@ -256,12 +299,12 @@ def test_test_time_missingness_composes_exactly(trained, data_dir):
     curve = res.tables["missingness_test"]
     main = curve[(curve.train_rate == 0.0) & (curve.metric == "auroc")]
     assert sorted(main.rate.unique()) == [0.0, 0.3, 0.9]
-    assert len(curve) == (4 * 3 + 1 * 3) * 2                  # 4 main methods + the dropout run; 3 rates; 2 metrics
+    assert len(curve) == (4 * 3 + 1 * 3) * 2  # 4 main methods + the dropout run; 3 rates; 2 metrics
     lf = main[main.method == "latefusion"].set_index("rate")
     natural = int(pd.read_parquet(runs["latefusion"] / "predictions.parquet").cxr_input.sum())
     assert lf.n_cxr_input.to_dict() == {r: natural - n_dropped(r, natural) for r in (0.0, 0.3, 0.9)}
     lstm = main[main.method == "lstm"]
-    assert lstm.value.nunique() == 1 and not lstm.uses_cxr.any()   # a model that never reads the X-ray: flat
+    assert lstm.value.nunique() == 1 and not lstm.uses_cxr.any()  # a model that never reads the X-ray: flat
     train = res.tables["missingness_train"]
     assert sorted(train[train.metric == "auroc"].train_rate) == [0.0, 0.5]
     assert set(train.method) == {"latefusion"}
@@ -323,14 +366,27 @@ def test_cli_analyze(tmp_path, data_dir):
     for model, signal in (("lstm", 1.0), ("latefusion", 1.5)):
         write_run(data_dir, runs, model, "mortality", 1, 0, signal)
     cli = CliRunner()
-    res = cli.invoke(app, ["analyze", str(runs), "--no-progress", "--n-bootstrap", "100", "--n-permutations", "99",
-                           "--skip-fairness", "--skip-missingness", "--skip-ablation"])
+    res = cli.invoke(
+        app,
+        [
+            "analyze",
+            str(runs),
+            "--no-progress",
+            "--n-bootstrap",
+            "100",
+            "--n-permutations",
+            "99",
+            "--skip-fairness",
+            "--skip-missingness",
+            "--skip-ablation",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert res.stdout.strip().endswith(str(runs / "analysis"))
     board = pd.read_parquet(runs / "analysis" / "leaderboard.parquet")
     assert len(board) == 2 * 9 and (board.n_resamples_valid <= 100).all()
     comp = pd.read_parquet(runs / "analysis" / "comparisons.parquet")
-    assert len(comp) == 2 * 2 and (comp.n_permutations == 99).all()    # fusion vs lstm, and the one pair
+    assert len(comp) == 2 * 2 and (comp.n_permutations == 99).all()  # fusion vs lstm, and the one pair
     bad = cli.invoke(app, ["analyze", str(tmp_path / "empty")])
     assert bad.exit_code == 2 and "error:" in bad.output and len(bad.output.strip().splitlines()) == 1
 
@@ -340,12 +396,24 @@ def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, writt
     the per-label AUROCs, group comparisons form their own Holm family, bad files are named."""
     out = tmp_path / "runs"
     shutil.copytree(written[0], out)  # the module's analysis stays as it was
-    names = [c[2:] for c in pd.read_parquet(next(out.glob("lstm_phenotype*")) / "predictions.parquet").columns
-             if c.startswith("y_pheno_")]
+    names = [
+        c[2:]
+        for c in pd.read_parquet(next(out.glob("lstm_phenotype*")) / "predictions.parquet").columns
+        if c.startswith("y_pheno_")
+    ]
     planted = tmp_path / "planted.json"
-    planted.write_text(json.dumps({"phenotypes": {nm: ("a" if j < 10 else "b") for j, nm in enumerate(names)}}))
-    res = A.analyze(out, label_groups=str(planted), fairness=False, missingness=False, ablation=False,
-                    n_bootstrap=50, n_permutations=99)
+    planted.write_text(
+        json.dumps({"phenotypes": {nm: ("a" if j < 10 else "b") for j, nm in enumerate(names)}})
+    )
+    res = A.analyze(
+        out,
+        label_groups=str(planted),
+        fairness=False,
+        missingness=False,
+        ablation=False,
+        n_bootstrap=50,
+        n_permutations=99,
+    )
     assert res.summary["options"]["label_groups"] == {"a": names[:10], "b": names[10:]}
     board = res.tables["leaderboard"]
     pheno = board[board.task == "phenotype"]
@@ -355,21 +423,37 @@ def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, writt
         assert b[("group:a", "auroc_macro")] == pytest.approx(np.nanmean(per_label), abs=1e-12)
     comp = res.tables["comparisons"]
     fam = comp[comp.family == "phenotype:reference:auroc_macro:group"]
-    assert set(fam.label) == {"group:a", "group:b"} and len(fam) == 2 * 2   # 2 fusion methods x 2 groups
+    assert set(fam.label) == {"group:a", "group:b"} and len(fam) == 2 * 2  # 2 fusion methods x 2 groups
     assert (fam.reference == fam.method_b).all() and set(fam.method_b) <= {"lstm", "resnet"}
-    assert len(board[board.task == "los"]) and not board[board.task == "los"].label.str.startswith("group:").any()
+    assert (
+        len(board[board.task == "los"])
+        and not board[board.task == "los"].label.str.startswith("group:").any()
+    )
     # the CLI reads YAML {group: [labels]} too, and names a bad file or label
     groups = tmp_path / "groups.yaml"
     groups.write_text(f"first: [{names[0]}, {names[1]}]\n")
     assert A.resolve_options(None, label_groups=str(groups)).label_groups == {"first": names[:2]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("first: pheno_x\n")
-    with pytest.raises(A.AnalysisError, match=r"--label-groups .*bad\.yaml: group 'first': expected a non-empty list"):
+    with pytest.raises(
+        A.AnalysisError, match=r"--label-groups .*bad\.yaml: group 'first': expected a non-empty list"
+    ):
         A.resolve_options(None, label_groups=str(bad))
     with pytest.raises(A.AnalysisError, match=r"--label-groups .*missing\.json: not a readable"):
         A.resolve_options(None, label_groups=str(tmp_path / "missing.json"))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("first: [pheno_nonexistent]\n")
-    cli = CliRunner().invoke(app, ["analyze", str(out), "--no-progress", "--label-groups", str(unknown),
-                                   "--skip-fairness", "--skip-missingness", "--skip-ablation"])
+    cli = CliRunner().invoke(
+        app,
+        [
+            "analyze",
+            str(out),
+            "--no-progress",
+            "--label-groups",
+            str(unknown),
+            "--skip-fairness",
+            "--skip-missingness",
+            "--skip-ablation",
+        ],
+    )
     assert cli.exit_code == 2 and "label group 'first': unknown label(s) ['pheno_nonexistent']" in cli.output

@@ -53,8 +53,9 @@ def _group_board(bench: dict) -> pd.DataFrame:
     """Test macro AUROC per method (rows) and planted kind (columns) on the phenotype task."""
     b = bench["tables"]["leaderboard"]
     b = b[(b["task"] == "phenotype") & (b["metric"] == "auroc_macro") & b["label"].str.startswith("group:")]
-    return b.assign(kind=b["label"].str.removeprefix("group:")).pivot(index="method", columns="kind",
-                                                                        values="estimate")
+    return b.assign(kind=b["label"].str.removeprefix("group:")).pivot(
+        index="method", columns="kind", values="estimate"
+    )
 
 
 def _modalities(bench: dict) -> dict[str, str]:

@@ -28,8 +28,11 @@ def expected_demo_cohort(root: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     i = pd.read_csv(root / "icu" / "icustays.csv.gz", parse_dates=["intime", "outtime"])
     steps = {"icu_stays": len(i)}
     m = i.merge(p[["subject_id", "gender", "anchor_age", "anchor_year"]], on="subject_id", how="inner")
-    m = m.merge(a[["subject_id", "hadm_id", "deathtime", "race", "admission_type", "insurance"]],
-                on=["subject_id", "hadm_id"], how="inner")
+    m = m.merge(
+        a[["subject_id", "hadm_id", "deathtime", "race", "admission_type", "insurance"]],
+        on=["subject_id", "hadm_id"],
+        how="inner",
+    )
     steps["linked"] = len(m)
     m["age"] = m["anchor_age"] + m["intime"].dt.year - m["anchor_year"]
     m = m[m["age"] >= 18]
@@ -71,8 +74,18 @@ def test_demo_labels_and_demographics_match_pandas(demo_root, demo_cohort):
     _, got = demo_cohort
     exp, _ = expected_demo_cohort(demo_root)
     assert got["row_idx"].tolist() == list(range(len(exp)))
-    for col in ["stay_id", "subject_id", "hadm_id", "age", "gender", "race", "admission_type", "insurance",
-                "label_mortality", "label_los"]:
+    for col in [
+        "stay_id",
+        "subject_id",
+        "hadm_id",
+        "age",
+        "gender",
+        "race",
+        "admission_type",
+        "insurance",
+        "label_mortality",
+        "label_los",
+    ]:
         assert got[col].tolist() == exp[col].tolist(), col
     assert got["intime"].tolist() == exp["intime"].tolist()
     assert got["outtime"].tolist() == exp["outtime"].tolist()
@@ -98,9 +111,17 @@ def _con(stays: list[dict], patients: list[dict] | None = None, admissions: list
     if patients is None:
         patients = [{"subject_id": s, "gender": "F", "anchor_age": 60, "anchor_year": 2150} for s in subjects]
     if admissions is None:
-        admissions = [{"subject_id": r["subject_id"], "hadm_id": r["hadm_id"], "deathtime": pd.NaT,
-                       "race": "WHITE", "admission_type": "URGENT", "insurance": "Other"}
-                      for r in stays_df.drop_duplicates("hadm_id").to_dict("records")]
+        admissions = [
+            {
+                "subject_id": r["subject_id"],
+                "hadm_id": r["hadm_id"],
+                "deathtime": pd.NaT,
+                "race": "WHITE",
+                "admission_type": "URGENT",
+                "insurance": "Other",
+            }
+            for r in stays_df.drop_duplicates("hadm_id").to_dict("records")
+        ]
     con = duckdb.connect()
     for name, rows in (("patients", patients), ("admissions", admissions), ("icustays", stays)):
         df = pd.DataFrame(rows)
@@ -113,25 +134,41 @@ def _con(stays: list[dict], patients: list[dict] | None = None, admissions: list
 
 
 def _stay(stay_id, hours, subject_id=None, hadm_id=None, intime=T0):
-    return {"subject_id": subject_id or stay_id, "hadm_id": hadm_id or stay_id * 10, "stay_id": stay_id,
-            "intime": intime, "outtime": intime + hours if isinstance(hours, pd.Timedelta) else intime + hours * H}
+    return {
+        "subject_id": subject_id or stay_id,
+        "hadm_id": hadm_id or stay_id * 10,
+        "stay_id": stay_id,
+        "intime": intime,
+        "outtime": intime + hours if isinstance(hours, pd.Timedelta) else intime + hours * H,
+    }
 
 
 def test_los_threshold_is_inclusive_and_classes_exact_at_bin_edges():
-    con = _con([_stay(1, 48), _stay(2, 48 * H - S), _stay(3, 72), _stay(4, 72 * H - S),
-                _stay(5, 14 * 24), _stay(6, 400 * 24), _stay(7, 7 * 24 - 1)])
+    con = _con(
+        [
+            _stay(1, 48),
+            _stay(2, 48 * H - S),
+            _stay(3, 72),
+            _stay(4, 72 * H - S),
+            _stay(5, 14 * 24),
+            _stay(6, 400 * 24),
+            _stay(7, 7 * 24 - 1),
+        ]
+    )
     steps = build_cohort(con)
     got = _cohort_df(con).set_index("stay_id")
     assert steps["los_ge_48h"] == 6
-    assert 2 not in got.index                                   # 47:59:59 is not 48 h
-    assert got["label_los"].to_dict() == {1: 0, 3: 1, 4: 0, 5: 6, 6: 6, 7: 4}   # 400 days: class 6, no crash
+    assert 2 not in got.index  # 47:59:59 is not 48 h
+    assert got["label_los"].to_dict() == {1: 0, 3: 1, 4: 0, 5: 6, 6: 6, 7: 4}  # 400 days: class 6, no crash
     assert got.loc[3, "los_days"] == 3.0
 
 
 def test_age_uses_anchor_year_shift():
-    patients = [{"subject_id": 1, "gender": "M", "anchor_age": 17, "anchor_year": 2150},
-                {"subject_id": 2, "gender": "F", "anchor_age": 17, "anchor_year": 2149},
-                {"subject_id": 3, "gender": "F", "anchor_age": 91, "anchor_year": 2140}]
+    patients = [
+        {"subject_id": 1, "gender": "M", "anchor_age": 17, "anchor_year": 2150},
+        {"subject_id": 2, "gender": "F", "anchor_age": 17, "anchor_year": 2149},
+        {"subject_id": 3, "gender": "F", "anchor_age": 91, "anchor_year": 2140},
+    ]
     con = _con([_stay(1, 50), _stay(2, 50), _stay(3, 50)], patients=patients)
     steps = build_cohort(con)
     got = _cohort_df(con).set_index("stay_id")
@@ -141,28 +178,56 @@ def test_age_uses_anchor_year_shift():
 
 def test_mortality_is_death_within_the_icu_stay_inclusive():
     stays = [_stay(k, 60) for k in range(1, 6)]
-    deaths = {1: T0 + 60 * H,          # exactly at outtime -> in-ICU death
-              2: T0 + 60 * H + S,      # one second after outtime -> not
-              3: T0 - S,               # before intime (an earlier stay of the admission) -> not
-              4: T0,                   # exactly at intime -> yes
-              5: pd.NaT}
-    admissions = [{"subject_id": k, "hadm_id": k * 10, "deathtime": deaths[k], "race": None,
-                   "admission_type": "URGENT", "insurance": "Other"} for k in deaths]
+    deaths = {
+        1: T0 + 60 * H,  # exactly at outtime -> in-ICU death
+        2: T0 + 60 * H + S,  # one second after outtime -> not
+        3: T0 - S,  # before intime (an earlier stay of the admission) -> not
+        4: T0,  # exactly at intime -> yes
+        5: pd.NaT,
+    }
+    admissions = [
+        {
+            "subject_id": k,
+            "hadm_id": k * 10,
+            "deathtime": deaths[k],
+            "race": None,
+            "admission_type": "URGENT",
+            "insurance": "Other",
+        }
+        for k in deaths
+    ]
     con = _con(stays, admissions=admissions)
     build_cohort(con)
     got = _cohort_df(con).set_index("stay_id")
     assert got["label_mortality"].to_dict() == {1: 1, 2: 0, 3: 0, 4: 1, 5: 0}
-    assert set(got["race_group"]) == {"OTHER"}          # NULL race -> OTHER
+    assert set(got["race_group"]) == {"OTHER"}  # NULL race -> OTHER
 
 
 def test_unlinked_stays_and_missing_outtime_are_excluded_and_counted():
     stays = [_stay(1, 50), _stay(2, 50), _stay(3, 50), _stay(4, 50)]
     stays[3]["outtime"] = pd.NaT
     patients = [{"subject_id": s, "gender": "F", "anchor_age": 50, "anchor_year": 2150} for s in (1, 3, 4)]
-    admissions = [{"subject_id": s, "hadm_id": s * 10, "deathtime": pd.NaT, "race": "ASIAN - KOREAN",
-                   "admission_type": "URGENT", "insurance": "Other"} for s in (1, 2, 4)]
-    admissions.append({"subject_id": 99, "hadm_id": 30, "deathtime": pd.NaT, "race": "WHITE",
-                       "admission_type": "URGENT", "insurance": "Other"})   # stay 3's hadm, other subject
+    admissions = [
+        {
+            "subject_id": s,
+            "hadm_id": s * 10,
+            "deathtime": pd.NaT,
+            "race": "ASIAN - KOREAN",
+            "admission_type": "URGENT",
+            "insurance": "Other",
+        }
+        for s in (1, 2, 4)
+    ]
+    admissions.append(
+        {
+            "subject_id": 99,
+            "hadm_id": 30,
+            "deathtime": pd.NaT,
+            "race": "WHITE",
+            "admission_type": "URGENT",
+            "insurance": "Other",
+        }
+    )  # stay 3's hadm, other subject
     con = _con(stays, patients=patients, admissions=admissions)
     steps = build_cohort(con)
     assert steps == {"icu_stays": 4, "linked": 2, "age_ge_18": 2, "los_ge_48h": 1}
@@ -218,14 +283,16 @@ def test_folds_are_patient_disjoint_balanced_and_stratified():
     folds = assign_folds(subject_id, seed=0, strata=died)
     assert folds.index.equals(subject_id.index)
     frame = pd.DataFrame({"subject": subject_id, "died": died, "fold": folds})
-    assert (frame.groupby("subject")["fold"].nunique() == 1).all()        # no subject in two folds
+    assert (frame.groupby("subject")["fold"].nunique() == 1).all()  # no subject in two folds
     assert set(folds) == {1, 2, 3, 4, 5}
     per_subject = frame.groupby("subject").agg(fold=("fold", "first"), died=("died", "max"))
     sizes = per_subject["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 1
     dying = per_subject[per_subject["died"] == 1]["fold"].value_counts().reindex(range(1, 6), fill_value=0)
     assert dying.max() - dying.min() <= 1
-    surviving = per_subject[per_subject["died"] == 0]["fold"].value_counts().reindex(range(1, 6), fill_value=0)
+    surviving = (
+        per_subject[per_subject["died"] == 0]["fold"].value_counts().reindex(range(1, 6), fill_value=0)
+    )
     assert surviving.max() - surviving.min() <= 1
 
 
@@ -236,10 +303,10 @@ def test_folds_are_deterministic_order_free_and_seed_dependent():
     assert a.equals(b)
     perm = np.random.default_rng(7).permutation(len(subject_id))
     shuffled = assign_folds(subject_id.iloc[perm], seed=0, strata=died.iloc[perm])
-    assert shuffled.sort_index().equals(a)                  # row order does not matter
+    assert shuffled.sort_index().equals(a)  # row order does not matter
     other = assign_folds(subject_id, seed=1, strata=died)
-    assert (other != a).mean() > 0.5                        # another seed: a different partition
-    sizes = other.groupby(subject_id).first().value_counts()          # subjects per fold, still balanced
+    assert (other != a).mean() > 0.5  # another seed: a different partition
+    sizes = other.groupby(subject_id).first().value_counts()  # subjects per fold, still balanced
     assert sizes.max() - sizes.min() <= 1
 
 

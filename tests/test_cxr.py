@@ -41,8 +41,10 @@ def stays(demo_root: Path) -> pd.DataFrame:
 def connect(stays: pd.DataFrame) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.register("stays_df", stays)
-    con.execute("CREATE TABLE cohort AS SELECT CAST(row_idx AS INTEGER) AS row_idx, stay_id, subject_id, hadm_id, "
-                "CAST(intime AS TIMESTAMP) AS intime, CAST(outtime AS TIMESTAMP) AS outtime FROM stays_df")
+    con.execute(
+        "CREATE TABLE cohort AS SELECT CAST(row_idx AS INTEGER) AS row_idx, stay_id, subject_id, hadm_id, "
+        "CAST(intime AS TIMESTAMP) AS intime, CAST(outtime AS TIMESTAMP) AS outtime FROM stays_df"
+    )
     con.unregister("stays_df")
     return con
 
@@ -60,8 +62,14 @@ def built(tmp_path_factory, stays, cxr_open_root):
     first = stays[stays["stay_id"] == anchor["multi_stay"]].iloc[0]
     later = stays[(stays["subject_id"] == first["subject_id"]) & (stays["intime"] > first["intime"])]
     anchor["multi_stay_2"] = int(later.sort_values("intime")["stay_id"].iloc[0])
-    return {"root": root / "mimic-cxr-jpg", "expected": expected, "res": res, "cols": cols, "out": out,
-            "anchor": anchor}
+    return {
+        "root": root / "mimic-cxr-jpg",
+        "expected": expected,
+        "res": res,
+        "cols": cols,
+        "out": out,
+        "anchor": anchor,
+    }
 
 
 def row_of(built, scenario: str) -> pd.Series:
@@ -79,9 +87,12 @@ def parse_meta_times(meta: pd.DataFrame) -> pd.Series:
         whole, _, frac = t.strip().partition(".")
         whole = whole.zfill(6)
         us = int((frac + "000000")[:6]) if frac else 0
-        out.append(pd.Timestamp(f"{d}"[:4] + "-" + f"{d}"[4:6] + "-" + f"{d}"[6:8])
-                   + pd.Timedelta(hours=int(whole[:2]), minutes=int(whole[2:4]), seconds=int(whole[4:6]),
-                                  microseconds=us))
+        out.append(
+            pd.Timestamp(f"{d}"[:4] + "-" + f"{d}"[4:6] + "-" + f"{d}"[6:8])
+            + pd.Timedelta(
+                hours=int(whole[:2]), minutes=int(whole[2:4]), seconds=int(whole[4:6]), microseconds=us
+            )
+        )
     return pd.Series(out, index=meta.index, dtype="datetime64[us]")
 
 
@@ -94,16 +105,30 @@ def test_linkage_equals_expected_for_every_stay(built, stays):
     assert len(got) == len(stays) == 140
     assert got == exp
     n_img = sum(v is not None for v in exp.values())
-    assert n_img == 15  # 19 anchored stays; before_intime, at_prediction, after, lateral_only, truncated_only: none
+    assert (
+        n_img == 15
+    )  # 19 anchored stays; before_intime, at_prediction, after, lateral_only, truncated_only: none
     assert built["res"].stats["stays_with_image"] == n_img
     assert (built["cols"]["has_cxr"] == built["cols"]["cxr_dicom_id"].notna()).all()
 
 
-@pytest.mark.parametrize(("scenario", "k"), [
-    ("single_ap", 0), ("at_intime", 0), ("two_eligible", 1), ("before_and_in", 1),
-    ("just_before_prediction", 0), ("lateral_later", 0), ("other_views", 0), ("corrupt_fallback", 0),
-    ("missing_fallback", 0), ("fractional", 0), ("nih_png", 0), ("large_jpeg", 0),
-])
+@pytest.mark.parametrize(
+    ("scenario", "k"),
+    [
+        ("single_ap", 0),
+        ("at_intime", 0),
+        ("two_eligible", 1),
+        ("before_and_in", 1),
+        ("just_before_prediction", 0),
+        ("lateral_later", 0),
+        ("other_views", 0),
+        ("corrupt_fallback", 0),
+        ("missing_fallback", 0),
+        ("fractional", 0),
+        ("nih_png", 0),
+        ("large_jpeg", 0),
+    ],
+)
 def test_scenario_picks_named_image(built, scenario, k):
     r = row_of(built, scenario)
     assert r["cxr_dicom_id"] == dicom_id_for(scenario, k)
@@ -111,7 +136,9 @@ def test_scenario_picks_named_image(built, scenario, k):
     assert r["cxr_view"] == SCENARIOS[scenario][k].view.upper()
 
 
-@pytest.mark.parametrize("scenario", ["before_intime", "at_prediction", "after", "lateral_only", "truncated_only"])
+@pytest.mark.parametrize(
+    "scenario", ["before_intime", "at_prediction", "after", "lateral_only", "truncated_only"]
+)
 def test_scenario_without_image(built, scenario):
     r = row_of(built, scenario)
     assert not r["has_cxr"] and r["cxr_dicom_id"] is None and r["cxr_view"] is None
@@ -125,8 +152,10 @@ def test_tie_on_study_time_takes_larger_dicom_id(built):
 
 def test_multi_stay_subject_each_stay_gets_its_own_window(built, stays):
     first, second = built["anchor"]["multi_stay"], built["anchor"]["multi_stay_2"]
-    gap = (stays.set_index("stay_id").loc[second, "intime"] - stays.set_index("stay_id").loc[first, "intime"])
-    assert pd.Timedelta(hours=0.5) < gap < pd.Timedelta(hours=5)  # the demo pair (39 min) the fixture relies on
+    gap = stays.set_index("stay_id").loc[second, "intime"] - stays.set_index("stay_id").loc[first, "intime"]
+    assert (
+        pd.Timedelta(hours=0.5) < gap < pd.Timedelta(hours=5)
+    )  # the demo pair (39 min) the fixture relies on
     c = built["cols"].set_index("stay_id")
     # Stays 39 min apart: +5 h is inside both windows, but +48.5 h (after the first stay's window) only the second's.
     assert c.loc[first, "cxr_dicom_id"] == dicom_id_for("multi_stay", 1)
@@ -141,7 +170,10 @@ def test_no_image_at_or_after_prediction_time(built, stays):
     meta["t"] = parse_meta_times(meta)
     m = meta.merge(stays, on="subject_id")
     at_48 = m[m["t"] == m["intime"] + pd.Timedelta(hours=48)]
-    assert set(at_48["dicom_id"]) == {dicom_id_for("at_prediction", 0), dicom_id_for("just_before_prediction", 1)}
+    assert set(at_48["dicom_id"]) == {
+        dicom_id_for("at_prediction", 0),
+        dicom_id_for("just_before_prediction", 1),
+    }
     assert not set(at_48["dicom_id"]) & set(c["cxr_dicom_id"])
 
 
@@ -158,7 +190,14 @@ def test_times_and_hours_match_metadata(built, stays):
 
 def test_columns_dtypes_and_cache_index(built):
     c, res = built["cols"], built["res"]
-    assert list(res.columns.columns) == ["has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index"]
+    assert list(res.columns.columns) == [
+        "has_cxr",
+        "cxr_dicom_id",
+        "cxr_time",
+        "cxr_hours",
+        "cxr_view",
+        "cxr_index",
+    ]
     assert c["has_cxr"].dtype == bool and c["cxr_index"].dtype == np.int32
     idx = c["cxr_index"].to_numpy()
     assert (idx[~c["has_cxr"]] == -1).all()
@@ -186,7 +225,9 @@ def test_stats_counts_from_metadata(built, stays):
     st = built["res"].stats
     assert st["metadata_rows"] == len(meta) == 34
     assert st["metadata_rows_invalid_time"] == int(meta["t"].isna().sum()) == 1
-    appa = meta[meta["ViewPosition"].fillna("").str.strip().str.upper().isin(["AP", "PA"]) & meta["t"].notna()]
+    appa = meta[
+        meta["ViewPosition"].fillna("").str.strip().str.upper().isin(["AP", "PA"]) & meta["t"].notna()
+    ]
     assert st["ap_pa_rows"] == len(appa)
     pairs = appa.merge(stays, on="subject_id")
     in_win = pairs[(pairs["t"] >= pairs["intime"]) & (pairs["t"] < pairs["intime"] + pd.Timedelta(hours=48))]
@@ -195,16 +236,33 @@ def test_stats_counts_from_metadata(built, stays):
     assert UNKNOWN_SUBJECT not in set(pairs["subject_id"])
 
 
-@pytest.mark.parametrize(("lookback", "prediction", "changed"), [
-    (12.0, 48.0, {"before_intime": ("before_intime", 0)}),
-    (0.0, 24.0, {"two_eligible": ("two_eligible", 0), "just_before_prediction": None,
-                 "multi_stay_2": ("multi_stay", 1)}),
-])
+@pytest.mark.parametrize(
+    ("lookback", "prediction", "changed"),
+    [
+        (12.0, 48.0, {"before_intime": ("before_intime", 0)}),
+        (
+            0.0,
+            24.0,
+            {
+                "two_eligible": ("two_eligible", 0),
+                "just_before_prediction": None,
+                "multi_stay_2": ("multi_stay", 1),
+            },
+        ),
+    ],
+)
 def test_window_options_move_the_window(tmp_path, stays, cxr_open_root, built, lookback, prediction, changed):
-    expected = build_cxr_fixture(tmp_path / "cxr", stays, cxr_open_root, lookback_hours=lookback,
-                                 prediction_hours=prediction)
-    res = prepare_cxr(connect(stays), tmp_path / "cxr", tmp_path / "c.npy", image_size=32,
-                      lookback_hours=lookback, prediction_hours=prediction)
+    expected = build_cxr_fixture(
+        tmp_path / "cxr", stays, cxr_open_root, lookback_hours=lookback, prediction_hours=prediction
+    )
+    res = prepare_cxr(
+        connect(stays),
+        tmp_path / "cxr",
+        tmp_path / "c.npy",
+        image_size=32,
+        lookback_hours=lookback,
+        prediction_hours=prediction,
+    )
     got = dict(zip(stays["stay_id"], res.columns["cxr_dicom_id"], strict=True))
     assert got == expected
     hours = res.columns["cxr_hours"].dropna()
@@ -213,7 +271,8 @@ def test_window_options_move_the_window(tmp_path, stays, cxr_open_root, built, l
     diff = {s for s in got if got[s] != base[s]}
     anchors = built["anchor"]
     assert {s: got[s] for s in diff} == {
-        anchors[name]: (dicom_id_for(*v) if v else None) for name, v in changed.items()}
+        anchors[name]: (dicom_id_for(*v) if v else None) for name, v in changed.items()
+    }
     if lookback:
         r = res.columns[stays["stay_id"] == anchors["before_intime"]].iloc[0]
         assert r["cxr_hours"] == pytest.approx(-6.0)
@@ -266,7 +325,10 @@ def test_large_jpeg_reduced_decode_is_close_to_full_decode(built):
 def test_geometry_matches_torchvision(cxr_open_root):
     import torchvision.transforms as T
 
-    for p in [*sorted((cxr_open_root / "hannover").glob("*.jpg"))[:3], *sorted((cxr_open_root / "nih").glob("*.png"))]:
+    for p in [
+        *sorted((cxr_open_root / "hannover").glob("*.jpg"))[:3],
+        *sorted((cxr_open_root / "nih").glob("*.png")),
+    ]:
         for size in (64, 225):
             with Image.open(p) as im:
                 ref = np.asarray(T.CenterCrop(size)(T.Resize(size)(im.convert("L"))), dtype=np.int16)
@@ -291,7 +353,7 @@ def test_to_gray8_modes(cxr_open_root):
     assert np.array_equal(np.asarray(to_gray8(rgb)), u8)
     assert np.array_equal(np.asarray(to_gray8(Image.merge("LA", [Image.fromarray(u8)] * 2))), u8)
     # 16-bit PNG, full range (value x 257): exact round trip
-    full = (u8.astype(np.uint16) * 257)
+    full = u8.astype(np.uint16) * 257
     lo, hi = int(u8.min()), int(u8.max())
     stretched = np.rint((u8.astype(float) - lo) * 255 / (hi - lo)).astype(np.uint8)
     buf = io.BytesIO()
@@ -335,13 +397,13 @@ TIME_CASES = [  # (StudyDate, StudyTime text, expected timestamp or None)
     (21800723, "235959.999999", "2180-07-23 23:59:59.999999"),
     (21800723, "213014.531", "2180-07-23 21:30:14.531"),
     (21000101, "1", "2100-01-01 00:00:01"),
-    (21800723, "240000", None),      # hour 24
-    (21800723, "126000", None),      # minute 60
-    (21800723, "125960", None),      # second 60
+    (21800723, "240000", None),  # hour 24
+    (21800723, "126000", None),  # minute 60
+    (21800723, "125960", None),  # second 60
     (21800723, "-5", None),
     (21800723, "abc", None),
     (21800723, "", None),
-    (21801323, "120000", None),      # month 13
+    (21801323, "120000", None),  # month 13
 ]
 
 
@@ -354,15 +416,25 @@ def write_meta(root: Path, df: pd.DataFrame, name="mimic-cxr-2.0.0-metadata.csv"
 
 
 def time_meta() -> pd.DataFrame:
-    return pd.DataFrame({
-        "dicom_id": [f"d{i:02d}" for i in range(len(TIME_CASES))], "subject_id": 10000032, "study_id": 50000001,
-        "PerformedProcedureStepDescription": "CHEST", "ViewPosition": ["AP", " pa", "LATERAL", "", "AP AXIAL"] * 3,
-        "Rows": 3000, "Columns": 2500, "StudyDate": [d for d, _, _ in TIME_CASES],
-        "StudyTime": [t for _, t, _ in TIME_CASES]})
+    return pd.DataFrame(
+        {
+            "dicom_id": [f"d{i:02d}" for i in range(len(TIME_CASES))],
+            "subject_id": 10000032,
+            "study_id": 50000001,
+            "PerformedProcedureStepDescription": "CHEST",
+            "ViewPosition": ["AP", " pa", "LATERAL", "", "AP AXIAL"] * 3,
+            "Rows": 3000,
+            "Columns": 2500,
+            "StudyDate": [d for d, _, _ in TIME_CASES],
+            "StudyTime": [t for _, t, _ in TIME_CASES],
+        }
+    )
 
 
-@pytest.mark.parametrize("name", ["mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.gz",
-                                  "mimic-cxr-2.0.0-metadata.parquet"])
+@pytest.mark.parametrize(
+    "name",
+    ["mimic-cxr-2.0.0-metadata.csv", "mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.parquet"],
+)
 def test_study_time_parsing(tmp_path, name):
     df = time_meta()
     if name.endswith(".gz"):
@@ -380,15 +452,25 @@ def test_study_time_parsing(tmp_path, name):
 
 
 def test_parquet_with_numeric_study_time(tmp_path):
-    df = pd.DataFrame({"dicom_id": ["a", "b", "c"], "subject_id": [1, 1, 1], "study_id": [2, 2, 2],
-                       "ViewPosition": ["AP", "PA", None], "StudyDate": [21800723, 21800724, 21800725],
-                       "StudyTime": [134512.5, 93000.0, 5.0]})
+    df = pd.DataFrame(
+        {
+            "dicom_id": ["a", "b", "c"],
+            "subject_id": [1, 1, 1],
+            "study_id": [2, 2, 2],
+            "ViewPosition": ["AP", "PA", None],
+            "StudyDate": [21800723, 21800724, 21800725],
+            "StudyTime": [134512.5, 93000.0, 5.0],
+        }
+    )
     write_meta(tmp_path, df, "mimic-cxr-2.0.0-metadata.parquet")
     con = duckdb.connect()
     register_cxr_metadata(con, tmp_path)
     got = [r[0] for r in con.execute("SELECT study_time FROM cxr_metadata ORDER BY dicom_id").fetchall()]
-    assert [pd.Timestamp(t) for t in got] == [pd.Timestamp("2180-07-23 13:45:12.5"),
-                                              pd.Timestamp("2180-07-24 09:30:00"), pd.Timestamp("2180-07-25 00:00:05")]
+    assert [pd.Timestamp(t) for t in got] == [
+        pd.Timestamp("2180-07-23 13:45:12.5"),
+        pd.Timestamp("2180-07-24 09:30:00"),
+        pd.Timestamp("2180-07-25 00:00:05"),
+    ]
 
 
 def one_line_error(fn) -> str:
@@ -424,9 +506,15 @@ def test_error_unreadable_metadata(tmp_path, stays):
     assert "mimic-cxr-2.0.0-metadata.csv.gz" in msg
 
 
-@pytest.mark.parametrize(("kw", "name"), [({"lookback_hours": -1.0}, "lookback_hours"),
-                                          ({"prediction_hours": 0.0}, "prediction_hours"),
-                                          ({"image_size": 4}, "image_size"), ({"threads": 0}, "threads")])
+@pytest.mark.parametrize(
+    ("kw", "name"),
+    [
+        ({"lookback_hours": -1.0}, "lookback_hours"),
+        ({"prediction_hours": 0.0}, "prediction_hours"),
+        ({"image_size": 4}, "image_size"),
+        ({"threads": 0}, "threads"),
+    ],
+)
 def test_error_bad_options(tmp_path, stays, kw, name):
     msg = one_line_error(lambda: prepare_cxr(connect(stays), tmp_path, tmp_path / "c.npy", **kw))
     assert msg.startswith(name)
@@ -438,5 +526,7 @@ def test_interrupted_run_leaves_nothing(built, stays, tmp_path):
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        prepare_cxr(connect(stays), built["root"], tmp_path / "out" / "c.npy", image_size=32, on_progress=boom)
+        prepare_cxr(
+            connect(stays), built["root"], tmp_path / "out" / "c.npy", image_size=32, on_progress=boom
+        )
     assert list((tmp_path / "out").iterdir()) == []

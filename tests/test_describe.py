@@ -66,11 +66,16 @@ def test_cli_prints_the_tables(prepared_demo):
     res = CliRunner().invoke(app, ["describe", str(prepared_demo)])
     assert res.exit_code == 0, res.stderr
     out = res.stdout
-    for title in ["Cohort steps", "Folds (patient-disjoint)", "Label prevalence", "Chest X-rays",
-                  "Feature coverage"]:
+    for title in [
+        "Cohort steps",
+        "Folds (patient-disjoint)",
+        "Label prevalence",
+        "Chest X-rays",
+        "Feature coverage",
+    ]:
         assert title in out
     assert "74 ICU stays" in out
-    assert "in-ICU death" in out and "12.2%" in out          # 9 / 74
+    assert "in-ICU death" in out and "12.2%" in out  # 9 / 74
     assert "los_ge_48h" in out
 
 
@@ -86,5 +91,7 @@ def test_print_summary_renders_every_feature(prepared_demo):
 def test_cli_rejects_a_non_dataset(tmp_path):
     res = CliRunner().invoke(app, ["describe", str(tmp_path)])
     assert res.exit_code == 2
-    assert res.stderr.strip() == f"error: {tmp_path / store.MANIFEST}: missing (expected a dataset written by " \
-                                 f"`carebench prepare`)"
+    assert (
+        res.stderr.strip() == f"error: {tmp_path / store.MANIFEST}: missing (expected a dataset written by "
+        f"`carebench prepare`)"
+    )

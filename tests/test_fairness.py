@@ -30,14 +30,16 @@ RACES = ["WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO", "ASIAN", "OTHER"]
 def _data(n=1200, seed=0):
     """Random stays with every attribute; the score depends on the label (AUROC ~0.8)."""
     rng = np.random.default_rng(seed)
-    groups = pd.DataFrame({
-        "age_band": F.age_bands(rng.uniform(18, 95, n)),
-        "gender": rng.choice(["F", "M"], n),
-        "race_group": rng.choice(RACES, n, p=[.4, .2, .15, .15, .1]),
-        "admission_type": rng.choice(["EW EMER.", "URGENT", "ELECTIVE"], n),
-        "insurance": rng.choice(["Medicare", "Medicaid", "Other"], n),
-        "has_cxr": rng.random(n) < 0.6,
-    })
+    groups = pd.DataFrame(
+        {
+            "age_band": F.age_bands(rng.uniform(18, 95, n)),
+            "gender": rng.choice(["F", "M"], n),
+            "race_group": rng.choice(RACES, n, p=[0.4, 0.2, 0.15, 0.15, 0.1]),
+            "admission_type": rng.choice(["EW EMER.", "URGENT", "ELECTIVE"], n),
+            "insurance": rng.choice(["Medicare", "Medicaid", "Other"], n),
+            "has_cxr": rng.random(n) < 0.6,
+        }
+    )
     y = (rng.random(n) < 0.25).astype(np.int64)
     p = np.clip(0.3 + 0.25 * y + rng.normal(0, 0.18, n), 0, 1)
     return y, p, groups
@@ -49,11 +51,19 @@ def test_age_bands_edges_and_no_mutation():
     before = ages.copy()
     edges_before = tuple(F.AGE_EDGES)
     bands = F.age_bands(ages)
-    assert bands.astype(object).tolist()[:8] == ["0-40", "0-40", "40-60", "40-60", "60-80", "60-80", "80+",
-                                                 "80+"]
+    assert bands.astype(object).tolist()[:8] == [
+        "0-40",
+        "0-40",
+        "40-60",
+        "40-60",
+        "60-80",
+        "60-80",
+        "80+",
+        "80+",
+    ]
     assert pd.isna(bands.iloc[8]) and list(bands.index) == list("abcdefghi")
     pd.testing.assert_series_equal(ages, before)
-    assert F.AGE_EDGES == edges_before               # calling twice changes nothing (the reference appended inf)
+    assert F.AGE_EDGES == edges_before  # calling twice changes nothing (the reference appended inf)
     assert F.age_bands(ages).astype(object).tolist()[:8] == bands.astype(object).tolist()[:8]
     with pytest.raises(F.FairnessInputError, match="age"):
         F.age_bands([30, -1])
@@ -76,7 +86,7 @@ def _brute_force(y, p, score):
 def test_choose_threshold_matches_brute_force_and_rules():
     rng = np.random.default_rng(3)
     y = (rng.random(300) < 0.3).astype(int)
-    p = np.round(np.clip(0.35 + 0.2 * y + rng.normal(0, 0.2, 300), 0, 1), 2)   # ties
+    p = np.round(np.clip(0.35 + 0.2 * y + rng.normal(0, 0.2, 300), 0, 1), 2)  # ties
     for rule in ("youden", "f1"):
         assert F.choose_threshold(y, p, rule) == pytest.approx(_brute_force(y, p, rule))
     # known tiny example: scores 0.1 0.4 | 0.35 0.8 -> Youden picks 0.35 (TPR 1, FPR 0.5) vs 0.8 (0.5, 0): tie
@@ -95,19 +105,28 @@ def test_choose_threshold_matches_brute_force_and_rules():
 
 def _frames(y, p, groups, seed):
     stay = np.arange(len(y)) + 1000 * seed
-    preds = pd.DataFrame({"stay_id": stay, "cxr_input": groups["has_cxr"].to_numpy(), "y_mortality": y,
-                          "p_mortality": p})
+    preds = pd.DataFrame(
+        {"stay_id": stay, "cxr_input": groups["has_cxr"].to_numpy(), "y_mortality": y, "p_mortality": p}
+    )
     rng = np.random.default_rng(seed)
-    cohort = pd.DataFrame({"stay_id": stay, "age": rng.uniform(18, 95, len(y)), "gender": groups["gender"],
-                           "race_group": groups["race_group"], "admission_type": groups["admission_type"],
-                           "insurance": groups["insurance"], "has_cxr": groups["has_cxr"]})
+    cohort = pd.DataFrame(
+        {
+            "stay_id": stay,
+            "age": rng.uniform(18, 95, len(y)),
+            "gender": groups["gender"],
+            "race_group": groups["race_group"],
+            "admission_type": groups["admission_type"],
+            "insurance": groups["insurance"],
+            "has_cxr": groups["has_cxr"],
+        }
+    )
     return preds, cohort
 
 
 def test_threshold_is_chosen_on_validation_not_test():
     y, p, g = _data(600, seed=1)
     yv, pv, gv = _data(600, seed=2)
-    pv = np.clip(pv + 0.2, 0, 1)                     # shifted validation scores: a different optimal threshold
+    pv = np.clip(pv + 0.2, 0, 1)  # shifted validation scores: a different optimal threshold
     test, cohort_t = _frames(y, p, g, 1)
     val, _ = _frames(yv, pv, gv, 2)
     rep = F.analyze_fairness(test, cohort_t, "mortality", val_predictions=val, n_resamples=20)
@@ -131,8 +150,12 @@ def test_group_metrics_and_parity_agree_with_fairlearn():
     pred = (p >= thr).astype(int)
     for attr in ["age_band", "gender", "race_group", "admission_type", "insurance", "has_cxr"]:
         sf = g[attr].astype(str)
-        mf = MetricFrame(metrics={"tpr": true_positive_rate, "fpr": false_positive_rate, "sel": selection_rate},
-                         y_true=y, y_pred=pred, sensitive_features=sf)
+        mf = MetricFrame(
+            metrics={"tpr": true_positive_rate, "fpr": false_positive_rate, "sel": selection_rate},
+            y_true=y,
+            y_pred=pred,
+            sensitive_features=sf,
+        )
         rows = table[table.attribute == attr].set_index("group")
         assert sorted(rows.index) == sorted(sf.unique())
         for grp, ref in mf.by_group.iterrows():
@@ -146,16 +169,21 @@ def test_group_metrics_and_parity_agree_with_fairlearn():
             assert r["ece"] == pytest.approx(expected_calibration_error(y[m], p[m]))
             assert r["missing_cxr_rate"] == pytest.approx(1 - g["has_cxr"].to_numpy()[m].mean())
         s = summary[summary.attribute == attr].set_index("metric")
-        assert s.loc["equalized_odds", "gap"] == pytest.approx(equalized_odds_difference(y, pred,
-                                                                                         sensitive_features=sf))
-        assert s.loc["equalized_odds", "ratio"] == pytest.approx(equalized_odds_ratio(y, pred,
-                                                                                      sensitive_features=sf))
+        assert s.loc["equalized_odds", "gap"] == pytest.approx(
+            equalized_odds_difference(y, pred, sensitive_features=sf)
+        )
+        assert s.loc["equalized_odds", "ratio"] == pytest.approx(
+            equalized_odds_ratio(y, pred, sensitive_features=sf)
+        )
         assert s.loc["equal_opportunity", "gap"] == pytest.approx(
-            equal_opportunity_difference(y, pred, sensitive_features=sf))
+            equal_opportunity_difference(y, pred, sensitive_features=sf)
+        )
         assert s.loc["demographic_parity", "gap"] == pytest.approx(
-            demographic_parity_difference(y, pred, sensitive_features=sf))
+            demographic_parity_difference(y, pred, sensitive_features=sf)
+        )
         assert s.loc["demographic_parity", "ratio"] == pytest.approx(
-            demographic_parity_ratio(y, pred, sensitive_features=sf))
+            demographic_parity_ratio(y, pred, sensitive_features=sf)
+        )
         assert s.loc["tpr", "gap"] == pytest.approx(mf.difference()["tpr"])
         assert s.loc["tpr", "ratio"] == pytest.approx(mf.ratio()["tpr"])
     overall = table[table.attribute == "overall"].iloc[0]
@@ -166,7 +194,9 @@ def test_group_metrics_and_parity_agree_with_fairlearn():
 def test_fairlearn_engine_gives_the_same_table():
     y, p, g = _data(120, seed=6)
     y2, p2 = np.c_[y, 1 - y], np.c_[p, 1 - p]
-    kw = dict(labels=["a", "b"], attributes=["gender", "race_group"], intersections=[("race_group", "gender")])
+    kw = dict(
+        labels=["a", "b"], attributes=["gender", "race_group"], intersections=[("race_group", "gender")]
+    )
     kernel = F.group_metrics(y2, p2, g, [0.4, 0.6], **kw)
     mf = F.group_metrics(y2, p2, g, [0.4, 0.6], engine="fairlearn", **kw)
     assert kernel.suppressed.any() and (~kernel.suppressed).sum() > 10
@@ -176,16 +206,26 @@ def test_fairlearn_engine_gives_the_same_table():
 
 
 def test_worst_group_is_direction_aware():
-    table = pd.DataFrame({
-        "label": "y", "attribute": "a", "group": ["g1", "g2", "g3"], "suppressed": False,
-        "missing_cxr_rate": [0.1, 0.2, 0.3],
-        "auroc": [0.7, 0.9, 0.8], "auprc": [0.5, 0.3, 0.4], "tpr": [0.6, 0.8, 0.7],
-        "fpr": [0.1, 0.3, 0.2], "ece": [0.05, 0.02, 0.09], "positive_rate": [0.2, 0.3, 0.4]})
+    table = pd.DataFrame(
+        {
+            "label": "y",
+            "attribute": "a",
+            "group": ["g1", "g2", "g3"],
+            "suppressed": False,
+            "missing_cxr_rate": [0.1, 0.2, 0.3],
+            "auroc": [0.7, 0.9, 0.8],
+            "auprc": [0.5, 0.3, 0.4],
+            "tpr": [0.6, 0.8, 0.7],
+            "fpr": [0.1, 0.3, 0.2],
+            "ece": [0.05, 0.02, 0.09],
+            "positive_rate": [0.2, 0.3, 0.4],
+        }
+    )
     s = F.fairness_summary(table).set_index("metric")
     assert s.loc["auroc", ["worst_group", "best_group"]].tolist() == ["g1", "g2"]
     assert s.loc["auprc", ["worst_group", "best_group"]].tolist() == ["g2", "g1"]
     assert s.loc["tpr", ["worst_group", "best_group"]].tolist() == ["g1", "g2"]
-    assert s.loc["fpr", ["worst_group", "best_group"]].tolist() == ["g2", "g1"]   # highest FPR is worst
+    assert s.loc["fpr", ["worst_group", "best_group"]].tolist() == ["g2", "g1"]  # highest FPR is worst
     assert s.loc["ece", ["worst_group", "worst_value"]].tolist() == ["g3", 0.09]  # highest ECE is worst
     assert pd.isna(s.loc["positive_rate", "worst_group"])
     assert s.loc["fpr", "gap"] == pytest.approx(0.2) and s.loc["fpr", "ratio"] == pytest.approx(1 / 3)
@@ -245,15 +285,21 @@ def test_missing_cxr_correlation_known_value_and_exclusions():
         for i in range(20):
             rows.append({"ward": f"w{w}", "has_cxr": i >= mi, "p": 0.9 if i < po else 0.1, "y": i % 2})
     d = pd.DataFrame(rows)
-    t = F.group_metrics(d.y, d.p, d[["ward", "has_cxr"]], 0.5, attributes=["ward", "has_cxr"],
-                        intersections=[("ward", "has_cxr")])
+    t = F.group_metrics(
+        d.y,
+        d.p,
+        d[["ward", "has_cxr"]],
+        0.5,
+        attributes=["ward", "has_cxr"],
+        intersections=[("ward", "has_cxr")],
+    )
     s = F.fairness_summary(t)
     r = s[(s.attribute == "ward") & (s.metric == "positive_rate")].iloc[0]
     expect = stats.pearsonr(np.array(positive) / 20, np.array(missing) / 20).statistic
     assert r["pearson_missing_cxr"] == pytest.approx(expect) and r["pearson_note"] == ""
     # by hand: deviations (-.25, 0, 0, .25) and (-.3, -.2, .1, .4) -> .175 / sqrt(.125 x .30)
     assert expect == pytest.approx(0.175 / np.sqrt(0.125 * 0.30), abs=1e-12)
-    for attr in ("has_cxr", "ward:has_cxr"):     # the reference reported 0.0 here; we exclude with a reason
+    for attr in ("has_cxr", "ward:has_cxr"):  # the reference reported 0.0 here; we exclude with a reason
         rr = s[(s.attribute == attr) & (s.metric == "positive_rate")].iloc[0]
         assert np.isnan(rr["pearson_missing_cxr"]) and "availability" in rr["pearson_note"]
     hc = t[t.attribute == "has_cxr"].set_index("group")
@@ -267,7 +313,7 @@ def test_multiclass_uses_the_actual_class_columns():
     n = 400
     y = rng.integers(0, 7, n)
     g = pd.DataFrame({"unit": np.where(np.arange(n) < 200, "A", "B")})
-    y[:200] = rng.choice([3, 4], 200)              # unit A: only classes 3 and 4 occur
+    y[:200] = rng.choice([3, 4], 200)  # unit A: only classes 3 and 4 occur
     logits = rng.normal(0, 1, (n, 7))
     logits[np.arange(n), y] += 1.0
     p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
@@ -306,8 +352,9 @@ def test_multilabel_per_label_thresholds_and_macro():
     assert f.loc["b", ["tpr", "fpr", "positive_rate"]].isna().all()
     assert f.loc["b", "auroc"] == pytest.approx(skm.roc_auc_score(1 - y[m], 1 - p[m]))
     assert f.loc["macro", "tpr"] == pytest.approx(f.loc["a", "tpr"])
-    gci, _ = F.bootstrap_fairness(y2, p2, g, thr, labels=["a", "b"], attributes=["gender"], intersections=[],
-                                  n_resamples=20)
+    gci, _ = F.bootstrap_fairness(
+        y2, p2, g, thr, labels=["a", "b"], attributes=["gender"], intersections=[], n_resamples=20
+    )
     assert gci[(gci.label == "b") & (gci.metric == "tpr")].n_valid.eq(0).all()
 
 
@@ -323,7 +370,9 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(F.FairnessInputError, match="same stays"):
         F.group_metrics(y[:50], p[:50], g, 0.5)
     with pytest.raises(F.FairnessInputError, match="clash"):
-        F.group_metrics(y, p, g.rename(columns={"gender": "auroc"}), 0.5, attributes=["auroc"], intersections=[])
+        F.group_metrics(
+            y, p, g.rename(columns={"gender": "auroc"}), 0.5, attributes=["auroc"], intersections=[]
+        )
     with pytest.raises(F.FairnessInputError, match="group table"):
         F.fairness_summary(pd.DataFrame({"label": []}))
 
@@ -332,7 +381,7 @@ def test_bad_inputs_are_clear_errors():
 def test_weighted_kernel_equals_sklearn_on_repeated_stays():
     rng = np.random.default_rng(11)
     m = 80
-    s = np.round(rng.random(m), 1)                   # many ties
+    s = np.round(rng.random(m), 1)  # many ties
     y = (rng.random(m) < 0.4).astype(int)
     pred = (s >= 0.5).astype(int)
     w = rng.integers(0, 4, size=(6, m))
@@ -351,7 +400,7 @@ def test_weighted_kernel_equals_sklearn_on_repeated_stays():
 
 def test_bootstrap_is_seeded_and_covers_point_estimates():
     y, p, g = _data(800, seed=9)
-    p = np.where((g.race_group == "ASIAN") & (y == 1), p * 0.6, p)   # planted: lower TPR in one group
+    p = np.where((g.race_group == "ASIAN") & (y == 1), p * 0.6, p)  # planted: lower TPR in one group
     kw = dict(attributes=["race_group", "gender"], intersections=[], n_resamples=200)
     gci, sci = F.bootstrap_fairness(y, p, g, 0.5, seed=3, **kw)
     gci2, sci2 = F.bootstrap_fairness(y, p, g, 0.5, seed=3, **kw)
@@ -360,9 +409,15 @@ def test_bootstrap_is_seeded_and_covers_point_estimates():
     gci3, _ = F.bootstrap_fairness(y, p, g, 0.5, seed=4, **kw)
     assert not np.allclose(gci.ci_low, gci3.ci_low)
     point = F.group_metrics(y, p, g, 0.5, attributes=["race_group", "gender"], intersections=[])
-    merged = gci.merge(point.melt(id_vars=["label", "attribute", "group"], value_vars=list(F.METRICS),
-                                  var_name="metric", value_name="point"), on=["label", "attribute", "group",
-                                                                              "metric"])
+    merged = gci.merge(
+        point.melt(
+            id_vars=["label", "attribute", "group"],
+            value_vars=list(F.METRICS),
+            var_name="metric",
+            value_name="point",
+        ),
+        on=["label", "attribute", "group", "metric"],
+    )
     assert len(merged) == len(gci) == len(point) * len(F.METRICS)
     assert (merged.n_valid == 200).all()
     assert ((merged.ci_low <= merged.point) & (merged.point <= merged.ci_high)).all()
@@ -371,7 +426,7 @@ def test_bootstrap_is_seeded_and_covers_point_estimates():
     assert tpr_gap["worst_group"] == "ASIAN"
     assert tpr_gap["ci_low"] <= tpr_gap["gap"] <= tpr_gap["ci_high"] and tpr_gap["ci_low"] > 0.1
     overall = gci[(gci.attribute == "overall")].set_index("metric")
-    for metric in ("auroc", "auprc", "ece"):       # same draws as the statistics module's overall CIs
+    for metric in ("auroc", "auprc", "ece"):  # same draws as the statistics module's overall CIs
         ref = bootstrap_ci(y, p, metric, n_resamples=200, seed=3)
         assert overall.loc[metric, "ci_low"] == pytest.approx(ref.ci_low, abs=1e-12)
         assert overall.loc[metric, "ci_high"] == pytest.approx(ref.ci_high, abs=1e-12)
@@ -405,10 +460,19 @@ def test_analyze_fairness_phenotype_and_los_frames():
     names = [ph.column for ph in load_phenotypes()]
     yl = (rng.random((300, 25)) < 0.3).astype(int)
     pl = np.clip(0.3 + 0.3 * yl + rng.normal(0, 0.2, (300, 25)), 0, 1)
-    pheno = preds[["stay_id", "cxr_input"]].assign(**{f"y_{n}": yl[:, j] for j, n in enumerate(names)},
-                                                   **{f"p_{n}": pl[:, j] for j, n in enumerate(names)})
-    rep = F.analyze_fairness(pheno, cohort, "phenotype", val_predictions=pheno, n_resamples=10,
-                             attributes=["gender"], intersections=[])
+    pheno = preds[["stay_id", "cxr_input"]].assign(
+        **{f"y_{n}": yl[:, j] for j, n in enumerate(names)},
+        **{f"p_{n}": pl[:, j] for j, n in enumerate(names)},
+    )
+    rep = F.analyze_fairness(
+        pheno,
+        cohort,
+        "phenotype",
+        val_predictions=pheno,
+        n_resamples=10,
+        attributes=["gender"],
+        intersections=[],
+    )
     assert list(rep.thresholds) == names
     assert rep.thresholds[names[3]] == pytest.approx(_brute_force(yl[:, 3], pl[:, 3], "youden"))
     macro = rep.groups[(rep.groups.label == "macro") & (rep.groups.group == "F")].iloc[0]

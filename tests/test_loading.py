@@ -68,8 +68,13 @@ def test_stats_use_training_stays_only(data_dir, tmp_path):
 def test_forward_fill_then_median_then_robust_scale_by_hand():
     nan = np.nan
     raw = np.array([[[nan, 1.0], [2.0, nan], [nan, nan], [6.0, 4.0]]])  # [1, T=4, F=2]
-    stats = L.NormStats(median=np.array([3.0, 10.0]), iqr=np.array([2.0, 4.0]), std=np.array([1.0, 1.0]),
-                        scale=np.array([2.0, 4.0]), n_observed=np.array([5, 5]))
+    stats = L.NormStats(
+        median=np.array([3.0, 10.0]),
+        iqr=np.array([2.0, 4.0]),
+        std=np.array([1.0, 1.0]),
+        scale=np.array([2.0, 4.0]),
+        n_observed=np.array([5, 5]),
+    )
     values, mask = L.impute_and_scale(raw, stats)
     filled = np.array([[3.0, 1.0], [2.0, 1.0], [2.0, 1.0], [6.0, 4.0]])  # leading NaN -> median, else carry
     expect = (filled - [3.0, 10.0]) / [2.0, 4.0]
@@ -90,8 +95,8 @@ def test_scale_guards_iqr_zero_std_zero_never_observed():
     ehr = np.full((n, t, 3), np.nan, dtype=np.float32)
     ehr[:, 0, 0] = 7.0
     ehr[:2, 1, 0] = [100.0, -100.0]  # IQR of feature 0 is 0, std is not
-    ehr[:, :, 1] = 3.0               # constant: IQR 0 and std 0
-    stats = L.compute_norm_stats(ehr, np.arange(n))   # feature 2 never observed
+    ehr[:, :, 1] = 3.0  # constant: IQR 0 and std 0
+    stats = L.compute_norm_stats(ehr, np.arange(n))  # feature 2 never observed
     vals = np.concatenate([np.full(n, 7.0), [100.0, -100.0]])
     assert stats.iqr[0] == 0 and stats.scale[0] == pytest.approx(vals.std(ddof=1))
     assert stats.median[1] == 3.0 and stats.scale[1] == 1.0
@@ -104,26 +109,27 @@ def test_scale_guards_iqr_zero_std_zero_never_observed():
 def test_cxr_dropout_exact_deterministic_nested():
     stay_ids = np.arange(1000, dtype=np.int64) * 7 + 3
     has = np.zeros(1000, bool)
-    has[::2] = True                                   # 500 stays with an X-ray
+    has[::2] = True  # 500 stays with an X-ray
     d30 = L.cxr_dropout(stay_ids, has, 0.3, seed=11)
     assert d30.sum() == 150 and not d30[~has].any()
-    assert L.cxr_dropout(stay_ids, has, 0.333, seed=11).sum() == 167   # round(166.5) up
+    assert L.cxr_dropout(stay_ids, has, 0.333, seed=11).sum() == 167  # round(166.5) up
     np.testing.assert_array_equal(d30, L.cxr_dropout(stay_ids, has, 0.3, seed=11))
-    perm = np.random.default_rng(0).permutation(1000)                  # per stay, not per position
+    perm = np.random.default_rng(0).permutation(1000)  # per stay, not per position
     np.testing.assert_array_equal(L.cxr_dropout(stay_ids[perm], has[perm], 0.3, seed=11), d30[perm])
     other = L.cxr_dropout(stay_ids, has, 0.3, seed=12)
     assert other.sum() == 150 and (other != d30).any()
     d60 = L.cxr_dropout(stay_ids, has, 0.6, seed=11)
-    assert d60.sum() == 300 and (d60 | ~d30).all()                     # nested: 30% subset of 60%
+    assert d60.sum() == 300 and (d60 | ~d30).all()  # nested: 30% subset of 60%
     assert L.cxr_dropout(stay_ids, has, 0.0, 1).sum() == 0
     assert L.cxr_dropout(stay_ids, has, 1.0, 1).sum() == 500
     with pytest.raises(L.LoadingError, match="dropout rate"):
         L.cxr_dropout(stay_ids, has, 1.5, 1)
 
 
-@pytest.mark.parametrize("task,yshape,ydtype", [("mortality", (1,), torch.float32),
-                                                 ("phenotype", (25,), torch.float32),
-                                                 ("los", (), torch.int64)])
+@pytest.mark.parametrize(
+    "task,yshape,ydtype",
+    [("mortality", (1,), torch.float32), ("phenotype", (25,), torch.float32), ("los", (), torch.int64)],
+)
 def test_batch_contract(data, task, yshape, ydtype):
     fold = L.build_fold(data, task=task, fold=1, image_size=16)
     ds = fold.test
@@ -151,8 +157,14 @@ def test_batch_contract(data, task, yshape, ydtype):
 
 
 def test_resize_on_the_fly_and_dropout_in_batches(data):
-    fold = L.build_fold(data, task="mortality", fold=2, image_size=8, cxr_dropout_rates={"train": 0.5, "test": 1.0},
-                        cxr_dropout_seed=3)
+    fold = L.build_fold(
+        data,
+        task="mortality",
+        fold=2,
+        image_size=8,
+        cxr_dropout_rates={"train": 0.5, "test": 1.0},
+        cxr_dropout_seed=3,
+    )
     n_train = int(data.cohort.has_cxr.iloc[fold.train.rows].sum())
     assert fold.train.dropped.sum() == L.n_dropped(0.5, n_train)
     assert fold.val.dropped.sum() == 0
@@ -210,12 +222,12 @@ def test_augment_cxr():
     x[2] = 5.0
     ident = L.augment_cxr(x, has, degrees=0.0, scale=(1.0, 1.0), translate=0.0, generator=g)
     torch.testing.assert_close(ident[has], x[has], atol=1e-5, rtol=0)
-    assert (ident[2] == 0).all()                      # a missing image stays zero
+    assert (ident[2] == 0).all()  # a missing image stays zero
     const = torch.full((2, 1, 12, 12), 1.5)
     shrunk = L.augment_cxr(const, torch.tensor([True, True]), degrees=0.0, scale=(0.5, 0.5), translate=0.0)
     black = (0.0 - L.CXR_MEAN) / L.CXR_STD
-    assert shrunk[0, 0, 0, 0].item() == pytest.approx(black, abs=1e-5)   # pixels from outside are black
-    assert shrunk[0, 0, 6, 6].item() == pytest.approx(1.5, abs=1e-5)     # the centre keeps its value
+    assert shrunk[0, 0, 0, 0].item() == pytest.approx(black, abs=1e-5)  # pixels from outside are black
+    assert shrunk[0, 0, 6, 6].item() == pytest.approx(1.5, abs=1e-5)  # the centre keeps its value
     a = L.augment_cxr(x, has, generator=torch.Generator().manual_seed(1))
     b = L.augment_cxr(x, has, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and not torch.allclose(a[has], x[has])

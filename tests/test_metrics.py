@@ -55,7 +55,11 @@ def test_ece_hand_example_and_p_equal_one():
     y = rng.integers(0, 2, 1000)
     p = rng.random(1000)
     idx = np.clip(np.digitize(p, np.linspace(0, 1, 11)[1:-1]), 0, 9)
-    ece = sum(abs(p[idx == b].mean() - y[idx == b].mean()) * (idx == b).mean() for b in range(10) if (idx == b).any())
+    ece = sum(
+        abs(p[idx == b].mean() - y[idx == b].mean()) * (idx == b).mean()
+        for b in range(10)
+        if (idx == b).any()
+    )
     assert expected_calibration_error(y, p) == pytest.approx(ece, abs=TOL)
 
 
@@ -69,7 +73,9 @@ def test_multilabel_equals_sklearn(seed):
     m = multilabel_metrics(y, p, names)
     for avg in ("macro", "micro", "weighted"):
         assert m[f"auroc_{avg}"] == pytest.approx(skm.roc_auc_score(y, p, average=avg), abs=TOL), avg
-        assert m[f"auprc_{avg}"] == pytest.approx(skm.average_precision_score(y, p, average=avg), abs=TOL), avg
+        assert m[f"auprc_{avg}"] == pytest.approx(skm.average_precision_score(y, p, average=avg), abs=TOL), (
+            avg
+        )
     for j in (0, 7, 24):
         assert m[f"auroc/pheno_{j}"] == pytest.approx(skm.roc_auc_score(y[:, j], p[:, j]), abs=TOL)
         assert m[f"auprc/pheno_{j}"] == pytest.approx(skm.average_precision_score(y[:, j], p[:, j]), abs=TOL)
@@ -84,9 +90,12 @@ def test_multilabel_single_class_label_is_nan_and_left_out_of_averages():
     m = multilabel_metrics(y, p, ["a", "b", "c", "d"])
     assert np.isnan(m["auroc/c"]) and np.isnan(m["auprc/c"])
     keep = [0, 1, 3]
-    assert m["auroc_macro"] == pytest.approx(skm.roc_auc_score(y[:, keep], p[:, keep], average="macro"), abs=TOL)
+    assert m["auroc_macro"] == pytest.approx(
+        skm.roc_auc_score(y[:, keep], p[:, keep], average="macro"), abs=TOL
+    )
     assert m["auprc_weighted"] == pytest.approx(
-        skm.average_precision_score(y[:, keep], p[:, keep], average="weighted"), abs=TOL)
+        skm.average_precision_score(y[:, keep], p[:, keep], average="weighted"), abs=TOL
+    )
     assert m["n_labels_defined"] == 3
 
 
@@ -106,7 +115,8 @@ def test_multiclass_equals_sklearn(seed):
     assert m["kappa"] == pytest.approx(skm.cohen_kappa_score(y, pred), abs=TOL)
     assert m["kappa_linear"] == pytest.approx(skm.cohen_kappa_score(y, pred, weights="linear"), abs=TOL)
     assert m["auroc_ovr_macro"] == pytest.approx(
-        skm.roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=TOL)
+        skm.roc_auc_score(y, p, multi_class="ovr", average="macro"), abs=TOL
+    )
     assert m["auroc/los_3"] == pytest.approx(skm.roc_auc_score(y == 3, p[:, 3]), abs=TOL)
 
 
@@ -136,8 +146,10 @@ def test_single_class_binary_is_nan_not_an_error():
 def test_compute_metrics_dispatch_has_selection_metric():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, (50, 25))
-    assert SELECTION_METRIC["phenotype"] in compute_metrics("phenotype", y, rng.random((50, 25)),
-                                                            [str(i) for i in range(25)])
+    assert SELECTION_METRIC["phenotype"] in compute_metrics(
+        "phenotype", y, rng.random((50, 25)), [str(i) for i in range(25)]
+    )
     assert SELECTION_METRIC["mortality"] in compute_metrics("mortality", y[:, :1], rng.random((50, 1)), ["m"])
-    assert SELECTION_METRIC["los"] in compute_metrics("los", rng.integers(0, 7, 50),
-                                                      rng.dirichlet(np.ones(7), 50), None)
+    assert SELECTION_METRIC["los"] in compute_metrics(
+        "los", rng.integers(0, 7, 50), rng.dirichlet(np.ones(7), 50), None
+    )

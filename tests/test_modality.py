@@ -29,8 +29,13 @@ def runs(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     res = {}
     for model in ("lstm", "latefusion"):
-        cfg = resolve_config(data=data_dir, model=model, task="mortality", preset="test",
-                             options={"progress": False, "max_epochs": 1})
+        cfg = resolve_config(
+            data=data_dir,
+            model=model,
+            task="mortality",
+            preset="test",
+            options={"progress": False, "max_epochs": 1},
+        )
         res[model] = train_run(cfg, out).run_dir
     return res
 
@@ -51,10 +56,10 @@ def test_drop_cxr_changes_nothing_for_an_ehr_only_model(predictors):
     lstm = predictors["lstm"]
     full, no_cxr = lstm.predict(), lstm.predict(condition="drop_cxr")
     assert full.cxr_input.any() and not no_cxr.cxr_input.any()
-    np.testing.assert_array_equal(no_cxr.p_mortality.to_numpy(), full.p_mortality.to_numpy())   # exact
+    np.testing.assert_array_equal(no_cxr.p_mortality.to_numpy(), full.p_mortality.to_numpy())  # exact
     no_ehr = lstm.predict(condition="drop_ehr")
     assert not np.allclose(no_ehr.p_mortality, full.p_mortality)
-    assert no_ehr.p_mortality.nunique() == 1          # an EHR-only model without EHR: one constant prediction
+    assert no_ehr.p_mortality.nunique() == 1  # an EHR-only model without EHR: one constant prediction
 
 
 def test_drop_cxr_changes_an_xray_model_only_where_there_was_an_xray(predictors):
@@ -63,10 +68,10 @@ def test_drop_cxr_changes_an_xray_model_only_where_there_was_an_xray(predictors)
     had = full.cxr_input.to_numpy()
     assert had.sum() > 5 and (~had).sum() > 5
     diff = np.abs(no_cxr.p_mortality.to_numpy() - full.p_mortality.to_numpy())
-    assert (diff[had] > 1e-7).all()                   # every stay that had an X-ray changes
-    assert diff[~had].max() <= 1e-6                   # a stay without one already looked like this
+    assert (diff[had] > 1e-7).all()  # every stay that had an X-ray changes
+    assert diff[~had].max() <= 1e-6  # a stay without one already looked like this
     np.testing.assert_array_equal(no_cxr.y_mortality, full.y_mortality)
-    at_one = lf.predict(cxr_missing_rate=1.0)         # missing rate 1 == dropping every X-ray
+    at_one = lf.predict(cxr_missing_rate=1.0)  # missing rate 1 == dropping every X-ray
     np.testing.assert_allclose(at_one.p_mortality, no_cxr.p_mortality, rtol=0, atol=1e-6)
 
 
@@ -79,7 +84,7 @@ def test_test_time_missingness_is_nested_deterministic_and_exact(runs, predictor
     for r, m in zip(rates, masks, strict=True):
         assert m.sum() == n_dropped(r, natural.sum()) and not (m & ~natural).any()
     for lo, hi in itertools.pairwise(masks):
-        assert not (lo & ~hi).any()                   # stays dropped at r are dropped at every r' > r
+        assert not (lo & ~hi).any()  # stays dropped at r are dropped at every r' > r
     assert masks[-1].sum() > masks[1].sum() > 0
     again = M.RunPredictor(runs["latefusion"]).dropped(0.5)
     np.testing.assert_array_equal(again, masks[5])
@@ -92,8 +97,9 @@ def test_test_time_missingness_is_nested_deterministic_and_exact(runs, predictor
 
 def test_missingness_curve_table(predictors):
     lf = predictors["latefusion"]
-    curve = M.missingness_curve(lambda r: lf.predict(cxr_missing_rate=r), "mortality", method="latefusion",
-                                rates=[0.0, 0.5, 0.9])
+    curve = M.missingness_curve(
+        lambda r: lf.predict(cxr_missing_rate=r), "mortality", method="latefusion", rates=[0.0, 0.5, 0.9]
+    )
     n_with = int((lf.fold.test.has_cxr | lf.fold.test.dropped).sum())
     auroc = curve[curve.metric == "auroc"].set_index("rate")
     assert auroc["n_cxr_input"].to_dict() == {r: n_with - n_dropped(r, n_with) for r in (0.0, 0.5, 0.9)}
@@ -113,7 +119,7 @@ def test_run_level_tables(runs):
     abl = M.run_ablation(runs["lstm"])
     assert set(abl.condition) == set(M.CONDITIONS) and (abl.run_id == runs["lstm"].name).all()
     drop_cxr = abl[abl.condition == "drop_cxr"]
-    assert (drop_cxr.delta == 0).all()                # EHR-only model: exactly no contribution of the X-ray
+    assert (drop_cxr.delta == 0).all()  # EHR-only model: exactly no contribution of the X-ray
     curve = M.run_missingness_curve(runs["latefusion"], rates=[0.0, 0.3])
     assert curve.rate.unique().tolist() == [0.0, 0.3] and (curve.method == "latefusion").all()
     table = M.dropout_runs_table(runs.values())
@@ -124,15 +130,25 @@ def test_run_level_tables(runs):
 def _fake_preds(seed, n=60, heads=()):
     rng = np.random.default_rng(seed)
     y = np.tile([0, 1, 0], n // 3)
-    df = pd.DataFrame({"stay_id": np.arange(n), "cxr_input": np.arange(n) % 2 == 0, "y_mortality": y,
-                       "p_mortality": np.clip(0.3 + 0.3 * y + rng.normal(0, 0.2, n), 0, 1)})
+    df = pd.DataFrame(
+        {
+            "stay_id": np.arange(n),
+            "cxr_input": np.arange(n) % 2 == 0,
+            "y_mortality": y,
+            "p_mortality": np.clip(0.3 + 0.3 * y + rng.normal(0, 0.2, n), 0, 1),
+        }
+    )
     for h in heads:
         df[f"p_mortality__{h}"] = rng.random(n)
     return df
 
 
 def test_ablation_table_from_a_prediction_function():
-    frames = {"full": _fake_preds(0, heads=("ehr", "cxr")), "drop_cxr": _fake_preds(1), "drop_ehr": _fake_preds(2)}
+    frames = {
+        "full": _fake_preds(0, heads=("ehr", "cxr")),
+        "drop_cxr": _fake_preds(1),
+        "drop_ehr": _fake_preds(2),
+    }
     frames["drop_cxr"]["cxr_input"] = False
     t = M.ablation_table(frames.__getitem__, "mortality", method="m")
     auroc = t[t.metric == "auroc"].set_index("condition")

@@ -37,6 +37,7 @@ WANTED = {p.ccs for p in PHENOTYPES}
 
 # ---------------------------------------------------------------- the independent route (library API + csv)
 
+
 class LibraryRoute:
     """ICD code -> set of CCS ids, written from the library's public API and the GEM csv rows."""
 
@@ -94,6 +95,7 @@ def library_route() -> LibraryRoute:
 
 # ---------------------------------------------------------------- the lookup table against the library
 
+
 def test_icd9_table_equals_library_mapper_for_every_grouper_code(library_route):
     table = ccs_mapping()
     icd9 = table[table["icd_version"] == 9]
@@ -124,35 +126,45 @@ def test_icd10_table_contains_the_library_single_gem_target(library_route):
 def test_plurality_only_drops_categories_of_plain_alternatives():
     keys = ["icd_version", "icd_code", "ccs"]
     both = ccs_mapping("any")[keys].merge(ccs_mapping("plurality")[keys], how="outer", indicator=True)
-    assert (both["_merge"] != "right_only").all()          # plurality pairs are a subset of 'any' pairs
+    assert (both["_merge"] != "right_only").all()  # plurality pairs are a subset of 'any' pairs
     dropped = both[(both["_merge"] == "left_only") & both["ccs"].isin(WANTED)]
     # the GEM codes whose plain alternatives disagree on one of the 25 categories (docs/tasks.md lists them),
     # and the FY2017+ codes split from K22.8 that inherit its categories
     assert dict(zip(dropped["icd_code"], dropped["ccs"], strict=True)) == {
-        "I10": 99, "I6789": 109, "K228": 153, "R0689": 134, "K2281": 153, "K2282": 153, "K2289": 153}
+        "I10": 99,
+        "I6789": 109,
+        "K228": 153,
+        "R0689": 134,
+        "K2281": 153,
+        "K2282": 153,
+        "K2289": 153,
+    }
 
 
-@pytest.mark.parametrize(("code", "version", "expected"), [
-    ("0389", 9, [2]),              # septicemia NOS
-    ("A419", 10, [2]),             # sepsis, unspecified organism (GEM combination 038.9 + 995.91)
-    ("4280", 9, [108]),            # congestive heart failure NOS
-    ("I5021", 10, [108]),          # acute systolic heart failure (428.21, with 428.0 in a combination)
-    ("486", 9, [122]),             # pneumonia, organism unspecified
-    ("J189", 10, [122]),
-    ("4019", 9, [98]),
-    ("40391", 9, [99]),            # hypertensive CKD
-    ("I10", 10, [98]),             # alternatives 401.0 (CCS 99), 401.1, 401.9 (98): plurality 98
-    ("R6521", 10, [2, 249]),       # severe sepsis with septic shock: combination 785.52 + 995.92
-    ("I2510", 10, [101, 104]),     # alternatives 414.01 / 429.2 tie: both kept
-    ("E7800", 10, [53]),           # FY2017 code split from E78.0 (272.0): prefix rule, former leaf
-    ("I50810", 10, [108]),         # FY2018 right heart failure: every GEM I50 code is CCS 108
-    ("E1110", 10, []),             # FY2017 code in the E11 family, which spans CCS 49 and 50: no category
-    ("038.9", 9, [2]),             # dotted
-    (" j18.9 ", 10, [122]),        # whitespace, lower case
-    ("0389", 10, []),              # an ICD-9 code read as ICD-10 is not a code
-    ("ZZZ999", 10, []),
-    ("I5081", 10, []),             # a header, not a billable code
-])
+@pytest.mark.parametrize(
+    ("code", "version", "expected"),
+    [
+        ("0389", 9, [2]),  # septicemia NOS
+        ("A419", 10, [2]),  # sepsis, unspecified organism (GEM combination 038.9 + 995.91)
+        ("4280", 9, [108]),  # congestive heart failure NOS
+        ("I5021", 10, [108]),  # acute systolic heart failure (428.21, with 428.0 in a combination)
+        ("486", 9, [122]),  # pneumonia, organism unspecified
+        ("J189", 10, [122]),
+        ("4019", 9, [98]),
+        ("40391", 9, [99]),  # hypertensive CKD
+        ("I10", 10, [98]),  # alternatives 401.0 (CCS 99), 401.1, 401.9 (98): plurality 98
+        ("R6521", 10, [2, 249]),  # severe sepsis with septic shock: combination 785.52 + 995.92
+        ("I2510", 10, [101, 104]),  # alternatives 414.01 / 429.2 tie: both kept
+        ("E7800", 10, [53]),  # FY2017 code split from E78.0 (272.0): prefix rule, former leaf
+        ("I50810", 10, [108]),  # FY2018 right heart failure: every GEM I50 code is CCS 108
+        ("E1110", 10, []),  # FY2017 code in the E11 family, which spans CCS 49 and 50: no category
+        ("038.9", 9, [2]),  # dotted
+        (" j18.9 ", 10, [122]),  # whitespace, lower case
+        ("0389", 10, []),  # an ICD-9 code read as ICD-10 is not a code
+        ("ZZZ999", 10, []),
+        ("I5081", 10, []),  # a header, not a billable code
+    ],
+)
 def test_hand_checked_codes(code, version, expected, library_route):
     assert code_categories(code, version) == expected
     assert sorted(library_route.categories(code, version)) == expected
@@ -181,7 +193,9 @@ def test_codes_for_category_lists_valid_codes_sorted():
     assert "0389" in codes_for_category(2, 9) and "A419" in codes_for_category(2, 10)
     assert "R6521" in codes_for_category(249, 10)
     assert "R6521" not in codes_for_category(249, 10, exclusive=True)
-    assert "I10" not in codes_for_category(99, 10) and "I10" in codes_for_category(99, 10, gem_alternatives="any")
+    assert "I10" not in codes_for_category(99, 10) and "I10" in codes_for_category(
+        99, 10, gem_alternatives="any"
+    )
     with pytest.raises(PhenotypeError, match="version"):
         codes_for_category(2, 11)
     with pytest.raises(PhenotypeError, match="ccs_id"):
@@ -190,11 +204,14 @@ def test_codes_for_category_lists_valid_codes_sorted():
 
 # ---------------------------------------------------------------- labels on small hand-made tables
 
+
 def _db(cohort: list[tuple], dx: list[tuple]) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect()
     con.execute("CREATE TABLE cohort (row_idx INTEGER, stay_id BIGINT, hadm_id BIGINT)")
-    con.execute("CREATE TABLE diagnoses_icd (subject_id BIGINT, hadm_id BIGINT, icd_code VARCHAR, "
-                "icd_version INTEGER)")
+    con.execute(
+        "CREATE TABLE diagnoses_icd (subject_id BIGINT, hadm_id BIGINT, icd_code VARCHAR, "
+        "icd_version INTEGER)"
+    )
     if cohort:
         con.executemany("INSERT INTO cohort VALUES (?, ?, ?)", cohort)
     if dx:
@@ -204,15 +221,24 @@ def _db(cohort: list[tuple], dx: list[tuple]) -> duckdb.DuckDBPyConnection:
 
 def test_labels_on_hand_made_admissions():
     # inserted out of order: the result must follow row_idx
-    con = _db(cohort=[(2, 30, 3), (0, 10, 1), (3, 40, 1), (1, 20, 2)],
-              dx=[(1, " 038.9", 9), (1, "4019", 9), (3, "r65.21", 10), (3, "ZZZ99", 10), (3, "ZZZ99", 10),
-                  (3, "I10", 10), (99, "486", 9)])  # hadm 99 is not in the cohort
+    con = _db(
+        cohort=[(2, 30, 3), (0, 10, 1), (3, 40, 1), (1, 20, 2)],
+        dx=[
+            (1, " 038.9", 9),
+            (1, "4019", 9),
+            (3, "r65.21", 10),
+            (3, "ZZZ99", 10),
+            (3, "ZZZ99", 10),
+            (3, "I10", 10),
+            (99, "486", 9),
+        ],
+    )  # hadm 99 is not in the cohort
     labels, stats = phenotype_labels(con)
     assert list(labels.columns) == COLUMNS and (labels.dtypes == np.int8).all()
     expected = pd.DataFrame(0, index=range(4), columns=COLUMNS, dtype="int8")
-    expected.loc[[0, 3], ["pheno_septicemia", "pheno_essential_hypertension"]] = 1   # hadm 1 (two stays)
+    expected.loc[[0, 3], ["pheno_septicemia", "pheno_essential_hypertension"]] = 1  # hadm 1 (two stays)
     expected.loc[2, ["pheno_septicemia", "pheno_shock", "pheno_essential_hypertension"]] = 1  # hadm 3
-    pd.testing.assert_frame_equal(labels, expected)                                  # row 1: no diagnoses
+    pd.testing.assert_frame_equal(labels, expected)  # row 1: no diagnoses
     assert stats["stays"] == 4 and stats["stays_without_diagnoses"] == 1
     assert stats["diagnosis_rows"] == 6 and stats["rows_without_code"] == 0
     assert stats["distinct_codes"] == {"icd9": 2, "icd10": 3}
@@ -227,7 +253,10 @@ def test_any_rule_changes_i10_admissions_only_in_hypertension_with_complications
     plu = phenotype_labels(con).labels.iloc[0]
     any_ = phenotype_labels(con, gem_alternatives="any").labels.iloc[0]
     assert plu[plu == 1].index.tolist() == ["pheno_essential_hypertension"]
-    assert any_[any_ == 1].index.tolist() == ["pheno_essential_hypertension", "pheno_hypertension_with_complications"]
+    assert any_[any_ == 1].index.tolist() == [
+        "pheno_essential_hypertension",
+        "pheno_hypertension_with_complications",
+    ]
 
 
 def test_one_code_per_phenotype_round_trips():
@@ -270,13 +299,16 @@ def test_bad_inputs_are_named():
 
 # ---------------------------------------------------------------- the real MIMIC-IV demo
 
+
 @pytest.fixture(scope="module")
 def demo(demo_root):
     """Cohort = all 140 ICU stays, row_idx in stay_id order (built here, not by the cohort stage)."""
     con = duckdb.connect()
     register_tables(con, demo_root, ["icustays", "diagnoses_icd"])
-    con.execute("CREATE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id) - 1 AS INTEGER) "
-                "AS row_idx, stay_id, hadm_id FROM icustays")
+    con.execute(
+        "CREATE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id) - 1 AS INTEGER) "
+        "AS row_idx, stay_id, hadm_id FROM icustays"
+    )
     stays = pd.read_csv(demo_root / "icu" / "icustays.csv.gz").sort_values("stay_id", ignore_index=True)
     dx = pd.read_csv(demo_root / "hosp" / "diagnoses_icd.csv.gz", dtype={"icd_code": str})
     dx = dx[dx["hadm_id"].isin(stays["hadm_id"])]
@@ -305,12 +337,19 @@ def test_demo_labels_match_the_library_route(demo, library_route):
     s = result.stats
     assert s["diagnosis_rows"] == len(dx)
     assert s["stays_without_diagnoses"] == int((~stays["hadm_id"].isin(dx["hadm_id"])).sum())
-    assert s["distinct_codes"] == {"icd9": dx.loc[dx.icd_version == 9, "icd_code"].nunique(),
-                                   "icd10": dx.loc[dx.icd_version == 10, "icd_code"].nunique()}
-    unmapped = {(c, v) for c, v in dx[["icd_code", "icd_version"]].itertuples(index=False)
-                if not library_route.categories(c, v)}
-    assert s["unmapped_codes"] == {"icd9": sum(v == 9 for _, v in unmapped),
-                                   "icd10": sum(v == 10 for _, v in unmapped)}
+    assert s["distinct_codes"] == {
+        "icd9": dx.loc[dx.icd_version == 9, "icd_code"].nunique(),
+        "icd10": dx.loc[dx.icd_version == 10, "icd_code"].nunique(),
+    }
+    unmapped = {
+        (c, v)
+        for c, v in dx[["icd_code", "icd_version"]].itertuples(index=False)
+        if not library_route.categories(c, v)
+    }
+    assert s["unmapped_codes"] == {
+        "icd9": sum(v == 9 for _, v in unmapped),
+        "icd10": sum(v == 10 for _, v in unmapped),
+    }
     assert {e["icd_code"] for e in s["unmapped_examples"]} == {c for c, _ in unmapped}
 
 
@@ -330,7 +369,9 @@ def test_demo_labels_are_a_function_of_the_admission(demo, demo_root):
         assert (labels.loc[idx].nunique() == 1).all()
     other = duckdb.connect()
     register_tables(other, demo_root, ["icustays", "diagnoses_icd"])
-    other.execute("CREATE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id DESC) - 1 AS INTEGER) "
-                  "AS row_idx, stay_id, hadm_id FROM icustays")
+    other.execute(
+        "CREATE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id DESC) - 1 AS INTEGER) "
+        "AS row_idx, stay_id, hadm_id FROM icustays"
+    )
     reversed_labels = phenotype_labels(other).labels
     pd.testing.assert_frame_equal(reversed_labels, labels.iloc[::-1].reset_index(drop=True))

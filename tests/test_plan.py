@@ -14,8 +14,14 @@ from carebench.models import get_model_class, list_models
 from carebench.training import resolve_config
 from fake_dataset import make_fake_dataset
 
-BASE = {"name": "t", "preset": "test", "models": ["lstm", "latefusion"], "tasks": ["mortality", "los"],
-        "folds": [1, 2], "seeds": [0, 1]}
+BASE = {
+    "name": "t",
+    "preset": "test",
+    "models": ["lstm", "latefusion"],
+    "tasks": ["mortality", "los"],
+    "folds": [1, 2],
+    "seeds": [0, 1],
+}
 
 
 @pytest.fixture(scope="module")
@@ -29,39 +35,45 @@ def plan(**changes):
 
 
 # ---------------------------------------------------------------------------------------------- validation
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"name": None}, "key 'name'"),
-    ({"name": "has space"}, "key 'name'"),
-    ({"modles": ["lstm"]}, "unknown key 'modles'"),
-    ({"models": ["lstm", "nosuchnet"]}, "key 'models': unknown value 'nosuchnet'"),
-    ({"models": None}, "missing key 'models'"),
-    ({"tasks": ["mortality", "sepsis"]}, "key 'tasks': unknown value 'sepsis'"),
-    ({"tasks": []}, "key 'tasks': expected a non-empty list"),
-    ({"cohorts": ["full"]}, "key 'cohorts': unknown value 'full'"),
-    ({"folds": [0, 1]}, "key 'folds': expected integers 1..5, got 0"),
-    ({"folds": [1, 6]}, "key 'folds': expected integers 1..5, got 6"),
-    ({"folds": [1, 1]}, "key 'folds': values repeat"),
-    ({"seeds": [-1]}, "key 'seeds': expected integers >= 0"),
-    ({"seeds": ["a"]}, "key 'seeds': expected integers"),
-    ({"preset": "huge"}, "key 'preset': expected one of"),
-    ({"overrides": {"fold": 2}}, "key 'overrides.fold': set by the grid; use the plan key 'folds'"),
-    ({"overrides": {"cxr_dropout_train": 0.5}}, "use the plan key 'missingness.train_rates'"),
-    ({"overrides": [1, 2]}, "key 'overrides': expected a mapping"),
-    ({"model_overrides": {"lstm": {"threads": 4}}}, "key 'model_overrides.lstm.threads': set per job by"),
-    ({"model_overrides": {"nosuchnet": {"hidden": 3}}}, "key 'model_overrides.nosuchnet': unknown model"),
-    ({"grids": []}, "key 'grids': expected a non-empty list"),
-    ({"grids": [{"tasks": ["los"], "folds": [9]}]}, "key 'grids[0].folds'"),
-    ({"grids": [{"preset": "full"}]}, "unknown key 'grids[0].preset'"),
-    ({"missingness": {"train_rates": [0.5, 1.0]}}, "key 'missingness.train_rates': expected X-ray missing rates"),
-    ({"missingness": {"test_rates": [-0.1]}}, "key 'missingness.test_rates'"),
-    ({"missingness": {"train_rate": [0.5]}}, "unknown key 'missingness.train_rate'"),
-    ({"missingness": {"train_rates": [0.5], "models": ["lstm"]}}, "'lstm' does not use the X-ray"),
-    ({"models": ["lstm"], "missingness": {"train_rates": [0.5]}}, "no model of the plan uses the X-ray"),
-    ({"fairness": {"attributes": ["race"]}}, "key 'fairness.attributes': unknown value 'race'"),
-    ({"fairness": {"enabled": "yes"}}, "key 'fairness.enabled'"),
-    ({"statistics": {"n_bootstrap": 0}}, "key 'statistics.n_bootstrap': expected an integer >= 1"),
-    ({"statistics": {"confidence": 95}}, "key 'statistics.confidence'"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"name": None}, "key 'name'"),
+        ({"name": "has space"}, "key 'name'"),
+        ({"modles": ["lstm"]}, "unknown key 'modles'"),
+        ({"models": ["lstm", "nosuchnet"]}, "key 'models': unknown value 'nosuchnet'"),
+        ({"models": None}, "missing key 'models'"),
+        ({"tasks": ["mortality", "sepsis"]}, "key 'tasks': unknown value 'sepsis'"),
+        ({"tasks": []}, "key 'tasks': expected a non-empty list"),
+        ({"cohorts": ["full"]}, "key 'cohorts': unknown value 'full'"),
+        ({"folds": [0, 1]}, "key 'folds': expected integers 1..5, got 0"),
+        ({"folds": [1, 6]}, "key 'folds': expected integers 1..5, got 6"),
+        ({"folds": [1, 1]}, "key 'folds': values repeat"),
+        ({"seeds": [-1]}, "key 'seeds': expected integers >= 0"),
+        ({"seeds": ["a"]}, "key 'seeds': expected integers"),
+        ({"preset": "huge"}, "key 'preset': expected one of"),
+        ({"overrides": {"fold": 2}}, "key 'overrides.fold': set by the grid; use the plan key 'folds'"),
+        ({"overrides": {"cxr_dropout_train": 0.5}}, "use the plan key 'missingness.train_rates'"),
+        ({"overrides": [1, 2]}, "key 'overrides': expected a mapping"),
+        ({"model_overrides": {"lstm": {"threads": 4}}}, "key 'model_overrides.lstm.threads': set per job by"),
+        ({"model_overrides": {"nosuchnet": {"hidden": 3}}}, "key 'model_overrides.nosuchnet': unknown model"),
+        ({"grids": []}, "key 'grids': expected a non-empty list"),
+        ({"grids": [{"tasks": ["los"], "folds": [9]}]}, "key 'grids[0].folds'"),
+        ({"grids": [{"preset": "full"}]}, "unknown key 'grids[0].preset'"),
+        (
+            {"missingness": {"train_rates": [0.5, 1.0]}},
+            "key 'missingness.train_rates': expected X-ray missing rates",
+        ),
+        ({"missingness": {"test_rates": [-0.1]}}, "key 'missingness.test_rates'"),
+        ({"missingness": {"train_rate": [0.5]}}, "unknown key 'missingness.train_rate'"),
+        ({"missingness": {"train_rates": [0.5], "models": ["lstm"]}}, "'lstm' does not use the X-ray"),
+        ({"models": ["lstm"], "missingness": {"train_rates": [0.5]}}, "no model of the plan uses the X-ray"),
+        ({"fairness": {"attributes": ["race"]}}, "key 'fairness.attributes': unknown value 'race'"),
+        ({"fairness": {"enabled": "yes"}}, "key 'fairness.enabled'"),
+        ({"statistics": {"n_bootstrap": 0}}, "key 'statistics.n_bootstrap': expected an integer >= 1"),
+        ({"statistics": {"confidence": 95}}, "key 'statistics.confidence'"),
+    ],
+)
 def test_validation_errors_name_the_key(changes, message):
     with pytest.raises(PlanError) as e:
         plan(**changes)
@@ -82,7 +94,9 @@ def test_bad_files_and_unknown_profile(tmp_path):
 
 def test_override_errors_are_reported_at_expansion_with_the_run(data_dir):
     p = plan(model_overrides={"lstm": {"hiddden": 3}})
-    with pytest.raises(PlanError, match=r"plan .t., model .lstm., task .mortality.: unknown option .hiddden."):
+    with pytest.raises(
+        PlanError, match=r"plan .t., model .lstm., task .mortality.: unknown option .hiddden."
+    ):
         expand_plan(p, data_dir)
     with pytest.raises(PlanError, match="option 'max_epochs' must be an integer"):
         expand_plan(plan(overrides={"max_epochs": "many"}), data_dir)
@@ -94,13 +108,20 @@ def test_expansion_count_order_and_resolution(data_dir):
     assert len(runs) == 2 * 2 * 2 * 2 == 16
     assert len({r.run_id for r in runs}) == 16
     # fold, seed, task, cohort, model: models innermost
-    expected = [(f, s, t, "base", m) for f, s, t, m in
-                itertools.product([1, 2], [0, 1], ["mortality", "los"], ["lstm", "latefusion"])]
+    expected = [
+        (f, s, t, "base", m)
+        for f, s, t, m in itertools.product([1, 2], [0, 1], ["mortality", "los"], ["lstm", "latefusion"])
+    ]
     assert [(r.fold, r.seed, r.task, r.cohort, r.model) for r in runs] == expected
     # each run is exactly what `carebench train` would resolve (same run id)
     r = runs[5]
-    same = resolve_config(data=data_dir, model=r.model, task=r.task, preset="test",
-                          options={"fold": r.fold, "seed": r.seed, "cohort": r.cohort})
+    same = resolve_config(
+        data=data_dir,
+        model=r.model,
+        task=r.task,
+        preset="test",
+        options={"fold": r.fold, "seed": r.seed, "cohort": r.cohort},
+    )
     assert same.run_id == r.run_id
     assert all(not r.progress and r.cxr_dropout_train == 0 and r.preset == "test" for r in runs)
     assert [r.run_id for r in expand_plan(plan(), data_dir)] == [r.run_id for r in runs]  # deterministic
@@ -108,8 +129,13 @@ def test_expansion_count_order_and_resolution(data_dir):
 
 def test_duplicates_across_grids_collapse(data_dir):
     # the second grid repeats 4 runs of the first (lstm, mortality), the third adds 2x2 matched runs
-    p = plan(grids=[{}, {"models": ["lstm"], "tasks": ["mortality"]},
-                    {"models": ["lstm"], "tasks": ["mortality"], "cohorts": ["matched"]}])
+    p = plan(
+        grids=[
+            {},
+            {"models": ["lstm"], "tasks": ["mortality"]},
+            {"models": ["lstm"], "tasks": ["mortality"], "cohorts": ["matched"]},
+        ]
+    )
     runs = expand_plan(p, data_dir)
     assert len(runs) == 16 + 4
     assert [r.cohort for r in runs].count("matched") == 4
@@ -117,10 +143,15 @@ def test_duplicates_across_grids_collapse(data_dir):
 
 
 def test_overrides_global_grid_and_per_model(data_dir):
-    p = plan(models=["lstm", "transformer"], tasks=["mortality"], folds=[1], seeds=[0],
-             overrides={"max_epochs": 1, "lr": "5e-4"},  # a YAML 1.1 string number is read as a number
-             model_overrides={"lstm": {"hidden": 5}},
-             grids=[{}, {"overrides": {"max_epochs": 3}, "model_overrides": {"lstm": {"layers": 2}}}])
+    p = plan(
+        models=["lstm", "transformer"],
+        tasks=["mortality"],
+        folds=[1],
+        seeds=[0],
+        overrides={"max_epochs": 1, "lr": "5e-4"},  # a YAML 1.1 string number is read as a number
+        model_overrides={"lstm": {"hidden": 5}},
+        grids=[{}, {"overrides": {"max_epochs": 3}, "model_overrides": {"lstm": {"layers": 2}}}],
+    )
     runs = expand_plan(p, data_dir)
     assert len(runs) == 4
     by = {(r.model, r.max_epochs): r for r in runs}
@@ -132,8 +163,14 @@ def test_overrides_global_grid_and_per_model(data_dir):
 
 
 def test_missingness_grid_adds_train_rate_runs(data_dir):
-    p = plan(missingness={"train_rates": [0.0, 0.5, 0.9], "test_rates": [0.3, 0, 0.6], "cohorts": ["matched"],
-                          "tasks": ["mortality"]})
+    p = plan(
+        missingness={
+            "train_rates": [0.0, 0.5, 0.9],
+            "test_rates": [0.3, 0, 0.6],
+            "cohorts": ["matched"],
+            "tasks": ["mortality"],
+        }
+    )
     runs = expand_plan(p, data_dir)
     # default missingness models: the plan's X-ray models (latefusion, not lstm); rate 0 adds none of its own
     extra = [r for r in runs if r.cxr_dropout_train > 0]
@@ -163,7 +200,8 @@ def test_profiles_exist_and_paper_has_the_paper_grid(data_dir):
     assert len(runs) == main + len(cxr_models) * 3 * 1 * 5 * 3 * 2
     assert {r.preset for r in runs} == {"full"} and {r.seed for r in runs} == {42, 123, 1234}
     assert {(r.model, r.task, r.cohort, r.fold) for r in runs[:main]} == set(
-        itertools.product(models, ["mortality", "phenotype", "los"], ["base", "matched"], range(1, 6)))
+        itertools.product(models, ["mortality", "phenotype", "los"], ["base", "matched"], range(1, 6))
+    )
     assert {r.cxr_dropout_train for r in runs} == {0.0, 0.5, 0.9}
     assert paper.missingness.test_rates == tuple(round(0.1 * i, 1) for i in range(10))
     assert paper.fairness == {"enabled": True, "attributes": list(ATTRIBUTES)}
@@ -173,8 +211,15 @@ def test_profiles_exist_and_paper_has_the_paper_grid(data_dir):
 def test_quick_profile_covers_every_method_on_phenotype(data_dir):
     quick = load_plan("quick")
     runs = expand_plan(quick, data_dir)
-    pheno = {r.model for r in runs if r.task == "phenotype" and r.fold == 1 and r.seed == 0
-             and r.cohort == "base" and r.cxr_dropout_train == 0}
+    pheno = {
+        r.model
+        for r in runs
+        if r.task == "phenotype"
+        and r.fold == 1
+        and r.seed == 0
+        and r.cohort == "base"
+        and r.cxr_dropout_train == 0
+    }
     assert pheno == set(list_models())
     assert {r.preset for r in runs} == {"quick"} and {r.max_epochs for r in runs} == {20}  # the quick preset
     assert quick.statistics["n_bootstrap"] >= 1000 and quick.statistics["n_permutations"] == 10000
@@ -184,8 +229,11 @@ def test_quick_profile_covers_every_method_on_phenotype(data_dir):
 
 
 def test_plan_dict_round_trips():
-    p = plan(models="all", grids=[{}, {"tasks": ["phenotype"], "models": ["lstm"]}],
-             missingness={"train_rates": [0.5], "test_rates": [0.0, 0.5]})
+    p = plan(
+        models="all",
+        grids=[{}, {"tasks": ["phenotype"], "models": ["lstm"]}],
+        missingness={"train_rates": [0.5], "test_rates": [0.0, 0.5]},
+    )
     again = parse_plan(p.to_dict(), source="again")
     assert again.to_dict() == p.to_dict()
     assert p.grids[0].models == tuple(list_models())

@@ -76,8 +76,9 @@ def test_describe_and_required_ranges(prepared: ProcessedDataset, synth_raw: Pat
     assert f"{len(c)} ICU stays" in res.output
 
 
-def test_prepare_recovers_the_planted_truth_stay_by_stay(prepared: ProcessedDataset, truth: pd.DataFrame,
-                                                          planted: dict, synth_raw: Path) -> None:
+def test_prepare_recovers_the_planted_truth_stay_by_stay(
+    prepared: ProcessedDataset, truth: pd.DataFrame, planted: dict, synth_raw: Path
+) -> None:
     c = prepared.cohort
     assert len(c) == planted["realized"]["cohort_stays"]
     assert (truth["age"] >= 18).all()
@@ -93,6 +94,7 @@ def test_prepare_recovers_the_planted_truth_stay_by_stay(prepared: ProcessedData
 
 # ------------------------------------------------------------------------ recoverability by outside models
 
+
 def _ehr_summaries(ehr: np.ndarray) -> np.ndarray:
     """Per stay and feature: mean, min, max, std over 48 h and the observed fraction; NaN -> column median."""
     x = np.asarray(ehr, dtype=np.float64)
@@ -101,7 +103,7 @@ def _ehr_summaries(ehr: np.ndarray) -> np.ndarray:
     filled = np.where(observed, x, 0.0)
     n = np.maximum(observed.sum(axis=1), 1)
     mean = filled.sum(axis=1) / n
-    std = np.sqrt(np.maximum((filled ** 2).sum(axis=1) / n - mean ** 2, 0.0))
+    std = np.sqrt(np.maximum((filled**2).sum(axis=1) / n - mean**2, 0.0))
     mn = np.where(observed, x, np.inf).min(axis=1)
     mx = np.where(observed, x, -np.inf).max(axis=1)
     parts = []
@@ -123,9 +125,13 @@ def _pixels(prepared: ProcessedDataset, rows: np.ndarray) -> np.ndarray:
 def design(prepared: ProcessedDataset) -> dict:
     c = prepared.cohort
     has = c["has_cxr"].astype(bool).to_numpy()
-    return {"ehr": _ehr_summaries(prepared.ehr), "fold": c["fold"].to_numpy(), "has": has,
-            "pix": _pixels(prepared, np.flatnonzero(has)),
-            "sub": (c["race_group"] == "BLACK/AFRICAN AMERICAN").to_numpy()}
+    return {
+        "ehr": _ehr_summaries(prepared.ehr),
+        "fold": c["fold"].to_numpy(),
+        "has": has,
+        "pix": _pixels(prepared, np.flatnonzero(has)),
+        "sub": (c["race_group"] == "BLACK/AFRICAN AMERICAN").to_numpy(),
+    }
 
 
 def _lr(c: float):
@@ -136,8 +142,9 @@ def _boosted():
     return HistGradientBoostingClassifier(max_iter=100, learning_rate=0.15, max_bins=32, random_state=0)
 
 
-def _auroc(make: object, x: np.ndarray, y: np.ndarray, fold: np.ndarray,
-           groups: np.ndarray | None = None) -> float | tuple[float, float]:
+def _auroc(
+    make: object, x: np.ndarray, y: np.ndarray, fold: np.ndarray, groups: np.ndarray | None = None
+) -> float | tuple[float, float]:
     """Mean over the five patient-disjoint folds of the test-fold AUROC of a model fit on the other four.
 
     AUROC is computed within each test fold and then averaged: pooling out-of-fold predictions of different
@@ -172,10 +179,13 @@ def scores(prepared: ProcessedDataset, design: dict, planted: dict) -> pd.DataFr
     rows = []
     for col, kind in planted["phenotypes"].items():
         y = c[col].to_numpy()
-        r = {"col": col, "kind": kind,
-             "ehr": _auroc(_lr(0.05), design["ehr"], y, fold),
-             "ehr_x": _auroc(_lr(0.05), design["ehr"][has], y[has], fold[has]),
-             "pix": _auroc(_lr(0.01), design["pix"], y[has], fold[has])}
+        r = {
+            "col": col,
+            "kind": kind,
+            "ehr": _auroc(_lr(0.05), design["ehr"], y, fold),
+            "ehr_x": _auroc(_lr(0.05), design["ehr"][has], y[has], fold[has]),
+            "pix": _auroc(_lr(0.01), design["pix"], y[has], fold[has]),
+        }
         if kind == "both":
             both = np.concatenate([design["ehr"][has], design["pix"]], axis=1)
             r["fused"] = _auroc(_boosted, both, y[has], fold[has])
@@ -216,8 +226,9 @@ def test_none_phenotypes_are_invisible(scores: pd.DataFrame) -> None:
     assert abs(s["ehr"].mean() - 0.5) < 0.06 and abs(s["pix"].mean() - 0.5) < 0.06
 
 
-def test_subgroup_has_planted_lower_ehr_sensitivity(prepared: ProcessedDataset, design: dict,
-                                                    planted: dict) -> None:
+def test_subgroup_has_planted_lower_ehr_sensitivity(
+    prepared: ProcessedDataset, design: dict, planted: dict
+) -> None:
     assert planted["subgroup"]["value"] == "BLACK/AFRICAN AMERICAN"
     sub = design["sub"]
     assert sub.sum() >= 100
@@ -230,10 +241,11 @@ def test_subgroup_has_planted_lower_ehr_sensitivity(prepared: ProcessedDataset, 
     assert sum(g > 0 for g in gaps) >= 0.75 * len(gaps)
 
 
-def test_xray_availability_depends_on_acuity(prepared: ProcessedDataset, truth: pd.DataFrame,
-                                             planted: dict) -> None:
+def test_xray_availability_depends_on_acuity(
+    prepared: ProcessedDataset, truth: pd.DataFrame, planted: dict
+) -> None:
     has = prepared.cohort["has_cxr"].astype(int).to_numpy()
-    assert abs(has.mean() - planted["missingness"]["target_rate"]) < 0.04   # --cxr-rate is met
+    assert abs(has.mean() - planted["missingness"]["target_rate"]) < 0.04  # --cxr-rate is met
     acuity = truth["acuity"].to_numpy()
     fit = LogisticRegression(C=1e6).fit(acuity[:, None], has)
     slope = planted["missingness"]["slope"]

@@ -26,8 +26,10 @@ from carebench.data.mimic.pipeline import HASH_MAX_BYTES, prepare
 from carebench.training.config import dataset_fingerprint
 from test_cohort import expected_demo_cohort
 
-TABLES = {"hosp": ["patients", "admissions", "labevents", "diagnoses_icd"],
-          "icu": ["icustays", "chartevents", "outputevents"]}
+TABLES = {
+    "hosp": ["patients", "admissions", "labevents", "diagnoses_icd"],
+    "icu": ["icustays", "chartevents", "outputevents"],
+}
 PHENO = [p.column for p in load_phenotypes()]
 QUIET = Console(quiet=True)
 
@@ -60,14 +62,26 @@ def test_dataset_contract(prepared_demo):
         assert str(schema.field(col).type) == "int8", col
     assert set(c["race_group"]) <= {"WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO", "ASIAN", "OTHER"}
     # nothing but the dataset files in the directory (the DuckDB spill dir is gone)
-    assert sorted(p.name for p in prepared_demo.iterdir()) == sorted([store.MANIFEST, store.COHORT, store.EHR])
+    assert sorted(p.name for p in prepared_demo.iterdir()) == sorted(
+        [store.MANIFEST, store.COHORT, store.EHR]
+    )
 
 
 def test_cohort_matches_pandas(prepared_demo, demo_root):
     got = store.open_dataset(prepared_demo).cohort
     exp, _ = expected_demo_cohort(demo_root)
-    for col in ["stay_id", "subject_id", "hadm_id", "age", "gender", "race", "admission_type", "insurance",
-                "label_mortality", "label_los"]:
+    for col in [
+        "stay_id",
+        "subject_id",
+        "hadm_id",
+        "age",
+        "gender",
+        "race",
+        "admission_type",
+        "insurance",
+        "label_mortality",
+        "label_los",
+    ]:
         assert got[col].tolist() == exp[col].tolist(), col
     assert got["intime"].tolist() == exp["intime"].tolist()
     assert got["outtime"].tolist() == exp["outtime"].tolist()
@@ -82,10 +96,13 @@ def test_manifest(prepared_demo, demo_root):
     assert [s["step"] for s in m["cohort_steps"]] == list(steps)
     assert [s["stays"] for s in m["cohort_steps"]] == list(steps.values())
     assert all(s["rule"] for s in m["cohort_steps"])
-    assert m["options"]["seed"] == 0 and m["options"]["threads"] == 2 and m["options"]["memory_limit"] == "2GB"
+    assert (
+        m["options"]["seed"] == 0 and m["options"]["threads"] == 2 and m["options"]["memory_limit"] == "2GB"
+    )
     assert m["options"]["mimic_iv"] == str(demo_root.absolute()) and m["options"]["mimic_cxr"] is None
-    assert m["cohort"]["stays"] == 74 and m["cohort"]["subjects"] == len(set(pd.read_parquet(
-        prepared_demo / store.COHORT)["subject_id"]))
+    assert m["cohort"]["stays"] == 74 and m["cohort"]["subjects"] == len(
+        set(pd.read_parquet(prepared_demo / store.COHORT)["subject_id"])
+    )
     assert sum(f["stays"] for f in m["cohort"]["folds"].values()) == 74
     assert m["features"] == load_features().names
     assert set(m["feature_stats"]) == set(m["features"])
@@ -111,7 +128,9 @@ def test_folds_on_demo_are_patient_disjoint_and_balanced(prepared_demo):
     assert set(per_subject["fold"]) == {1, 2, 3, 4, 5}
     sizes = per_subject["fold"].value_counts()
     assert sizes.max() - sizes.min() <= 1
-    dying = per_subject.loc[per_subject["died"] == 1, "fold"].value_counts().reindex(range(1, 6), fill_value=0)
+    dying = (
+        per_subject.loc[per_subject["died"] == 1, "fold"].value_counts().reindex(range(1, 6), fill_value=0)
+    )
     assert dying.max() - dying.min() <= 1
 
 
@@ -120,8 +139,11 @@ def test_heart_rate_grid_matches_pandas(prepared_demo, demo_root):
     chartevents with pandas: same observed cells, same values."""
     ds = store.open_dataset(prepared_demo)
     hr = next(f for f in load_features().features if f.name == "heart_rate")
-    ce = pd.read_csv(demo_root / "icu" / "chartevents.csv.gz", usecols=["stay_id", "itemid", "charttime", "valuenum"],
-                     parse_dates=["charttime"])
+    ce = pd.read_csv(
+        demo_root / "icu" / "chartevents.csv.gz",
+        usecols=["stay_id", "itemid", "charttime", "valuenum"],
+        parse_dates=["charttime"],
+    )
     lo, hi = hr.valid_range
     ce = ce[ce["itemid"].isin(hr.itemids["chartevents"]) & ce["valuenum"].between(lo, hi)]
     c = ds.cohort[["stay_id", "intime"]].reset_index().rename(columns={"index": "row"})
@@ -152,8 +174,23 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     first = dataset_fingerprint(out)
 
     # the CLI: a different seed over the existing dataset with --overwrite
-    res = CliRunner().invoke(app, ["prepare", "--mimic-iv", str(demo_root), "--out", str(out), "--seed", "1",
-                                   "--threads", "2", "--memory-limit", "2GB", "--overwrite"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--mimic-iv",
+            str(demo_root),
+            "--out",
+            str(out),
+            "--seed",
+            "1",
+            "--threads",
+            "2",
+            "--memory-limit",
+            "2GB",
+            "--overwrite",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     assert res.stdout.strip() == str(out.absolute())
     assert "Building the cohort: 74 stays" in res.stderr
@@ -166,7 +203,7 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     m = json.loads((out / store.MANIFEST).read_text())
     assert m["options"]["seed"] == 1 and m["options"]["overwrite"] is True
     assert dataset_fingerprint(out) != first  # other folds: other data
-    assert [p.name for p in tmp_path.iterdir()] == ["again"]       # no temp or old dirs left beside it
+    assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temp or old dirs left beside it
 
 
 # ---------------------------------------------------------------- formats
@@ -184,8 +221,10 @@ def _convert_demo(demo_root: Path, dest: Path, fmt: str) -> None:
                 with gzip.open(src, "rb") as fi, open(dest / module / f"{name}.csv", "wb") as fo:
                     shutil.copyfileobj(fi, fo)
             else:
-                con.execute(f"COPY (SELECT * FROM read_csv('{src}', header=true)) "
-                            f"TO '{dest / module / (name + '.parquet')}' (FORMAT parquet)")
+                con.execute(
+                    f"COPY (SELECT * FROM read_csv('{src}', header=true)) "
+                    f"TO '{dest / module / (name + '.parquet')}' (FORMAT parquet)"
+                )
 
 
 @pytest.mark.parametrize("fmt", ["csv", "parquet"])
@@ -193,7 +232,9 @@ def test_formats_give_identical_datasets(prepared_demo, demo_root, tmp_path, fmt
     raw = tmp_path / "raw"
     _convert_demo(demo_root, raw, fmt)
     out = prepare(raw, tmp_path / "out", console=QUIET)
-    pd.testing.assert_frame_equal(pd.read_parquet(out / store.COHORT), pd.read_parquet(prepared_demo / store.COHORT))
+    pd.testing.assert_frame_equal(
+        pd.read_parquet(out / store.COHORT), pd.read_parquet(prepared_demo / store.COHORT)
+    )
     assert _bytes(out / store.EHR) == _bytes(prepared_demo / store.EHR)
     assert _bytes(out / store.COHORT) == _bytes(prepared_demo / store.COHORT)
     m = json.loads((out / store.MANIFEST).read_text())
@@ -210,15 +251,24 @@ def _cxr_fixture(root: Path, cxr_open: Path, cohort: pd.DataFrame) -> dict[str, 
     files = sorted((cxr_open / "hannover").glob("*.jpg"))[:3]
     picks = cohort.drop_duplicates("subject_id").iloc[:3]
     rows = []
-    for k, ((_, stay), f, offset, view) in enumerate(zip(picks.iterrows(), files, [10, 50, -2], ["AP", "PA", "AP"],
-                                                         strict=True)):
+    for k, ((_, stay), f, offset, view) in enumerate(
+        zip(picks.iterrows(), files, [10, 50, -2], ["AP", "PA", "AP"], strict=True)
+    ):
         t = stay["intime"] + pd.Timedelta(hours=offset)
         subject, study, dicom = int(stay["subject_id"]), 50_000_000 + k, f"dicom{k}"
         d = root / "files" / f"p{str(subject)[:2]}" / f"p{subject}" / f"s{study}"
         d.mkdir(parents=True)
         os.symlink(f, d / f"{dicom}.jpg")
-        rows.append({"dicom_id": dicom, "subject_id": subject, "study_id": study, "ViewPosition": view,
-                     "StudyDate": int(t.strftime("%Y%m%d")), "StudyTime": float(t.strftime("%H%M%S"))})
+        rows.append(
+            {
+                "dicom_id": dicom,
+                "subject_id": subject,
+                "study_id": study,
+                "ViewPosition": view,
+                "StudyDate": int(t.strftime("%Y%m%d")),
+                "StudyTime": float(t.strftime("%H%M%S")),
+            }
+        )
     pd.DataFrame(rows).to_csv(root / "mimic-cxr-2.0.0-metadata.csv.gz", index=False)
     return {"linked_stay": int(picks.iloc[0]["stay_id"])}
 
@@ -226,14 +276,26 @@ def _cxr_fixture(root: Path, cxr_open: Path, cohort: pd.DataFrame) -> dict[str, 
 def test_prepare_with_cxr(prepared_demo, demo_root, cxr_open_root, tmp_path):
     base = store.open_dataset(prepared_demo).cohort
     info = _cxr_fixture(tmp_path / "cxr", cxr_open_root, base)
-    res = CliRunner().invoke(app, ["prepare", "--mimic-iv", str(demo_root), "--mimic-cxr", str(tmp_path / "cxr"),
-                                   "--out", str(tmp_path / "out"), "--image-size", "64"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "prepare",
+            "--mimic-iv",
+            str(demo_root),
+            "--mimic-cxr",
+            str(tmp_path / "cxr"),
+            "--out",
+            str(tmp_path / "out"),
+            "--image-size",
+            "64",
+        ],
+    )
     assert res.exit_code == 0, res.stderr
     ds = store.open_dataset(tmp_path / "out")
     c = ds.cohort
     assert c.loc[c["has_cxr"], "stay_id"].tolist() == [info["linked_stay"]]
     assert ds.cxr is not None and ds.cxr.shape == (1, 64, 64) and ds.cxr.dtype == np.uint8
-    assert ds.cxr[0].std() > 0                                    # a real image, not a blank
+    assert ds.cxr[0].std() > 0  # a real image, not a blank
     row = c[c["has_cxr"]].iloc[0]
     assert row["cxr_index"] == 0 and row["cxr_view"] == "AP" and row["cxr_hours"] == 10.0
     assert row["cxr_dicom_id"] == "dicom0"

@@ -16,8 +16,10 @@ from typer.testing import CliRunner
 
 from carebench.cli import app
 
-TABLES = {"hosp": ["patients", "admissions", "labevents", "diagnoses_icd"],
-          "icu": ["icustays", "chartevents", "outputevents"]}
+TABLES = {
+    "hosp": ["patients", "admissions", "labevents", "diagnoses_icd"],
+    "icu": ["icustays", "chartevents", "outputevents"],
+}
 
 
 @pytest.fixture
@@ -53,22 +55,28 @@ def _run_failing(tmp_path: Path, args: list[str], *must_contain: str) -> str:
     assert "Traceback" not in res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1, res.stderr
-    assert res.stderr.strip().splitlines()[-1] == errors[0]          # the error is the last, single line
+    assert res.stderr.strip().splitlines()[-1] == errors[0]  # the error is the last, single line
     for text in must_contain:
         assert text in errors[0], errors[0]
     assert not out.exists()
-    assert sorted(os.listdir(parent)) == before                      # no .data.tmp-* left behind
+    assert sorted(os.listdir(parent)) == before  # no .data.tmp-* left behind
     return errors[0]
 
 
 def test_missing_required_table(raw, tmp_path):
     (raw / "hosp" / "admissions.csv.gz").unlink()
-    _run_failing(tmp_path, ["--mimic-iv", str(raw)], "required table hosp/admissions not found",
-                 "hosp/admissions.csv.gz")
+    _run_failing(
+        tmp_path,
+        ["--mimic-iv", str(raw)],
+        "required table hosp/admissions not found",
+        "hosp/admissions.csv.gz",
+    )
 
 
 def test_missing_column(raw, demo_root, tmp_path):
-    path = _replace(raw, "hosp", "admissions", _read(demo_root, "hosp", "admissions").drop(columns="deathtime"))
+    path = _replace(
+        raw, "hosp", "admissions", _read(demo_root, "hosp", "admissions").drop(columns="deathtime")
+    )
     _run_failing(tmp_path, ["--mimic-iv", str(raw)], str(path), "missing column 'deathtime'")
 
 
@@ -101,8 +109,13 @@ def test_empty_cohort(raw, demo_root, tmp_path):
     df = _read(demo_root, "icu", "icustays")
     df["outtime"] = (pd.to_datetime(df["intime"]) + pd.Timedelta(hours=47)).dt.strftime("%Y-%m-%d %H:%M:%S")
     _replace(raw, "icu", "icustays", df)
-    _run_failing(tmp_path, ["--mimic-iv", str(raw)], "no ICU stay passes the cohort rules", "los_ge_48h 0",
-                 "icu/icustays")
+    _run_failing(
+        tmp_path,
+        ["--mimic-iv", str(raw)],
+        "no ICU stay passes the cohort rules",
+        "los_ge_48h 0",
+        "icu/icustays",
+    )
 
 
 def test_duplicate_stay(raw, demo_root, tmp_path):
@@ -113,16 +126,23 @@ def test_duplicate_stay(raw, demo_root, tmp_path):
 
 def test_non_existent_paths(raw, tmp_path):
     _run_failing(tmp_path, ["--mimic-iv", str(tmp_path / "nowhere")], "--mimic-iv", "path does not exist")
-    _run_failing(tmp_path, ["--mimic-iv", str(raw), "--mimic-cxr", str(tmp_path / "nocxr")], "--mimic-cxr",
-                 "path does not exist")
+    _run_failing(
+        tmp_path,
+        ["--mimic-iv", str(raw), "--mimic-cxr", str(tmp_path / "nocxr")],
+        "--mimic-cxr",
+        "path does not exist",
+    )
 
 
-@pytest.mark.parametrize("option,value,expected", [
-    ("--threads", "0", "expected a positive integer"),
-    ("--memory-limit", "lots", "expected a size such as 8GB"),
-    ("--image-size", "4", "expected a number of pixels >= 8"),
-    ("--cxr-lookback-hours", "-1", "expected a number of hours >= 0"),
-])
+@pytest.mark.parametrize(
+    "option,value,expected",
+    [
+        ("--threads", "0", "expected a positive integer"),
+        ("--memory-limit", "lots", "expected a size such as 8GB"),
+        ("--image-size", "4", "expected a number of pixels >= 8"),
+        ("--cxr-lookback-hours", "-1", "expected a number of hours >= 0"),
+    ],
+)
 def test_bad_options(raw, tmp_path, option, value, expected):
     _run_failing(tmp_path, ["--mimic-iv", str(raw), option, value], option, expected)
 
@@ -156,5 +176,9 @@ def test_failed_overwrite_keeps_the_old_dataset(raw, demo_root, tmp_path, prepar
 
 def test_memory_limit_too_small(raw, tmp_path):
     """DuckDB's out-of-memory error points at the option, not at the data."""
-    _run_failing(tmp_path, ["--mimic-iv", str(raw), "--memory-limit", "20MB", "--threads", "1"],
-                 "--memory-limit 20MB", "ran out of memory")
+    _run_failing(
+        tmp_path,
+        ["--mimic-iv", str(raw), "--memory-limit", "20MB", "--threads", "1"],
+        "--memory-limit 20MB",
+        "ran out of memory",
+    )

@@ -29,9 +29,32 @@ from carebench.report import tables as T
 from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)
-SECTIONS = ["cohort", "leaderboard", "fusion-gain", "missingness", "fairness", "modality", "planted", "tables"]
-VOID = {"meta", "img", "br", "hr", "link", "input", "col", "source", "wbr", "area", "base", "embed", "param",
-        "track"}
+SECTIONS = [
+    "cohort",
+    "leaderboard",
+    "fusion-gain",
+    "missingness",
+    "fairness",
+    "modality",
+    "planted",
+    "tables",
+]
+VOID = {
+    "meta",
+    "img",
+    "br",
+    "hr",
+    "link",
+    "input",
+    "col",
+    "source",
+    "wbr",
+    "area",
+    "base",
+    "embed",
+    "param",
+    "track",
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,11 +65,19 @@ def bench(tmp_path_factory):
     write_runs(data, runs, folds=(1,), seeds=(0,))
     train_runs(data, runs, ["lstm", "latefusion"])
     kinds = ("ehr", "cxr", "both", "none")
-    planted = {"phenotypes": {p.column: kinds[i % 4] for i, p in enumerate(load_phenotypes())},
-               "subgroup": {"attribute": "race_group", "value": "WHITE", "degraded": "EHR effects scaled",
-                            "expected": "worse EHR models"}}
+    planted = {
+        "phenotypes": {p.column: kinds[i % 4] for i, p in enumerate(load_phenotypes())},
+        "subgroup": {
+            "attribute": "race_group",
+            "value": "WHITE",
+            "degraded": "EHR effects scaled",
+            "expected": "worse EHR models",
+        },
+    }
     (root / "planted.json").write_text(json.dumps(planted))
-    A.analyze(runs, n_bootstrap=200, n_permutations=400, test_rates=[0.5], label_groups=str(root / "planted.json"))
+    A.analyze(
+        runs, n_bootstrap=200, n_permutations=400, test_rates=[0.5], label_groups=str(root / "planted.json")
+    )
     index = build_report(runs, planted=root / "planted.json")
     return runs, index, planted
 
@@ -118,8 +149,9 @@ def test_files_and_csv_tables(bench):
     links = re.findall(r'href="(tables/[^"]+)"', html)
     assert sorted(links) == sorted(f"tables/{n}.csv" for n in A.TABLES)
     for name in A.TABLES:
-        assert (runs / "report" / "tables" / f"{name}.csv").read_bytes() == \
-            (runs / "analysis" / f"{name}.csv").read_bytes()
+        assert (runs / "report" / "tables" / f"{name}.csv").read_bytes() == (
+            runs / "analysis" / f"{name}.csv"
+        ).read_bytes()
     assert not list(runs.glob(".report*"))
 
 
@@ -138,7 +170,7 @@ def test_html_is_well_formed_and_self_contained(bench):
                 assert v.startswith(("#", "tables/", "data:image/png;base64,")), v
     assert "http://" not in html and "https://" not in html and "url(" not in html
     images = [a["src"] for t, a in p.tags if t == "img"]
-    assert len(images) >= 5                  # heatmap, curves, 2 fairness charts, ablation
+    assert len(images) >= 5  # heatmap, curves, 2 fairness charts, ablation
     for src in images:
         png = base64.b64decode(src.split(",", 1)[1])
         with Image.open(io.BytesIO(png)) as im:
@@ -153,12 +185,25 @@ def test_every_section_and_figure_is_there(bench):
     assert [s for s in ids if s != "notes"] == SECTIONS
     tables = _Tables()
     tables.feed(html)
-    for tid in ("cohort-overview", "cohort-folds", "cohort-labels", "leaderboard-mortality-base",
-                "leaderboard-phenotype-base", "natural-mortality-base", "fairness-mortality-base",
-                "ablation-mortality-base", "planted-table", "planted-subgroup"):
+    for tid in (
+        "cohort-overview",
+        "cohort-folds",
+        "cohort-labels",
+        "leaderboard-mortality-base",
+        "leaderboard-phenotype-base",
+        "natural-mortality-base",
+        "fairness-mortality-base",
+        "ablation-mortality-base",
+        "planted-table",
+        "planted-subgroup",
+    ):
         assert tid in tables.tables and len(tables.tables[tid]) > 1, tid
-    for alt in ("Fusion gain heatmap, Phenotype, base cohort", "Missingness curves, Mortality, base cohort",
-                "Fairness gaps, Mortality, base cohort", "Modality ablation, Mortality, base cohort"):
+    for alt in (
+        "Fusion gain heatmap, Phenotype, base cohort",
+        "Missingness curves, Mortality, base cohort",
+        "Fairness gaps, Mortality, base cohort",
+        "Modality ablation, Mortality, base cohort",
+    ):
         assert f'alt="{alt}"' in html
     assert len(tables.tables["cohort-labels"]) == 1 + 1 + 7 + 25
 
@@ -185,8 +230,13 @@ def test_leaderboard_cells_equal_the_analysis_and_marks_follow_holm(bench):
                 r = b.loc[(method, m)]
                 assert float(attrs["data-value"]) == pytest.approx(r.estimate, rel=1e-11, abs=1e-15)
                 assert text.startswith(f"{r.estimate:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]")
-                c = comp[(comp.task == task) & (comp.comparison == "reference") & (comp.label == task)
-                         & (comp.metric == m) & (comp.method_a == method)]
+                c = comp[
+                    (comp.task == task)
+                    & (comp.comparison == "reference")
+                    & (comp.label == task)
+                    & (comp.metric == m)
+                    & (comp.method_a == method)
+                ]
                 sig = len(c) == 1 and c.p_holm.item() < 0.05
                 better = sig and (c.delta.item() > 0) != (m in T.LOWER_IS_BETTER)
                 assert text.endswith(T.BETTER) == better and text.endswith(T.WORSE) == (sig and not better)
@@ -198,20 +248,56 @@ def test_planted_truth_comparison():
     labels = ["pheno_a", "pheno_b", "pheno_c", "pheno_d"]
     rows = []
     # per label: (EHR-only CI, X-ray-only CI)
-    cis = {"pheno_a": ((0.7, 0.6, 0.8), (0.5, 0.4, 0.6)), "pheno_b": ((0.7, 0.6, 0.8), (0.7, 0.55, 0.8)),
-           "pheno_c": ((0.52, 0.45, 0.6), (0.5, 0.4, 0.6)), "pheno_d": ((0.5, 0.4, 0.6), (0.49, 0.4, 0.6))}
+    cis = {
+        "pheno_a": ((0.7, 0.6, 0.8), (0.5, 0.4, 0.6)),
+        "pheno_b": ((0.7, 0.6, 0.8), (0.7, 0.55, 0.8)),
+        "pheno_c": ((0.52, 0.45, 0.6), (0.5, 0.4, 0.6)),
+        "pheno_d": ((0.5, 0.4, 0.6), (0.49, 0.4, 0.6)),
+    }
     for label in labels:
         for method, (est, lo, hi) in zip(("lstm", "resnet"), cis[label], strict=True):
-            rows.append({"task": "phenotype", "cohort": "base", "label": label, "metric": "auroc", "method": method,
-                         "estimate": est, "ci_low": lo, "ci_high": hi})
+            rows.append(
+                {
+                    "task": "phenotype",
+                    "cohort": "base",
+                    "label": label,
+                    "metric": "auroc",
+                    "method": method,
+                    "estimate": est,
+                    "ci_low": lo,
+                    "ci_high": hi,
+                }
+            )
     board = pd.DataFrame(rows)
-    comp = pd.DataFrame([{"task": "phenotype", "cohort": "base", "comparison": "reference", "metric": "auroc",
-                          "label": lab, "method_a": "medfuse", "method_b": "lstm", "delta": d, "p_holm": p}
-                         for lab, d, p in (("pheno_a", 0.01, 0.6), ("pheno_b", 0.0, 1.0), ("pheno_c", 0.2, 0.001),
-                                           ("pheno_d", -0.01, 0.9))])
+    comp = pd.DataFrame(
+        [
+            {
+                "task": "phenotype",
+                "cohort": "base",
+                "comparison": "reference",
+                "metric": "auroc",
+                "label": lab,
+                "method_a": "medfuse",
+                "method_b": "lstm",
+                "delta": d,
+                "p_holm": p,
+            }
+            for lab, d, p in (
+                ("pheno_a", 0.01, 0.6),
+                ("pheno_b", 0.0, 1.0),
+                ("pheno_c", 0.2, 0.001),
+                ("pheno_d", -0.01, 0.9),
+            )
+        ]
+    )
     runs = pd.DataFrame({"model": ["lstm", "resnet", "medfuse"], "modalities": ["ehr", "cxr", "ehr+cxr"]})
     obs = T.planted_kinds(board, comp, runs).set_index("label")
-    assert obs.observed.to_dict() == {"pheno_a": "ehr", "pheno_b": "both", "pheno_c": "both", "pheno_d": "none"}
+    assert obs.observed.to_dict() == {
+        "pheno_a": "ehr",
+        "pheno_b": "both",
+        "pheno_c": "both",
+        "pheno_d": "none",
+    }
     truth = {"phenotypes": {"pheno_a": "ehr", "pheno_b": "both", "pheno_c": "cxr", "pheno_d": "none"}}
     table, agree, compared = T.planted(truth, obs.reset_index())
     assert (agree, compared) == (3, 4)
@@ -276,7 +362,9 @@ def test_errors(tmp_path, bench):
         build_report(runs, planted=bad, out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
     res = CliRunner().invoke(app, ["report", str(tmp_path)])
-    assert res.exit_code == 2 and "carebench analyze" in res.output and len(res.output.strip().splitlines()) == 1
+    assert (
+        res.exit_code == 2 and "carebench analyze" in res.output and len(res.output.strip().splitlines()) == 1
+    )
     ok = CliRunner().invoke(app, ["report", str(runs), "--out", str(tmp_path / "cli")])
     assert ok.exit_code == 0 and (tmp_path / "cli" / "index.html").is_file()
 
@@ -284,13 +372,16 @@ def test_errors(tmp_path, bench):
 def test_headless_chromium_loads_the_page_without_errors(bench, tmp_path):
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail("Debian package `chromium` is not installed: run `make test` (it installs it) or "
-                    "`apt-get install -y chromium`")
+        pytest.fail(
+            "Debian package `chromium` is not installed: run `make test` (it installs it) or "
+            "`apt-get install -y chromium`"
+        )
     _, index, _ = bench
     # the detector works: a broken page is caught
     broken = tmp_path / "broken.html"
-    broken.write_text('<html><body><img src="missing.png"><script>console.error("boom"); nope();</script></body>'
-                      "</html>")
+    broken.write_text(
+        '<html><body><img src="missing.png"><script>console.error("boom"); nope();</script></body></html>'
+    )
     bad = browser.check_page(broken, chromium=exe)
     assert any("boom" in e for e in bad.errors) and any("nope" in e for e in bad.errors)
     assert any("failed load" in e for e in bad.errors) and bad.probe["broken_images"] == 1
@@ -298,7 +389,7 @@ def test_headless_chromium_loads_the_page_without_errors(bench, tmp_path):
     shot = tmp_path / "report.png"
     check = browser.check_page(index, screenshot=shot, chromium=exe)
     assert check.errors == []
-    assert not [lvl for lvl, _ in check.console]                 # the page logs nothing at all
+    assert not [lvl for lvl, _ in check.console]  # the page logs nothing at all
     n_img = index.read_text().count("<img ")
     assert check.probe["images"] == n_img and check.probe["broken_images"] == 0
     assert check.probe["scripts"] == 0 and check.probe["title"].startswith("carebench report")
@@ -306,7 +397,7 @@ def test_headless_chromium_loads_the_page_without_errors(bench, tmp_path):
     assert all(u.startswith(("file://", "data:image/png")) for u in check.requests)
     with Image.open(shot) as im:
         assert im.size == (1280, 2400)
-        assert np.asarray(im.convert("L")).std() > 10              # a rendered page, not a blank image
+        assert np.asarray(im.convert("L")).std() > 10  # a rendered page, not a blank image
 
 
 def test_a_stale_analysis_is_noted(bench):

@@ -28,8 +28,15 @@ from carebench.training import TrainConfig
 from fake_dataset import make_fake_dataset
 
 CAREBENCH = str(Path(sys.executable).with_name("carebench"))
-PLAN = {"name": "small", "preset": "test", "models": ["lstm", "latefusion"], "tasks": ["mortality"], "folds": [1],
-        "seeds": [0, 1], "overrides": {"max_epochs": 3}}
+PLAN = {
+    "name": "small",
+    "preset": "test",
+    "models": ["lstm", "latefusion"],
+    "tasks": ["mortality"],
+    "folds": [1],
+    "seeds": [0, 1],
+    "overrides": {"max_epochs": 3},
+}
 STABLE = ("test", "val_best", "best_epoch", "epochs_trained", "splits", "normalisation", "n_parameters")
 
 
@@ -88,8 +95,12 @@ def test_reference_run_and_second_invocation_launches_nothing(setup, reference, 
     assert_complete_and_equal(reference, run_ids, data, reference)
     index = read_index(reference)
     assert list(index.columns[:6]) == ["run_id", "model", "task", "cohort", "fold", "seed"]
-    assert list(zip(index.model, index.seed, strict=True)) == [("lstm", 0), ("latefusion", 0), ("lstm", 1),
-                                                                ("latefusion", 1)]
+    assert list(zip(index.model, index.seed, strict=True)) == [
+        ("lstm", 0),
+        ("latefusion", 0),
+        ("lstm", 1),
+        ("latefusion", 1),
+    ]
 
     def no_workers(*args, **kwargs):
         raise AssertionError("a worker was started although every run is finished")
@@ -118,8 +129,20 @@ def _workers_of(runs: Path) -> list[int]:
 def test_sigkill_mid_run_then_restart_finishes_with_identical_results(setup, reference):
     root, data, plan_file, _, run_ids = setup
     runs = root / "killed"
-    cmd = [CAREBENCH, "benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(runs),
-           "--jobs", "1", "--threads", "1"]
+    cmd = [
+        CAREBENCH,
+        "benchmark",
+        "--plan",
+        str(plan_file),
+        "--data",
+        str(data),
+        "--out",
+        str(runs),
+        "--jobs",
+        "1",
+        "--threads",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while True:  # kill while a later run is half-written: one DONE record and one .partial directory
@@ -128,7 +151,9 @@ def test_sigkill_mid_run_then_restart_finishes_with_identical_results(setup, ref
         if done and partial and len(done) < len(run_ids):
             break
         if proc.poll() is not None:
-            pytest.fail(f"the benchmark ended before it could be killed: {proc.stderr.read().decode()[-2000:]}")
+            pytest.fail(
+                f"the benchmark ended before it could be killed: {proc.stderr.read().decode()[-2000:]}"
+            )
         assert time.monotonic() < deadline, "no run finished within 120 s"
         time.sleep(0.02)
     os.kill(proc.pid, signal.SIGKILL)
@@ -159,10 +184,21 @@ def test_parallel_jobs_give_the_same_results(setup, reference):
 def test_failed_runs_are_recorded_and_do_not_stop_the_others(tmp_path):
     data = make_fake_dataset(tmp_path, n=60, with_cxr=False, n_features=3, seed=4)  # no X-ray cache at all
     plan_file = tmp_path / "p.yaml"
-    plan_file.write_text(yaml.safe_dump({"name": "mixed", "preset": "test", "models": ["lstm"],
-                                         "tasks": ["mortality"], "cohorts": ["matched", "base"]}))
+    plan_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "mixed",
+                "preset": "test",
+                "models": ["lstm"],
+                "tasks": ["mortality"],
+                "cohorts": ["matched", "base"],
+            }
+        )
+    )
     runs = tmp_path / "runs"
-    res = CliRunner().invoke(app, ["benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(runs)])
+    res = CliRunner().invoke(
+        app, ["benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(runs)]
+    )
     assert res.exit_code == 1, res.output
     matched, base = (c.run_id for c in expand_plan(load_plan(plan_file), data))
     assert (runs / base / "DONE").is_file() and not (runs / matched).exists()
@@ -212,11 +248,25 @@ def test_eta_from_finished_run_durations():
 def test_bad_executor_options(setup, tmp_path):
     _, data, plan_file, _, _ = setup
     runner = CliRunner()
-    res = runner.invoke(app, ["benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(tmp_path),
-                              "--executor", "slurm"])
+    res = runner.invoke(
+        app,
+        [
+            "benchmark",
+            "--plan",
+            str(plan_file),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path),
+            "--executor",
+            "slurm",
+        ],
+    )
     assert res.exit_code == 2 and "--executor must be one of local, ray" in res.output
-    res = runner.invoke(app, ["benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(tmp_path),
-                              "--jobs", "0"])
+    res = runner.invoke(
+        app,
+        ["benchmark", "--plan", str(plan_file), "--data", str(data), "--out", str(tmp_path), "--jobs", "0"],
+    )
     assert res.exit_code == 2 and "--jobs must be >= 1" in res.output
     assert not list(tmp_path.iterdir())  # nothing written before the options are checked
 
@@ -230,7 +280,13 @@ def test_ray_executor_on_a_local_ray_instance(setup, reference):
         summary = run_benchmark(plan, data, root / "ray", executor="ray", jobs=2, threads=1)
     finally:
         ray.shutdown()
-    assert (summary.executor, summary.done, summary.failed, summary.jobs, summary.threads) == ("ray", 4, [], 2, 1)
+    assert (summary.executor, summary.done, summary.failed, summary.jobs, summary.threads) == (
+        "ray",
+        4,
+        [],
+        2,
+        1,
+    )
     assert_complete_and_equal(root / "ray", run_ids, data, reference)
 
 

@@ -59,8 +59,10 @@ def _task_data(task: str, n: int, rng: np.random.Generator):
 
 def test_hand_examples():
     # scikit-learn's documented example, and a tie between a positive and a negative (half credit, one threshold)
-    for y, s, auc, ap in (([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75, 0.5 * 1 + 0.5 * 2 / 3 + 0),
-                          ([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9], 3.5 / 4, 0.5 * 1 + 0.5 * 2 / 3)):
+    for y, s, auc, ap in (
+        ([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], 0.75, 0.5 * 1 + 0.5 * 2 / 3 + 0),
+        ([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9], 3.5 / 4, 0.5 * 1 + 0.5 * 2 / 3),
+    ):
         y, s = np.array(y), np.array(s)
         rows = rank_metrics_rows(y, s[None])
         weighted = weighted_rank_metrics(y, s, np.ones((1, 4), dtype=int))
@@ -69,7 +71,9 @@ def test_hand_examples():
             assert got_auc[0] == pytest.approx(auc, abs=TOL)
             assert got_ap[0] == pytest.approx(ap, abs=TOL)
     # first example: AP = 1/2 * 1 (0.8) + 1/2 * 2/3 (0.35) = 0.8333
-    assert rank_metrics_rows(np.array([0, 0, 1, 1]), np.array([[0.1, 0.4, 0.35, 0.8]]))[1][0] == pytest.approx(5 / 6)
+    assert rank_metrics_rows(np.array([0, 0, 1, 1]), np.array([[0.1, 0.4, 0.35, 0.8]]))[1][
+        0
+    ] == pytest.approx(5 / 6)
 
 
 def test_row_kernel_equals_sklearn_with_ties():
@@ -133,9 +137,15 @@ def test_permutation_null_equals_sklearn_on_swapped_predictions(task):
     rng = np.random.default_rng(4)
     n, n_perm, seed = 40, 5, 5
     y, p, q, names = _task_data(task, n, rng)
-    keys = ["auroc", "auprc", "brier", "f1", "ece"] if task == "mortality" else (
-        ["auprc_macro", "auroc_weighted", "auroc_micro", "auprc/pheno_2"] if task == "phenotype"
-        else ["auroc_ovr_macro", "kappa_linear", "f1_macro", "auroc/los_6"])
+    keys = (
+        ["auroc", "auprc", "brier", "f1", "ece"]
+        if task == "mortality"
+        else (
+            ["auprc_macro", "auroc_weighted", "auroc_micro", "auprc/pheno_2"]
+            if task == "phenotype"
+            else ["auroc_ovr_macro", "kappa_linear", "f1_macro", "auroc/los_6"]
+        )
+    )
     _, blocks = swap_blocks(n, n_perm, seed)
     swaps = np.concatenate(list(blocks)).astype(bool)
     want = []
@@ -173,8 +183,15 @@ def test_bootstrap_equals_scipy_on_the_same_resamples(method):
     # Our unstratified draws are scipy's (rng.integers(0, n, (R, n)) of the same generator), so the intervals match
     # to rounding; if scipy changes its resampling this test says so, and the Monte Carlo test below still holds.
     y, p, q = _small_binary(np.random.default_rng(5))
-    ref = stats.bootstrap((y, p), _auroc_vectorised, paired=True, vectorized=True, n_resamples=3000,
-                          method=method, rng=np.random.default_rng(7))
+    ref = stats.bootstrap(
+        (y, p),
+        _auroc_vectorised,
+        paired=True,
+        vectorized=True,
+        n_resamples=3000,
+        method=method,
+        rng=np.random.default_rng(7),
+    )
     got = bootstrap_ci(y, p, "auroc", n_resamples=3000, seed=7, method=method)
     assert (got.ci_low, got.ci_high) == pytest.approx(tuple(ref.confidence_interval), abs=TOL)
     assert got.standard_error == pytest.approx(ref.standard_error, abs=TOL)
@@ -183,8 +200,15 @@ def test_bootstrap_equals_scipy_on_the_same_resamples(method):
     def delta(y, p, q, axis=-1):
         return _auroc_vectorised(y, p) - _auroc_vectorised(y, q)
 
-    ref = stats.bootstrap((y, p, q), delta, paired=True, vectorized=True, n_resamples=3000, method=method,
-                          rng=np.random.default_rng(8))
+    ref = stats.bootstrap(
+        (y, p, q),
+        delta,
+        paired=True,
+        vectorized=True,
+        n_resamples=3000,
+        method=method,
+        rng=np.random.default_rng(8),
+    )
     got = paired_bootstrap_ci(y, p, q, "auroc", n_resamples=3000, seed=8, method=method)
     assert (got.ci_low, got.ci_high) == pytest.approx(tuple(ref.confidence_interval), abs=TOL)
 
@@ -193,8 +217,15 @@ def test_bootstrap_agrees_with_scipy_within_monte_carlo_error():
     # Independent resamples: percentile bounds of an AUROC at 5,000 resamples differ by Monte Carlo error only
     # (sd of a 2.5 % quantile here ~ 0.003); tolerance 0.01.
     y, p, _ = _small_binary(np.random.default_rng(6))
-    ref = stats.bootstrap((y, p), _auroc_vectorised, paired=True, vectorized=True, n_resamples=5000,
-                          method="percentile", rng=np.random.default_rng(100))
+    ref = stats.bootstrap(
+        (y, p),
+        _auroc_vectorised,
+        paired=True,
+        vectorized=True,
+        n_resamples=5000,
+        method="percentile",
+        rng=np.random.default_rng(100),
+    )
     got = bootstrap_ci(y, p, "auroc", n_resamples=5000, seed=1, method="percentile")
     assert got.ci_low == pytest.approx(ref.confidence_interval.low, abs=0.01)
     assert got.ci_high == pytest.approx(ref.confidence_interval.high, abs=0.01)
@@ -232,7 +263,9 @@ def test_seeded_results_are_deterministic():
     a = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=4)
     b = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=4)
     c = paired_bootstrap_ci(y, p, q, "auprc", n_resamples=300, seed=5)
-    assert np.array_equal(a.distribution, b.distribution) and not np.array_equal(a.distribution, c.distribution)
+    assert np.array_equal(a.distribution, b.distribution) and not np.array_equal(
+        a.distribution, c.distribution
+    )
     t1 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=4)
     t2 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=4)
     t3 = paired_permutation_test(y, p, q, "auprc", n_permutations=300, seed=5)
@@ -249,8 +282,13 @@ def test_permutation_exact_equals_scipy(metric, fn):
     rng = np.random.default_rng(11)
     y = np.array([0, 1, 0, 1, 1, 0, 0, 1])
     pa, pb = np.round(rng.random(8), 1), np.round(rng.random(8), 1)
-    ref = stats.permutation_test((pa, pb), lambda a, b: fn(y, a) - fn(y, b), permutation_type="samples",
-                                 n_resamples=1000, vectorized=False)
+    ref = stats.permutation_test(
+        (pa, pb),
+        lambda a, b: fn(y, a) - fn(y, b),
+        permutation_type="samples",
+        n_resamples=1000,
+        vectorized=False,
+    )
     got = paired_permutation_test(y, pa, pb, metric, n_permutations=1000)
     assert got.exact and got.n_permutations == 256
     assert got.statistic == pytest.approx(ref.statistic, abs=TOL)
@@ -268,8 +306,14 @@ def test_permutation_monte_carlo_agrees_with_scipy():
     def delta(a, b, axis=-1):
         return _auroc_vectorised(y, a) - _auroc_vectorised(y, b)
 
-    ref = stats.permutation_test((pa, pb), delta, permutation_type="samples", n_resamples=r, vectorized=True,
-                                 rng=np.random.default_rng(1))
+    ref = stats.permutation_test(
+        (pa, pb),
+        delta,
+        permutation_type="samples",
+        n_resamples=r,
+        vectorized=True,
+        rng=np.random.default_rng(1),
+    )
     got = paired_permutation_test(y, pa, pb, "auroc", n_permutations=r, seed=2)
     assert not got.exact
     assert got.statistic == pytest.approx(ref.statistic, abs=TOL)
@@ -387,23 +431,37 @@ def _seed_average(preds: pd.DataFrame, method: str, task: str):
 @pytest.mark.parametrize("task", ["mortality", "phenotype", "los"])
 def test_compare_methods_table(task):
     preds = _long_predictions(task, np.random.default_rng(15))
-    names = {"mortality": ["mortality"], "phenotype": [f"pheno_{j}" for j in range(4)],
-             "los": [f"los_{k}" for k in range(7)]}[task]
+    names = {
+        "mortality": ["mortality"],
+        "phenotype": [f"pheno_{j}" for j in range(4)],
+        "los": [f"los_{k}" for k in range(7)],
+    }[task]
     table = compare_methods(preds, task, unimodal=["ehr", "cxr"], n_resamples=200, n_permutations=199, seed=0)
     sel = {"mortality": "auprc", "phenotype": "auprc_macro", "los": "auroc_ovr_macro"}[task]
-    by_method = {m: compute_metrics(task, *_seed_average(preds, m, task), names) for m in ("cxr", "ehr", "fusion")}
+    by_method = {
+        m: compute_metrics(task, *_seed_average(preds, m, task), names) for m in ("cxr", "ehr", "fusion")
+    }
     best = max(["cxr", "ehr"], key=lambda m: by_method[m][sel])
     assert table.attrs["reference"] == best == "ehr"
-    keys = {"mortality": ["auroc", "auprc"],
-            "phenotype": ["auroc_macro", "auprc_macro", *[f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names]],
-            "los": ["auroc_ovr_macro", "accuracy"]}[task]
+    keys = {
+        "mortality": ["auroc", "auprc"],
+        "phenotype": [
+            "auroc_macro",
+            "auprc_macro",
+            *[f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names],
+        ],
+        "los": ["auroc_ovr_macro", "accuracy"],
+    }[task]
     # fusion vs ehr (reference), then the 3 pairs (cxr, ehr), (cxr, fusion), (ehr, fusion)
     assert len(table) == 4 * len(keys)
     ref_rows = table[table["comparison"] == "reference"]
     assert set(zip(ref_rows["method_a"], ref_rows["method_b"], strict=True)) == {("fusion", "ehr")}
     pair_rows = table[table["comparison"] == "pairwise"]
     assert set(zip(pair_rows["method_a"], pair_rows["method_b"], strict=True)) == {
-        ("cxr", "ehr"), ("cxr", "fusion"), ("ehr", "fusion")}
+        ("cxr", "ehr"),
+        ("cxr", "fusion"),
+        ("ehr", "fusion"),
+    }
     for row in table.itertuples():
         key = row.metric if row.label == task else f"{row.metric}/{row.label}"
         ma, mb = by_method[row.method_a][key], by_method[row.method_b][key]
@@ -417,9 +475,16 @@ def test_compare_methods_table(task):
         assert fam["p_holm"].to_numpy() == pytest.approx(holm(fam["p_value"].to_numpy()))
         assert fam["p_bh"].to_numpy() == pytest.approx(benjamini_hochberg(fam["p_value"].to_numpy()))
     if task == "phenotype":
-        assert set(table["family"]) == {f"phenotype:{c}:{m}:{s}" for c in ("reference", "pairwise")
-                                         for m, s in (("auroc_macro", "overall"), ("auprc_macro", "overall"),
-                                                      ("auroc", "per_label"), ("auprc", "per_label"))}
+        assert set(table["family"]) == {
+            f"phenotype:{c}:{m}:{s}"
+            for c in ("reference", "pairwise")
+            for m, s in (
+                ("auroc_macro", "overall"),
+                ("auprc_macro", "overall"),
+                ("auroc", "per_label"),
+                ("auprc", "per_label"),
+            )
+        }
         assert len(table[table["family"] == "phenotype:pairwise:auroc:per_label"]) == 3 * 4
 
 
@@ -434,8 +499,11 @@ def test_method_metrics_seed_ensemble_and_seed_spread():
         per_seed = []
         for _, g in preds[preds["method"] == row.method].groupby("seed"):
             g = g.sort_values("stay_id")
-            per_seed.append(compute_metrics(task, g["y_mortality"].to_numpy(), g["p_mortality"].to_numpy(),
-                                            ["mortality"])[row.metric])
+            per_seed.append(
+                compute_metrics(
+                    task, g["y_mortality"].to_numpy(), g["p_mortality"].to_numpy(), ["mortality"]
+                )[row.metric]
+            )
         assert row.seed_mean == pytest.approx(np.mean(per_seed), abs=TOL)
         assert row.seed_sd == pytest.approx(np.std(per_seed, ddof=1), abs=TOL)
         assert row.ci_low <= row.estimate <= row.ci_high and row.n_seeds == 2 and row.n_stays == 100
@@ -450,8 +518,9 @@ def test_run_tables_reject_inconsistent_predictions():
     with pytest.raises(StatisticsInputError, match="seeds of method 'ehr' cover different stays"):
         compare_methods(short, "mortality", n_resamples=10, n_permutations=10)
     flipped = preds.copy()
-    flipped.loc[flipped["method"] == "cxr", "y_mortality"] = 1 - flipped.loc[flipped["method"] == "cxr",
-                                                                            "y_mortality"]
+    flipped.loc[flipped["method"] == "cxr", "y_mortality"] = (
+        1 - flipped.loc[flipped["method"] == "cxr", "y_mortality"]
+    )
     with pytest.raises(StatisticsInputError, match=r"labels of stay .* differ between methods"):
         compare_methods(flipped, "mortality", n_resamples=10, n_permutations=10)
     with pytest.raises(StatisticsInputError, match=r"missing column.*p_mortality"):
@@ -470,10 +539,13 @@ def test_kernel_memory_chunks_do_not_change_results(monkeypatch):
     boot = paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300, seed=1)
     monkeypatch.setattr(st, "CHUNK_BYTES", 4096)  # a few columns per kernel call
     small = [paired_permutation_test(y, p, q, k, names=names, n_permutations=300, seed=1) for k in keys]
-    assert all(np.array_equal(a.null_distribution, b.null_distribution) for a, b in zip(full, small, strict=True))
-    assert np.array_equal(boot.distribution,
-                          paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300,
-                                              seed=1).distribution)
+    assert all(
+        np.array_equal(a.null_distribution, b.null_distribution) for a, b in zip(full, small, strict=True)
+    )
+    assert np.array_equal(
+        boot.distribution,
+        paired_bootstrap_ci(y, p, q, "auprc_macro", names=names, n_resamples=300, seed=1).distribution,
+    )
 
 
 # ------------------------------------------------------------------------------------------ label groups
@@ -489,9 +561,11 @@ def test_group_macro_equals_sklearn_mean_over_the_group_and_resamples_like_macro
     for g, labels in groups.items():
         idx = [names.index(nm) for nm in labels if 0 < y[:, names.index(nm)].sum() < len(y)]
         assert v[f"auroc_macro@{g}"][0] == pytest.approx(
-            np.mean([skm.roc_auc_score(y[:, j], p[:, j]) for j in idx]), abs=TOL)
+            np.mean([skm.roc_auc_score(y[:, j], p[:, j]) for j in idx]), abs=TOL
+        )
     assert v["auprc_macro@ab"][0] == pytest.approx(
-        np.mean([skm.average_precision_score(y[:, j], p[:, j]) for j in (0, 1)]), abs=TOL)
+        np.mean([skm.average_precision_score(y[:, j], p[:, j]) for j in (0, 1)]), abs=TOL
+    )
     # a one-label group is that label's metric; the group of all labels is the macro average
     one = metric_values(y, p, ["auroc_macro@x", "auroc/pheno_1"], names=names, groups={"x": ["pheno_1"]})
     assert one["auroc_macro@x"][0] == one["auroc/pheno_1"][0]
@@ -499,14 +573,28 @@ def test_group_macro_equals_sklearn_mean_over_the_group_and_resamples_like_macro
     assert every["auroc_macro@all"][0] == pytest.approx(every["auroc_macro"][0], abs=TOL)
     # on resamples a group is undefined exactly when one of its defined labels lost a class (pheno_3: 2 positives)
     w = np.concatenate(list(bootstrap_weights(len(y), 300, seed=3)), axis=1).T
-    r = metric_values(y, p, ["auroc_macro@rare", "auroc/pheno_2", "auroc/pheno_3", "auroc_macro@ab"],
-                      names=names, groups=groups, weights=w)
+    r = metric_values(
+        y,
+        p,
+        ["auroc_macro@rare", "auroc/pheno_2", "auroc/pheno_3", "auroc_macro@ab"],
+        names=names,
+        groups=groups,
+        weights=w,
+    )
     lost = np.isnan(r["auroc/pheno_2"]) | np.isnan(r["auroc/pheno_3"])
     assert lost.any() and np.array_equal(np.isnan(r["auroc_macro@rare"]), lost)
     assert np.nanmax(np.abs(r["auroc_macro@rare"] - (r["auroc/pheno_2"] + r["auroc/pheno_3"]) / 2)) < TOL
     # the paired permutation test of a group uses the same swaps as the per-label tests
-    t = st.paired_permutation_tests(y, p, q, ["auroc_macro@ab", "auroc/pheno_0", "auroc/pheno_1"], names=names,
-                                    n_permutations=500, seed=0, groups=groups)
+    t = st.paired_permutation_tests(
+        y,
+        p,
+        q,
+        ["auroc_macro@ab", "auroc/pheno_0", "auroc/pheno_1"],
+        names=names,
+        n_permutations=500,
+        seed=0,
+        groups=groups,
+    )
     null = (t["auroc/pheno_0"].null_distribution + t["auroc/pheno_1"].null_distribution) / 2
     assert np.allclose(t["auroc_macro@ab"].null_distribution, null, atol=TOL)
 
@@ -517,20 +605,33 @@ def test_compare_methods_with_label_groups_picks_a_reference_per_group():
     rng = np.random.default_rng(22)
     n = 300
     y = (rng.random((n, 4)) < 0.3).astype(int)
+
     def see(cols: list[int], strength: float) -> np.ndarray:  # informative on `cols`, noise elsewhere
         z = np.where(np.isin(np.arange(4), cols), strength * (2 * y - 1), 0.0) + rng.normal(size=(n, 4))
         return 1 / (1 + np.exp(-z))
 
     rows = []
-    for method, p in (("ehr", see([0, 1], 0.6)), ("cxr", see([2, 3], 0.6)), ("fusion", see([0, 1, 2, 3], 1.2))):
+    for method, p in (
+        ("ehr", see([0, 1], 0.6)),
+        ("cxr", see([2, 3], 0.6)),
+        ("fusion", see([0, 1, 2, 3], 1.2)),
+    ):
         frame = pd.DataFrame({"method": method, "seed": 0, "stay_id": np.arange(n)})
         for j in range(4):
             frame[f"y_pheno_{j}"], frame[f"p_pheno_{j}"] = y[:, j], p[:, j]
         rows.append(frame)
     preds = pd.concat(rows, ignore_index=True)
     groups = {"e": ["pheno_0", "pheno_1"], "x": ["pheno_2", "pheno_3"]}
-    table = compare_methods(preds, "phenotype", unimodal=["ehr", "cxr"], n_resamples=200, n_permutations=999,
-                            seed=0, label_groups=groups, metrics=["auroc_macro"])
+    table = compare_methods(
+        preds,
+        "phenotype",
+        unimodal=["ehr", "cxr"],
+        n_resamples=200,
+        n_permutations=999,
+        seed=0,
+        label_groups=groups,
+        metrics=["auroc_macro"],
+    )
     assert table.attrs["group_references"] == {"e": "ehr", "x": "cxr"}
     ref = table[table["comparison"] == "reference"].set_index("label")
     assert ref.loc["group:e", "method_b"] == "ehr" and ref.loc["group:x", "method_b"] == "cxr"
@@ -542,5 +643,6 @@ def test_compare_methods_with_label_groups_picks_a_reference_per_group():
     with pytest.raises(StatisticsInputError, match="label group 'bad': unknown label"):
         compare_methods(preds, "phenotype", unimodal=["ehr"], label_groups={"bad": ["pheno_9"]})
     with pytest.raises(StatisticsInputError, match="without '@'"):
-        metric_values(y, y * 0.5, ["auroc_macro"], names=[f"pheno_{j}" for j in range(4)],
-                      groups={"a@b": ["pheno_0"]})
+        metric_values(
+            y, y * 0.5, ["auroc_macro"], names=[f"pheno_{j}" for j in range(4)], groups={"a@b": ["pheno_0"]}
+        )

@@ -40,8 +40,17 @@ def _header(path: Path) -> list[str]:
         return fh.readline().rstrip("\n").split(",")
 
 
-MIMIC_FILES = ["hosp/patients", "hosp/admissions", "hosp/diagnoses_icd", "hosp/labevents", "hosp/d_labitems",
-               "icu/icustays", "icu/chartevents", "icu/outputevents", "icu/d_items"]
+MIMIC_FILES = [
+    "hosp/patients",
+    "hosp/admissions",
+    "hosp/diagnoses_icd",
+    "hosp/labevents",
+    "hosp/d_labitems",
+    "icu/icustays",
+    "icu/chartevents",
+    "icu/outputevents",
+    "icu/d_items",
+]
 
 
 @pytest.mark.parametrize("name", MIMIC_FILES)
@@ -54,7 +63,7 @@ def test_timestamps_and_values_use_mimic_formats(raw: Path, demo_root: Path) -> 
     assert ce["charttime"].str.fullmatch(r"2\d{3}-\d\d-\d\d \d\d:\d\d:00").all()
     stays = _read(raw, "mimic-iv/icu/icustays.csv.gz", dtype=str)
     assert stays["intime"].str.fullmatch(r"2\d{3}-\d\d-\d\d \d\d:\d\d:\d\d").all()
-    assert stays["intime"].str[:4].astype(int).between(2110, 2210).all()   # shifted future years, as in MIMIC
+    assert stays["intime"].str[:4].astype(int).between(2110, 2210).all()  # shifted future years, as in MIMIC
     pats = _read(raw, "mimic-iv/hosp/patients.csv.gz", dtype=str)
     assert pats["dod"].dropna().str.fullmatch(r"\d{4}-\d\d-\d\d").all()
     assert pats["subject_id"].str.fullmatch(r"1\d{7}").all()
@@ -69,15 +78,20 @@ def test_register_tables_reads_every_table_with_canonical_types(raw: Path) -> No
     register_tables(con, raw / "mimic-iv")
     n_stays = con.execute("SELECT count(*), count(DISTINCT stay_id) FROM icustays").fetchone()
     assert n_stays == (STAYS, STAYS)
-    types = dict(con.execute("SELECT column_name, data_type FROM information_schema.columns "
-                             "WHERE table_name = 'chartevents'").fetchall())
+    types = dict(
+        con.execute(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_name = 'chartevents'"
+        ).fetchall()
+    )
     assert types["charttime"] == "TIMESTAMP" and types["valuenum"] == "DOUBLE"
     # every event belongs to a known stay / admission
-    orphans = con.execute("SELECT count(*) FROM chartevents c LEFT JOIN icustays i USING (stay_id) "
-                          "WHERE i.stay_id IS NULL").fetchone()[0]
+    orphans = con.execute(
+        "SELECT count(*) FROM chartevents c LEFT JOIN icustays i USING (stay_id) WHERE i.stay_id IS NULL"
+    ).fetchone()[0]
     assert orphans == 0
-    lab_orphans = con.execute("SELECT count(*) FROM labevents l LEFT JOIN admissions a USING (hadm_id) "
-                              "WHERE a.hadm_id IS NULL").fetchone()[0]
+    lab_orphans = con.execute(
+        "SELECT count(*) FROM labevents l LEFT JOIN admissions a USING (hadm_id) WHERE a.hadm_id IS NULL"
+    ).fetchone()[0]
     assert lab_orphans == 0
 
 
@@ -103,7 +117,8 @@ def test_in_icu_deaths_lie_inside_the_stay_and_no_one_returns_after_death(raw: P
     stays = _read(raw, "mimic-iv/icu/icustays.csv.gz", parse_dates=["intime", "outtime"])
     truth = _read(raw, "planted_stays.csv.gz")
     df = stays.merge(adm[["hadm_id", "deathtime", "admittime", "dischtime"]], on="hadm_id").merge(
-        truth[["stay_id", "died_in_icu"]], on="stay_id")
+        truth[["stay_id", "died_in_icu"]], on="stay_id"
+    )
     in_icu = (df["deathtime"] >= df["intime"]) & (df["deathtime"] <= df["outtime"])
     assert (in_icu.astype(int) == df["died_in_icu"]).all()
     assert (df["intime"] > df["admittime"]).all() and (df["outtime"] <= df["dischtime"]).all()
@@ -117,18 +132,22 @@ def test_events_use_features_yaml_itemids_with_the_planted_quirks(raw: Path) -> 
     ce = _read(raw, "mimic-iv/icu/chartevents.csv.gz", usecols=["itemid", "valuenum"])
     le = _read(raw, "mimic-iv/hosp/labevents.csv.gz", usecols=["itemid", "valuenum", "value"])
     oe = _read(raw, "mimic-iv/icu/outputevents.csv.gz", usecols=["itemid", "value"])
-    emitted = {"chartevents": set(ce["itemid"]), "labevents": set(le["itemid"]), "outputevents": set(oe["itemid"])}
-    for f in features.features:   # every feature is emitted through at least one of its itemids
+    emitted = {
+        "chartevents": set(ce["itemid"]),
+        "labevents": set(le["itemid"]),
+        "outputevents": set(oe["itemid"]),
+    }
+    for f in features.features:  # every feature is emitted through at least one of its itemids
         assert any(set(ids) & emitted[t] for t, ids in f.itemids.items()), f.name
     temp = ce[ce["itemid"].isin([223761, 223762])]
     f_share = (temp["itemid"] == 223761).mean()
-    assert 0.5 < f_share < 0.9                                          # temperature mostly in Fahrenheit
-    assert ((temp["itemid"] == 223762) & (temp["valuenum"] > 45)).sum() > 0   # F typed into the C field
+    assert 0.5 < f_share < 0.9  # temperature mostly in Fahrenheit
+    assert ((temp["itemid"] == 223762) & (temp["valuenum"] > 45)).sum() > 0  # F typed into the C field
     fio2 = ce.loc[ce["itemid"] == 223835, "valuenum"]
     assert ((fio2 <= 1).mean() > 0.03) and ((fio2 >= 21).mean() > 0.8)  # some FiO2 as a fraction
-    assert (ce.loc[ce["itemid"] == 220045, "valuenum"] == 0).sum() > 0   # heart rate 0: out of range
-    assert (le["value"] == "___").sum() > 0                               # de-identified glucose text
-    assert {220046, 226707} <= emitted["chartevents"] and 227489 in emitted["outputevents"]   # non-features
+    assert (ce.loc[ce["itemid"] == 220045, "valuenum"] == 0).sum() > 0  # heart rate 0: out of range
+    assert (le["value"] == "___").sum() > 0  # de-identified glucose text
+    assert {220046, 226707} <= emitted["chartevents"] and 227489 in emitted["outputevents"]  # non-features
 
 
 def test_diagnosis_codes_encode_exactly_the_planted_labels(raw: Path) -> None:
@@ -150,18 +169,22 @@ def test_diagnosis_codes_encode_exactly_the_planted_labels(raw: Path) -> None:
 def test_xray_files_views_and_study_times(raw: Path) -> None:
     meta = _read(raw, "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz", dtype={"dicom_id": str})
     assert set(meta["ViewPosition"]) == {"AP", "PA", "LATERAL"}
-    assert meta["dicom_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}").all() and meta["dicom_id"].is_unique
+    assert (
+        meta["dicom_id"].str.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}").all() and meta["dicom_id"].is_unique
+    )
     for r in meta.sample(20, random_state=0).itertuples():
         s = str(r.subject_id)
-        path = raw / "mimic-cxr-jpg" / "files" / f"p{s[:2]}" / f"p{s}" / f"s{r.study_id}" / f"{r.dicom_id}.jpg"
+        path = (
+            raw / "mimic-cxr-jpg" / "files" / f"p{s[:2]}" / f"p{s}" / f"s{r.study_id}" / f"{r.dicom_id}.jpg"
+        )
         with Image.open(path) as im:
             assert im.format == "JPEG" and im.size == (SIZE, SIZE) and im.mode == "L"
     n_files = sum(1 for _ in (raw / "mimic-cxr-jpg" / "files").rglob("*.jpg"))
     assert n_files == len(meta)
     # study time relative to the subject's ICU stays: before, inside and after the 48 h window, and at 48 h
-    t = (pd.to_datetime(meta["StudyDate"].astype(str), format="%Y%m%d")
-         + pd.to_timedelta(meta["StudyTime"].map(lambda x: f"{int(x) // 10000:02d}:{int(x) // 100 % 100:02d}:"
-                                                            f"{int(x) % 100:02d}")))
+    t = pd.to_datetime(meta["StudyDate"].astype(str), format="%Y%m%d") + pd.to_timedelta(
+        meta["StudyTime"].map(lambda x: f"{int(x) // 10000:02d}:{int(x) // 100 % 100:02d}:{int(x) % 100:02d}")
+    )
     meta = meta.assign(t=t)
     stays = _read(raw, "mimic-iv/icu/icustays.csv.gz", parse_dates=["intime"])
     j = meta.merge(stays[["subject_id", "stay_id", "intime"]], on="subject_id")
@@ -185,13 +208,21 @@ def test_planted_json_describes_the_truth(raw: Path) -> None:
     assert counts["ehr"] >= 4 and counts["cxr"] >= 4 and counts["both"] >= 4 and counts["none"] >= 1
     assert planted["subgroup"]["attribute"] == "race_group" and planted["subgroup"]["ehr_effect_scale"] < 1
     assert planted["missingness"]["slope"] > 0 and planted["seed"] == SEED
-    assert planted["parameters"] == {"stays": STAYS, "seed": SEED, "image_size": SIZE, "cxr_rate": 0.3,
-                                     "chunk_stays": 150}
+    assert planted["parameters"] == {
+        "stays": STAYS,
+        "seed": SEED,
+        "image_size": SIZE,
+        "cxr_rate": 0.3,
+        "chunk_stays": 150,
+    }
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path: Path) -> None:
@@ -214,12 +245,26 @@ def test_bad_options_and_existing_output(tmp_path: Path) -> None:
     (tmp_path / "taken").mkdir()
     res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "taken"), "--stays", "5", "--seed", "0"])
     assert res.exit_code == 2 and "already exists" in res.output
-    assert list(tmp_path.iterdir()) == [tmp_path / "taken"]   # no temporary directory left behind
+    assert list(tmp_path.iterdir()) == [tmp_path / "taken"]  # no temporary directory left behind
 
 
 def test_cli_writes_the_tree(tmp_path: Path) -> None:
-    res = CliRunner().invoke(app, ["synth", "--out", str(tmp_path / "r"), "--stays", "30", "--seed", "1",
-                                   "--image-size", "32", "--workers", "1"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "synth",
+            "--out",
+            str(tmp_path / "r"),
+            "--stays",
+            "30",
+            "--seed",
+            "1",
+            "--image-size",
+            "32",
+            "--workers",
+            "1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert (tmp_path / "r" / "mimic-iv" / "icu" / "chartevents.csv.gz").is_file()
     assert json.loads((tmp_path / "r" / "planted.json").read_text())["parameters"]["stays"] == 30

@@ -26,8 +26,10 @@ IDX = {f.name: k for k, f in enumerate(FEATURES.features)}
 
 def make_cohort(con: duckdb.DuckDBPyConnection) -> None:
     """All ICU stays, row_idx in stay_id order (independent of the cohort stage)."""
-    con.execute("CREATE OR REPLACE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id) - 1 AS INTEGER) "
-                "AS row_idx, stay_id, subject_id, hadm_id, intime, outtime FROM icustays")
+    con.execute(
+        "CREATE OR REPLACE TABLE cohort AS SELECT CAST(row_number() OVER (ORDER BY stay_id) - 1 AS INTEGER) "
+        "AS row_idx, stay_id, subject_id, hadm_id, intime, outtime FROM icustays"
+    )
 
 
 def connect(root, names) -> duckdb.DuckDBPyConnection:
@@ -53,16 +55,24 @@ def result(demo_con):
 @pytest.fixture(scope="module")
 def raw(demo_root) -> dict[str, pd.DataFrame]:
     """The raw demo tables, read with pandas (only the columns the stage uses)."""
+
     def read(rel, cols, dates):
         return pd.read_csv(demo_root / rel, usecols=cols, parse_dates=dates)
+
     stays = read("icu/icustays.csv.gz", ["subject_id", "stay_id", "intime"], ["intime"])
     stays = stays.sort_values("stay_id").reset_index(drop=True)
     stays["row_idx"] = np.arange(len(stays))
     return {
         "stays": stays,
-        "chartevents": read("icu/chartevents.csv.gz", ["stay_id", "itemid", "charttime", "valuenum"], ["charttime"]),
-        "labevents": read("hosp/labevents.csv.gz", ["subject_id", "itemid", "charttime", "valuenum"], ["charttime"]),
-        "outputevents": read("icu/outputevents.csv.gz", ["stay_id", "itemid", "charttime", "value"], ["charttime"]),
+        "chartevents": read(
+            "icu/chartevents.csv.gz", ["stay_id", "itemid", "charttime", "valuenum"], ["charttime"]
+        ),
+        "labevents": read(
+            "hosp/labevents.csv.gz", ["subject_id", "itemid", "charttime", "valuenum"], ["charttime"]
+        ),
+        "outputevents": read(
+            "icu/outputevents.csv.gz", ["stay_id", "itemid", "charttime", "value"], ["charttime"]
+        ),
     }
 
 
@@ -74,7 +84,9 @@ def events_in_window(raw, feature: Feature, hours: int = 48) -> pd.DataFrame:
         ev = raw[source]
         ev = ev[ev["itemid"].isin(ids) & ev[VALUE[source]].notna()]
         ev = ev.merge(raw["stays"], on=KEY[source], suffixes=("", "_stay"))
-        ev = ev[(ev["charttime"] >= ev["intime"]) & (ev["charttime"] < ev["intime"] + pd.Timedelta(hours=hours))]
+        ev = ev[
+            (ev["charttime"] >= ev["intime"]) & (ev["charttime"] < ev["intime"] + pd.Timedelta(hours=hours))
+        ]
         v = ev[VALUE[source]].astype(float)
         for itemid, conv in feature.convert.items():
             sel = ev["itemid"] == itemid
@@ -83,8 +95,16 @@ def events_in_window(raw, feature: Feature, hours: int = 48) -> pd.DataFrame:
             elif conv == "fraction_to_percent":
                 v = v.where(~(sel & (v <= 1)), v * 100)
         hour = ((ev["charttime"] - ev["intime"]).dt.total_seconds() // 3600).astype(int)
-        parts.append(pd.DataFrame({"row_idx": ev["row_idx"].to_numpy(), "hour": hour.to_numpy(),
-                                   "charttime": ev["charttime"].to_numpy(), "v": v.to_numpy()}))
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row_idx": ev["row_idx"].to_numpy(),
+                    "hour": hour.to_numpy(),
+                    "charttime": ev["charttime"].to_numpy(),
+                    "v": v.to_numpy(),
+                }
+            )
+        )
     out = pd.concat(parts, ignore_index=True)
     lo, hi = feature.valid_range
     out["ok"] = (out["v"] >= lo) & (out["v"] <= hi)
@@ -114,9 +134,12 @@ def test_every_feature_matches_pandas(result, raw, name):
     np.testing.assert_allclose(got[~np.isnan(got)], want[~np.isnan(want)].astype(np.float32), rtol=1e-6)
     ev = events_in_window(raw, f)
     observed = ~np.isnan(want)
-    assert result.stats[name] == {"rows_in_window": len(ev), "dropped_out_of_range": int((~ev["ok"]).sum()),
-                                  "observed_bins": int(observed.sum()),
-                                  "stays_observed": int(observed.any(axis=1).sum())}
+    assert result.stats[name] == {
+        "rows_in_window": len(ev),
+        "dropped_out_of_range": int((~ev["ok"]).sum()),
+        "observed_bins": int(observed.sum()),
+        "stays_observed": int(observed.any(axis=1).sum()),
+    }
 
 
 def test_shape_dtype_and_coverage(result, raw):
@@ -126,7 +149,9 @@ def test_shape_dtype_and_coverage(result, raw):
     for k, f in enumerate(FEATURES.features):
         col = result.values[:, :, k]
         assert (~np.isnan(col)).any(), f.name
-        assert np.nanmin(col) >= np.float32(f.valid_range[0]) and np.nanmax(col) <= np.float32(f.valid_range[1])
+        assert np.nanmin(col) >= np.float32(f.valid_range[0]) and np.nanmax(col) <= np.float32(
+            f.valid_range[1]
+        )
 
 
 def test_observed_hours_heart_rate_and_creatinine(result, raw):
@@ -135,8 +160,10 @@ def test_observed_hours_heart_rate_and_creatinine(result, raw):
     ce, le = raw["chartevents"], raw["labevents"]
     hr = ce[(ce["itemid"] == 220045) & ce["valuenum"].between(1, 300)]
     cr = le[(le["itemid"] == 50912) & le["valuenum"].between(0.05, 40)]
-    times = {"heart_rate": {k: g.to_numpy() for k, g in hr.groupby("stay_id")["charttime"]},
-             "creatinine": {k: g.to_numpy() for k, g in cr.groupby("subject_id")["charttime"]}}
+    times = {
+        "heart_rate": {k: g.to_numpy() for k, g in hr.groupby("stay_id")["charttime"]},
+        "creatinine": {k: g.to_numpy() for k, g in cr.groupby("subject_id")["charttime"]},
+    }
     totals = {"heart_rate": 0, "creatinine": 0}
     per_stay = {}
     for stay_id, s in st.iterrows():
@@ -164,10 +191,15 @@ def test_exact_means_of_cells(result, raw):
     for _, s in st.head(20).iterrows():
         for h in range(48):
             t0 = s["intime"] + pd.Timedelta(hours=h)
-            rows = hr[(hr["stay_id"] == s["stay_id"]) & (hr["charttime"] >= t0)
-                      & (hr["charttime"] < t0 + pd.Timedelta(hours=1))]["valuenum"]
+            rows = hr[
+                (hr["stay_id"] == s["stay_id"])
+                & (hr["charttime"] >= t0)
+                & (hr["charttime"] < t0 + pd.Timedelta(hours=1))
+            ]["valuenum"]
             if len(rows) >= 3 and len(set(rows)) > 1:
-                assert result.values[s["row_idx"], h, IDX["heart_rate"]] == pytest.approx(rows.mean(), rel=1e-6)
+                assert result.values[s["row_idx"], h, IDX["heart_rate"]] == pytest.approx(
+                    rows.mean(), rel=1e-6
+                )
                 checked += 1
     assert checked >= 5
 
@@ -176,8 +208,12 @@ def test_fahrenheit_converted_on_a_real_stay(result, raw):
     """Stay 39061571 charts Fahrenheit (223761); a cell with one Fahrenheit reading holds (F - 32) * 5/9."""
     s = raw["stays"].set_index("stay_id").loc[39061571]
     ce = raw["chartevents"]
-    temp = ce[(ce["stay_id"] == 39061571) & ce["itemid"].isin([223761, 223762])
-              & (ce["charttime"] >= s["intime"]) & (ce["charttime"] < s["intime"] + pd.Timedelta(hours=48))]
+    temp = ce[
+        (ce["stay_id"] == 39061571)
+        & ce["itemid"].isin([223761, 223762])
+        & (ce["charttime"] >= s["intime"])
+        & (ce["charttime"] < s["intime"] + pd.Timedelta(hours=48))
+    ]
     hours = ((temp["charttime"] - s["intime"]).dt.total_seconds() // 3600).astype(int)
     single = temp[(temp["itemid"] == 223761) & hours.map(hours.value_counts()).eq(1)]
     assert len(single) >= 3
@@ -209,18 +245,20 @@ def test_fio2_demo_handling(result, raw):
     f = f[(f["charttime"] >= f["intime"]) & (f["charttime"] < f["intime"] + pd.Timedelta(hours=48))]
     assert result.stats["fio2"]["dropped_out_of_range"] == int((f["valuenum"] < 21).sum()) == 1
     s = st.set_index("stay_id").loc[35128235]
-    assert np.isnan(result.values[int(s["row_idx"]), 8, IDX["fio2"]])   # the 4.0 at 08:05 h was alone
+    assert np.isnan(result.values[int(s["row_idx"]), 8, IDX["fio2"]])  # the 4.0 at 08:05 h was alone
     assert np.nanmin(result.values[:, :, IDX["fio2"]]) == 21.0
 
 
 def test_urine_output_hourly_sums(result, raw):
     oe, st = raw["outputevents"], raw["stays"]
-    u = oe[oe["itemid"].isin(FEATURES.features[IDX["urine_output"]].itemids["outputevents"])].merge(st, on="stay_id")
+    u = oe[oe["itemid"].isin(FEATURES.features[IDX["urine_output"]].itemids["outputevents"])].merge(
+        st, on="stay_id"
+    )
     u = u[(u["charttime"] >= u["intime"]) & (u["charttime"] < u["intime"] + pd.Timedelta(hours=48))]
     u = u.assign(hour=((u["charttime"] - u["intime"]).dt.total_seconds() // 3600).astype(int))
     sums = u.groupby(["row_idx", "hour"])["value"].sum()
     multi = u.groupby(["row_idx", "hour"]).size()
-    assert (multi > 1).sum() > 10                       # real multi-row hours are summed
+    assert (multi > 1).sum() > 10  # real multi-row hours are summed
     got = result.values[:, :, IDX["urine_output"]]
     assert int((~np.isnan(got)).sum()) == len(sums)
     for (r, h), v in sums.items():
@@ -241,11 +279,15 @@ def test_min_max_last(demo_con, raw):
         np.testing.assert_array_equal(res.values[:, :, k], want.astype(np.float32))
     last, lo, hi = (res.values[:, :, k] for k in range(3))
     obs = ~np.isnan(last)
-    assert np.sum(lo[obs] < hi[obs]) > 100 and np.sum(last[obs] != lo[obs]) > 100   # the three really differ
+    assert np.sum(lo[obs] < hi[obs]) > 100 and np.sum(last[obs] != lo[obs]) > 100  # the three really differ
     for name in ("gcs_eye", "fio2"):
         f = FEATURES.features[IDX[name]]
-        np.testing.assert_array_equal(extract_timeseries(demo_con, dataclasses.replace(
-            FEATURES, features=(f,)), SOURCES).values[:, :, 0], expected_grid(raw, f, n).astype(np.float32))
+        np.testing.assert_array_equal(
+            extract_timeseries(demo_con, dataclasses.replace(FEATURES, features=(f,)), SOURCES).values[
+                :, :, 0
+            ],
+            expected_grid(raw, f, n).astype(np.float32),
+        )
 
 
 def test_deterministic_across_runs(demo_con, result):
@@ -265,17 +307,28 @@ def write_raw(root, chart=(), lab=(), output=()):
     starting 30 h after the first) and one stay of subject 2."""
     (root / "icu").mkdir(parents=True, exist_ok=True)
     (root / "hosp").mkdir(parents=True, exist_ok=True)
-    stays = pd.DataFrame({"subject_id": [1, 1, 2], "hadm_id": [10, 11, 20], "stay_id": [100, 101, 200],
-                          "intime": [INTIME, INTIME + pd.Timedelta(hours=30), INTIME],
-                          "outtime": [INTIME + pd.Timedelta(hours=29), INTIME + pd.Timedelta(days=5),
-                                      INTIME + pd.Timedelta(days=5)]})
+    stays = pd.DataFrame(
+        {
+            "subject_id": [1, 1, 2],
+            "hadm_id": [10, 11, 20],
+            "stay_id": [100, 101, 200],
+            "intime": [INTIME, INTIME + pd.Timedelta(hours=30), INTIME],
+            "outtime": [
+                INTIME + pd.Timedelta(hours=29),
+                INTIME + pd.Timedelta(days=5),
+                INTIME + pd.Timedelta(days=5),
+            ],
+        }
+    )
     stays.to_csv(root / "icu" / "icustays.csv", index=False)
     pd.DataFrame(list(chart), columns=["subject_id", "stay_id", "itemid", "charttime", "valuenum"]).to_csv(
-        root / "icu" / "chartevents.csv", index=False)
+        root / "icu" / "chartevents.csv", index=False
+    )
     labs = pd.DataFrame(list(lab), columns=["subject_id", "hadm_id", "itemid", "charttime", "valuenum"])
     labs.astype({"hadm_id": "Int64"}).to_csv(root / "hosp" / "labevents.csv", index=False)
     pd.DataFrame(list(output), columns=["subject_id", "stay_id", "itemid", "charttime", "value"]).to_csv(
-        root / "icu" / "outputevents.csv", index=False)
+        root / "icu" / "outputevents.csv", index=False
+    )
     con = connect(root, ["icustays", "chartevents", "labevents", "outputevents"])
     make_cohort(con)
     return con
@@ -286,40 +339,59 @@ def at(hours=0, seconds=0, base=INTIME):
 
 
 def feature(name, source, ids, rng=(0, 1000), agg="mean", convert=None):
-    return Feature(name=name, unit="", itemids={source: tuple(ids)}, valid_range=rng, aggregation=agg,
-                   convert=convert or {})
+    return Feature(
+        name=name,
+        unit="",
+        itemids={source: tuple(ids)},
+        valid_range=rng,
+        aggregation=agg,
+        convert=convert or {},
+    )
 
 
 def test_window_edges_chartevents(tmp_path):
     """intime-1s and intime+48h are out; intime is hour 0; intime+47:59:59 is hour 47; an event charted on
     another stay of the same subject does not leak in."""
-    con = write_raw(tmp_path, chart=[
-        (2, 200, 1, at(seconds=-1), 1.0), (2, 200, 1, at(), 2.0), (2, 200, 1, at(hours=47, seconds=3599), 3.0),
-        (2, 200, 1, at(hours=48), 4.0), (2, 200, 1, at(hours=0, seconds=3599), 5.0),
-        (1, 101, 1, at(hours=1), 6.0),            # stay 101 starts at +30 h: outside its own window
-        (1, 100, 1, at(hours=1, seconds=1), None),  # NULL value: skipped, not counted
-    ])
+    con = write_raw(
+        tmp_path,
+        chart=[
+            (2, 200, 1, at(seconds=-1), 1.0),
+            (2, 200, 1, at(), 2.0),
+            (2, 200, 1, at(hours=47, seconds=3599), 3.0),
+            (2, 200, 1, at(hours=48), 4.0),
+            (2, 200, 1, at(hours=0, seconds=3599), 5.0),
+            (1, 101, 1, at(hours=1), 6.0),  # stay 101 starts at +30 h: outside its own window
+            (1, 100, 1, at(hours=1, seconds=1), None),  # NULL value: skipped, not counted
+        ],
+    )
     fs = FeatureSet(hours=48, features=(feature("x", "chartevents", [1]),), source="t")
     res = extract_timeseries(con, fs, {"chartevents"})
     v = res.values[:, :, 0]
-    assert v[2, 0] == 3.5 and v[2, 47] == 3.0        # row 2 = stay 200: mean(2, 5) in hour 0
+    assert v[2, 0] == 3.5 and v[2, 47] == 3.0  # row 2 = stay 200: mean(2, 5) in hour 0
     assert np.count_nonzero(~np.isnan(v)) == 2
-    assert res.stats["x"] == {"rows_in_window": 3, "dropped_out_of_range": 0, "observed_bins": 2,
-                              "stays_observed": 1}
+    assert res.stats["x"] == {
+        "rows_in_window": 3,
+        "dropped_out_of_range": 0,
+        "observed_bins": 2,
+        "stays_observed": 1,
+    }
 
 
 def test_labs_matched_by_subject_and_time(tmp_path):
     """Labs carry no stay_id: a lab belongs to every stay of its subject whose window holds its charttime
     (hadm_id may be NULL); edges as for chartevents."""
-    con = write_raw(tmp_path, lab=[
-        (1, 10, 7, at(seconds=-1), 1.0),          # before stay 100
-        (1, None, 7, at(hours=2), 2.0),           # stay 100 hour 2 (no hadm_id)
-        (1, 11, 7, at(hours=31, seconds=30), 3.0),  # stay 100 hour 31 and stay 101 hour 1
-        (1, 11, 7, at(hours=78), 4.0),            # stay 101: exactly intime + 48 h, out
-        (1, 11, 7, at(hours=77, seconds=3599), 5.0),  # stay 101 hour 47
-        (2, 20, 7, at(hours=47, seconds=3599), 6.0),  # stay 200 hour 47
-        (2, 20, 8, at(hours=3), 9.0),             # another itemid: ignored
-    ])
+    con = write_raw(
+        tmp_path,
+        lab=[
+            (1, 10, 7, at(seconds=-1), 1.0),  # before stay 100
+            (1, None, 7, at(hours=2), 2.0),  # stay 100 hour 2 (no hadm_id)
+            (1, 11, 7, at(hours=31, seconds=30), 3.0),  # stay 100 hour 31 and stay 101 hour 1
+            (1, 11, 7, at(hours=78), 4.0),  # stay 101: exactly intime + 48 h, out
+            (1, 11, 7, at(hours=77, seconds=3599), 5.0),  # stay 101 hour 47
+            (2, 20, 7, at(hours=47, seconds=3599), 6.0),  # stay 200 hour 47
+            (2, 20, 8, at(hours=3), 9.0),  # another itemid: ignored
+        ],
+    )
     fs = FeatureSet(hours=48, features=(feature("lab", "labevents", [7]),), source="t")
     v = extract_timeseries(con, fs, {"labevents"}).values[:, :, 0]
     observed = {(int(r), int(h)): float(v[r, h]) for r, h in zip(*np.nonzero(~np.isnan(v)), strict=True)}
@@ -329,21 +401,45 @@ def test_labs_matched_by_subject_and_time(tmp_path):
 def test_conversions_ranges_and_sources_combined(tmp_path):
     """fraction_to_percent scales only x <= 1; Fahrenheit is converted before the range check; a feature with
     itemids in two tables is aggregated over both; urine output sums per hour."""
-    con = write_raw(tmp_path, chart=[
-        (2, 200, 11, at(hours=0), 0.5), (2, 200, 11, at(hours=1), 1.0), (2, 200, 11, at(hours=2), 0.0),
-        (2, 200, 11, at(hours=3), 21.0), (2, 200, 11, at(hours=4), 4.0), (2, 200, 11, at(hours=5), 60.0),
-        (2, 200, 21, at(hours=0), 98.6), (2, 200, 21, at(hours=1), 212.0), (2, 200, 22, at(hours=1), 37.5),
-        (2, 200, 22, at(hours=2), 99.0),
-        (2, 200, 31, at(hours=0, seconds=60), 100.0),
-    ], lab=[(2, 20, 32, at(hours=0, seconds=120), 130.0), (2, 20, 32, at(hours=0, seconds=180), 150.0)],
-        output=[(2, 200, 41, at(hours=6), 50.0), (2, 200, 42, at(hours=6, seconds=1800), 25.0),
-                (2, 200, 41, at(hours=7), 6000.0)])
-    glucose = Feature(name="glu", unit="", itemids={"chartevents": (31,), "labevents": (32,)},
-                      valid_range=(10, 2000), aggregation="mean")
-    fs = FeatureSet(hours=48, source="t", features=(
-        feature("fio2", "chartevents", [11], (21, 100), "max", {11: "fraction_to_percent"}),
-        feature("temp", "chartevents", [21, 22], (25, 45), "mean", {21: "fahrenheit_to_celsius"}),
-        glucose, feature("uo", "outputevents", [41, 42], (0, 5000), "sum")))
+    con = write_raw(
+        tmp_path,
+        chart=[
+            (2, 200, 11, at(hours=0), 0.5),
+            (2, 200, 11, at(hours=1), 1.0),
+            (2, 200, 11, at(hours=2), 0.0),
+            (2, 200, 11, at(hours=3), 21.0),
+            (2, 200, 11, at(hours=4), 4.0),
+            (2, 200, 11, at(hours=5), 60.0),
+            (2, 200, 21, at(hours=0), 98.6),
+            (2, 200, 21, at(hours=1), 212.0),
+            (2, 200, 22, at(hours=1), 37.5),
+            (2, 200, 22, at(hours=2), 99.0),
+            (2, 200, 31, at(hours=0, seconds=60), 100.0),
+        ],
+        lab=[(2, 20, 32, at(hours=0, seconds=120), 130.0), (2, 20, 32, at(hours=0, seconds=180), 150.0)],
+        output=[
+            (2, 200, 41, at(hours=6), 50.0),
+            (2, 200, 42, at(hours=6, seconds=1800), 25.0),
+            (2, 200, 41, at(hours=7), 6000.0),
+        ],
+    )
+    glucose = Feature(
+        name="glu",
+        unit="",
+        itemids={"chartevents": (31,), "labevents": (32,)},
+        valid_range=(10, 2000),
+        aggregation="mean",
+    )
+    fs = FeatureSet(
+        hours=48,
+        source="t",
+        features=(
+            feature("fio2", "chartevents", [11], (21, 100), "max", {11: "fraction_to_percent"}),
+            feature("temp", "chartevents", [21, 22], (25, 45), "mean", {21: "fahrenheit_to_celsius"}),
+            glucose,
+            feature("uo", "outputevents", [41, 42], (0, 5000), "sum"),
+        ),
+    )
     res = extract_timeseries(con, fs, SOURCES)
     fio2, temp, glu, uo = (res.values[2, :, k] for k in range(4))
     np.testing.assert_array_equal(fio2[:6], np.array([50, 100, np.nan, 21, np.nan, 60], dtype=np.float32))
@@ -351,17 +447,26 @@ def test_conversions_ranges_and_sources_combined(tmp_path):
     assert glu[0] == np.float32((100 + 130 + 150) / 3)
     assert uo[6] == 75.0 and np.isnan(uo[7])
     assert res.stats["fio2"]["dropped_out_of_range"] == 2
-    assert res.stats["temp"]["dropped_out_of_range"] == 2          # 212 F = 100 C, and 99 "C"
-    assert res.stats["uo"] == {"rows_in_window": 3, "dropped_out_of_range": 1, "observed_bins": 1,
-                               "stays_observed": 1}
+    assert res.stats["temp"]["dropped_out_of_range"] == 2  # 212 F = 100 C, and 99 "C"
+    assert res.stats["uo"] == {
+        "rows_in_window": 3,
+        "dropped_out_of_range": 1,
+        "observed_bins": 1,
+        "stays_observed": 1,
+    }
 
 
 def test_last_breaks_charttime_ties_by_value(tmp_path):
-    con = write_raw(tmp_path, chart=[
-        (2, 200, 1, at(hours=0, seconds=10), 9.0), (2, 200, 1, at(hours=0, seconds=20), 4.0),
-        (2, 200, 1, at(hours=0, seconds=20), 3.0), (2, 200, 1, at(hours=1, seconds=5), 7.0),
-        (2, 200, 1, at(hours=1, seconds=50), 5000.0),   # latest but out of range: not "last"
-    ])
+    con = write_raw(
+        tmp_path,
+        chart=[
+            (2, 200, 1, at(hours=0, seconds=10), 9.0),
+            (2, 200, 1, at(hours=0, seconds=20), 4.0),
+            (2, 200, 1, at(hours=0, seconds=20), 3.0),
+            (2, 200, 1, at(hours=1, seconds=5), 7.0),
+            (2, 200, 1, at(hours=1, seconds=50), 5000.0),  # latest but out of range: not "last"
+        ],
+    )
     fs = FeatureSet(hours=48, features=(feature("x", "chartevents", [1], agg="last"),), source="t")
     v = extract_timeseries(con, fs, {"chartevents"}).values[2, :, 0]
     assert v[0] == 4.0 and v[1] == 7.0
@@ -396,8 +501,10 @@ def test_sums_do_not_depend_on_thread_scheduling():
     con.execute(f"""CREATE TABLE chartevents AS SELECT 200::BIGINT AS stay_id, 1 AS itemid,
         TIMESTAMP '{INTIME}' + to_seconds(i % 3600) AS charttime,
         ((i * 7919) % 100003) / 7.0 + 1e-3 * (i % 13) AS valuenum FROM range(600000) t(i)""")
-    con.execute(f"CREATE TABLE cohort AS SELECT 0 AS row_idx, 200::BIGINT AS stay_id, 2::BIGINT AS subject_id, "
-                f"TIMESTAMP '{INTIME}' AS intime")
+    con.execute(
+        f"CREATE TABLE cohort AS SELECT 0 AS row_idx, 200::BIGINT AS stay_id, 2::BIGINT AS subject_id, "
+        f"TIMESTAMP '{INTIME}' AS intime"
+    )
     for agg in ("sum", "mean"):
         fs = FeatureSet(hours=48, features=(feature("x", "chartevents", [1], (0, 1e6), agg),), source="t")
         sql = timeseries_sql(fs, ["chartevents"])

@@ -38,8 +38,14 @@ def data_dir(tmp_path_factory):
 
 def _cfg(data_dir, model="lstm", task="mortality", **opts):
     overrides = opts.pop("overrides", None)
-    return resolve_config(data=data_dir, model=model, task=task, preset="test", options={**NO_PROGRESS, **opts},
-                          overrides=overrides)
+    return resolve_config(
+        data=data_dir,
+        model=model,
+        task=task,
+        preset="test",
+        options={**NO_PROGRESS, **opts},
+        overrides=overrides,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,11 @@ class _Tiny(BaseModel):
     def forward(self, batch):
         x = torch.cat([batch["ehr"], batch["ehr_mask"]], -1).mean(1)
         side = self.side(batch["ehr"].mean(1))
-        return ModelOutput(self.lin(x), aux_losses={"side": self.hparams["aux_weight"] * side.pow(2).mean()},
-                           extra_logits={"ehr": side})
+        return ModelOutput(
+            self.lin(x),
+            aux_losses={"side": self.hparams["aux_weight"] * side.pow(2).mean()},
+            extra_logits={"ehr": side},
+        )
 
     def training_hook(self, trainer_module, batch, output, loss):
         self.hook_calls.append(float(loss.detach()))
@@ -101,8 +110,14 @@ def test_module_loss_hook_param_groups_and_extra_heads(data_dir):
     assert model.hook_calls == [pytest.approx(loss.item())]
     opt = module.configure_optimizers()["optimizer"]
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.123]
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, make_loader(fold.train, 16, shuffle=True), make_loader(fold.val, 16, shuffle=False))
     n_steps = int(np.ceil(len(fold.train) / 16))
     assert len(model.hook_calls) == 1 + n_steps
@@ -115,7 +130,8 @@ def test_module_loss_hook_param_groups_and_extra_heads(data_dir):
     order = np.argsort(full["stay_id"].numpy())
     np.testing.assert_allclose(pred["p_mortality__ehr"].to_numpy(), side[order], rtol=1e-5)
     assert module.test_metrics["head:ehr"]["auroc"] == pytest.approx(
-        skm.roc_auc_score(pred["y_mortality"], pred["p_mortality__ehr"]))
+        skm.roc_auc_score(pred["y_mortality"], pred["p_mortality__ehr"])
+    )
 
 
 class _Hooked(_Tiny):
@@ -159,9 +175,17 @@ def test_model_hooks_order_new_parameters_and_aux_only_objective(data_dir):
     model = _Hooked("mortality", 4, 16)
     module = CareBenchModule(model, "mortality", lr=1e-2)
     module.on_validation_epoch_end = (lambda orig: lambda: (model.events.append("val"), orig())[1])(
-        module.on_validation_epoch_end)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0)
+        module.on_validation_epoch_end
+    )
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        num_sanity_val_steps=0,
+    )
     train = make_loader(fold.train, 16, shuffle=True, drop_last=True)
     trainer.fit(module, train, make_loader(fold.val, 32, shuffle=False))
     assert model.events == ["start0", "val", "end0", "start1", "val", "end1"]
@@ -179,14 +203,31 @@ def test_model_hooks_order_new_parameters_and_aux_only_objective(data_dir):
 
 def test_predictions_frame_los_and_phenotype_columns():
     rng = np.random.default_rng(0)
-    arr = {"stay_id": np.array([5, 3]), "has_cxr": np.array([1, 0]), "y": np.array([6, 0]),
-           "p": rng.dirichlet(np.ones(7), 2), "p__cxr": rng.dirichlet(np.ones(7), 2)}
+    arr = {
+        "stay_id": np.array([5, 3]),
+        "has_cxr": np.array([1, 0]),
+        "y": np.array([6, 0]),
+        "p": rng.dirichlet(np.ones(7), 2),
+        "p__cxr": rng.dirichlet(np.ones(7), 2),
+    }
     df = predictions_frame("los", [f"los_{k}" for k in range(7)], arr)
-    assert list(df.columns) == (["stay_id", "cxr_input", "y_los"] + [f"p_los_{k}" for k in range(7)]
-                                + [f"p_los_{k}__cxr" for k in range(7)])
-    assert df.stay_id.tolist() == [3, 5] and df.y_los.tolist() == [0, 6] and df.cxr_input.tolist() == [False, True]
+    assert list(df.columns) == (
+        ["stay_id", "cxr_input", "y_los"]
+        + [f"p_los_{k}" for k in range(7)]
+        + [f"p_los_{k}__cxr" for k in range(7)]
+    )
+    assert (
+        df.stay_id.tolist() == [3, 5]
+        and df.y_los.tolist() == [0, 6]
+        and df.cxr_input.tolist() == [False, True]
+    )
     names = [p.column for p in load_phenotypes()]
-    arr = {"stay_id": np.array([1]), "has_cxr": np.array([1]), "y": np.ones((1, 25)), "p": np.full((1, 25), .5)}
+    arr = {
+        "stay_id": np.array([1]),
+        "has_cxr": np.array([1]),
+        "y": np.ones((1, 25)),
+        "p": np.full((1, 25), 0.5),
+    }
     df = predictions_frame("phenotype", names, arr)
     assert [c for c in df.columns if c.startswith("y_")] == [f"y_{n}" for n in names]
     assert [c for c in df.columns if c.startswith("p_")] == [f"p_{n}" for n in names]
@@ -202,10 +243,15 @@ def test_config_presets_overrides_and_run_id(data_dir, tmp_path):
     assert _cfg(data_dir).run_id != _cfg(data_dir, overrides={"model.hidden": 4}).run_id
     assert _cfg(data_dir).run_id != _cfg(data_dir, cxr_dropout_train=0.5).run_id
     assert _cfg(data_dir).run_id == _cfg(data_dir, num_workers=2, threads=1).run_id  # execution-only settings
-    copy = shutil.copytree(data_dir, tmp_path / "moved")                 # same dataset elsewhere: same id
+    copy = shutil.copytree(data_dir, tmp_path / "moved")  # same dataset elsewhere: same id
     assert _cfg(copy).run_id == _cfg(data_dir).run_id
     full = resolve_config(data=data_dir, model="lstm", task="los", preset="full")
-    assert (full.image_size, full.batch_size, full.max_epochs, full.model_args["hidden"]) == (224, 16, 50, 256)
+    assert (full.image_size, full.batch_size, full.max_epochs, full.model_args["hidden"]) == (
+        224,
+        16,
+        50,
+        256,
+    )
     with pytest.raises(C.ConfigError, match="unknown option 'hiden'"):
         _cfg(data_dir, overrides={"hiden": 3})
     with pytest.raises(C.ConfigError, match="'max_epochs' must be an integer"):
@@ -213,7 +259,10 @@ def test_config_presets_overrides_and_run_id(data_dir, tmp_path):
     with pytest.raises(C.ConfigError, match="--precision"):
         _cfg(data_dir, precision="fp8")
     assert C.parse_overrides(["lr=1e-4", "model.backbone=resnet18", "augment=false"]) == {
-        "lr": 1e-4, "model.backbone": "resnet18", "augment": False}
+        "lr": 1e-4,
+        "model.backbone": "resnet18",
+        "augment": False,
+    }
     with pytest.raises(C.ConfigError, match="key=value"):
         C.parse_overrides(["lr"])
 
@@ -236,11 +285,16 @@ def test_run_record_and_predictions_join_cohort(mortality_run, data_dir):
     assert pred.p_mortality.between(0, 1).all()
     metrics = json.loads((run.run_dir / "metrics.json").read_text())
     assert metrics["test"]["auprc"] == pytest.approx(
-        skm.average_precision_score(pred.y_mortality, pred.p_mortality), abs=1e-9)
-    assert metrics["test"]["auroc"] == pytest.approx(skm.roc_auc_score(pred.y_mortality, pred.p_mortality), abs=1e-9)
+        skm.average_precision_score(pred.y_mortality, pred.p_mortality), abs=1e-9
+    )
+    assert metrics["test"]["auroc"] == pytest.approx(
+        skm.roc_auc_score(pred.y_mortality, pred.p_mortality), abs=1e-9
+    )
     assert metrics["selection_metric"] == "auprc" and metrics["splits"]["test"]["n_stays"] == len(pred)
     assert 0 <= metrics["best_epoch"] < C.PRESETS["test"]["max_epochs"]
-    assert metrics["epochs_trained"] == C.PRESETS["test"]["max_epochs"]  # patience 2 cannot stop 2 epochs early
+    assert (
+        metrics["epochs_trained"] == C.PRESETS["test"]["max_epochs"]
+    )  # patience 2 cannot stop 2 epochs early
     curves = pd.read_csv(run.run_dir / "log" / "metrics.csv")
     assert curves["val/auprc"].notna().sum() == metrics["epochs_trained"]
     assert metrics["val_best"] == pytest.approx(curves["val/auprc"].max())
@@ -307,7 +361,7 @@ def test_los_matched_with_images_and_test_dropout(data_dir, tmp_path, tiny_fusio
     cohort = pd.read_parquet(data_dir / "cohort.parquet")
     expect = cohort.loc[(cohort.fold == 2) & cohort.has_cxr, "stay_id"]
     assert sorted(pred.stay_id) == sorted(expect)
-    assert not pred.cxr_input.any()                         # every test X-ray removed
+    assert not pred.cxr_input.any()  # every test X-ray removed
     assert run.metrics["splits"]["test"]["n_cxr_dropped"] == len(expect)
     probs = pred[[f"p_los_{k}" for k in range(7)]].to_numpy()
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
@@ -315,17 +369,24 @@ def test_los_matched_with_images_and_test_dropout(data_dir, tmp_path, tiny_fusio
     assert (joined.y_los == joined.label_los).all()
     m = run.metrics["test"]
     assert m["auroc_ovr_macro"] == pytest.approx(
-        np.mean([skm.roc_auc_score(pred.y_los == k, probs[:, k]) for k in range(7) if (pred.y_los == k).any()]))
+        np.mean(
+            [skm.roc_auc_score(pred.y_los == k, probs[:, k]) for k in range(7) if (pred.y_los == k).any()]
+        )
+    )
     assert run.metrics["selection_metric"] == "auroc_ovr_macro"
 
 
 def test_same_seed_identical_with_images_and_augmentation(data_dir, tmp_path, tiny_fusion):
-    runs = [train_run(_cfg(data_dir, model=tiny_fusion, cxr_dropout_train=0.3, seed=4), tmp_path / str(i))
-            for i in range(2)]
+    runs = [
+        train_run(_cfg(data_dir, model=tiny_fusion, cxr_dropout_train=0.3, seed=4), tmp_path / str(i))
+        for i in range(2)
+    ]
     a, b = (pd.read_parquet(r.run_dir / "predictions.parquet") for r in runs)
     pd.testing.assert_frame_equal(a, b, check_exact=True)
     other = train_run(_cfg(data_dir, model=tiny_fusion, cxr_dropout_train=0.3, seed=5), tmp_path / "2")
-    assert not np.array_equal(pd.read_parquet(other.run_dir / "predictions.parquet").p_mortality, a.p_mortality)
+    assert not np.array_equal(
+        pd.read_parquet(other.run_dir / "predictions.parquet").p_mortality, a.p_mortality
+    )
 
 
 def test_training_augments_only_during_fit(data_dir, tiny_fusion):
@@ -335,9 +396,17 @@ def test_training_augments_only_during_fit(data_dir, tiny_fusion):
     module = CareBenchModule(_TinyFusion("mortality", 4, 16), "mortality")
     orig = module.model.forward
     module.model.forward = lambda batch: (seen.append(batch["cxr"].clone()), orig(batch))[1]
-    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu", limit_train_batches=1, limit_val_batches=1,
-                         num_sanity_val_steps=0)
+    trainer = pl.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        limit_train_batches=1,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+    )
     loader = make_loader(fold.train, 200, shuffle=False)
     trainer.fit(module, loader, loader)
     raw = fold.train.__getitems__(list(range(len(fold.train))))["cxr"]
@@ -371,9 +440,26 @@ def test_ddp_on_two_cpu_processes_gives_one_row_per_test_stay(data_dir, tmp_path
     from pathlib import Path
 
     exe = Path(sys.executable).parent / "carebench"
-    cmd = [str(exe), "train", "--data", str(data_dir), "--model", "lstm", "--task", "mortality", "--preset", "test",
-           "--devices", "2", "--no-progress", "--out", str(tmp_path)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        str(exe),
+        "train",
+        "--data",
+        str(data_dir),
+        "--model",
+        "lstm",
+        "--task",
+        "mortality",
+        "--preset",
+        "test",
+        "--devices",
+        "2",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+    ]
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     (run_dir,) = [p for p in tmp_path.iterdir() if not p.name.startswith(".")]
     pred = pd.read_parquet(run_dir / "predictions.parquet")
@@ -385,8 +471,27 @@ def test_ddp_on_two_cpu_processes_gives_one_row_per_test_stay(data_dir, tmp_path
 # ----------------------------------------------------------------------------------------------------- CLI
 def test_cli_train_evaluate_and_errors(data_dir, tmp_path):
     runner = CliRunner()
-    args = ["train", "--data", str(data_dir), "--model", "lstm", "--task", "phenotype", "--preset", "test",
-            "--fold", "3", "--seed", "1", "--threads", "1", "--no-progress", "--out", str(tmp_path), "max_epochs=1"]
+    args = [
+        "train",
+        "--data",
+        str(data_dir),
+        "--model",
+        "lstm",
+        "--task",
+        "phenotype",
+        "--preset",
+        "test",
+        "--fold",
+        "3",
+        "--seed",
+        "1",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--out",
+        str(tmp_path),
+        "max_epochs=1",
+    ]
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     run_dir = next(p for p in tmp_path.iterdir() if p.name.startswith("lstm_phenotype_f3_s1_"))
@@ -399,9 +504,23 @@ def test_cli_train_evaluate_and_errors(data_dir, tmp_path):
     ev = runner.invoke(app, ["evaluate", str(run_dir), "--out", str(tmp_path / "ev.json")])
     assert ev.exit_code == 0, ev.output
     stored = json.loads((run_dir / "metrics.json").read_text())["test"]
-    assert json.loads((tmp_path / "ev.json").read_text())["auprc_macro"] == pytest.approx(stored["auprc_macro"])
+    assert json.loads((tmp_path / "ev.json").read_text())["auprc_macro"] == pytest.approx(
+        stored["auprc_macro"]
+    )
     bad = runner.invoke(app, [*args[:-1], "epochs=3"])
     assert bad.exit_code == 2 and "unknown option 'epochs'" in bad.output
-    bad = runner.invoke(app, ["train", "--data", str(tmp_path / "nope"), "--model", "lstm", "--task", "los",
-                              "--out", str(tmp_path)])
+    bad = runner.invoke(
+        app,
+        [
+            "train",
+            "--data",
+            str(tmp_path / "nope"),
+            "--model",
+            "lstm",
+            "--task",
+            "los",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert bad.exit_code == 2 and "manifest.json" in bad.output

@@ -48,7 +48,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     """carebench: EHR + chest X-ray fusion benchmark."""
 
@@ -57,10 +59,16 @@ def main(
 @user_errors
 def synth(
     out: str = typer.Option(..., "--out", help="Output root (gets mimic-iv/, mimic-cxr-jpg/, planted.json)."),
-    stays: int = typer.Option(..., "--stays", help="Number of ICU stays to generate (about 80% pass the cohort rules)."),
-    seed: int = typer.Option(..., "--seed", help="Random seed; the same seed and options give identical files."),
+    stays: int = typer.Option(
+        ..., "--stays", help="Number of ICU stays to generate (about 80% pass the cohort rules)."
+    ),
+    seed: int = typer.Option(
+        ..., "--seed", help="Random seed; the same seed and options give identical files."
+    ),
     image_size: int = typer.Option(512, "--image-size", help="Side in pixels of the rendered radiographs."),
-    cxr_rate: float = typer.Option(0.3, "--cxr-rate", help="Share of stays with a frontal X-ray in the first 48 h."),
+    cxr_rate: float = typer.Option(
+        0.3, "--cxr-rate", help="Share of stays with a frontal X-ray in the first 48 h."
+    ),
     workers: int = typer.Option(2, "--workers", help="Worker processes (the output does not depend on it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory at --out."),
 ) -> None:
@@ -71,41 +79,75 @@ def synth(
 
     with Progress(console=err_console, transient=True) as bar:
         task = bar.add_task("Simulating stays", total=None)
-        result = synthesize(out, stays=stays, seed=seed, image_size=image_size, cxr_rate=cxr_rate, workers=workers,
-                            overwrite=overwrite, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                        total=total))
+        result = synthesize(
+            out,
+            stays=stays,
+            seed=seed,
+            image_size=image_size,
+            cxr_rate=cxr_rate,
+            workers=workers,
+            overwrite=overwrite,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
     c = result.counts
-    err_console.print(f"{c['stays']} ICU stays ({c['cohort_stays']} adult >= 48 h, {c['cohort_with_cxr']} of them "
-                      f"with an X-ray), {c['images']} images in {result.seconds:.1f} s", highlight=False)
+    err_console.print(
+        f"{c['stays']} ICU stays ({c['cohort_stays']} adult >= 48 h, {c['cohort_with_cxr']} of them "
+        f"with an X-ray), {c['images']} images in {result.seconds:.1f} s",
+        highlight=False,
+    )
     print(result.path)
 
 
 @app.command()
 @user_errors
 def prepare(
-    mimic_iv: str = typer.Option(..., "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."),
-    out: str = typer.Option(..., "--out", help="Output directory for the processed dataset (written atomically)."),
-    mimic_cxr: str | None = typer.Option(None, "--mimic-cxr", help="MIMIC-CXR-JPG root; without it no stay has an X-ray."),
-    image_size: int = typer.Option(256, "--image-size", help="Side in pixels of the square grayscale X-ray cache."),
+    mimic_iv: str = typer.Option(
+        ..., "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."
+    ),
+    out: str = typer.Option(
+        ..., "--out", help="Output directory for the processed dataset (written atomically)."
+    ),
+    mimic_cxr: str | None = typer.Option(
+        None, "--mimic-cxr", help="MIMIC-CXR-JPG root; without it no stay has an X-ray."
+    ),
+    image_size: int = typer.Option(
+        256, "--image-size", help="Side in pixels of the square grayscale X-ray cache."
+    ),
     threads: int = typer.Option(2, "--threads", help="DuckDB (and image decoding) threads."),
-    memory_limit: str = typer.Option("8GB", "--memory-limit", help="DuckDB memory limit; it spills to disk above it."),
+    memory_limit: str = typer.Option(
+        "8GB", "--memory-limit", help="DuckDB memory limit; it spills to disk above it."
+    ),
     cxr_lookback_hours: float = typer.Option(
-        0.0, "--cxr-lookback-hours", help="Also accept X-rays taken up to this many hours before ICU admission."),
+        0.0,
+        "--cxr-lookback-hours",
+        help="Also accept X-rays taken up to this many hours before ICU admission.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint fold assignment."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset at --out."),
 ) -> None:
     """Raw MIMIC-IV (+ MIMIC-CXR-JPG) -> processed benchmark dataset (cohort, labels, folds, EHR arrays, X-rays)."""
     from carebench.data.mimic.pipeline import prepare as run_prepare
 
-    path = run_prepare(mimic_iv, out, mimic_cxr=mimic_cxr, image_size=image_size, threads=threads,
-                       memory_limit=memory_limit, cxr_lookback_hours=cxr_lookback_hours, seed=seed,
-                       overwrite=overwrite, console=err_console)
+    path = run_prepare(
+        mimic_iv,
+        out,
+        mimic_cxr=mimic_cxr,
+        image_size=image_size,
+        threads=threads,
+        memory_limit=memory_limit,
+        cxr_lookback_hours=cxr_lookback_hours,
+        seed=seed,
+        overwrite=overwrite,
+        console=err_console,
+    )
     print(path)
 
 
 @app.command()
 @user_errors
-def describe(data: str = typer.Argument(..., help="A dataset directory written by `carebench prepare`.")) -> None:
+def describe(
+    data: str = typer.Argument(..., help="A dataset directory written by `carebench prepare`."),
+) -> None:
     """Cohort steps, folds, label prevalences, X-ray availability and feature coverage of a processed dataset."""
     from carebench.data.describe import print_summary, summarize
     from carebench.data.store import open_dataset
@@ -117,39 +159,73 @@ def describe(data: str = typer.Argument(..., help="A dataset directory written b
 @user_errors
 def train(
     overrides: list[str] | None = typer.Argument(  # noqa: B008
-        None, help="key=value overrides: training options (lr=1e-4, max_epochs=5) or model hyper-parameters "
-                   "(model.hidden=128)."),
+        None,
+        help="key=value overrides: training options (lr=1e-4, max_epochs=5) or model hyper-parameters "
+        "(model.hidden=128).",
+    ),
     data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
-    model: str = typer.Option(..., "--model", help="Registered model name (see `carebench.models.list_models()`)."),
+    model: str = typer.Option(
+        ..., "--model", help="Registered model name (see `carebench.models.list_models()`)."
+    ),
     task: str = typer.Option(..., "--task", help="mortality | phenotype | los."),
     out: str = typer.Option(..., "--out", help="Runs directory; the run is written to OUT/<run_id>/."),
     cohort: str = typer.Option("base", "--cohort", help="base (all stays) | matched (stays with an X-ray)."),
-    fold: int = typer.Option(1, "--fold", help="Test fold 1-5 (validation = next fold, train = the other three)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."),
+    fold: int = typer.Option(
+        1, "--fold", help="Test fold 1-5 (validation = next fold, train = the other three)."
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."
+    ),
     preset: str = typer.Option("quick", "--preset", help="quick (small, CPU) | full (paper setting)."),
-    cxr_dropout_train: float = typer.Option(0.0, "--cxr-dropout-train", help="Fraction of training X-rays removed."),
-    cxr_dropout_val: float = typer.Option(0.0, "--cxr-dropout-val", help="Fraction of validation X-rays removed."),
-    cxr_dropout_test: float = typer.Option(0.0, "--cxr-dropout-test", help="Fraction of test X-rays removed."),
-    cxr_dropout_seed: int | None = typer.Option(None, "--cxr-dropout-seed", help="Seed of the X-ray dropout "
-                                                "(default: --seed)."),
+    cxr_dropout_train: float = typer.Option(
+        0.0, "--cxr-dropout-train", help="Fraction of training X-rays removed."
+    ),
+    cxr_dropout_val: float = typer.Option(
+        0.0, "--cxr-dropout-val", help="Fraction of validation X-rays removed."
+    ),
+    cxr_dropout_test: float = typer.Option(
+        0.0, "--cxr-dropout-test", help="Fraction of test X-rays removed."
+    ),
+    cxr_dropout_seed: int | None = typer.Option(
+        None, "--cxr-dropout-seed", help="Seed of the X-ray dropout (default: --seed)."
+    ),
     accelerator: str = typer.Option("cpu", "--accelerator", help="cpu | gpu | auto."),
     devices: str = typer.Option("1", "--devices", help="Number of devices (>1 = DDP) or auto."),
     precision: str = typer.Option("32-true", "--precision", help="32-true | bf16-mixed | 16-mixed | ..."),
     num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
-    threads: int = typer.Option(0, "--threads", help="CPU threads of torch (0 = torch's default); use 1 when "
-                                "several runs share a machine."),
+    threads: int = typer.Option(
+        0,
+        "--threads",
+        help="CPU threads of torch (0 = torch's default); use 1 when several runs share a machine.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
     from carebench.training import parse_overrides, resolve_config, train_run
 
-    options = {"cohort": cohort, "fold": fold, "seed": seed, "cxr_dropout_train": cxr_dropout_train,
-               "cxr_dropout_val": cxr_dropout_val, "cxr_dropout_test": cxr_dropout_test,
-               "cxr_dropout_seed": cxr_dropout_seed, "accelerator": accelerator, "devices": devices,
-               "precision": precision, "num_workers": num_workers, "threads": threads,
-               "progress": progress}
-    cfg = resolve_config(data=data, model=model, task=task, preset=preset, options=options,
-                         overrides=parse_overrides(overrides))
+    options = {
+        "cohort": cohort,
+        "fold": fold,
+        "seed": seed,
+        "cxr_dropout_train": cxr_dropout_train,
+        "cxr_dropout_val": cxr_dropout_val,
+        "cxr_dropout_test": cxr_dropout_test,
+        "cxr_dropout_seed": cxr_dropout_seed,
+        "accelerator": accelerator,
+        "devices": devices,
+        "precision": precision,
+        "num_workers": num_workers,
+        "threads": threads,
+        "progress": progress,
+    }
+    cfg = resolve_config(
+        data=data,
+        model=model,
+        task=task,
+        preset=preset,
+        options=options,
+        overrides=parse_overrides(overrides),
+    )
     result = train_run(cfg, out)
     if not result.metrics:
         return  # a non-zero DDP rank
@@ -162,8 +238,12 @@ def train(
 @user_errors
 def evaluate(
     run_dir: str = typer.Argument(..., help="A run directory written by `carebench train`."),
-    data: str | None = typer.Option(None, "--data", help="Dataset directory (default: the path in config.yaml)."),
-    out: str | None = typer.Option(None, "--out", help="Also write the recomputed metrics to this JSON file."),
+    data: str | None = typer.Option(
+        None, "--data", help="Dataset directory (default: the path in config.yaml)."
+    ),
+    out: str | None = typer.Option(
+        None, "--out", help="Also write the recomputed metrics to this JSON file."
+    ),
 ) -> None:
     """Recompute a run's test metrics from its checkpoint and print the overall ones."""
     import json
@@ -183,16 +263,29 @@ def evaluate(
 @user_errors
 def benchmark(
     overrides: list[str] | None = typer.Argument(  # noqa: B008
-        None, help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=bf16-mixed)."),
-    plan: str = typer.Option(..., "--plan", help="A built-in profile (quick, paper) or a plan YAML file (docs/benchmark.md)."),
+        None,
+        help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=bf16-mixed).",
+    ),
+    plan: str = typer.Option(
+        ..., "--plan", help="A built-in profile (quick, paper) or a plan YAML file (docs/benchmark.md)."
+    ),
     data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
     out: str = typer.Option(..., "--out", help="Runs directory: OUT/<run_id>/, OUT/plan.yaml, OUT/runs.csv."),
-    executor: str = typer.Option("local", "--executor", help="local (worker processes) | ray (pip install 'carebench[ray]')."),
-    jobs: int | None = typer.Option(None, "--jobs", help="Runs at a time (local: 1; ray: cluster CPUs / threads)."),
-    threads: int | None = typer.Option(None, "--threads", help="Torch threads per run (default: CPU cores // jobs)."),
-    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, "
-                                           "else a local Ray instance)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="List the planned runs and whether they are done; run nothing."),
+    executor: str = typer.Option(
+        "local", "--executor", help="local (worker processes) | ray (pip install 'carebench[ray]')."
+    ),
+    jobs: int | None = typer.Option(
+        None, "--jobs", help="Runs at a time (local: 1; ray: cluster CPUs / threads)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="Torch threads per run (default: CPU cores // jobs)."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)."
+    ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="List the planned runs and whether they are done; run nothing."
+    ),
 ) -> None:
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
     from carebench.experiments import load_plan, print_summary, run_benchmark
@@ -208,8 +301,9 @@ def benchmark(
             done = (Path(out) / cfg.run_id / "DONE").is_file()
             print(f"{cfg.run_id}\t{'done' if done else 'pending'}")
         return
-    summary = run_benchmark(p, data, out, executor=executor, jobs=jobs, threads=threads, address=ray_address,
-                            console=err_console)
+    summary = run_benchmark(
+        p, data, out, executor=executor, jobs=jobs, threads=threads, address=ray_address, console=err_console
+    )
     print_summary(summary, Console())
     if summary.interrupted:
         raise typer.Exit(130)
@@ -220,24 +314,49 @@ def benchmark(
 @app.command()
 @user_errors
 def analyze(
-    runs: str = typer.Argument(..., help="Runs directory (carebench benchmark --out / carebench train --out)."),
-    data: str | None = typer.Option(None, "--data", help="Dataset directory, if it moved since training "
-                                    "(default: the path in the runs' config.yaml)."),
-    n_bootstrap: int | None = typer.Option(None, "--n-bootstrap", help="Bootstrap resamples per CI "
-                                           "(default: the plan's statistics.n_bootstrap, else 1000)."),
-    n_permutations: int | None = typer.Option(None, "--n-permutations", help="Permutations per paired test "
-                                              "(default: the plan's statistics.n_permutations, else 10000)."),
-    seed: int | None = typer.Option(None, "--seed", help="Seed of every resampling (default: plan's, else 0)."),
-    confidence: float | None = typer.Option(None, "--confidence", help="CI level (default: plan's, else 0.95)."),
-    fairness: bool | None = typer.Option(None, "--fairness/--skip-fairness", help="Fairness tables (default: "
-                                         "the plan's fairness.enabled, else on)."),
-    missingness: bool = typer.Option(True, "--missingness/--skip-missingness", help="Missing-X-ray tables "
-                                     "(natural, test-time curves, train/val rates)."),
+    runs: str = typer.Argument(
+        ..., help="Runs directory (carebench benchmark --out / carebench train --out)."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="Dataset directory, if it moved since training (default: the path in the runs' config.yaml).",
+    ),
+    n_bootstrap: int | None = typer.Option(
+        None,
+        "--n-bootstrap",
+        help="Bootstrap resamples per CI (default: the plan's statistics.n_bootstrap, else 1000).",
+    ),
+    n_permutations: int | None = typer.Option(
+        None,
+        "--n-permutations",
+        help="Permutations per paired test (default: the plan's statistics.n_permutations, else 10000).",
+    ),
+    seed: int | None = typer.Option(
+        None, "--seed", help="Seed of every resampling (default: plan's, else 0)."
+    ),
+    confidence: float | None = typer.Option(
+        None, "--confidence", help="CI level (default: plan's, else 0.95)."
+    ),
+    fairness: bool | None = typer.Option(
+        None,
+        "--fairness/--skip-fairness",
+        help="Fairness tables (default: the plan's fairness.enabled, else on).",
+    ),
+    missingness: bool = typer.Option(
+        True,
+        "--missingness/--skip-missingness",
+        help="Missing-X-ray tables (natural, test-time curves, train/val rates).",
+    ),
     ablation: bool = typer.Option(True, "--ablation/--skip-ablation", help="Test-time modality ablation."),
-    label_groups: str | None = typer.Option(None, "--label-groups", help="Phenotype label groups for group-macro "
-                                            "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
-                                            "planted.json of `carebench synth` (grouped by planted kind). "
-                                            "Default: the plan's statistics.label_groups, else none."),
+    label_groups: str | None = typer.Option(
+        None,
+        "--label-groups",
+        help="Phenotype label groups for group-macro "
+        "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
+        "planted.json of `carebench synth` (grouped by planted kind). "
+        "Default: the plan's statistics.label_groups, else none.",
+    ),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
@@ -245,10 +364,20 @@ def analyze(
     RUNS/analysis/ (parquet + csv, summary.json)."""
     from carebench.evaluation.analyze import analyze as run_analysis
 
-    result = run_analysis(runs, data=data, console=err_console if progress else None, n_bootstrap=n_bootstrap,
-                          n_permutations=n_permutations, seed=seed, confidence=confidence, fairness=fairness,
-                          missingness=missingness, ablation=ablation, device=device,
-                          label_groups=label_groups)
+    result = run_analysis(
+        runs,
+        data=data,
+        console=err_console if progress else None,
+        n_bootstrap=n_bootstrap,
+        n_permutations=n_permutations,
+        seed=seed,
+        confidence=confidence,
+        fairness=fairness,
+        missingness=missingness,
+        ablation=ablation,
+        device=device,
+        label_groups=label_groups,
+    )
     s = result.summary
     for w in s["warnings"]:
         err_console.print(f"[yellow]note:[/] {w}", highlight=False, soft_wrap=True)
@@ -260,8 +389,12 @@ def analyze(
 @user_errors
 def report(
     runs: str = typer.Argument(..., help="Runs directory analysed by `carebench analyze`."),
-    planted: str | None = typer.Option(None, "--planted", help="planted.json of `carebench synth`: adds a "
-                                       "section comparing the conclusions with the planted truth."),
+    planted: str | None = typer.Option(
+        None,
+        "--planted",
+        help="planted.json of `carebench synth`: adds a "
+        "section comparing the conclusions with the planted truth.",
+    ),
     out: str | None = typer.Option(None, "--out", help="Output directory (default: RUNS/report)."),
 ) -> None:
     """One self-contained HTML page (RUNS/report/index.html) and every analysis table as CSV."""

@@ -48,8 +48,11 @@ def test_boosting_loss_bce_weighs_each_label_by_the_residual_of_the_ensemble():
     y = torch.tensor([[1.0, 0.0]])
     p_true = torch.tensor([[torch.sigmoid(torch.tensor(2.0)).item(), 0.5]])  # prev's probability of the truth
     bce = tF.binary_cross_entropy_with_logits
-    expected = (bce(out, y, reduction="none").mean() + bce(prev, y, reduction="none").mean()
-                + ((1 - 0.5 * p_true) * bce(add, y, reduction="none")).mean())
+    expected = (
+        bce(out, y, reduction="none").mean()
+        + bce(prev, y, reduction="none").mean()
+        + ((1 - 0.5 * p_true) * bce(add, y, reduction="none")).mean()
+    )
     got = boosting_loss(TASKS["phenotype"], out, prev, add, y, 0.5)
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -130,13 +133,24 @@ def test_a_layer_added_mid_training_is_optimised_and_reloads(aug_fold, tmp_path)
     model.new_layer = spy
     module = CareBenchModule(model, "mortality", lr=1e-2, augment=False)
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_weights_only=True)
-    trainer = pl.Trainer(max_epochs=2, logger=False, callbacks=[every_epoch], enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        callbacks=[every_epoch],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     train = make_loader(aug_fold.train, 16, shuffle=True, drop_last=True, seed=0)
     trainer.fit(module, train, make_loader(aug_fold.val, 32, shuffle=False))
     assert model.assignments == [(0, "ehr")] and model.pending is None
-    layers_saved = [sum(".extra.ehr." in k for k in torch.load(tmp_path / f"epoch={e}.ckpt", weights_only=False)
-                        ["state_dict"]) for e in (0, 1)]
+    layers_saved = [
+        sum(
+            ".extra.ehr." in k
+            for k in torch.load(tmp_path / f"epoch={e}.ckpt", weights_only=False)["state_dict"]
+        )
+        for e in (0, 1)
+    ]
     assert layers_saved == [0, 2]  # weight and bias of one layer from epoch 1 on
     assert len(model.extra["ehr"]) == 1 and len(model.extra["cxr"]) == 0
     layer = model.extra["ehr"][0]

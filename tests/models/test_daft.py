@@ -22,7 +22,9 @@ def build(task: str = "phenotype", seed: int = 0, **overrides):
 
 def capture(module: torch.nn.Module, store: dict, key: str, *, pre: bool = False):
     if pre:
-        return module.register_forward_pre_hook(lambda _m, args: store.__setitem__(key, args[0].detach().clone()))
+        return module.register_forward_pre_hook(
+            lambda _m, args: store.__setitem__(key, args[0].detach().clone())
+        )
 
     def hook(_m, args, out):
         store[key] = ([a.detach().clone() for a in args], out.detach().clone())
@@ -54,7 +56,9 @@ def test_the_transformed_map_is_alpha_f_plus_beta_with_parameters_from_image_and
         a_new, b_new = model.daft.transform.affine(fmap2, aux2)
     handle.remove()
     assert torch.equal(fmap2, fmap)  # the map entering the DAFT does not depend on the EHR...
-    assert not torch.allclose(a_new[0], alpha[0]) and not torch.allclose(b_new[0], beta[0])  # ...alpha, beta do
+    assert not torch.allclose(a_new[0], alpha[0]) and not torch.allclose(
+        b_new[0], beta[0]
+    )  # ...alpha, beta do
     torch.testing.assert_close(a_new[1], alpha[1])
     torch.testing.assert_close(b_new[1], beta[1])
 
@@ -88,9 +92,13 @@ def test_each_location_transforms_the_map_it_names(location):
     model = build(daft_location=location)
     block = model.daft.block  # resnet_tiny's last block: BasicBlock 32 -> 64 with a downsample
     seen: dict = {}
-    handles = [capture(model.daft.transform, seen, "t"), capture(block.conv1, seen, "conv1", pre=True),
-               capture(block.downsample, seen, "skip", pre=True), capture(block.bn1, seen, "bn1"),
-               capture(block.conv2, seen, "conv2", pre=True)]
+    handles = [
+        capture(model.daft.transform, seen, "t"),
+        capture(block.conv1, seen, "conv1", pre=True),
+        capture(block.downsample, seen, "skip", pre=True),
+        capture(block.bn1, seen, "bn1"),
+        capture(block.conv2, seen, "conv2", pre=True),
+    ]
     with torch.no_grad():
         model(make_batch("phenotype"))
     for h in handles:
@@ -99,8 +107,13 @@ def test_each_location_transforms_the_map_it_names(location):
     expect_channels = 32 if location in (0, 1, 2) else 64
     assert fmap.size(1) == expect_channels == model.daft.transform.aux[2].out_features // 2
     main, skip = torch.equal(seen["conv1"], out), torch.equal(seen["skip"], out)
-    assert (main, skip) == {0: (True, True), 1: (False, True), 2: (True, False), 3: (False, False),
-                            4: (False, False)}[location]
+    assert (main, skip) == {
+        0: (True, True),
+        1: (False, True),
+        2: (True, False),
+        3: (False, False),
+        4: (False, False),
+    }[location]
     if location == 3:  # after the first batch norm, which lost its own affine parameters
         assert torch.equal(fmap, seen["bn1"][1]) and not block.bn1.affine
     if location == 4:
@@ -118,7 +131,9 @@ def test_daft_block_with_an_identity_transform_is_the_torchvision_block(arch, mo
         x = torch.randn(2, original.conv1.in_channels, 3, 3)
         with torch.no_grad():
             expected = original(x.clone())
-            block = DAFTBlock(original, aux_dim=4, location=2, bottleneck_factor=7.0, activation="linear").eval()
+            block = DAFTBlock(
+                original, aux_dim=4, location=2, bottleneck_factor=7.0, activation="linear"
+            ).eval()
             monkeypatch.setattr(block.transform, "forward", lambda fmap, aux: fmap)
             torch.testing.assert_close(block(x, torch.zeros(2, 4)), expected)
 

@@ -32,8 +32,9 @@ def test_masked_mean_ignores_padded_steps():
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])
 def test_transformer_padding_is_neither_attended_nor_pooled(positional):
     torch.manual_seed(0)
-    enc = EHRTransformerEncoder(6, d_model=8, n_heads=2, n_layers=2, dropout=0.0, ff_dim=16,
-                                positional=positional).eval()
+    enc = EHRTransformerEncoder(
+        6, d_model=8, n_heads=2, n_layers=2, dropout=0.0, ff_dim=16, positional=positional
+    ).eval()
     x = torch.randn(2, 10, 6)
     lengths = torch.tensor([7, 10])
     garbage = x.clone()
@@ -68,7 +69,9 @@ def test_lstm_lengths_pack_the_sequence_and_bidirectional_concatenates():
 def test_sinusoidal_positions_have_the_textbook_values():
     pe = SinusoidalPositions(d_model=4, max_len=10).pe[0]
     assert pe[0].tolist() == [0.0, 1.0, 0.0, 1.0]
-    torch.testing.assert_close(pe[3], torch.tensor([math.sin(3), math.cos(3), math.sin(3 / 100), math.cos(3 / 100)]))
+    torch.testing.assert_close(
+        pe[3], torch.tensor([math.sin(3), math.cos(3), math.sin(3 / 100), math.cos(3 / 100)])
+    )
 
 
 def _rgb_resnet18(seed: int) -> nn.Module:
@@ -115,7 +118,9 @@ def test_imagenet_uses_torchvision_weights_api(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
-    with pytest.raises(PretrainedWeightsError, match=r"pretrained='imagenet'.*resnet50-11ad3fa6.*network unreachable"):
+    with pytest.raises(
+        PretrainedWeightsError, match=r"pretrained='imagenet'.*resnet50-11ad3fa6.*network unreachable"
+    ):
         ResNetEncoder("resnet50", "imagenet")
 
 

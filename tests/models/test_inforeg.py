@@ -23,7 +23,9 @@ MIXED = (True, False, True, True)
 
 def stub_module(epoch: int = 3) -> SimpleNamespace:
     """What the hooks read from the training module, for a single-process run."""
-    return SimpleNamespace(current_epoch=epoch, trainer=SimpleNamespace(world_size=1), log=lambda *a, **k: None)
+    return SimpleNamespace(
+        current_epoch=epoch, trainer=SimpleNamespace(world_size=1), log=lambda *a, **k: None
+    )
 
 
 def build(task: str = "mortality", seed: int = 0, **overrides):
@@ -67,7 +69,9 @@ def grads(module):
     return [p.grad.detach().clone() for p in module.parameters()]
 
 
-@pytest.mark.parametrize(("scores", "dominant", "other"), [((3.0, 1.0), "ehr", "cxr"), ((0.5, 2.5), "cxr", "ehr")])
+@pytest.mark.parametrize(
+    ("scores", "dominant", "other"), [((3.0, 1.0), "ehr", "cxr"), ((0.5, 2.5), "cxr", "ehr")]
+)
 def test_a_rising_fisher_trace_regulates_only_the_dominant_encoder(scores, dominant, other):
     model = build("los")
     encoders = {"ehr": model.ehr_encoder, "cxr": model.cxr_encoder}
@@ -87,7 +91,9 @@ def test_a_rising_fisher_trace_regulates_only_the_dominant_encoder(scores, domin
     model.training_hook(tm, batch, out, torch.tensor(0.0))
     model._scores = torch.tensor(scores)  # controlled: which modality's unimodal head is better
     before = {m: grads(enc) for m, enc in encoders.items()}
-    expected_trace = {m: sum(float((p.grad ** 2).mean()) for p in fisher_weights(enc)) for m, enc in encoders.items()}
+    expected_trace = {
+        m: sum(float((p.grad**2).mean()) for p in fisher_weights(enc)) for m, enc in encoders.items()
+    }
     model.before_optimizer_step(tm, None)
 
     beta = model.hparams[f"beta_{dominant}"] * math.exp(math.tanh(abs(scores[0] - scores[1])))
@@ -154,12 +160,20 @@ def test_regulation_runs_inside_a_lightning_fit(tmp_path):
 
     model.before_optimizer_step = spy
     module = CareBenchModule(model, "mortality", lr=1e-2, augment=False)
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     train = make_loader(fold.train, 16, shuffle=True, drop_last=True, seed=0)
     trainer.fit(module, train, make_loader(fold.val, 32, shuffle=False))
     window = model.hparams["fim_window"]
     for m in ("ehr", "cxr"):
-        assert len(model.trace_history[m]) == window + 2 and all(t > 0 for t in model.trace_history[m][window:])
+        assert len(model.trace_history[m]) == window + 2 and all(
+            t > 0 for t in model.trace_history[m][window:]
+        )
     assert len(seen) == 2 * len(train)
     assert any(r is not None for r in seen[: len(train)])  # k = 1 in epoch 0

@@ -94,8 +94,12 @@ def test_attention_ranking_loss_follows_the_ranking_of_the_head_losses():
     # only shared-vs-cxr violated
     assert loss(ehr=1.0, shared=0.05, cxr=0.1) == pytest.approx((0.5 - 0.3) / 3)
     # stays without an X-ray are not ranked
-    assert attention_ranking_loss(attn, torch.tensor([[0.1]]), torch.tensor([[0.5]]), torch.tensor([[1.0]]),
-                                  torch.tensor([False])).item() == 0.0
+    assert (
+        attention_ranking_loss(
+            attn, torch.tensor([[0.1]]), torch.tensor([[0.5]]), torch.tensor([[1.0]]), torch.tensor([False])
+        ).item()
+        == 0.0
+    )
 
 
 def test_drfuse_attention_shared_fusion_and_auxiliary_heads():
@@ -109,12 +113,21 @@ def test_drfuse_attention_shared_fusion_and_auxiliary_heads():
         torch.testing.assert_close(attn.sum(-1), torch.ones(4, 25))
         assert (attn[~present, :, 2] == 0).all() and (attn[present, :, 2] > 0).all()
         assert torch.equal(out["shared"][~present], out["ehr_shared"][~present])
-        torch.testing.assert_close(torch.sigmoid(out["shared"][present]),
-                                   (torch.sigmoid(out["ehr_shared"]) + torch.sigmoid(out["cxr_shared"]))[present] / 2)
+        torch.testing.assert_close(
+            torch.sigmoid(out["shared"][present]),
+            (torch.sigmoid(out["ehr_shared"]) + torch.sigmoid(out["cxr_shared"]))[present] / 2,
+        )
         result = model(batch)
     assert set(result.extra_logits) == {"ehr", "cxr", "shared"}
-    assert set(result.aux_losses) == {"pred_shared", "pred_ehr", "pred_cxr", "disentangle_shared_jsd",
-                                      "disentangle_ehr_orth", "disentangle_cxr_orth", "attn_ranking"}
+    assert set(result.aux_losses) == {
+        "pred_shared",
+        "pred_ehr",
+        "pred_cxr",
+        "disentangle_shared_jsd",
+        "disentangle_ehr_orth",
+        "disentangle_cxr_orth",
+        "attn_ranking",
+    }
     expected_cxr = tF.binary_cross_entropy_with_logits(out["cxr"][present], batch["y"][present])
     torch.testing.assert_close(result.aux_losses["pred_cxr"], expected_cxr)
 
@@ -123,8 +136,18 @@ def test_drfuse_lambdas_scale_their_losses_and_imageless_batches_zero_the_paired
     batch = make_batch("los", has_cxr=MIXED)
     with torch.no_grad():
         base = build("drfuse", "los", seed=1).eval()(batch).aux_losses
-        scaled = build("drfuse", "los", seed=1, lambda_pred_cxr=2.0, lambda_attn_aux=0.0,
-                       lambda_disentangle_shared=0.5).eval()(batch).aux_losses
+        scaled = (
+            build(
+                "drfuse",
+                "los",
+                seed=1,
+                lambda_pred_cxr=2.0,
+                lambda_attn_aux=0.0,
+                lambda_disentangle_shared=0.5,
+            )
+            .eval()(batch)
+            .aux_losses
+        )
         none = build("drfuse", "los", seed=1).eval()(make_batch("los", has_cxr=(False,) * 4)).aux_losses
     torch.testing.assert_close(scaled["pred_cxr"], 2 * base["pred_cxr"])
     torch.testing.assert_close(scaled["disentangle_shared_jsd"], 0.5 * base["disentangle_shared_jsd"])

@@ -89,7 +89,9 @@ def test_forward_backward_shapes_and_every_parameter_learns(name, task):
     for k, v in out.aux_losses.items():
         assert v.dim() == 0 and torch.isfinite(v), k
     total_loss(model, out, batch).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    no_grad = [
+        n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())
+    ]
     assert no_grad == []
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 

@@ -44,7 +44,9 @@ def test_masked_interpolation_equals_a_per_feature_softmax_over_observed_times()
 def test_time_attention_weights_depend_on_the_query_time():
     model = build()
     with torch.no_grad():
-        w = torch.softmax(model.ehr_attention_scores(48, torch.device("cpu")), dim=-1)  # [H, 48 queries, 48 keys]
+        w = torch.softmax(
+            model.ehr_attention_scores(48, torch.device("cpu")), dim=-1
+        )  # [H, 48 queries, 48 keys]
     assert w.shape == (2, 48, 48)
     for head in range(2):  # at initialisation already, every query time weighs the hours differently
         rows = w[head]
@@ -93,8 +95,9 @@ def test_same_values_at_other_hours_change_the_time_embedding_and_the_prediction
     assert torch.equal(a[1:], b[1:])
     # the interpolated channel of feature 0 varies along the reference grid (two values, two times)
     x, m = batch["ehr"], batch["ehr_mask"]
-    interp = masked_time_interpolation(model.ehr_attention_scores(48, x.device),
-                                       torch.cat([x * m, m], -1), torch.cat([m, m], -1))
+    interp = masked_time_interpolation(
+        model.ehr_attention_scores(48, x.device), torch.cat([x * m, m], -1), torch.cat([m, m], -1)
+    )
     assert interp[0, 0, :, 0].max() - interp[0, 0, :, 0].min() > 1e-3
 
 
@@ -129,8 +132,9 @@ def test_a_missing_xray_gives_the_learned_null_sequence():
     assert not torch.allclose(seq[0], expected.expand(48, -1))
 
 
-@pytest.mark.parametrize(("level", "shape"), [("batch", (4, 1, 1)), ("batch_seq", (4, 48, 1)),
-                                              ("batch_seq_feature", (4, 48, 8))])
+@pytest.mark.parametrize(
+    ("level", "shape"), [("batch", (4, 1, 1)), ("batch_seq", (4, 48, 1)), ("batch_seq_feature", (4, 48, 8))]
+)
 def test_gate_levels_mix_the_two_embeddings(level, shape):
     model = build(mixup_level=level)
     batch = make_batch("mortality")

@@ -17,16 +17,16 @@ from rich.table import Table
 from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
 from carebench.data.store import ProcessedDataset
 
-_CHUNK_STAYS = 2048   # stays per block when scanning ehr.npy, so a memory-mapped array is never fully loaded
+_CHUNK_STAYS = 2048  # stays per block when scanning ehr.npy, so a memory-mapped array is never fully loaded
 
 
 @dataclass
 class DatasetSummary:
-    steps: pd.DataFrame       # step, rule, stays, excluded
-    folds: pd.DataFrame       # fold, stays, subjects, deaths
-    labels: pd.DataFrame      # task, label, positives, prevalence (mortality, LOS classes, phenotypes)
-    cxr: pd.DataFrame         # item, value
-    coverage: pd.DataFrame    # feature, unit, observed_hours, stays_observed, coverage
+    steps: pd.DataFrame  # step, rule, stays, excluded
+    folds: pd.DataFrame  # fold, stays, subjects, deaths
+    labels: pd.DataFrame  # task, label, positives, prevalence (mortality, LOS classes, phenotypes)
+    cxr: pd.DataFrame  # item, value
+    coverage: pd.DataFrame  # feature, unit, observed_hours, stays_observed, coverage
     n_stays: int
     n_subjects: int
 
@@ -37,12 +37,18 @@ def feature_coverage(ehr: np.ndarray, features: list[str]) -> pd.DataFrame:
     observed = np.zeros(f, dtype=np.int64)
     stays = np.zeros(f, dtype=np.int64)
     for lo in range(0, n, _CHUNK_STAYS):
-        block = ~np.isnan(np.asarray(ehr[lo:lo + _CHUNK_STAYS]))
+        block = ~np.isnan(np.asarray(ehr[lo : lo + _CHUNK_STAYS]))
         observed += block.sum(axis=(0, 1))
         stays += block.any(axis=1).sum(axis=0)
     total = n * hours
-    return pd.DataFrame({"feature": features, "observed_hours": observed, "stays_observed": stays,
-                         "coverage": observed / total if total else np.zeros(f)})
+    return pd.DataFrame(
+        {
+            "feature": features,
+            "observed_hours": observed,
+            "stays_observed": stays,
+            "coverage": observed / total if total else np.zeros(f),
+        }
+    )
 
 
 def _label_table(cohort: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +67,10 @@ def _cxr_table(ds: ProcessedDataset) -> pd.DataFrame:
     n = len(c)
     with_img = int(c["has_cxr"].sum())
     rows: list[tuple[str, str]] = [
-        ("X-ray source", ds.manifest.get("options", {}).get("mimic_cxr") or "none (prepared without --mimic-cxr)"),
+        (
+            "X-ray source",
+            ds.manifest.get("options", {}).get("mimic_cxr") or "none (prepared without --mimic-cxr)",
+        ),
         ("stays with an X-ray", f"{with_img} / {n} ({with_img / n:.1%})" if n else "0"),
         ("images in cache", str(0 if ds.cxr is None else ds.cxr.shape[0])),
     ]
@@ -71,8 +80,12 @@ def _cxr_table(ds: ProcessedDataset) -> pd.DataFrame:
         for view, k in c.loc[c["has_cxr"], "cxr_view"].value_counts().sort_index().items():
             rows.append((f"view {view}", str(int(k))))
         hours = c.loc[c["has_cxr"], "cxr_hours"]
-        rows.append(("hours from ICU admission (median [min, max])",
-                     f"{hours.median():.1f} [{hours.min():.1f}, {hours.max():.1f}]"))
+        rows.append(
+            (
+                "hours from ICU admission (median [min, max])",
+                f"{hours.median():.1f} [{hours.min():.1f}, {hours.max():.1f}]",
+            )
+        )
     return pd.DataFrame(rows, columns=["item", "value"])
 
 
@@ -81,13 +94,23 @@ def summarize(ds: ProcessedDataset) -> DatasetSummary:
     c = ds.cohort
     steps = pd.DataFrame(ds.manifest.get("cohort_steps", []), columns=["step", "rule", "stays"])
     steps["excluded"] = (steps["stays"].shift(1) - steps["stays"]).fillna(0).astype(int)
-    folds = (c.groupby("fold").agg(stays=("stay_id", "size"), subjects=("subject_id", "nunique"),
-                                   deaths=("label_mortality", "sum")).reset_index())
+    folds = (
+        c.groupby("fold")
+        .agg(stays=("stay_id", "size"), subjects=("subject_id", "nunique"), deaths=("label_mortality", "sum"))
+        .reset_index()
+    )
     coverage = feature_coverage(ds.ehr, ds.features)
     units = ds.manifest.get("feature_units", {})
     coverage.insert(1, "unit", [units.get(f, "") for f in ds.features])
-    return DatasetSummary(steps=steps, folds=folds, labels=_label_table(c), cxr=_cxr_table(ds),
-                          coverage=coverage, n_stays=len(c), n_subjects=int(c["subject_id"].nunique()))
+    return DatasetSummary(
+        steps=steps,
+        folds=folds,
+        labels=_label_table(c),
+        cxr=_cxr_table(ds),
+        coverage=coverage,
+        n_stays=len(c),
+        n_subjects=int(c["subject_id"].nunique()),
+    )
 
 
 def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) -> Table:
@@ -97,8 +120,12 @@ def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) 
         numeric = pd.api.types.is_numeric_dtype(df[col])
         t.add_column(col, justify="right" if numeric else "left")
     for row in df.itertuples(index=False):
-        t.add_row(*[format(v, formats[col]) if col in formats else str(v)
-                    for col, v in zip(df.columns, row, strict=True)])
+        t.add_row(
+            *[
+                format(v, formats[col]) if col in formats else str(v)
+                for col, v in zip(df.columns, row, strict=True)
+            ]
+        )
     return t
 
 
@@ -108,5 +135,6 @@ def print_summary(s: DatasetSummary, console: Console, root: str = "") -> None:
     console.print(_table("Folds (patient-disjoint)", s.folds))
     console.print(_table("Label prevalence", s.labels, {"prevalence": ".1%"}))
     console.print(_table("Chest X-rays", s.cxr))
-    console.print(_table("Feature coverage (fraction of stay-hours observed)", s.coverage,
-                         {"coverage": ".1%"}))
+    console.print(
+        _table("Feature coverage (fraction of stay-hours observed)", s.coverage, {"coverage": ".1%"})
+    )

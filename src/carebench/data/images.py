@@ -69,7 +69,9 @@ def square_geometry(width: int, height: int, size: int) -> tuple[float, float, f
     return (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
 
 
-def resize_center_crop(img: Image.Image, size: int, original_size: tuple[int, int] | None = None) -> np.ndarray:
+def resize_center_crop(
+    img: Image.Image, size: int, original_size: tuple[int, int] | None = None
+) -> np.ndarray:
     """Shorter side to `size`, centre crop to `size`×`size`; returns uint8 [size, size].
 
     `original_size` is the (width, height) before any draft reduction; the crop box is computed in those

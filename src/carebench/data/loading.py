@@ -56,8 +56,11 @@ def fold_roles(fold: int) -> dict[str, tuple[int, ...]]:
     if not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
         raise LoadingError(f"--fold must be an integer 1..{N_FOLDS}, got {fold!r}")
     val = fold % N_FOLDS + 1
-    return {"train": tuple(f for f in range(1, N_FOLDS + 1) if f not in (fold, val)), "val": (val,),
-            "test": (fold,)}
+    return {
+        "train": tuple(f for f in range(1, N_FOLDS + 1) if f not in (fold, val)),
+        "val": (val,),
+        "test": (fold,),
+    }
 
 
 def label_columns(task: str) -> list[str]:
@@ -81,7 +84,9 @@ def output_names(task: str) -> list[str]:
     raise LoadingError(f"--task must be one of {TASKS}, got {task!r}")
 
 
-def split_rows(cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "base") -> dict[str, np.ndarray]:
+def split_rows(
+    cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "base"
+) -> dict[str, np.ndarray]:
     """Row indices (into the dataset arrays) of the train / val / test stays of a fold and cohort.
 
     `base` keeps every stay (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray.
@@ -102,8 +107,10 @@ def split_rows(cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "b
     for split, fs in roles.items():
         rows = np.flatnonzero(keep & np.isin(folds, fs))
         if len(rows) == 0:
-            raise LoadingError(f"cohort.parquet: the {split} split of fold {fold} ({cohort_name} cohort, "
-                               f"task {task}) is empty (folds {list(fs)})")
+            raise LoadingError(
+                f"cohort.parquet: the {split} split of fold {fold} ({cohort_name} cohort, "
+                f"task {task}) is empty (folds {list(fs)})"
+            )
         out[split] = rows
     return out
 
@@ -113,16 +120,23 @@ def split_rows(cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "b
 class NormStats:
     """Per-feature statistics of the training split: the imputation value and the robust scaling."""
 
-    median: np.ndarray      # [F] float64, fill value for hours before the first observation
-    iqr: np.ndarray         # [F] q75 - q25 of the observed training values (NaN if never observed)
-    std: np.ndarray         # [F] sample standard deviation (ddof=1)
-    scale: np.ndarray       # [F] divisor actually used: IQR, else std, else 1
+    median: np.ndarray  # [F] float64, fill value for hours before the first observation
+    iqr: np.ndarray  # [F] q75 - q25 of the observed training values (NaN if never observed)
+    std: np.ndarray  # [F] sample standard deviation (ddof=1)
+    scale: np.ndarray  # [F] divisor actually used: IQR, else std, else 1
     n_observed: np.ndarray  # [F] int64, observed training values
 
     def to_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
-        return {n: {"median": float(self.median[i]), "iqr": float(self.iqr[i]), "std": float(self.std[i]),
-                    "scale": float(self.scale[i]), "n_observed": int(self.n_observed[i])}
-                for i, n in enumerate(names)}
+        return {
+            n: {
+                "median": float(self.median[i]),
+                "iqr": float(self.iqr[i]),
+                "std": float(self.std[i]),
+                "scale": float(self.scale[i]),
+                "n_observed": int(self.n_observed[i]),
+            }
+            for i, n in enumerate(names)
+        }
 
 
 def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> NormStats:
@@ -135,7 +149,7 @@ def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> 
     rows = np.sort(np.asarray(rows))
     parts: list[list[np.ndarray]] = [[] for _ in range(n_feat)]
     for start in range(0, len(rows), chunk):
-        block = np.asarray(ehr[rows[start:start + chunk]], dtype=np.float64).reshape(-1, n_feat)
+        block = np.asarray(ehr[rows[start : start + chunk]], dtype=np.float64).reshape(-1, n_feat)
         for f in range(n_feat):
             col = block[:, f]
             parts[f].append(col[~np.isnan(col)])
@@ -152,8 +166,9 @@ def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> 
             std[f] = vals.std(ddof=1) if len(vals) > 1 else np.nan
     scale = np.where(iqr > 0, iqr, np.where(np.isfinite(std) & (std > 0), std, 1.0))
     scale = np.where(np.isnan(iqr), 1.0, scale)
-    return NormStats(median=np.where(np.isnan(median), 0.0, median), iqr=iqr, std=std, scale=scale,
-                     n_observed=count)
+    return NormStats(
+        median=np.where(np.isnan(median), 0.0, median), iqr=iqr, std=std, scale=scale, n_observed=count
+    )
 
 
 def forward_fill(x: np.ndarray) -> np.ndarray:
@@ -226,8 +241,9 @@ def resize_cxr(x: torch.Tensor, size: int) -> torch.Tensor:
     differs by at most one grey level) or float."""
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=size < x.shape[-1])
+    return F.interpolate(
+        x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < x.shape[-1]
+    )
 
 
 def normalise_cxr(x01: torch.Tensor) -> torch.Tensor:
@@ -263,8 +279,10 @@ def augment_cxr(
     theta = torch.cat([inv, -(inv @ t[:, :, None])], dim=2)
     grid = F.affine_grid(theta, list(cxr.shape), align_corners=False)
     black = normalise_cxr(torch.tensor(0.0))
-    out = F.grid_sample(cxr.float() - black, grid, mode="bilinear", padding_mode="zeros",
-                        align_corners=False) + black
+    out = (
+        F.grid_sample(cxr.float() - black, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        + black
+    )
     keep = has_cxr.to(dev).bool()[:, None, None, None]
     return torch.where(keep, out, torch.zeros_like(out)).to(cxr.dtype)
 
@@ -342,13 +360,27 @@ def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return batch
 
 
-def make_loader(ds: StayDataset, batch_size: int, *, shuffle: bool, drop_last: bool = False, seed: int = 0,
-                num_workers: int = 0) -> DataLoader:
+def make_loader(
+    ds: StayDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    drop_last: bool = False,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
     """DataLoader over index lists; shuffling uses its own generator seeded from `seed`."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last and len(ds) > batch_size,
-                      collate_fn=collate_batch, num_workers=num_workers, generator=gen,
-                      persistent_workers=num_workers > 0)
+    return DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        drop_last=drop_last and len(ds) > batch_size,
+        collate_fn=collate_batch,
+        num_workers=num_workers,
+        generator=gen,
+        persistent_workers=num_workers > 0,
+    )
 
 
 # ------------------------------------------------------------------------------------------------- a fold
@@ -363,9 +395,14 @@ class FoldData:
     features: list[str]
 
     def summary(self) -> dict[str, Any]:
-        return {split: {"n_stays": len(ds), "n_with_cxr": int(ds.has_cxr.sum()),
-                        "n_cxr_dropped": int(ds.dropped.sum())}
-                for split, ds in (("train", self.train), ("val", self.val), ("test", self.test))}
+        return {
+            split: {
+                "n_stays": len(ds),
+                "n_with_cxr": int(ds.has_cxr.sum()),
+                "n_cxr_dropped": int(ds.dropped.sum()),
+            }
+            for split, ds in (("train", self.train), ("val", self.val), ("test", self.test))
+        }
 
 
 def build_fold(
@@ -387,7 +424,9 @@ def build_fold(
     rates = {s: 0.0 for s in SPLITS} | dict(cxr_dropout_rates or {})
     unknown = set(rates) - set(SPLITS)
     if unknown:
-        raise LoadingError(f"X-ray dropout rates given for unknown splits {sorted(unknown)}; expected {SPLITS}")
+        raise LoadingError(
+            f"X-ray dropout rates given for unknown splits {sorted(unknown)}; expected {SPLITS}"
+        )
     stay_ids = data.cohort["stay_id"].to_numpy(dtype=np.int64)
     has = data.cohort["has_cxr"].to_numpy(dtype=bool) & (data.cxr is not None)
     sets = {}
@@ -395,5 +434,6 @@ def build_fold(
         r = rows[split]
         dropped = cxr_dropout(stay_ids[r], has[r], rates[split], cxr_dropout_seed)
         sets[split] = StayDataset(data, r, task, stats, image_size, dropped=dropped, load_cxr=load_cxr)
-    return FoldData(train=sets["train"], val=sets["val"], test=sets["test"], stats=stats,
-                    features=list(data.features))
+    return FoldData(
+        train=sets["train"], val=sets["val"], test=sets["test"], stats=stats, features=list(data.features)
+    )

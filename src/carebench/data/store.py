@@ -35,9 +35,27 @@ CXR = "cxr.npy"
 
 # Columns every cohort.parquet has (the 25 pheno_* columns come from definitions.load_phenotypes()).
 COHORT_COLUMNS = (
-    "stay_id", "subject_id", "hadm_id", "intime", "outtime", "los_days", "age", "gender", "race", "race_group",
-    "admission_type", "insurance", "fold", "label_mortality", "label_los",
-    "has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index",
+    "stay_id",
+    "subject_id",
+    "hadm_id",
+    "intime",
+    "outtime",
+    "los_days",
+    "age",
+    "gender",
+    "race",
+    "race_group",
+    "admission_type",
+    "insurance",
+    "fold",
+    "label_mortality",
+    "label_los",
+    "has_cxr",
+    "cxr_dicom_id",
+    "cxr_time",
+    "cxr_hours",
+    "cxr_view",
+    "cxr_index",
 )
 
 
@@ -50,8 +68,8 @@ class ProcessedDataset:
     root: Path
     manifest: dict[str, Any]
     cohort: pd.DataFrame
-    ehr: np.ndarray          # [N, hours, F] float32 (memory-mapped when opened with mmap=True)
-    cxr: np.ndarray | None   # [M, S, S] uint8, None when the dataset has no images
+    ehr: np.ndarray  # [N, hours, F] float32 (memory-mapped when opened with mmap=True)
+    cxr: np.ndarray | None  # [M, S, S] uint8, None when the dataset has no images
 
     @property
     def features(self) -> list[str]:
@@ -100,16 +118,20 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
     with open(root / MANIFEST) as fh:
         manifest = json.load(fh)
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, "
-                           f"this carebench reads {FORMAT_VERSION}")
+        raise DatasetError(
+            f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, "
+            f"this carebench reads {FORMAT_VERSION}"
+        )
     cohort = pd.read_parquet(root / COHORT)
     missing = [c for c in COHORT_COLUMNS if c not in cohort.columns]
     if missing:
         raise DatasetError(f"{root / COHORT}: missing columns {missing}")
     ehr = np.load(root / EHR, mmap_mode="r" if mmap else None)
     if ehr.ndim != 3 or ehr.shape[0] != len(cohort) or ehr.shape[2] != len(manifest["features"]):
-        raise DatasetError(f"{root / EHR}: shape {ehr.shape} does not match {len(cohort)} stays x "
-                           f"{len(manifest['features'])} features")
+        raise DatasetError(
+            f"{root / EHR}: shape {ehr.shape} does not match {len(cohort)} stays x "
+            f"{len(manifest['features'])} features"
+        )
     cxr = None
     if (root / CXR).is_file():
         cxr = np.load(root / CXR, mmap_mode="r" if mmap else None)

@@ -51,15 +51,46 @@ if TYPE_CHECKING:  # imported where used: the experiments package imports torch,
 ANALYSIS_DIR = "analysis"
 SUMMARY = "summary.json"
 # The overall metrics of the curves, ablations and subsets (the leaderboard and comparisons have every metric).
-HEADLINE = {"mortality": ("auroc", "auprc"), "phenotype": ("auroc_macro", "auprc_macro"),
-            "los": ("auroc_ovr_macro", "accuracy")}
+HEADLINE = {
+    "mortality": ("auroc", "auprc"),
+    "phenotype": ("auroc_macro", "auprc_macro"),
+    "los": ("auroc_ovr_macro", "accuracy"),
+}
 DEFAULTS = {"n_bootstrap": 1000, "n_permutations": 10000, "confidence": 0.95, "seed": 0}
-ABLATION_COLUMNS = ["task", "cohort", "method", "condition", "metric", "value", "ci_low", "ci_high", "delta",
-                    "delta_ci_low", "delta_ci_high", "n_stays", "n_seeds", "n_cxr_input"]
+ABLATION_COLUMNS = [
+    "task",
+    "cohort",
+    "method",
+    "condition",
+    "metric",
+    "value",
+    "ci_low",
+    "ci_high",
+    "delta",
+    "delta_ci_low",
+    "delta_ci_high",
+    "n_stays",
+    "n_seeds",
+    "n_cxr_input",
+]
 DEFAULT_TEST_RATES = tuple(round(0.1 * i, 1) for i in range(10))
-TABLES = ("runs", "cohort_overview", "cohort_steps", "cohort_folds", "cohort_labels", "leaderboard", "comparisons",
-          "fairness_groups", "fairness_summary", "fairness_thresholds", "missingness_natural", "missingness_test",
-          "missingness_train", "dropout_runs", "ablation")
+TABLES = (
+    "runs",
+    "cohort_overview",
+    "cohort_steps",
+    "cohort_folds",
+    "cohort_labels",
+    "leaderboard",
+    "comparisons",
+    "fairness_groups",
+    "fairness_summary",
+    "fairness_thresholds",
+    "missingness_natural",
+    "missingness_test",
+    "missingness_train",
+    "dropout_runs",
+    "ablation",
+)
 
 
 class AnalysisError(UserError, ValueError):
@@ -84,8 +115,9 @@ class AnalysisOptions:
     label_groups_source: str = ""
 
 
-def read_label_groups(source: str | Path | Mapping[str, Any], what: str = "--label-groups"
-                      ) -> dict[str, list[str]]:
+def read_label_groups(
+    source: str | Path | Mapping[str, Any], what: str = "--label-groups"
+) -> dict[str, list[str]]:
     """Phenotype label groups from a mapping or a JSON/YAML file: `{group: [labels]}`, or the planted.json of
     `carebench synth` (`{"phenotypes": {label: kind}}` -> one group per kind, in order of first appearance)."""
     import yaml
@@ -106,15 +138,19 @@ def read_label_groups(source: str | Path | Mapping[str, Any], what: str = "--lab
             data.setdefault(str(kind), []).append(str(label))
     # the labels themselves are checked against the runs' phenotype columns by the statistics
     if problem := st.label_groups_problem(data):
-        raise AnalysisError(f"{what} {source}: {problem} (e.g. {{cardiac: [pheno_congestive_heart_failure, ...]}}, "
-                            "or a planted.json)")
+        raise AnalysisError(
+            f"{what} {source}: {problem} (e.g. {{cardiac: [pheno_congestive_heart_failure, ...]}}, "
+            "or a planted.json)"
+        )
     return {str(g): list(dict.fromkeys(v)) for g, v in data.items()}
 
 
 def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOptions:
     """Options from the command line (`given`, None = not given), else the plan's, else DEFAULTS; validated."""
-    unknown = sorted(set(given) - {"fairness", "missingness", "ablation", "test_rates", "device", "label_groups",
-                                   *DEFAULTS})
+    unknown = sorted(
+        set(given)
+        - {"fairness", "missingness", "ablation", "test_rates", "device", "label_groups", *DEFAULTS}
+    )
     if unknown:
         raise AnalysisError(f"unknown analysis option(s) {unknown}")
     plan = plan or {}
@@ -166,26 +202,49 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
     c = ds.cohort
     has = c["has_cxr"].astype(bool)
     n = len(c)
-    overview = pd.DataFrame([
-        ("ICU stays", f"{n}"), ("patients", f"{c['subject_id'].nunique()}"),
-        ("stays with a chest X-ray", f"{int(has.sum())} ({has.mean():.1%})" if n else "0"),
-        ("in-ICU deaths", f"{int(c['label_mortality'].sum())} ({c['label_mortality'].mean():.1%})" if n else "0"),
-        ("folds (patient-disjoint)", ", ".join(str(f) for f in sorted(c["fold"].unique()))),
-        ("EHR features x hours", f"{len(ds.features)} x {ds.manifest.get('hours', 48)}"),
-        ("dataset", str(ds.root)),
-    ], columns=["item", "value"])
+    overview = pd.DataFrame(
+        [
+            ("ICU stays", f"{n}"),
+            ("patients", f"{c['subject_id'].nunique()}"),
+            ("stays with a chest X-ray", f"{int(has.sum())} ({has.mean():.1%})" if n else "0"),
+            (
+                "in-ICU deaths",
+                f"{int(c['label_mortality'].sum())} ({c['label_mortality'].mean():.1%})" if n else "0",
+            ),
+            ("folds (patient-disjoint)", ", ".join(str(f) for f in sorted(c["fold"].unique()))),
+            ("EHR features x hours", f"{len(ds.features)} x {ds.manifest.get('hours', 48)}"),
+            ("dataset", str(ds.root)),
+        ],
+        columns=["item", "value"],
+    )
     steps = pd.DataFrame(ds.manifest.get("cohort_steps", []), columns=["step", "rule", "stays"])
-    folds = (c.assign(with_cxr=has).groupby("fold")
-             .agg(stays=("stay_id", "size"), patients=("subject_id", "nunique"),
-                  deaths=("label_mortality", "sum"), with_cxr=("with_cxr", "sum")).reset_index())
+    folds = (
+        c.assign(with_cxr=has)
+        .groupby("fold")
+        .agg(
+            stays=("stay_id", "size"),
+            patients=("subject_id", "nunique"),
+            deaths=("label_mortality", "sum"),
+            with_cxr=("with_cxr", "sum"),
+        )
+        .reset_index()
+    )
     rows = []
 
     def add(task: str, label: str, name: str, y: pd.Series) -> None:
         ok = y.notna()
-        rows.append({"task": task, "label": label, "name": name, "stays": int(ok.sum()),
-                     "positives": int(y[ok].sum()), "prevalence": float(y[ok].mean()) if ok.any() else np.nan,
-                     "prevalence_with_cxr": float(y[ok & has].mean()) if (ok & has).any() else np.nan,
-                     "prevalence_without_cxr": float(y[ok & ~has].mean()) if (ok & ~has).any() else np.nan})
+        rows.append(
+            {
+                "task": task,
+                "label": label,
+                "name": name,
+                "stays": int(ok.sum()),
+                "positives": int(y[ok].sum()),
+                "prevalence": float(y[ok].mean()) if ok.any() else np.nan,
+                "prevalence_with_cxr": float(y[ok & has].mean()) if (ok & has).any() else np.nan,
+                "prevalence_without_cxr": float(y[ok & ~has].mean()) if (ok & ~has).any() else np.nan,
+            }
+        )
 
     add("mortality", "mortality", "in-ICU death", c["label_mortality"].astype(float))
     los = c["label_los"].astype(float)
@@ -193,8 +252,12 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
         add("los", f"los_{k}", name, (los == k).astype(float).where(los.notna()))
     for ph in load_phenotypes():
         add("phenotype", ph.column, ph.name, c[ph.column].astype(float))
-    return {"cohort_overview": overview, "cohort_steps": steps, "cohort_folds": folds,
-            "cohort_labels": pd.DataFrame(rows)}
+    return {
+        "cohort_overview": overview,
+        "cohort_steps": steps,
+        "cohort_folds": folds,
+        "cohort_labels": pd.DataFrame(rows),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -214,14 +277,28 @@ def _groups(task: str, opts: AnalysisOptions) -> dict[str, list[str]] | None:
     return opts.label_groups if task == "phenotype" and opts.label_groups else None
 
 
-def _pooled_cis(long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions
-                ) -> dict[str, tuple[st.PooledPredictions, dict[str, st.BootstrapResult]]]:
+def _pooled_cis(
+    long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions
+) -> dict[str, tuple[st.PooledPredictions, dict[str, st.BootstrapResult]]]:
     """Per method: seed-pooled predictions and bootstrap CIs of `metrics`."""
     pooled = st.pool_predictions(long, task)
     names = _names(task, long)
-    return {m: (pp, st.bootstrap_cis(pp.y, pp.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                                     ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts)))
-            for m, pp in pooled.items()}
+    return {
+        m: (
+            pp,
+            st.bootstrap_cis(
+                pp.y,
+                pp.p,
+                metrics,
+                names=names,
+                n_resamples=opts.n_bootstrap,
+                ci=opts.confidence,
+                seed=opts.seed,
+                groups=_groups(task, opts),
+            ),
+        )
+        for m, pp in pooled.items()
+    }
 
 
 def _n_cxr(long: pd.DataFrame, method: str) -> float:
@@ -252,11 +329,18 @@ def _heads(frame: pd.DataFrame) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ stages
-def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.DataFrame,
-                opts: AnalysisOptions) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
+def _statistics(
+    task: str, cohort: str, members: list[rs.RunRecord], test: pd.DataFrame, opts: AnalysisOptions
+) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
     unimodal = sorted({r.method for r in members if r.unimodal})
-    board = st.method_metrics(test, task, n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed,
-                              label_groups=_groups(task, opts))
+    board = st.method_metrics(
+        test,
+        task,
+        n_resamples=opts.n_bootstrap,
+        ci=opts.confidence,
+        seed=opts.seed,
+        label_groups=_groups(task, opts),
+    )
     mods = {r.method: "+".join(r.modalities) for r in members}
     runs = {m: sum(1 for r in members if r.method == m) for m in mods}
     board.insert(1, "cohort", cohort)
@@ -264,9 +348,16 @@ def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.Da
     board["n_runs"] = board["method"].map(runs)
     reference = None
     if len(mods) > 1:
-        comp = st.compare_methods(test, task, unimodal=unimodal, n_resamples=opts.n_bootstrap,
-                                  n_permutations=opts.n_permutations, ci=opts.confidence, seed=opts.seed,
-                                  label_groups=_groups(task, opts))
+        comp = st.compare_methods(
+            test,
+            task,
+            unimodal=unimodal,
+            n_resamples=opts.n_bootstrap,
+            n_permutations=opts.n_permutations,
+            ci=opts.confidence,
+            seed=opts.seed,
+            label_groups=_groups(task, opts),
+        )
         reference = comp.attrs.get("reference")
         comp.attrs = {}
         comp.insert(1, "cohort", cohort)
@@ -275,8 +366,9 @@ def _statistics(task: str, cohort: str, members: list[rs.RunRecord], test: pd.Da
     return board, comp, reference
 
 
-def _natural(task: str, cohort: str, test: pd.DataFrame, has_cxr: pd.Series,
-             opts: AnalysisOptions) -> pd.DataFrame:
+def _natural(
+    task: str, cohort: str, test: pd.DataFrame, has_cxr: pd.Series, opts: AnalysisOptions
+) -> pd.DataFrame:
     """Headline metrics on all test stays, those with and those without a linked X-ray (dataset's has_cxr)."""
     avail = test["stay_id"].map(has_cxr).astype(bool)
     rows = []
@@ -289,14 +381,30 @@ def _natural(task: str, cohort: str, test: pd.DataFrame, has_cxr: pd.Series,
             for metric, res in cis.items():
                 if subset == "all":
                     base[(method, metric)] = res.estimate
-                rows.append({"task": task, "cohort": cohort, "method": method, "subset": subset, "metric": metric,
-                             **_ci_row(res), "delta": res.estimate - base.get((method, metric), np.nan),
-                             "n_stays": len(pp.y), "n_seeds": pp.n_seeds})
+                rows.append(
+                    {
+                        "task": task,
+                        "cohort": cohort,
+                        "method": method,
+                        "subset": subset,
+                        "metric": metric,
+                        **_ci_row(res),
+                        "delta": res.estimate - base.get((method, metric), np.nan),
+                        "n_stays": len(pp.y),
+                        "n_seeds": pp.n_seeds,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
-def _fairness(members: list[rs.RunRecord], cohort_df: pd.DataFrame, opts: AnalysisOptions, root: Path,
-              warn: Callable[[str], None], tick: Callable[[], None]) -> dict[str, pd.DataFrame]:
+def _fairness(
+    members: list[rs.RunRecord],
+    cohort_df: pd.DataFrame,
+    opts: AnalysisOptions,
+    root: Path,
+    warn: Callable[[str], None],
+    tick: Callable[[], None],
+) -> dict[str, pd.DataFrame]:
     """Fairness tables of each main run (thresholds from its validation predictions), with run key columns."""
     from carebench.experiments import results as rs
 
@@ -311,27 +419,43 @@ def _fairness(members: list[rs.RunRecord], cohort_df: pd.DataFrame, opts: Analys
 
             val = RunPredictor(r.path, root, device=opts.device).predict(split="val")
         try:
-            rep = analyze_fairness(test, cohort_df, r.task, val_predictions=val, n_resamples=opts.n_bootstrap,
-                                   seed=opts.seed, confidence=opts.confidence, attributes=attrs,
-                                   intersections=inter)
+            rep = analyze_fairness(
+                test,
+                cohort_df,
+                r.task,
+                val_predictions=val,
+                n_resamples=opts.n_bootstrap,
+                seed=opts.seed,
+                confidence=opts.confidence,
+                attributes=attrs,
+                intersections=inter,
+            )
         except UserError as e:
             warn(f"fairness of run {r.run_id} skipped: {e}")
             tick()
             continue
-        key = {"task": r.task, "cohort": r.cohort, "method": r.method, "run_id": r.run_id,
-               "fold": r.config.fold, "seed": r.config.seed}
+        key = {
+            "task": r.task,
+            "cohort": r.cohort,
+            "method": r.method,
+            "run_id": r.run_id,
+            "fold": r.config.fold,
+            "seed": r.config.seed,
+        }
         g_parts.append(pd.concat([pd.DataFrame(key, index=rep.groups.index), rep.groups], axis=1))
         s_parts.append(pd.concat([pd.DataFrame(key, index=rep.summary.index), rep.summary], axis=1))
         t_parts.append(pd.DataFrame([{**key, "label": k, "threshold": v} for k, v in rep.thresholds.items()]))
         tick()
-    return {"fairness_groups": _concat(g_parts), "fairness_summary": _concat(s_parts),
-            "fairness_thresholds": _concat(t_parts)}
+    return {
+        "fairness_groups": _concat(g_parts),
+        "fairness_summary": _concat(s_parts),
+        "fairness_thresholds": _concat(t_parts),
+    }
 
 
 @dataclass
 class RunFrames:
     """A run's test predictions under the controlled inputs (predictions.parquet columns, sorted by stay)."""
-
 
     full: pd.DataFrame
     drop_cxr: pd.DataFrame
@@ -370,13 +494,15 @@ def controlled_predictions(r: rs.RunRecord, root: Path, opts: AnalysisOptions, a
             at_rate[rate] = full
             continue
         gone = pd.Series(pred.dropped(rate), index=order).reindex(full["stay_id"].to_numpy()).to_numpy(bool)
-        at_rate[rate] = pd.DataFrame({c: np.where(gone, drop_cxr[c].to_numpy(), full[c].to_numpy())
-                                      for c in full.columns}).astype(full.dtypes.to_dict())
+        at_rate[rate] = pd.DataFrame(
+            {c: np.where(gone, drop_cxr[c].to_numpy(), full[c].to_numpy()) for c in full.columns}
+        ).astype(full.dtypes.to_dict())
     return RunFrames(full, drop_cxr, drop_ehr, at_rate)
 
 
-def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: dict[str, RunFrames],
-                   opts: AnalysisOptions) -> list[dict]:
+def _ablation_rows(
+    task: str, cohort: str, members: list[rs.RunRecord], frames: dict[str, RunFrames], opts: AnalysisOptions
+) -> list[dict]:
     """Per method: metric under full / drop_cxr / drop_ehr / head:<name>, CI, and paired-bootstrap delta vs full."""
     from carebench.experiments import results as rs
 
@@ -389,18 +515,36 @@ def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: 
     for head in _heads(full_long):
         with_head = [r for r in members if head in _heads(frames[r.run_id].full)]
         conditions[f"head:{head}"] = rs.long_predictions(
-            (r, _head_frame(frames[r.run_id].full, head, task)) for r in with_head)
+            (r, _head_frame(frames[r.run_id].full, head, task)) for r in with_head
+        )
     names = _names(task, full_long)
     full_pool = st.pool_predictions(full_long, task)
     rows = []
     for method, pp in full_pool.items():
-        cis = st.bootstrap_cis(pp.y, pp.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                               ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts))
+        cis = st.bootstrap_cis(
+            pp.y,
+            pp.p,
+            metrics,
+            names=names,
+            n_resamples=opts.n_bootstrap,
+            ci=opts.confidence,
+            seed=opts.seed,
+            groups=_groups(task, opts),
+        )
         base = {"task": task, "cohort": cohort, "method": method, "n_stays": len(pp.y), "n_seeds": pp.n_seeds}
         for metric, res in cis.items():
-            rows.append({**base, "condition": "full", "metric": metric, **_ci_row(res), "delta": 0.0,
-                         "delta_ci_low": np.nan, "delta_ci_high": np.nan,
-                         "n_cxr_input": _n_cxr(full_long, method)})
+            rows.append(
+                {
+                    **base,
+                    "condition": "full",
+                    "metric": metric,
+                    **_ci_row(res),
+                    "delta": 0.0,
+                    "delta_ci_low": np.nan,
+                    "delta_ci_high": np.nan,
+                    "n_cxr_input": _n_cxr(full_long, method),
+                }
+            )
         for cond, long in conditions.items():
             part = long.loc[long["method"] == method]
             if part.empty:
@@ -408,20 +552,51 @@ def _ablation_rows(task: str, cohort: str, members: list[rs.RunRecord], frames: 
             other = st.pool_predictions(part, task)[method]
             if not np.array_equal(other.stay_id, pp.stay_id):
                 raise AnalysisError(f"method {method!r}: condition {cond} predicts other stays than full")
-            own = st.bootstrap_cis(other.y, other.p, metrics, names=names, n_resamples=opts.n_bootstrap,
-                                   ci=opts.confidence, seed=opts.seed, groups=_groups(task, opts))
-            delta = st.paired_bootstrap_cis(pp.y, other.p, pp.p, metrics, names=names,
-                                            n_resamples=opts.n_bootstrap, ci=opts.confidence, seed=opts.seed,
-                                            groups=_groups(task, opts))
+            own = st.bootstrap_cis(
+                other.y,
+                other.p,
+                metrics,
+                names=names,
+                n_resamples=opts.n_bootstrap,
+                ci=opts.confidence,
+                seed=opts.seed,
+                groups=_groups(task, opts),
+            )
+            delta = st.paired_bootstrap_cis(
+                pp.y,
+                other.p,
+                pp.p,
+                metrics,
+                names=names,
+                n_resamples=opts.n_bootstrap,
+                ci=opts.confidence,
+                seed=opts.seed,
+                groups=_groups(task, opts),
+            )
             for metric in metrics:
-                rows.append({**base, "condition": cond, "metric": metric, **_ci_row(own[metric]),
-                             "delta": delta[metric].estimate, "delta_ci_low": delta[metric].ci_low,
-                             "delta_ci_high": delta[metric].ci_high, "n_cxr_input": _n_cxr(part, method)})
+                rows.append(
+                    {
+                        **base,
+                        "condition": cond,
+                        "metric": metric,
+                        **_ci_row(own[metric]),
+                        "delta": delta[metric].estimate,
+                        "delta_ci_low": delta[metric].ci_low,
+                        "delta_ci_high": delta[metric].ci_high,
+                        "n_cxr_input": _n_cxr(part, method),
+                    }
+                )
     return rows
 
 
-def _curve_rows(task: str, cohort: str, train_rate: float, members: list[rs.RunRecord],
-                frames: dict[str, RunFrames], opts: AnalysisOptions) -> list[dict]:
+def _curve_rows(
+    task: str,
+    cohort: str,
+    train_rate: float,
+    members: list[rs.RunRecord],
+    frames: dict[str, RunFrames],
+    opts: AnalysisOptions,
+) -> list[dict]:
     """Per method and test-time missing rate: headline metrics of the seed-pooled predictions, CI, delta."""
     from carebench.experiments import results as rs
 
@@ -434,10 +609,22 @@ def _curve_rows(task: str, cohort: str, train_rate: float, members: list[rs.RunR
             uses_cxr = any(r.uses_cxr for r in members if r.method == method)
             for metric, res in cis.items():
                 first.setdefault((method, metric), res.estimate)
-                rows.append({"task": task, "cohort": cohort, "method": method, "uses_cxr": uses_cxr,
-                             "train_rate": train_rate, "rate": rate, "metric": metric, **_ci_row(res),
-                             "delta": res.estimate - first[(method, metric)], "n_stays": len(pp.y),
-                             "n_cxr_input": _n_cxr(long, method), "n_seeds": pp.n_seeds})
+                rows.append(
+                    {
+                        "task": task,
+                        "cohort": cohort,
+                        "method": method,
+                        "uses_cxr": uses_cxr,
+                        "train_rate": train_rate,
+                        "rate": rate,
+                        "metric": metric,
+                        **_ci_row(res),
+                        "delta": res.estimate - first[(method, metric)],
+                        "n_stays": len(pp.y),
+                        "n_cxr_input": _n_cxr(long, method),
+                        "n_seeds": pp.n_seeds,
+                    }
+                )
     return rows
 
 
@@ -445,11 +632,16 @@ def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
     """Per (task, cohort, method) with runs trained at X-ray dropout r > 0: test metrics at every train rate."""
     from carebench.experiments import results as rs
 
-
     rows = []
-    dropout_methods = {(t, c, r.method) for (t, c, rates), mem in grouped.items()
-                       if rates[0] > 0 and rates[2] == 0 for r in mem}
-    for (task, cohort, rates), members in sorted(grouped.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+    dropout_methods = {
+        (t, c, r.method)
+        for (t, c, rates), mem in grouped.items()
+        if rates[0] > 0 and rates[2] == 0
+        for r in mem
+    }
+    for (task, cohort, rates), members in sorted(
+        grouped.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])
+    ):
         if rates[2] != 0 or rates[0] != rates[1]:
             continue
         chosen = [r for r in members if (task, cohort, r.method) in dropout_methods]
@@ -458,9 +650,19 @@ def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
         long = rs.long_predictions((r, rs.read_predictions(r)) for r in chosen)
         for method, (pp, cis) in _pooled_cis(long, task, _headline(task, opts), opts).items():
             for metric, res in cis.items():
-                rows.append({"task": task, "cohort": cohort, "method": method, "train_rate": rates[0],
-                             "metric": metric, **_ci_row(res), "n_stays": len(pp.y), "n_seeds": pp.n_seeds,
-                             "n_runs": sum(1 for r in chosen if r.method == method)})
+                rows.append(
+                    {
+                        "task": task,
+                        "cohort": cohort,
+                        "method": method,
+                        "train_rate": rates[0],
+                        "metric": metric,
+                        **_ci_row(res),
+                        "n_stays": len(pp.y),
+                        "n_seeds": pp.n_seeds,
+                        "n_runs": sum(1 for r in chosen if r.method == method),
+                    }
+                )
     return rows
 
 
@@ -473,8 +675,14 @@ class _Progress:
         if console is not None:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), console=console, transient=False)
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=console,
+                transient=False,
+            )
 
     def __enter__(self) -> _Progress:
         if self.bar is not None:
@@ -494,8 +702,9 @@ class _Progress:
         return lambda: self.bar.advance(task)
 
 
-def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: Any | None = None,
-            **options: Any) -> AnalysisResult:
+def analyze(
+    runs_dir: str | Path, *, data: str | Path | None = None, console: Any | None = None, **options: Any
+) -> AnalysisResult:
     """Analyse every finished run under `runs_dir`; write `RUNS/analysis/` and return its tables.
 
     `options`: n_bootstrap, n_permutations, confidence, seed, fairness, missingness, ablation (bool or None =
@@ -515,7 +724,9 @@ def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: An
     if not (root / "manifest.json").is_file():
         raise AnalysisError(f"{root}: dataset of the runs not found (pass --data DIR if it moved)")
     if dataset_fingerprint(root) != fingerprint:
-        raise AnalysisError(f"{root}: not the dataset the runs were trained on (manifest fingerprint differs)")
+        raise AnalysisError(
+            f"{root}: not the dataset the runs were trained on (manifest fingerprint differs)"
+        )
     ds = open_dataset(root, mmap=True)
     has_cxr = ds.cohort.set_index("stay_id")["has_cxr"].astype(bool)
     grouped = rs.groups(records)
@@ -535,10 +746,18 @@ def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: An
             comps.append(comp)
             if opts.missingness and cohort == "base":
                 natural.append(_natural(task, cohort, test, has_cxr, opts))
-            group_info.append({"task": task, "cohort": cohort, "methods": sorted({r.method for r in members}),
-                               "unimodal": sorted({r.method for r in members if r.unimodal}),
-                               "reference": reference, "selection_metric": SELECTION_METRIC[task],
-                               "n_runs": len(members), "n_stays": int(test["stay_id"].nunique())})
+            group_info.append(
+                {
+                    "task": task,
+                    "cohort": cohort,
+                    "methods": sorted({r.method for r in members}),
+                    "unimodal": sorted({r.method for r in members if r.unimodal}),
+                    "reference": reference,
+                    "selection_metric": SELECTION_METRIC[task],
+                    "n_runs": len(members),
+                    "n_stays": int(test["stay_id"].nunique()),
+                }
+            )
             tick()
         tables["leaderboard"] = _concat(boards)
         tables["comparisons"] = _concat(comps)
@@ -556,19 +775,27 @@ def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: An
         ablation_rows, curve_rows = [], []
         if opts.missingness or opts.ablation:
             curve_groups = {k: v for k, v in grouped.items() if k[2][2] == 0.0 and k[2][0] == k[2][1]}
-            todo = [r for (_, _, rates), mem in curve_groups.items() for r in mem
-                    if opts.missingness or rates == (0.0, 0.0, 0.0)]
+            todo = [
+                r
+                for (_, _, rates), mem in curve_groups.items()
+                for r in mem
+                if opts.missingness or rates == (0.0, 0.0, 0.0)
+            ]
             tick = progress.stage("missing X-rays and ablations (checkpoints)", len(todo))
             frames, no_checkpoint = {}, []
             for r in todo:
                 if (r.uses_cxr or opts.ablation) and not (r.path / "checkpoint").is_file():
                     no_checkpoint.append(r.run_id)
                 else:
-                    frames[r.run_id] = controlled_predictions(r, root, opts, ablation=opts.ablation and r.main)
+                    frames[r.run_id] = controlled_predictions(
+                        r, root, opts, ablation=opts.ablation and r.main
+                    )
                 tick()
             if no_checkpoint:
-                warnings.append(f"{len(no_checkpoint)} run(s) without a checkpoint left out of the test-time "
-                                f"missingness and ablation tables: {', '.join(no_checkpoint)}")
+                warnings.append(
+                    f"{len(no_checkpoint)} run(s) without a checkpoint left out of the test-time "
+                    f"missingness and ablation tables: {', '.join(no_checkpoint)}"
+                )
             for (task, cohort, rates), all_members in sorted(curve_groups.items()):
                 members = [r for r in all_members if r.run_id in frames]
                 if not members:
@@ -579,7 +806,9 @@ def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: An
                     curve_rows += _curve_rows(task, cohort, rates[0], members, frames, opts)
         tables["ablation"] = pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS if ablation_rows else None)
         tables["missingness_test"] = pd.DataFrame(curve_rows)
-        tables["missingness_train"] = pd.DataFrame(_train_rate_rows(grouped, opts) if opts.missingness else [])
+        tables["missingness_train"] = pd.DataFrame(
+            _train_rate_rows(grouped, opts) if opts.missingness else []
+        )
         dropout = [r for r in records if not r.main]
         if dropout and opts.missingness:
             from carebench.evaluation.modality import dropout_runs_table
@@ -594,12 +823,19 @@ def analyze(runs_dir: str | Path, *, data: str | Path | None = None, console: An
         tables.setdefault(name, pd.DataFrame())
     timings["total"] = time.perf_counter() - t0
     summary = {
-        "carebench_version": __version__, "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "runs_dir": str(runs_dir.absolute()), "plan": (plan or {}).get("name"),
+        "carebench_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "runs_dir": str(runs_dir.absolute()),
+        "plan": (plan or {}).get("name"),
         "dataset": {"path": str(root.absolute()), "fingerprint": fingerprint},
-        "options": asdict(opts), "n_runs": len(records), "n_main_runs": len(main_runs),
-        "run_ids": [r.run_id for r in records], "groups": group_info, "macro_label": MACRO,
-        "tables": {name: len(tables[name]) for name in TABLES}, "warnings": warnings,
+        "options": asdict(opts),
+        "n_runs": len(records),
+        "n_main_runs": len(main_runs),
+        "run_ids": [r.run_id for r in records],
+        "groups": group_info,
+        "macro_label": MACRO,
+        "tables": {name: len(tables[name]) for name in TABLES},
+        "warnings": warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     path = write_analysis(runs_dir / ANALYSIS_DIR, tables, summary)

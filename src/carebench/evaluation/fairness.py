@@ -39,19 +39,40 @@ from carebench.evaluation.statistics import bootstrap_weights, weighted_rank_met
 AGE_EDGES = (0.0, 40.0, 60.0, 80.0, math.inf)
 AGE_LABELS = ("0-40", "40-60", "60-80", "80+")
 ATTRIBUTES = ("age_band", "gender", "race_group", "admission_type", "insurance", "has_cxr")
-INTERSECTIONS = (("race_group", "gender"), ("age_band", "race_group"), ("age_band", "gender"),
-                 ("race_group", "insurance"))
+INTERSECTIONS = (
+    ("race_group", "gender"),
+    ("age_band", "race_group"),
+    ("age_band", "gender"),
+    ("race_group", "insurance"),
+)
 METRICS = ("auroc", "auprc", "tpr", "fpr", "ece", "positive_rate")
 # Which direction is better, for "worst group": None = no direction (a selection rate is neither good nor bad).
-HIGHER_IS_BETTER = {"auroc": True, "auprc": True, "tpr": True, "fpr": False, "ece": False, "positive_rate": None}
+HIGHER_IS_BETTER = {
+    "auroc": True,
+    "auprc": True,
+    "tpr": True,
+    "fpr": False,
+    "ece": False,
+    "positive_rate": None,
+}
 UNKNOWN = "Unknown"
 OVERALL = "overall"
 MACRO = "macro"
-JOIN = " & "            # display label of an intersection; the attribute columns hold the exact values
+JOIN = " & "  # display label of an intersection; the attribute columns hold the exact values
 MIN_CORRELATION_GROUPS = 3  # with two groups a Pearson correlation is always +-1
 THRESHOLD_RULES = ("youden", "f1")
-_RESERVED = {"label", "attribute", "group", "n", "n_pos", "threshold", "missing_cxr_rate", "suppressed",
-             "prevalence", *METRICS}
+_RESERVED = {
+    "label",
+    "attribute",
+    "group",
+    "n",
+    "n_pos",
+    "threshold",
+    "missing_cxr_rate",
+    "suppressed",
+    "prevalence",
+    *METRICS,
+}
 
 
 class FairnessInputError(UserError, ValueError):
@@ -94,14 +115,17 @@ def _as_labels(col: pd.Series) -> pd.Series:
     return s.where(s.notna(), UNKNOWN).map(str)
 
 
-def _specs(groups: pd.DataFrame, attributes: Iterable[str], intersections: Iterable[Sequence[str]]
-           ) -> list[tuple[str, tuple[str, ...]]]:
+def _specs(
+    groups: pd.DataFrame, attributes: Iterable[str], intersections: Iterable[Sequence[str]]
+) -> list[tuple[str, tuple[str, ...]]]:
     """(attribute name, columns) for the overall row, each attribute and each intersection; validated."""
     attributes = [attributes] if isinstance(attributes, str) else list(attributes)
     inter = [tuple(i) for i in intersections]
     for cols in inter:
         if len(cols) < 2 or len(set(cols)) != len(cols):
-            raise FairnessInputError(f"intersections: each must name two or more different attributes, got {cols}")
+            raise FairnessInputError(
+                f"intersections: each must name two or more different attributes, got {cols}"
+            )
     used = list(dict.fromkeys([*attributes, *(c for cols in inter for c in cols)]))
     missing = [c for c in used if c not in groups.columns]
     if missing:
@@ -159,14 +183,17 @@ def _prepare(y_true, p, threshold, labels, n_groups: int) -> _Problem:
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if s.ndim not in (1, 2) or len(s) != len(y) or len(y) != n_groups:
-        raise FairnessInputError(f"labels {y.shape}, scores {s.shape} and {n_groups} group rows must describe "
-                                 "the same stays")
+        raise FairnessInputError(
+            f"labels {y.shape}, scores {s.shape} and {n_groups} group rows must describe the same stays"
+        )
     if s.size and (not np.all(np.isfinite(s)) or s.min() < 0 or s.max() > 1):
         raise FairnessInputError("scores must be probabilities in [0, 1] (apply sigmoid/softmax to logits)")
     if s.ndim == 2 and y.ndim == 1:
         kind, k = "multiclass", s.shape[1]
         if threshold is not None:
-            raise FairnessInputError("threshold: a multiclass task (LOS) decides by the argmax class; pass None")
+            raise FairnessInputError(
+                "threshold: a multiclass task (LOS) decides by the argmax class; pass None"
+            )
         if len(y) and (not np.all(np.isin(y, np.arange(k)))):
             raise FairnessInputError(f"multiclass labels must be classes 0..{k - 1}")
         if len(s) and not np.allclose(s.sum(1), 1.0, atol=1e-4):
@@ -183,15 +210,19 @@ def _prepare(y_true, p, threshold, labels, n_groups: int) -> _Problem:
             raise FairnessInputError(f"{kind} labels must be 0 or 1")
         yb, s = y.reshape(len(y), -1).astype(np.int64), s.reshape(len(s), -1)
         if threshold is None:
-            raise FairnessInputError("threshold: required for binary/multilabel tasks; choose it on validation "
-                                     "predictions with choose_threshold()")
+            raise FairnessInputError(
+                "threshold: required for binary/multilabel tasks; choose it on validation "
+                "predictions with choose_threshold()"
+            )
         try:
             thr = np.broadcast_to(np.asarray(threshold, dtype=np.float64), (s.shape[1],)).copy()
         except (TypeError, ValueError):
             thr = None
         if thr is None or not np.all(((thr >= 0) & (thr <= 1)) | (np.isnan(thr) & (kind == "multilabel"))):
-            raise FairnessInputError(f"threshold: expected a number in [0, 1] or one per label ({s.shape[1]}; "
-                                     "NaN = no decision for that label)")
+            raise FairnessInputError(
+                f"threshold: expected a number in [0, 1] or one per label ({s.shape[1]}; "
+                "NaN = no decision for that label)"
+            )
         pred = (s >= thr[None, :]).astype(np.int64)
         default_names = ["y"] if kind == "binary" else [f"label_{j}" for j in range(s.shape[1])]
     names = list(labels) if labels is not None else default_names
@@ -212,29 +243,39 @@ def choose_threshold(y_val, p_val, rule: str | float = "youden") -> float | np.n
     """
     if not isinstance(rule, str):
         if isinstance(rule, bool) or not isinstance(rule, int | float) or not 0.0 <= rule <= 1.0:
-            raise FairnessInputError(f"threshold rule: expected 'youden', 'f1' or a number in [0, 1], got {rule!r}")
+            raise FairnessInputError(
+                f"threshold rule: expected 'youden', 'f1' or a number in [0, 1], got {rule!r}"
+            )
         return float(rule)
     if rule not in THRESHOLD_RULES:
-        raise FairnessInputError(f"threshold rule: expected one of {THRESHOLD_RULES} or a number, got {rule!r}")
+        raise FairnessInputError(
+            f"threshold rule: expected one of {THRESHOLD_RULES} or a number, got {rule!r}"
+        )
     y = np.asarray(y_val)
     s = np.asarray(p_val, dtype=np.float64)
     if y.shape != s.shape or y.ndim not in (1, 2):
         raise FairnessInputError(f"choose_threshold: validation labels {y.shape} and scores {s.shape} differ")
     if y.ndim == 2:
-        return np.array([choose_threshold(y[:, j], s[:, j], rule) if _both(y[:, j]) else np.nan
-                         for j in range(y.shape[1])])
+        return np.array(
+            [
+                choose_threshold(y[:, j], s[:, j], rule) if _both(y[:, j]) else np.nan
+                for j in range(y.shape[1])
+            ]
+        )
     if not (np.any(y == 1) and np.any(y == 0)):
-        raise FairnessInputError(f"choose_threshold: the validation labels have one class only; rule {rule!r} "
-                                 "needs both (pass a fixed threshold)")
+        raise FairnessInputError(
+            f"choose_threshold: the validation labels have one class only; rule {rule!r} "
+            "needs both (pass a fixed threshold)"
+        )
     if rule == "youden":
         fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
-        j = (tpr - fpr)[1:]                 # thresholds decrease; index 0 is +inf (no positive decision)
+        j = (tpr - fpr)[1:]  # thresholds decrease; index 0 is +inf (no positive decision)
         return float(thr[1:][int(np.argmax(j))])  # first maximum = highest threshold
     prec, rec, thr = skm.precision_recall_curve(y, s)
     with np.errstate(invalid="ignore", divide="ignore"):
         f1 = np.nan_to_num(2 * prec[:-1] * rec[:-1] / (prec[:-1] + rec[:-1]))
     best = np.flatnonzero(f1 == f1.max())
-    return float(thr[best[-1]])             # thresholds increase: last maximum = highest threshold
+    return float(thr[best[-1]])  # thresholds increase: last maximum = highest threshold
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -247,7 +288,9 @@ def _features(s: np.ndarray, y: np.ndarray, d: np.ndarray, n_bins: int) -> np.nd
     out = np.zeros((m, _N_SUMS + 2 * n_bins))
     y, d = y.astype(np.float64), d.astype(np.float64)
     out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, 4] = 1.0, y, y * d, (1 - y) * d, d
-    b = np.minimum((s * n_bins).astype(np.int64), n_bins - 1)   # ECE bins as metrics.expected_calibration_error
+    b = np.minimum(
+        (s * n_bins).astype(np.int64), n_bins - 1
+    )  # ECE bins as metrics.expected_calibration_error
     out[np.arange(m), _N_SUMS + b] = s
     out[np.arange(m), _N_SUMS + n_bins + b] = y
     return out
@@ -257,11 +300,16 @@ def _from_sums(sums: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
     """[r, 5 + 2 n_bins] weighted sums -> n, n_pos, TPR, FPR, positive rate, ECE per row (NaN if undefined)."""
     n, npos, tp, fp, dec = (sums[:, i] for i in range(_N_SUMS))
     nneg = n - npos
-    sp, sy = sums[:, _N_SUMS:_N_SUMS + n_bins], sums[:, _N_SUMS + n_bins:]
+    sp, sy = sums[:, _N_SUMS : _N_SUMS + n_bins], sums[:, _N_SUMS + n_bins :]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {"n": n, "n_pos": npos, "tpr": np.where(npos > 0, tp / npos, np.nan),
-                "fpr": np.where(nneg > 0, fp / nneg, np.nan), "positive_rate": np.where(n > 0, dec / n, np.nan),
-                "ece": np.where(n > 0, np.abs(sp - sy).sum(1) / n, np.nan)}
+        return {
+            "n": n,
+            "n_pos": npos,
+            "tpr": np.where(npos > 0, tp / npos, np.nan),
+            "fpr": np.where(nneg > 0, fp / nneg, np.nan),
+            "positive_rate": np.where(n > 0, dec / n, np.nan),
+            "ece": np.where(n > 0, np.abs(sp - sy).sum(1) / n, np.nan),
+        }
 
 
 def _int_weights(w, m: int) -> np.ndarray:
@@ -271,8 +319,9 @@ def _int_weights(w, m: int) -> np.ndarray:
     return w
 
 
-def weighted_group_metrics(s: np.ndarray, y: np.ndarray, pred: np.ndarray, w: np.ndarray,
-                           n_bins: int = 10) -> dict[str, np.ndarray]:
+def weighted_group_metrics(
+    s: np.ndarray, y: np.ndarray, pred: np.ndarray, w: np.ndarray, n_bins: int = 10
+) -> dict[str, np.ndarray]:
     """The group metrics of B integer weightings of one group's stays at once (bootstrap counts, or ones).
 
     s, y, pred [m]: scores, 0/1 labels, 0/1 decisions; w [B, m] non-negative integers. Each returned [B] array
@@ -291,12 +340,17 @@ def weighted_group_metrics(s: np.ndarray, y: np.ndarray, pred: np.ndarray, w: np
 def _group_block(prob: _Problem, idx: np.ndarray, w: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
     """weighted_group_metrics of every label of the stays `idx` under weights w [B, len(idx)] -> metric: [L, B]."""
     k = _N_SUMS + 2 * n_bins
-    feats = np.concatenate([_features(prob.p[idx, j], prob.y[idx, j], prob.pred[idx, j], n_bins)
-                            for j in range(len(prob.names))], axis=1)
-    sums = w.astype(np.float64) @ feats                     # one product for all labels
+    feats = np.concatenate(
+        [
+            _features(prob.p[idx, j], prob.y[idx, j], prob.pred[idx, j], n_bins)
+            for j in range(len(prob.names))
+        ],
+        axis=1,
+    )
+    sums = w.astype(np.float64) @ feats  # one product for all labels
     per = []
     for j in range(len(prob.names)):
-        res = _from_sums(sums[:, j * k:(j + 1) * k], n_bins)
+        res = _from_sums(sums[:, j * k : (j + 1) * k], n_bins)
         res["auroc"], res["auprc"] = weighted_rank_metrics(prob.y[idx, j], prob.p[idx, j], w)
         per.append(res)
     return _mask_undecided(prob, {m: np.stack([r[m] for r in per]) for m in ("n", "n_pos", *METRICS)})
@@ -320,11 +374,15 @@ def _mf_ece(y_true, y_pred, scores, n_bins):
 
 
 def _mf_tpr(y_true, y_pred):
-    return float(true_positive_rate(y_true, y_pred, pos_label=1)) if np.any(np.asarray(y_true) == 1) else np.nan
+    return (
+        float(true_positive_rate(y_true, y_pred, pos_label=1)) if np.any(np.asarray(y_true) == 1) else np.nan
+    )
 
 
 def _mf_fpr(y_true, y_pred):
-    return float(false_positive_rate(y_true, y_pred, pos_label=1)) if np.any(np.asarray(y_true) == 0) else np.nan
+    return (
+        float(false_positive_rate(y_true, y_pred, pos_label=1)) if np.any(np.asarray(y_true) == 0) else np.nan
+    )
 
 
 def _mf_rate(y_true, y_pred):
@@ -335,36 +393,70 @@ def _mf_npos(y_true, y_pred):
     return int(np.sum(y_true))
 
 
-_MF_METRICS = {"n": count, "n_pos": _mf_npos, "auroc": _mf_auroc, "auprc": _mf_auprc, "tpr": _mf_tpr,
-               "fpr": _mf_fpr, "ece": _mf_ece, "positive_rate": _mf_rate}
+_MF_METRICS = {
+    "n": count,
+    "n_pos": _mf_npos,
+    "auroc": _mf_auroc,
+    "auprc": _mf_auprc,
+    "tpr": _mf_tpr,
+    "fpr": _mf_fpr,
+    "ece": _mf_ece,
+    "positive_rate": _mf_rate,
+}
 
 
-def _point_fairlearn(prob: _Problem, groups: pd.DataFrame, cols: tuple[str, ...],
-                     members: list[tuple[tuple[str, ...], np.ndarray]], n_bins: int) -> list[dict[str, np.ndarray]]:
+def _point_fairlearn(
+    prob: _Problem,
+    groups: pd.DataFrame,
+    cols: tuple[str, ...],
+    members: list[tuple[tuple[str, ...], np.ndarray]],
+    n_bins: int,
+) -> list[dict[str, np.ndarray]]:
     """Per group, metric -> [L] values from one fairlearn MetricFrame per label."""
-    keys = (pd.DataFrame({c: _as_labels(groups[c]).to_numpy() for c in cols}) if cols
-            else pd.DataFrame({"all": np.zeros(len(groups), dtype=np.int64)}))
+    keys = (
+        pd.DataFrame({c: _as_labels(groups[c]).to_numpy() for c in cols})
+        if cols
+        else pd.DataFrame({"all": np.zeros(len(groups), dtype=np.int64)})
+    )
     by_label = []
     for j in range(len(prob.names)):
         scores = prob.p[:, j]
-        mf = MetricFrame(metrics=_MF_METRICS, y_true=prob.y[:, j], y_pred=prob.pred[:, j], sensitive_features=keys,
-                         sample_params={"auroc": {"scores": scores}, "auprc": {"scores": scores},
-                                        "ece": {"scores": scores, "n_bins": np.full(len(groups), n_bins)}})
+        mf = MetricFrame(
+            metrics=_MF_METRICS,
+            y_true=prob.y[:, j],
+            y_pred=prob.pred[:, j],
+            sensitive_features=keys,
+            sample_params={
+                "auroc": {"scores": scores},
+                "auprc": {"scores": scores},
+                "ece": {"scores": scores, "n_bins": np.full(len(groups), n_bins)},
+            },
+        )
         by_label.append(mf.by_group)
     out = []
     for vals, _ in members:
         key = 0 if not cols else (vals[0] if len(vals) == 1 else vals)
-        out.append(_mask_undecided(prob, {m: np.array([float(by.loc[key][m]) for by in by_label])
-                                          for m in ("n", "n_pos", *METRICS)}))
+        out.append(
+            _mask_undecided(
+                prob,
+                {m: np.array([float(by.loc[key][m]) for by in by_label]) for m in ("n", "n_pos", *METRICS)},
+            )
+        )
     return out
 
 
-def _point_kernel(prob: _Problem, members: list[tuple[tuple[str, ...], np.ndarray]], n_bins: int,
-                  min_group_size: int) -> list[dict[str, np.ndarray] | None]:
+def _point_kernel(
+    prob: _Problem, members: list[tuple[tuple[str, ...], np.ndarray]], n_bins: int, min_group_size: int
+) -> list[dict[str, np.ndarray] | None]:
     """Per group, metric -> [L] values from the weighted kernels with unit weights (None if suppressed)."""
-    return [None if len(idx) < min_group_size else
-            {m: v[:, 0] for m, v in _group_block(prob, idx, np.ones((1, len(idx)), np.int64), n_bins).items()}
-            for _, idx in members]
+    return [
+        None
+        if len(idx) < min_group_size
+        else {
+            m: v[:, 0] for m, v in _group_block(prob, idx, np.ones((1, len(idx)), np.int64), n_bins).items()
+        }
+        for _, idx in members
+    ]
 
 
 def _check_options(min_group_size, n_bins) -> None:
@@ -429,31 +521,71 @@ def group_metrics(
     rows: list[dict] = []
     for name, cols in specs:
         members = _members(groups, cols)
-        values = (_point_kernel(prob, members, n_bins, min_group_size) if engine == "kernel"
-                  else _point_fairlearn(prob, groups, cols, members, n_bins))
+        values = (
+            _point_kernel(prob, members, n_bins, min_group_size)
+            if engine == "kernel"
+            else _point_fairlearn(prob, groups, cols, members, n_bins)
+        )
         for (vals, idx), val in zip(members, values, strict=True):
-            base = {"attribute": name, "group": JOIN.join(vals) if vals else "all",
-                    **{c: (vals[cols.index(c)] if c in cols else None) for c in attr_cols}}
+            base = {
+                "attribute": name,
+                "group": JOIN.join(vals) if vals else "all",
+                **{c: (vals[cols.index(c)] if c in cols else None) for c in attr_cols},
+            }
             small = len(idx) < min_group_size
             miss = float(missing[idx].mean()) if missing is not None and not small else np.nan
             recs = []
             for j, label in enumerate(prob.names):
-                rec = {"label": label, **base, "n": len(idx), "n_pos": None, **{m: np.nan for m in METRICS},
-                       "prevalence": np.nan, "threshold": float(prob.thresholds[j]), "missing_cxr_rate": miss,
-                       "suppressed": small}
+                rec = {
+                    "label": label,
+                    **base,
+                    "n": len(idx),
+                    "n_pos": None,
+                    **{m: np.nan for m in METRICS},
+                    "prevalence": np.nan,
+                    "threshold": float(prob.thresholds[j]),
+                    "missing_cxr_rate": miss,
+                    "suppressed": small,
+                }
                 if not small:
-                    rec.update({"n_pos": round(float(val["n_pos"][j])), **{m: float(val[m][j]) for m in METRICS},
-                                "prevalence": float(val["n_pos"][j]) / len(idx)})
+                    rec.update(
+                        {
+                            "n_pos": round(float(val["n_pos"][j])),
+                            **{m: float(val[m][j]) for m in METRICS},
+                            "prevalence": float(val["n_pos"][j]) / len(idx),
+                        }
+                    )
                 else:
                     rec["n"] = None
                 recs.append(rec)
             if len(prob.names) > 1:
                 mean = {m: _nanmean([r[m] for r in recs]) for m in (*METRICS, "prevalence")}
-                recs.append({"label": MACRO, **base, "n": None if small else len(idx), "n_pos": None, **mean,
-                             "threshold": np.nan, "missing_cxr_rate": miss, "suppressed": small})
+                recs.append(
+                    {
+                        "label": MACRO,
+                        **base,
+                        "n": None if small else len(idx),
+                        "n_pos": None,
+                        **mean,
+                        "threshold": np.nan,
+                        "missing_cxr_rate": miss,
+                        "suppressed": small,
+                    }
+                )
             rows.extend(recs)
-    cols_out = ["label", "attribute", "group", *attr_cols, "n", "n_pos", *METRICS, "prevalence", "threshold",
-                "missing_cxr_rate", "suppressed"]
+    cols_out = [
+        "label",
+        "attribute",
+        "group",
+        *attr_cols,
+        "n",
+        "n_pos",
+        *METRICS,
+        "prevalence",
+        "threshold",
+        "missing_cxr_rate",
+        "suppressed",
+    ]
     table = pd.DataFrame(rows, columns=cols_out)
     for c in ("n", "n_pos"):
         table[c] = pd.array(table[c], dtype="Int64")
@@ -487,8 +619,17 @@ def _correlation(attribute: str, x: np.ndarray, r: np.ndarray) -> tuple[float, s
 def _spread(values: np.ndarray, names: np.ndarray, metric: str) -> dict:
     ok = ~np.isnan(values)
     v, g = values[ok], names[ok]
-    out = {"n_groups": int(ok.sum()), "min": np.nan, "max": np.nan, "gap": np.nan, "ratio": np.nan,
-           "worst_group": None, "worst_value": np.nan, "best_group": None, "best_value": np.nan}
+    out = {
+        "n_groups": int(ok.sum()),
+        "min": np.nan,
+        "max": np.nan,
+        "gap": np.nan,
+        "ratio": np.nan,
+        "worst_group": None,
+        "worst_value": np.nan,
+        "best_group": None,
+        "best_value": np.nan,
+    }
     if len(v) == 0:
         return out
     lo, hi = float(v.min()), float(v.max())
@@ -497,10 +638,17 @@ def _spread(values: np.ndarray, names: np.ndarray, metric: str) -> dict:
         out.update({"gap": hi - lo, "ratio": lo / hi if hi > 0 else np.nan})
     direction = HIGHER_IS_BETTER.get(metric)
     if direction is not None and len(v) >= 2:
-        worst, best = (int(np.argmin(v)), int(np.argmax(v))) if direction else (int(np.argmax(v)),
-                                                                                 int(np.argmin(v)))
-        out.update({"worst_group": g[worst], "worst_value": float(v[worst]), "best_group": g[best],
-                    "best_value": float(v[best])})
+        worst, best = (
+            (int(np.argmin(v)), int(np.argmax(v))) if direction else (int(np.argmax(v)), int(np.argmin(v)))
+        )
+        out.update(
+            {
+                "worst_group": g[worst],
+                "worst_value": float(v[worst]),
+                "best_group": g[best],
+                "best_value": float(v[best]),
+            }
+        )
     return out
 
 
@@ -517,7 +665,9 @@ def fairness_summary(group_table: pd.DataFrame, metrics: Sequence[str] = METRICS
     need = {"label", "attribute", "group", "suppressed", "missing_cxr_rate", *metrics}
     missing = sorted(need - set(group_table.columns))
     if missing:
-        raise FairnessInputError(f"group table: missing columns {missing} (expected the output of group_metrics)")
+        raise FairnessInputError(
+            f"group table: missing columns {missing} (expected the output of group_metrics)"
+        )
     unknown = sorted(set(metrics) - set(METRICS))
     if unknown:
         raise FairnessInputError(f"metrics: unknown {unknown}; expected a subset of {METRICS}")
@@ -531,15 +681,48 @@ def fairness_summary(group_table: pd.DataFrame, metrics: Sequence[str] = METRICS
             x = part[m].to_numpy(dtype=np.float64)
             spreads[m] = _spread(x, names, m)
             r, note = _correlation(attribute, x, rate)
-            rows.append({"label": label, "attribute": attribute, "metric": m, **spreads[m],
-                         "direction": {True: "higher_is_better", False: "lower_is_better"}.get(
-                             HIGHER_IS_BETTER[m], "none"),
-                         "pearson_missing_cxr": r, "pearson_note": note})
+            rows.append(
+                {
+                    "label": label,
+                    "attribute": attribute,
+                    "metric": m,
+                    **spreads[m],
+                    "direction": {True: "higher_is_better", False: "lower_is_better"}.get(
+                        HIGHER_IS_BETTER[m], "none"
+                    ),
+                    "pearson_missing_cxr": r,
+                    "pearson_note": note,
+                }
+            )
         for m, (gap, ratio) in _parity(part).items():
-            rows.append({"label": label, "attribute": attribute, "metric": m, "gap": gap, "ratio": ratio,
-                         "direction": "lower_is_better", "pearson_note": ""})
-    cols = ["label", "attribute", "metric", "n_groups", "min", "max", "gap", "ratio", "worst_group",
-            "worst_value", "best_group", "best_value", "direction", "pearson_missing_cxr", "pearson_note"]
+            rows.append(
+                {
+                    "label": label,
+                    "attribute": attribute,
+                    "metric": m,
+                    "gap": gap,
+                    "ratio": ratio,
+                    "direction": "lower_is_better",
+                    "pearson_note": "",
+                }
+            )
+    cols = [
+        "label",
+        "attribute",
+        "metric",
+        "n_groups",
+        "min",
+        "max",
+        "gap",
+        "ratio",
+        "worst_group",
+        "worst_value",
+        "best_group",
+        "best_value",
+        "direction",
+        "pearson_missing_cxr",
+        "pearson_note",
+    ]
     out = pd.DataFrame(rows, columns=cols)
     out["n_groups"] = pd.array(out["n_groups"], dtype="Int64")
     return out
@@ -557,10 +740,15 @@ def _parity(part: pd.DataFrame) -> dict[str, tuple[float, float]]:
         return {}
     tpr = _diff_ratio(part["tpr"].to_numpy(dtype=np.float64))
     fpr = _diff_ratio(part["fpr"].to_numpy(dtype=np.float64))
-    eo = (max(tpr[0], fpr[0]) if not (np.isnan(tpr[0]) or np.isnan(fpr[0])) else np.nan,
-          min(tpr[1], fpr[1]) if not (np.isnan(tpr[1]) or np.isnan(fpr[1])) else np.nan)
-    return {"equal_opportunity": tpr, "equalized_odds": eo,
-            "demographic_parity": _diff_ratio(part["positive_rate"].to_numpy(dtype=np.float64))}
+    eo = (
+        max(tpr[0], fpr[0]) if not (np.isnan(tpr[0]) or np.isnan(fpr[0])) else np.nan,
+        min(tpr[1], fpr[1]) if not (np.isnan(tpr[1]) or np.isnan(fpr[1])) else np.nan,
+    )
+    return {
+        "equal_opportunity": tpr,
+        "equalized_odds": eo,
+        "demographic_parity": _diff_ratio(part["positive_rate"].to_numpy(dtype=np.float64)),
+    }
 
 
 # ------------------------------------------------------------------------------------------------ bootstrap
@@ -597,18 +785,27 @@ def bootstrap_fairness(
     prob = _prepare(y_true, p, threshold, labels, len(groups))
     specs = _specs(groups, attributes, intersections)
     n_labels = len(prob.names)
-    members = {name: [(JOIN.join(v) if v else "all", idx) for v, idx in _members(groups, cols)
-                      if len(idx) >= min_group_size] for name, cols in specs}
+    members = {
+        name: [
+            (JOIN.join(v) if v else "all", idx)
+            for v, idx in _members(groups, cols)
+            if len(idx) >= min_group_size
+        ]
+        for name, cols in specs
+    }
     parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
-        (name, g): [] for name, mem in members.items() for g, _ in mem}
+        (name, g): [] for name, mem in members.items() for g, _ in mem
+    }
     # The resamples of statistics.bootstrap_weights: the same draws as its overall-metric CIs for the same seed.
-    for counts in bootstrap_weights(len(groups), n_resamples, seed):     # [n stays, r resamples]
+    for counts in bootstrap_weights(len(groups), n_resamples, seed):  # [n stays, r resamples]
         for name, mem in members.items():
             for g, idx in mem:
                 parts[(name, g)].append(_group_block(prob, idx, counts[idx].T, n_bins))
     # values[(attribute, group)][metric] -> [L, n_resamples]
-    values = {key: {m: np.concatenate([b[m] for b in blocks], axis=1) for m in METRICS}
-              for key, blocks in parts.items()}
+    values = {
+        key: {m: np.concatenate([b[m] for b in blocks], axis=1) for m in METRICS}
+        for key, blocks in parts.items()
+    }
     q = [(1 - confidence) / 2, 1 - (1 - confidence) / 2]
     label_names = prob.names + ([MACRO] if n_labels > 1 else [])
 
@@ -623,19 +820,31 @@ def bootstrap_fairness(
         if j < n_labels:
             return v[j]
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all labels undefined -> NaN, as the point estimate
+            warnings.simplefilter(
+                "ignore", RuntimeWarning
+            )  # all labels undefined -> NaN, as the point estimate
             return np.nanmean(v, axis=0)
 
     group_rows, summary_rows = [], []
     for name, mem in members.items():
         for j, label in enumerate(label_names):
-            stacked = {m: np.stack([per_label(values[(name, g)][m], j) for g, _ in mem]) if mem else
-                       np.empty((0, n_resamples)) for m in METRICS}
+            stacked = {
+                m: np.stack([per_label(values[(name, g)][m], j) for g, _ in mem])
+                if mem
+                else np.empty((0, n_resamples))
+                for m in METRICS
+            }
             for gi, (g, _) in enumerate(mem):
                 for m in METRICS:
-                    group_rows.append({"label": label, "attribute": name, "group": g, "metric": m,
-                                       **dict(zip(("ci_low", "ci_high", "n_valid"), ci(stacked[m][gi]),
-                                                  strict=True))})
+                    group_rows.append(
+                        {
+                            "label": label,
+                            "attribute": name,
+                            "group": g,
+                            "metric": m,
+                            **dict(zip(("ci_low", "ci_high", "n_valid"), ci(stacked[m][gi]), strict=True)),
+                        }
+                    )
             if name == OVERALL:
                 continue
             gaps = {m: _gap(stacked[m]) for m in METRICS}
@@ -643,8 +852,14 @@ def bootstrap_fairness(
             gaps["equalized_odds"] = np.maximum(gaps["tpr"], gaps["fpr"])  # NaN if either is undefined
             gaps["demographic_parity"] = gaps["positive_rate"]
             for m, x in gaps.items():
-                summary_rows.append({"label": label, "attribute": name, "metric": m,
-                                     **dict(zip(("ci_low", "ci_high", "n_valid"), ci(x), strict=True))})
+                summary_rows.append(
+                    {
+                        "label": label,
+                        "attribute": name,
+                        "metric": m,
+                        **dict(zip(("ci_low", "ci_high", "n_valid"), ci(x), strict=True)),
+                    }
+                )
     gcols = ["label", "attribute", "group", "metric", "ci_low", "ci_high", "n_valid"]
     scols = ["label", "attribute", "metric", "ci_low", "ci_high", "n_valid"]
     return pd.DataFrame(group_rows, columns=gcols), pd.DataFrame(summary_rows, columns=scols)
@@ -694,8 +909,8 @@ def task_arrays(predictions: pd.DataFrame, task: str) -> tuple[np.ndarray, np.nd
 class FairnessReport:
     """What `analyze_fairness` returns: the group table and the summary, each with bootstrap CI columns."""
 
-    groups: pd.DataFrame     # group_metrics + <metric>_low, <metric>_high
-    summary: pd.DataFrame    # fairness_summary + gap_low, gap_high, n_resamples_valid
+    groups: pd.DataFrame  # group_metrics + <metric>_low, <metric>_high
+    summary: pd.DataFrame  # fairness_summary + gap_low, gap_high, n_resamples_valid
     thresholds: dict[str, float]
 
 
@@ -722,36 +937,49 @@ def analyze_fairness(
     LOS decides by the argmax class and needs no threshold. The other options are those of `group_metrics`
     and `bootstrap_fairness`.
     """
-    options = {"attributes": list(attributes), "intersections": [tuple(i) for i in intersections],
-               "min_group_size": min_group_size, "n_bins": n_bins}
+    options = {
+        "attributes": list(attributes),
+        "intersections": [tuple(i) for i in intersections],
+        "min_group_size": min_group_size,
+        "n_bins": n_bins,
+    }
     y, p, names = task_arrays(test_predictions, task)
     groups_all = cohort_groups(cohort)
-    joined = test_predictions[["stay_id"]].merge(groups_all, on="stay_id", how="left", validate="one_to_one",
-                                                 indicator=True)
+    joined = test_predictions[["stay_id"]].merge(
+        groups_all, on="stay_id", how="left", validate="one_to_one", indicator=True
+    )
     if (joined["_merge"] != "both").any():
         n_miss = int((joined["_merge"] != "both").sum())
         raise FairnessInputError(f"cohort: {n_miss} stay_id(s) of the predictions are not in cohort.parquet")
     groups = joined.drop(columns=["_merge", "stay_id"])
-    cxr = (test_predictions["cxr_input"].astype(bool).to_numpy() if "cxr_input" in test_predictions.columns
-           else groups["has_cxr"].to_numpy())
+    cxr = (
+        test_predictions["cxr_input"].astype(bool).to_numpy()
+        if "cxr_input" in test_predictions.columns
+        else groups["has_cxr"].to_numpy()
+    )
     thr = None
     if task != "los":
         if isinstance(threshold, str):
             if val_predictions is None:
-                raise FairnessInputError(f"threshold rule {threshold!r}: needs val_predictions (thresholds are "
-                                         "chosen on validation, never on test), or pass a fixed number")
+                raise FairnessInputError(
+                    f"threshold rule {threshold!r}: needs val_predictions (thresholds are "
+                    "chosen on validation, never on test), or pass a fixed number"
+                )
             yv, pv, _ = task_arrays(val_predictions, task)
             thr = choose_threshold(yv, pv, threshold)
         else:
             thr = choose_threshold(y, p, threshold)  # validates the fixed number
     table = group_metrics(y, p, groups, thr, labels=names, cxr_available=cxr, **options)
     summary = fairness_summary(table)
-    gci, sci = bootstrap_fairness(y, p, groups, thr, labels=names, n_resamples=n_resamples, seed=seed,
-                                  confidence=confidence, **options)
+    gci, sci = bootstrap_fairness(
+        y, p, groups, thr, labels=names, n_resamples=n_resamples, seed=seed, confidence=confidence, **options
+    )
     wide = gci.pivot(index=["label", "attribute", "group"], columns="metric", values=["ci_low", "ci_high"])
     wide.columns = [f"{m}_{'low' if stat == 'ci_low' else 'high'}" for stat, m in wide.columns]
     table = table.merge(wide.reset_index(), on=["label", "attribute", "group"], how="left")
     sci = sci.rename(columns={"ci_low": "gap_low", "ci_high": "gap_high", "n_valid": "n_resamples_valid"})
     summary = summary.merge(sci, on=["label", "attribute", "metric"], how="left")
-    thr_map = ({} if thr is None else dict(zip(names, np.broadcast_to(thr, (len(names),)).tolist(), strict=True)))
+    thr_map = (
+        {} if thr is None else dict(zip(names, np.broadcast_to(thr, (len(names),)).tolist(), strict=True))
+    )
     return FairnessReport(groups=table, summary=summary, thresholds=thr_map)

@@ -33,8 +33,10 @@ class MetricInputError(UserError, ValueError):
 def _check_probs(p: np.ndarray, what: str) -> np.ndarray:
     p = np.asarray(p, dtype=np.float64)
     if p.size and (not np.all(np.isfinite(p)) or p.min() < 0.0 or p.max() > 1.0):
-        raise MetricInputError(f"{what}: scores must be probabilities in [0, 1] (apply sigmoid/softmax to logits); "
-                               f"got range [{np.nanmin(p):.4g}, {np.nanmax(p):.4g}]")
+        raise MetricInputError(
+            f"{what}: scores must be probabilities in [0, 1] (apply sigmoid/softmax to logits); "
+            f"got range [{np.nanmin(p):.4g}, {np.nanmax(p):.4g}]"
+        )
     return p
 
 
@@ -100,10 +102,14 @@ def multilabel_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str]) -> d
     for key, vals in (("auroc", auroc), ("auprc", auprc)):
         out[f"{key}_macro"] = float(vals[ok].mean()) if ok.any() else float("nan")
         w = support[ok]
-        out[f"{key}_weighted"] = float(np.average(vals[ok], weights=w)) if ok.any() and w.sum() > 0 else float("nan")
+        out[f"{key}_weighted"] = (
+            float(np.average(vals[ok], weights=w)) if ok.any() and w.sum() > 0 else float("nan")
+        )
     flat_ok = _both_classes(y.ravel())
     out["auroc_micro"] = float(skm.roc_auc_score(y, p, average="micro")) if flat_ok else float("nan")
-    out["auprc_micro"] = float(skm.average_precision_score(y, p, average="micro")) if flat_ok else float("nan")
+    out["auprc_micro"] = (
+        float(skm.average_precision_score(y, p, average="micro")) if flat_ok else float("nan")
+    )
     out["n_labels_defined"] = int(ok.sum())
     out["n"] = len(y)
     return out
@@ -122,7 +128,9 @@ def multiclass_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str] | Non
     k = p.shape[1]
     names = names or [str(c) for c in range(k)]
     if len(p) and not np.allclose(p.sum(axis=1), 1.0, atol=1e-4):
-        raise MetricInputError("multiclass metrics: each row of scores must sum to 1 (apply softmax to logits)")
+        raise MetricInputError(
+            "multiclass metrics: each row of scores must sum to 1 (apply softmax to logits)"
+        )
     if len(y) and (y.min() < 0 or y.max() >= k):
         raise MetricInputError(f"multiclass metrics: labels must be classes 0..{k - 1}")
     pred = p.argmax(axis=1)

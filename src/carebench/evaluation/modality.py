@@ -76,8 +76,14 @@ class RunPredictor:
     was trained on. Training statistics (normalisation) and the train/val X-ray dropout are those of the run.
     """
 
-    def __init__(self, run_dir: str | Path, data_root: str | Path | None = None, *, device: str = "cpu",
-                 batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        data_root: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        batch_size: int | None = None,
+    ) -> None:
         from carebench.models.base import task_spec
         from carebench.training.config import TrainConfig, dataset_fingerprint
         from carebench.training.run import CHECKPOINT, DONE, build_module, load_fold
@@ -90,8 +96,10 @@ class RunPredictor:
         root = Path(data_root) if data_root is not None else Path(self.cfg.data)
         self.data = open_dataset(root)
         if dataset_fingerprint(root) != self.cfg.data_fingerprint:
-            raise ModalityError(f"{root}: not the dataset run {self.run_dir.name} was trained on (manifest "
-                                "fingerprint differs)")
+            raise ModalityError(
+                f"{root}: not the dataset run {self.run_dir.name} was trained on (manifest "
+                "fingerprint differs)"
+            )
         self.fold = load_fold(self.cfg, self.data)
         module = build_module(self.cfg, len(self.fold.features))
         state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state_dict"]
@@ -122,16 +130,29 @@ class RunPredictor:
         seed = self.cfg.cxr_dropout_seed if seed is None else int(seed)
         return cxr_dropout(ds.stay_ids, natural, _check_rate(rate), seed)
 
-    def predict(self, *, split: str = "test", condition: str = "full", cxr_missing_rate: float | None = None,
-                seed: int | None = None) -> pd.DataFrame:
+    def predict(
+        self,
+        *,
+        split: str = "test",
+        condition: str = "full",
+        cxr_missing_rate: float | None = None,
+        seed: int | None = None,
+    ) -> pd.DataFrame:
         """Predictions of one split (predictions.parquet columns). `cxr_missing_rate` None = the run's own
         dropout rate for that split; a number = that rate of the split's X-rays removed (seeded, nested)."""
         if condition not in CONDITIONS:
             raise ModalityError(f"condition: expected one of {CONDITIONS}, got {condition!r}")
         ds = self._split(split)
         if cxr_missing_rate is not None:
-            ds = StayDataset(self.data, ds.rows, self.cfg.task, self.fold.stats, ds.image_size,
-                             dropped=self.dropped(cxr_missing_rate, split=split, seed=seed), load_cxr=ds.load_cxr)
+            ds = StayDataset(
+                self.data,
+                ds.rows,
+                self.cfg.task,
+                self.fold.stats,
+                ds.image_size,
+                dropped=self.dropped(cxr_missing_rate, split=split, seed=seed),
+                load_cxr=ds.load_cxr,
+            )
         from carebench.training.module import predictions_frame, probabilities
 
         parts: list[dict[str, Tensor]] = []
@@ -140,8 +161,12 @@ class RunPredictor:
             for batch in make_loader(ds, self.batch_size, shuffle=False):
                 batch = ablate_batch(batch, condition)
                 out = self.model({k: v.to(self.device) for k, v in batch.items()})
-                rec = {"stay_id": batch["stay_id"], "y": batch["y"], "has_cxr": batch["has_cxr"],
-                       "p": probabilities(self.kind, out.logits).cpu()}
+                rec = {
+                    "stay_id": batch["stay_id"],
+                    "y": batch["y"],
+                    "has_cxr": batch["has_cxr"],
+                    "p": probabilities(self.kind, out.logits).cpu(),
+                }
                 for head, logits in out.extra_logits.items():
                     rec[f"p__{head}"] = probabilities(self.kind, logits).cpu()
                 parts.append(rec)
@@ -177,8 +202,14 @@ def _long(rows: list[dict], metrics: dict[str, float], reference: dict[str, floa
         rows.append({**base, "metric": metric, "value": value, "delta": value - ref})
 
 
-def ablation_table(predict: Callable[[str], pd.DataFrame], task: str, *, method: str,
-                   conditions: Sequence[str] = CONDITIONS, heads: bool = True) -> pd.DataFrame:
+def ablation_table(
+    predict: Callable[[str], pd.DataFrame],
+    task: str,
+    *,
+    method: str,
+    conditions: Sequence[str] = CONDITIONS,
+    heads: bool = True,
+) -> pd.DataFrame:
     """Test-time modality ablation: one row per (condition, metric) with `delta` = value - value under `full`.
 
     `predict(condition)` returns the test predictions under that condition (e.g. `RunPredictor.predict`).
@@ -188,7 +219,9 @@ def ablation_table(predict: Callable[[str], pd.DataFrame], task: str, *, method:
     conditions = list(conditions)
     bad = [c for c in conditions if c not in CONDITIONS]
     if bad or "full" not in conditions:
-        raise ModalityError(f"conditions: expected a subset of {CONDITIONS} that includes 'full', got {conditions}")
+        raise ModalityError(
+            f"conditions: expected a subset of {CONDITIONS} that includes 'full', got {conditions}"
+        )
     preds = {c: predict(c) for c in conditions}
     full = prediction_metrics(preds["full"], task)
     rows: list[dict] = []
@@ -196,19 +229,36 @@ def ablation_table(predict: Callable[[str], pd.DataFrame], task: str, *, method:
         frame = preds[c]
         if not frame["stay_id"].equals(preds["full"]["stay_id"]):
             raise ModalityError(f"condition {c!r}: predictions are not for the same stays as 'full'")
-        rows.append({"method": method, "condition": c, "n": len(frame),
-                     "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1})
+        rows.append(
+            {
+                "method": method,
+                "condition": c,
+                "n": len(frame),
+                "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1,
+            }
+        )
         _long(rows, full if c == "full" else prediction_metrics(frame, task), full)
     for head in prediction_heads(preds["full"]) if heads else []:
         frame = preds["full"]
-        rows.append({"method": method, "condition": f"head:{head}", "n": len(frame),
-                     "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1})
+        rows.append(
+            {
+                "method": method,
+                "condition": f"head:{head}",
+                "n": len(frame),
+                "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1,
+            }
+        )
         _long(rows, prediction_metrics(frame, task, head=head), full)
     return pd.DataFrame(rows, columns=["method", "condition", "n", "n_cxr_input", "metric", "value", "delta"])
 
 
-def missingness_curve(predict_at: Callable[[float], pd.DataFrame], task: str, *, method: str,
-                      rates: Iterable[float] = MISSING_RATES) -> pd.DataFrame:
+def missingness_curve(
+    predict_at: Callable[[float], pd.DataFrame],
+    task: str,
+    *,
+    method: str,
+    rates: Iterable[float] = MISSING_RATES,
+) -> pd.DataFrame:
     """Metrics of one trained model as the test-time X-ray missing rate grows.
 
     `predict_at(rate)` returns the test predictions with that share of the X-rays removed. One row per
@@ -223,8 +273,14 @@ def missingness_curve(predict_at: Callable[[float], pd.DataFrame], task: str, *,
         frame = predict_at(r)
         m = prediction_metrics(frame, task)
         first = m if first is None else first
-        rows.append({"method": method, "rate": r, "n": len(frame),
-                     "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1})
+        rows.append(
+            {
+                "method": method,
+                "rate": r,
+                "n": len(frame),
+                "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1,
+            }
+        )
         _long(rows, m, first)
     return pd.DataFrame(rows, columns=["method", "rate", "n", "n_cxr_input", "metric", "value", "delta"])
 
@@ -240,7 +296,11 @@ def natural_missingness(predictions: pd.DataFrame, task: str, *, method: str) ->
     has = predictions["cxr_input"].astype(bool)
     everything = prediction_metrics(predictions, task)
     rows: list[dict] = []
-    for subset, frame in (("all", predictions), ("with_cxr", predictions[has]), ("without_cxr", predictions[~has])):
+    for subset, frame in (
+        ("all", predictions),
+        ("with_cxr", predictions[has]),
+        ("without_cxr", predictions[~has]),
+    ):
         if len(frame) == 0:
             continue
         rows.append({"method": method, "subset": subset, "n": len(frame)})
@@ -249,23 +309,35 @@ def natural_missingness(predictions: pd.DataFrame, task: str, *, method: str) ->
 
 
 # ------------------------------------------------------------------------------------------------ from runs
-def run_ablation(run_dir: str | Path, data_root: str | Path | None = None, *, device: str = "cpu",
-                 conditions: Sequence[str] = CONDITIONS) -> pd.DataFrame:
+def run_ablation(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    device: str = "cpu",
+    conditions: Sequence[str] = CONDITIONS,
+) -> pd.DataFrame:
     """`ablation_table` of a finished run (test split at the run's own test dropout), with its run_id."""
     pred = RunPredictor(run_dir, data_root, device=device)
-    table = ablation_table(lambda c: pred.predict(condition=c), pred.cfg.task, method=pred.method,
-                           conditions=conditions)
+    table = ablation_table(
+        lambda c: pred.predict(condition=c), pred.cfg.task, method=pred.method, conditions=conditions
+    )
     table.insert(1, "run_id", pred.run_id)
     return table
 
 
-def run_missingness_curve(run_dir: str | Path, data_root: str | Path | None = None, *,
-                          rates: Iterable[float] = MISSING_RATES, seed: int | None = None,
-                          device: str = "cpu") -> pd.DataFrame:
+def run_missingness_curve(
+    run_dir: str | Path,
+    data_root: str | Path | None = None,
+    *,
+    rates: Iterable[float] = MISSING_RATES,
+    seed: int | None = None,
+    device: str = "cpu",
+) -> pd.DataFrame:
     """`missingness_curve` of a finished run: test X-rays removed at each rate (seed: the run's dropout seed)."""
     pred = RunPredictor(run_dir, data_root, device=device)
-    table = missingness_curve(lambda r: pred.predict(cxr_missing_rate=r, seed=seed), pred.cfg.task,
-                              method=pred.method, rates=rates)
+    table = missingness_curve(
+        lambda r: pred.predict(cxr_missing_rate=r, seed=seed), pred.cfg.task, method=pred.method, rates=rates
+    )
     table.insert(1, "run_id", pred.run_id)
     return table
 
@@ -286,13 +358,30 @@ def dropout_runs_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
                 raise ModalityError(f"{d / name}: missing (expected a finished run directory)")
         cfg = yaml.safe_load((d / "config.yaml").read_text())
         test = json.loads((d / "metrics.json").read_text()).get("test", {})
-        base = {"method": cfg["model"], "run_id": d.name, "task": cfg["task"], "cohort": cfg.get("cohort"),
-                "fold": cfg.get("fold"), "seed": cfg.get("seed"),
-                **{f"cxr_dropout_{s}": float(cfg.get(f"cxr_dropout_{s}", 0.0)) for s in SPLITS}}
+        base = {
+            "method": cfg["model"],
+            "run_id": d.name,
+            "task": cfg["task"],
+            "cohort": cfg.get("cohort"),
+            "fold": cfg.get("fold"),
+            "seed": cfg.get("seed"),
+            **{f"cxr_dropout_{s}": float(cfg.get(f"cxr_dropout_{s}", 0.0)) for s in SPLITS},
+        }
         for metric, value in test.items():
             if "/" in metric or metric in _NOT_METRICS or not isinstance(value, int | float | type(None)):
                 continue
             rows.append({**base, "metric": metric, "value": np.nan if value is None else float(value)})
-    cols = ["method", "run_id", "task", "cohort", "fold", "seed", "cxr_dropout_train", "cxr_dropout_val",
-            "cxr_dropout_test", "metric", "value"]
+    cols = [
+        "method",
+        "run_id",
+        "task",
+        "cohort",
+        "fold",
+        "seed",
+        "cxr_dropout_train",
+        "cxr_dropout_val",
+        "cxr_dropout_test",
+        "metric",
+        "value",
+    ]
     return pd.DataFrame(rows, columns=cols)

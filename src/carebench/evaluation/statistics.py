@@ -51,7 +51,14 @@ TIE_TOLERANCE = 1e-12
 
 _BINARY_METRICS = ("auroc", "auprc", "accuracy", "f1", "precision", "recall", "specificity", "brier", "ece")
 GROUP_SEP = "@"  # "auroc_macro@both": macro average over the labels of group "both"
-_MULTILABEL_AGG = ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted", "auroc_micro", "auprc_micro")
+_MULTILABEL_AGG = (
+    "auroc_macro",
+    "auprc_macro",
+    "auroc_weighted",
+    "auprc_weighted",
+    "auroc_micro",
+    "auprc_micro",
+)
 _MULTICLASS_METRICS = ("accuracy", "f1_macro", "f1_weighted", "kappa", "kappa_linear", "auroc_ovr_macro")
 ALTERNATIVES = ("two-sided", "greater", "less")
 CI_METHODS = ("percentile", "bca")
@@ -98,8 +105,9 @@ class _RankChannel:
     pair_swap: np.ndarray | None = None
 
 
-def _rank_channel(score: np.ndarray, label: np.ndarray, items: np.ndarray | None = None,
-                  paired: bool = False) -> _RankChannel:
+def _rank_channel(
+    score: np.ndarray, label: np.ndarray, items: np.ndarray | None = None, paired: bool = False
+) -> _RankChannel:
     score = np.asarray(score, dtype=np.float64)
     label = np.asarray(label).astype(bool)
     items = np.arange(len(score)) if items is None else items
@@ -118,11 +126,19 @@ def _rank_channel(score: np.ndarray, label: np.ndarray, items: np.ndarray | None
         where[pos_entries[po]] = np.arange(len(po))
         stays = pos_entries[pos_entries < q]
         pair = {"pair_a": where[stays], "pair_b": where[stays + q], "pair_swap": items[stays + q]}
-    return _RankChannel(pos_items=items[pos_entries[po]], neg_items=items[neg_entries[no]], neg_below=neg_below,
-                        neg_upto=neg_upto, pos_below=pos_below, neg_points=neg_points, pos_points=pos_points,
-                        below_at=np.searchsorted(neg_points, neg_below),
-                        upto_at=np.searchsorted(neg_points, neg_upto),
-                        pbelow_at=np.searchsorted(pos_points, pos_below), **pair)
+    return _RankChannel(
+        pos_items=items[pos_entries[po]],
+        neg_items=items[neg_entries[no]],
+        neg_below=neg_below,
+        neg_upto=neg_upto,
+        pos_below=pos_below,
+        neg_points=neg_points,
+        pos_points=pos_points,
+        below_at=np.searchsorted(neg_points, neg_below),
+        upto_at=np.searchsorted(neg_points, neg_upto),
+        pbelow_at=np.searchsorted(pos_points, pos_below),
+        **pair,
+    )
 
 
 def _prefix_at(wt: np.ndarray, items: np.ndarray, points: np.ndarray, dtype: type) -> np.ndarray:
@@ -159,9 +175,11 @@ def _rank_kernel(ch: _RankChannel, wt: np.ndarray, max_total: int) -> tuple[np.n
     if m1 == 0 or m0 == 0:
         return auc, ap
     dtype = _int_dtype(max_total)
-    cols = max(1, CHUNK_BYTES // (np.dtype(dtype).itemsize * (len(ch.neg_points) + len(ch.pos_points)) + 56 * m1))
+    cols = max(
+        1, CHUNK_BYTES // (np.dtype(dtype).itemsize * (len(ch.neg_points) + len(ch.pos_points)) + 56 * m1)
+    )
     for s in range(0, r_total, cols):
-        w = wt[:, s:s + cols]
+        w = wt[:, s : s + cols]
         cn = _prefix_at(w, ch.neg_items, ch.neg_points, dtype)
         cp = _prefix_at(w, ch.pos_items, ch.pos_points, dtype)
         wp = w[ch.pos_items].astype(np.float64)
@@ -173,8 +191,8 @@ def _rank_kernel(ch: _RankChannel, wt: np.ndarray, max_total: int) -> tuple[np.n
         prec = np.divide(tp, called, out=np.zeros_like(tp), where=called > 0)
         ok = (w1 > 0) & (w0 > 0)
         with np.errstate(divide="ignore", invalid="ignore"):
-            auc[s:s + cols] = np.where(ok, u2 / (2.0 * w1 * w0), np.nan)
-            ap[s:s + cols] = np.where(ok, (wp * prec).sum(axis=0) / w1, np.nan)
+            auc[s : s + cols] = np.where(ok, u2 / (2.0 * w1 * w0), np.nan)
+            ap[s : s + cols] = np.where(ok, (wp * prec).sum(axis=0) / w1, np.nan)
     return auc, ap
 
 
@@ -200,13 +218,17 @@ def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndar
     targets = [(ch.neg_below, ch.below_at, "neg"), (ch.pos_below, ch.pbelow_at, "pos")]
     if ties:
         targets.append((ch.neg_upto, ch.upto_at, "neg"))
-    static = [(count[ka][:, None].astype(dtype), count[kb][:, None].astype(dtype), at[ka], at[kb], kind)
-              for count, at, kind in targets]
+    static = [
+        (count[ka][:, None].astype(dtype), count[kb][:, None].astype(dtype), at[ka], at[kb], kind)
+        for count, at, kind in targets
+    ]
     out: list[list[np.ndarray]] = [[], [], [], []]
     for s in range(0, r_total, cols):
-        w = wt[:, s:s + cols]
-        prefix = {"neg": _prefix_at(w, ch.neg_items, ch.neg_points, dtype),
-                  "pos": _prefix_at(w, ch.pos_items, ch.pos_points, dtype)}
+        w = wt[:, s : s + cols]
+        prefix = {
+            "neg": _prefix_at(w, ch.neg_items, ch.neg_points, dtype),
+            "pos": _prefix_at(w, ch.pos_items, ch.pos_points, dtype),
+        }
         mask = -w[ch.pair_swap].astype(dtype)  # all bits set where the stay gives its b score to A*
         sides: list[list[np.ndarray]] = [[], []]
         for sa, sb, at_a_idx, at_b_idx, kind in static:
@@ -224,8 +246,9 @@ def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndar
     return (res[0], res[1]), (res[2], res[3])
 
 
-def weighted_rank_metrics(y_true: np.ndarray, score: np.ndarray,
-                          weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def weighted_rank_metrics(
+    y_true: np.ndarray, score: np.ndarray, weights: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """AUROC and average precision of fixed scores under many integer weightings of the samples.
 
     `weights` [R, n] holds non-negative integers (bootstrap counts, 0/1 masks); row r equals scikit-learn's
@@ -264,7 +287,9 @@ def rank_metrics_rows(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarra
     last = np.ones((r, n), dtype=bool)
     last[:, :-1] = new[:, 1:]
     end = np.minimum.accumulate(np.where(last, idx, n - 1)[:, ::-1], axis=1)[:, ::-1]  # last position
-    cp, cn = (np.concatenate([np.zeros((r, 1), np.int64), np.cumsum(v, axis=1)], axis=1) for v in (ys, 1 - ys))
+    cp, cn = (
+        np.concatenate([np.zeros((r, 1), np.int64), np.cumsum(v, axis=1)], axis=1) for v in (ys, 1 - ys)
+    )
     n1, n0 = cp[:, -1], cn[:, -1]
     below = np.take_along_axis(cn, start, axis=1)
     upto = np.take_along_axis(cn, end + 1, axis=1)
@@ -296,8 +321,10 @@ def task_kind(y: np.ndarray, p: np.ndarray) -> str:
         return "multilabel"
     if y.ndim == 1 and p.ndim == 2 and p.shape[0] == y.shape[0] and p.shape[1] >= 2:
         return "multiclass"
-    raise StatisticsInputError(f"labels {y.shape} and scores {p.shape} do not match a task: expected [n] and [n] "
-                               "(binary), [n, L] and [n, L] (multilabel) or [n] and [n, K] (multiclass)")
+    raise StatisticsInputError(
+        f"labels {y.shape} and scores {p.shape} do not match a task: expected [n] and [n] "
+        "(binary), [n, L] and [n, L] (multilabel) or [n] and [n, K] (multiclass)"
+    )
 
 
 def group_key(metric: str, group: str) -> str:
@@ -326,14 +353,18 @@ def _check_groups(groups: Mapping[str, Sequence[str]] | None, names: Sequence[st
         labels = list(dict.fromkeys(labels))
         unknown = sorted(set(labels) - set(names))
         if unknown or not labels:
-            raise StatisticsInputError(f"label group {g!r}: " + (f"unknown label(s) {unknown}" if unknown else
-                                       "no labels") + f"; labels: {list(names)}")
+            raise StatisticsInputError(
+                f"label group {g!r}: "
+                + (f"unknown label(s) {unknown}" if unknown else "no labels")
+                + f"; labels: {list(names)}"
+            )
         out[g] = labels
     return out
 
 
-def available_metrics(kind: str, names: Sequence[str],
-                      groups: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+def available_metrics(
+    kind: str, names: Sequence[str], groups: Mapping[str, Sequence[str]] | None = None
+) -> list[str]:
     """Metric keys (as in `carebench.evaluation.metrics`) that the vectorised statistics compute for a task kind.
 
     Multilabel predictions with label `groups` also have `auroc_macro@<group>` and `auprc_macro@<group>`: the
@@ -342,8 +373,11 @@ def available_metrics(kind: str, names: Sequence[str],
     if kind == "binary":
         return list(_BINARY_METRICS)
     if kind == "multilabel":
-        return [*_MULTILABEL_AGG, *(f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names),
-                *(group_key(f"{m}_macro", g) for g in (groups or {}) for m in ("auroc", "auprc"))]
+        return [
+            *_MULTILABEL_AGG,
+            *(f"{m}/{nm}" for m in ("auroc", "auprc") for nm in names),
+            *(group_key(f"{m}_macro", g) for g in (groups or {}) for m in ("auroc", "auprc")),
+        ]
     if kind == "multiclass":
         return [*_MULTICLASS_METRICS, *(f"auroc/{nm}" for nm in names)]
     raise StatisticsInputError(f"unknown task kind {kind!r}")
@@ -356,8 +390,15 @@ class _MetricSet:
     the same stays) and `evaluate_swapped` gives both arms of every permutation.
     """
 
-    def __init__(self, y: np.ndarray, p: np.ndarray, names: Sequence[str], keys: Sequence[str],
-                 paired: bool = False, groups: Mapping[str, Sequence[str]] | None = None):
+    def __init__(
+        self,
+        y: np.ndarray,
+        p: np.ndarray,
+        names: Sequence[str],
+        keys: Sequence[str],
+        paired: bool = False,
+        groups: Mapping[str, Sequence[str]] | None = None,
+    ):
         self.kind = task_kind(y, p)
         self.paired = paired
         self.names = list(names)
@@ -365,8 +406,9 @@ class _MetricSet:
         available = available_metrics(self.kind, self.names, self.groups)
         unknown = sorted(set(keys) - set(available))
         if unknown:
-            raise StatisticsInputError(f"metric(s) {unknown} not available for {self.kind} predictions; choose "
-                                       f"from {available}")
+            raise StatisticsInputError(
+                f"metric(s) {unknown} not available for {self.kind} predictions; choose from {available}"
+            )
         self.keys = list(keys)
         self.channels: dict[str, _RankChannel] = {}
         self.features: np.ndarray | None = None
@@ -384,18 +426,34 @@ class _MetricSet:
             pred = (p >= 0.5).astype(np.float64)
             b = np.minimum((p * 10).astype(np.int64), 9)
             onehot = np.eye(10)[b]
-            self.features = np.column_stack([y * pred, (1 - y) * pred, y * (1 - pred), (1 - y) * (1 - pred),
-                                             (p - y) ** 2, onehot * p[:, None], onehot * y[:, None]])
+            self.features = np.column_stack(
+                [
+                    y * pred,
+                    (1 - y) * pred,
+                    y * (1 - pred),
+                    (1 - y) * (1 - pred),
+                    (p - y) ** 2,
+                    onehot * p[:, None],
+                    onehot * y[:, None],
+                ]
+            )
 
     def _setup_multilabel(self, y: np.ndarray, p: np.ndarray) -> None:
         y = _binary_labels(y, "labels")
         self.defined = [j for j in range(y.shape[1]) if y[:, j].any() and not y[:, j].all()]
         agg = any(k in self.keys for k in ("auroc_macro", "auprc_macro", "auroc_weighted", "auprc_weighted"))
-        in_groups = {nm for g, labels in self.groups.items() for nm in labels
-                     if any(group_key(f"{m}_macro", g) in self.keys for m in ("auroc", "auprc"))}
+        in_groups = {
+            nm
+            for g, labels in self.groups.items()
+            for nm in labels
+            if any(group_key(f"{m}_macro", g) in self.keys for m in ("auroc", "auprc"))
+        }
         for j, nm in enumerate(self.names):
-            if ((agg or nm in in_groups) and j in self.defined) or f"auroc/{nm}" in self.keys \
-                    or f"auprc/{nm}" in self.keys:
+            if (
+                ((agg or nm in in_groups) and j in self.defined)
+                or f"auroc/{nm}" in self.keys
+                or f"auprc/{nm}" in self.keys
+            ):
                 self.channels[nm] = _rank_channel(p[:, j], y[:, j], paired=self.paired)
         if "auroc_micro" in self.keys or "auprc_micro" in self.keys:
             items = np.repeat(np.arange(len(y)), y.shape[1])
@@ -413,7 +471,9 @@ class _MetricSet:
             if ("auroc_ovr_macro" in self.keys and c in self.defined) or f"auroc/{nm}" in self.keys:
                 self.channels[nm] = _rank_channel(p[:, c], y == c, paired=self.paired)
         if self._needs_additive(("auroc_ovr_macro",)):
-            self.features = np.eye(k * k)[y * k + p.argmax(axis=1)]  # one-hot confusion cell (true, predicted)
+            self.features = np.eye(k * k)[
+                y * k + p.argmax(axis=1)
+            ]  # one-hot confusion cell (true, predicted)
 
     # --- evaluation
     def evaluate(self, wt: np.ndarray) -> dict[str, np.ndarray]:
@@ -452,10 +512,15 @@ class _MetricSet:
             out["auroc"], out["auprc"] = ranks["score"]
         if sums is not None:
             tp, fp, fn, tn, sq = (sums[:, i] for i in range(5))
-            out.update(accuracy=(tp + tn) / total, precision=self._ratio(tp, tp + fp),
-                       recall=self._ratio(tp, tp + fn), specificity=self._ratio(tn, tn + fp),
-                       f1=self._ratio(2 * tp, 2 * tp + fp + fn), brier=sq / total,
-                       ece=np.abs(sums[:, 5:15] - sums[:, 15:25]).sum(axis=1) / total)
+            out.update(
+                accuracy=(tp + tn) / total,
+                precision=self._ratio(tp, tp + fp),
+                recall=self._ratio(tp, tp + fn),
+                specificity=self._ratio(tn, tn + fp),
+                f1=self._ratio(2 * tp, 2 * tp + fp + fn),
+                brier=sq / total,
+                ece=np.abs(sums[:, 5:15] - sums[:, 15:25]).sum(axis=1) / total,
+            )
         return out
 
     def _finish_multilabel(self, ranks, sums, total) -> dict[str, np.ndarray]:
@@ -484,8 +549,11 @@ class _MetricSet:
             for i, metric in enumerate(("auroc", "auprc")):
                 key = group_key(f"{metric}_macro", g)
                 if key in self.keys:
-                    out[key] = (np.column_stack([ranks[nm][i] for nm in members]).mean(axis=1) if members
-                                else np.full(r, np.nan))
+                    out[key] = (
+                        np.column_stack([ranks[nm][i] for nm in members]).mean(axis=1)
+                        if members
+                        else np.full(r, np.nan)
+                    )
         return out
 
     def _finish_multiclass(self, ranks, sums, total) -> dict[str, np.ndarray]:
@@ -494,8 +562,11 @@ class _MetricSet:
             if nm in ranks:
                 out[f"auroc/{nm}"] = ranks[nm][0]
         if "auroc_ovr_macro" in self.keys:
-            out["auroc_ovr_macro"] = (np.column_stack([ranks[self.names[c]][0] for c in self.defined]).mean(axis=1)
-                                      if self.defined else np.full(len(total), np.nan))
+            out["auroc_ovr_macro"] = (
+                np.column_stack([ranks[self.names[c]][0] for c in self.defined]).mean(axis=1)
+                if self.defined
+                else np.full(len(total), np.nan)
+            )
         if sums is not None:
             k = len(self.names)
             conf = sums.reshape(-1, k, k)  # [R, true, predicted]
@@ -508,8 +579,10 @@ class _MetricSet:
             out["f1_weighted"] = (f1 * true_n).sum(axis=1) / true_n.sum(axis=1)
             expected = true_n[:, :, None] * pred_n[:, None, :] / total[:, None, None]
             rank = np.cumsum(present, axis=1) - 1  # position among present labels (scikit-learn's weights)
-            for key, w in (("kappa", 1.0 - np.eye(k)[None]),
-                           ("kappa_linear", np.abs(rank[:, :, None] - rank[:, None, :]).astype(np.float64))):
+            for key, w in (
+                ("kappa", 1.0 - np.eye(k)[None]),
+                ("kappa_linear", np.abs(rank[:, :, None] - rank[:, None, :]).astype(np.float64)),
+            ):
                 den = (w * expected).sum(axis=(1, 2))
                 with np.errstate(invalid="ignore", divide="ignore"):
                     out[key] = np.where(den > 0, 1.0 - (w * conf).sum(axis=(1, 2)) / den, np.nan)
@@ -537,9 +610,15 @@ def _prepare(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray,
     return y, p, list(names)
 
 
-def metric_values(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                  weights: np.ndarray | None = None,
-                  groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, np.ndarray]:
+def metric_values(
+    y_true,
+    p,
+    metrics: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    weights: np.ndarray | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, np.ndarray]:
     """The vectorised metrics for integer weightings [R, n] of the stays (default: one row of ones)."""
     y, p, names = _prepare(y_true, p, names)
     wt = np.ones((len(y), 1), dtype=np.int32) if weights is None else _weights_t(weights, len(y))
@@ -564,8 +643,9 @@ class BootstrapResult:
     distribution: np.ndarray = field(repr=False)
 
 
-def bootstrap_weights(n: int, n_resamples: int, seed: int,
-                      strata: np.ndarray | None = None) -> Iterator[np.ndarray]:
+def bootstrap_weights(
+    n: int, n_resamples: int, seed: int, strata: np.ndarray | None = None
+) -> Iterator[np.ndarray]:
     """Blocks of bootstrap counts [n, r] (stays x resamples): how often each stay is drawn in each resample.
 
     Unstratified draws are `default_rng(seed).integers(0, n, (r, n))` (row = resample), the same stream as
@@ -582,7 +662,11 @@ def bootstrap_weights(n: int, n_resamples: int, seed: int,
             idx = rng.integers(0, n, (r, n))
         else:
             idx = np.concatenate([g[rng.integers(0, len(g), (r, len(g)))] for g in groups], axis=1)
-        yield np.bincount((idx * r + np.arange(r)[:, None]).ravel(), minlength=n * r).reshape(n, r).astype(dtype)
+        yield (
+            np.bincount((idx * r + np.arange(r)[:, None]).ravel(), minlength=n * r)
+            .reshape(n, r)
+            .astype(dtype)
+        )
 
 
 def _jackknife_weights(n: int) -> Iterator[np.ndarray]:
@@ -605,8 +689,9 @@ def _evaluate_blocks(sets: Sequence[_MetricSet], blocks: Iterator[np.ndarray]) -
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
-def _interval(dist: np.ndarray, estimate: float, confidence: float, method: str,
-              jackknife: np.ndarray | None) -> BootstrapResult:
+def _interval(
+    dist: np.ndarray, estimate: float, confidence: float, method: str, jackknife: np.ndarray | None
+) -> BootstrapResult:
     valid = dist[~np.isnan(dist)]
     lo = hi = se = float("nan")
     if len(valid) and not np.isnan(estimate):
@@ -617,8 +702,17 @@ def _interval(dist: np.ndarray, estimate: float, confidence: float, method: str,
         if not np.isnan(levels).any():
             lo, hi = (float(v) for v in np.quantile(valid, levels))
         se = float(np.std(valid, ddof=1)) if len(valid) > 1 else float("nan")
-    return BootstrapResult(estimate=float(estimate), ci_low=lo, ci_high=hi, confidence=confidence, method=method,
-                           n_resamples=len(dist), n_valid=len(valid), standard_error=se, distribution=valid)
+    return BootstrapResult(
+        estimate=float(estimate),
+        ci_low=lo,
+        ci_high=hi,
+        confidence=confidence,
+        method=method,
+        n_resamples=len(dist),
+        n_valid=len(valid),
+        standard_error=se,
+        distribution=valid,
+    )
 
 
 def _bca_levels(valid: np.ndarray, estimate: float, alpha: float, jackknife: np.ndarray) -> np.ndarray:
@@ -642,8 +736,15 @@ def _check_options(confidence: float, method: str, n: int, name: str) -> None:
         raise StatisticsInputError(f"{name}: must be at least 1, got {n}")
 
 
-def _bootstrap_many(sets: Sequence[_MetricSet], n: int, strata: np.ndarray | None, n_resamples: int,
-                    confidence: float, seed: int, method: str) -> dict[str, BootstrapResult]:
+def _bootstrap_many(
+    sets: Sequence[_MetricSet],
+    n: int,
+    strata: np.ndarray | None,
+    n_resamples: int,
+    confidence: float,
+    seed: int,
+    method: str,
+) -> dict[str, BootstrapResult]:
     point = _evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)]))
     dist = _evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, strata))
     jack = _evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else {}
@@ -654,27 +755,58 @@ def _strata(y: np.ndarray, stratify: bool) -> np.ndarray | None:
     if not stratify:
         return None
     if y.ndim != 1:
-        raise StatisticsInputError("stratify: defined for binary and multiclass labels (one column), not "
-                                   "multilabel; resample without stratification")
+        raise StatisticsInputError(
+            "stratify: defined for binary and multiclass labels (one column), not "
+            "multilabel; resample without stratification"
+        )
     return y
 
 
-def bootstrap_ci(y_true, p, metric: str = "auroc", *, names: Sequence[str] | None = None,
-                 n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                 stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None) -> BootstrapResult:
+def bootstrap_ci(
+    y_true,
+    p,
+    metric: str = "auroc",
+    *,
+    names: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+    stratify: bool = False,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> BootstrapResult:
     """Bootstrap confidence interval of one metric (stays resampled with replacement).
 
     `method`: "percentile" or "bca" (bias-corrected and accelerated, jackknife acceleration). `stratify`
     resamples each class separately (binary / multiclass). Resamples where the metric is undefined are skipped.
     """
-    return bootstrap_cis(y_true, p, [metric], names=names, n_resamples=n_resamples, ci=ci, seed=seed,
-                         method=method, stratify=stratify, groups=groups)[metric]
+    return bootstrap_cis(
+        y_true,
+        p,
+        [metric],
+        names=names,
+        n_resamples=n_resamples,
+        ci=ci,
+        seed=seed,
+        method=method,
+        stratify=stratify,
+        groups=groups,
+    )[metric]
 
 
-def bootstrap_cis(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                  n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                  stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
-                  ) -> dict[str, BootstrapResult]:
+def bootstrap_cis(
+    y_true,
+    p,
+    metrics: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+    stratify: bool = False,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, BootstrapResult]:
     """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
     y, p, names = _prepare(y_true, p, names)
     _check_options(ci, method, n_resamples, "n_resamples")
@@ -682,19 +814,50 @@ def bootstrap_cis(y_true, p, metrics: Sequence[str], *, names: Sequence[str] | N
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
 
-def paired_bootstrap_ci(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
-                        n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                        stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
-                        ) -> BootstrapResult:
+def paired_bootstrap_ci(
+    y_true,
+    p_a,
+    p_b,
+    metric: str = "auroc",
+    *,
+    names: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+    stratify: bool = False,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> BootstrapResult:
     """Bootstrap confidence interval of metric(a) - metric(b) on the same stays (one resample serves both)."""
-    return paired_bootstrap_cis(y_true, p_a, p_b, [metric], names=names, n_resamples=n_resamples, ci=ci,
-                                seed=seed, method=method, stratify=stratify, groups=groups)[metric]
+    return paired_bootstrap_cis(
+        y_true,
+        p_a,
+        p_b,
+        [metric],
+        names=names,
+        n_resamples=n_resamples,
+        ci=ci,
+        seed=seed,
+        method=method,
+        stratify=stratify,
+        groups=groups,
+    )[metric]
 
 
-def paired_bootstrap_cis(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                         n_resamples: int = 2000, ci: float = 0.95, seed: int = 0, method: str = "percentile",
-                         stratify: bool = False, groups: Mapping[str, Sequence[str]] | None = None
-                         ) -> dict[str, BootstrapResult]:
+def paired_bootstrap_cis(
+    y_true,
+    p_a,
+    p_b,
+    metrics: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    method: str = "percentile",
+    stratify: bool = False,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, BootstrapResult]:
     """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass."""
     y, p_a, names = _prepare(y_true, p_a, names)
     _, p_b, _ = _prepare(y_true, p_b, names)
@@ -759,12 +922,21 @@ def _p_value(null: np.ndarray, observed: float, alternative: str, exact: bool) -
     return count / len(null) if exact else (1 + count) / (1 + len(null))
 
 
-def _permutation_many(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, names: list[str], keys: Sequence[str],
-                      n_permutations: int, seed: int, alternative: str,
-                      groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, PermutationResult]:
+def _permutation_many(
+    y: np.ndarray,
+    p_a: np.ndarray,
+    p_b: np.ndarray,
+    names: list[str],
+    keys: Sequence[str],
+    n_permutations: int,
+    seed: int,
+    alternative: str,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, PermutationResult]:
     n = len(y)
-    pooled = _MetricSet(np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True,
-                        groups=groups)
+    pooled = _MetricSet(
+        np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True, groups=groups
+    )
     identity = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.uint8)[:, None]
     obs_a, obs_b = pooled.evaluate_swapped(identity)
     observed = {k: float(obs_a[k][0] - obs_b[k][0]) for k in keys}
@@ -778,9 +950,14 @@ def _permutation_many(y: np.ndarray, p_a: np.ndarray, p_b: np.ndarray, names: li
     out = {}
     for k in keys:
         null = np.concatenate(parts[k])
-        out[k] = PermutationResult(statistic=observed[k], p_value=_p_value(null, observed[k], alternative, exact),
-                                   n_permutations=len(null), exact=exact, alternative=alternative,
-                                   null_distribution=null)
+        out[k] = PermutationResult(
+            statistic=observed[k],
+            p_value=_p_value(null, observed[k], alternative, exact),
+            n_permutations=len(null),
+            exact=exact,
+            alternative=alternative,
+            null_distribution=null,
+        )
     return out
 
 
@@ -791,9 +968,18 @@ def _check_alternative(alternative: str, n_permutations: int) -> None:
         raise StatisticsInputError(f"n_permutations: must be at least 1, got {n_permutations}")
 
 
-def paired_permutation_test(y_true, p_a, p_b, metric: str = "auroc", *, names: Sequence[str] | None = None,
-                            n_permutations: int = 10000, seed: int = 0, alternative: str = "two-sided",
-                            groups: Mapping[str, Sequence[str]] | None = None) -> PermutationResult:
+def paired_permutation_test(
+    y_true,
+    p_a,
+    p_b,
+    metric: str = "auroc",
+    *,
+    names: Sequence[str] | None = None,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    alternative: str = "two-sided",
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> PermutationResult:
     """Paired permutation test of T = metric(a) - metric(b) on the same stays.
 
     Under the null the two models are exchangeable per stay, so each permutation swaps the two models' scores
@@ -801,20 +987,39 @@ def paired_permutation_test(y_true, p_a, p_b, metric: str = "auroc", *, names: S
     the observed arrangement counts as one of the permutations, so p is never 0 and the test keeps its level.
     With 2**n <= n_permutations every swap pattern is enumerated and p = #{|T*| >= |T|} / 2**n (exact).
     """
-    return paired_permutation_tests(y_true, p_a, p_b, [metric], names=names, n_permutations=n_permutations,
-                                    seed=seed, alternative=alternative, groups=groups)[metric]
+    return paired_permutation_tests(
+        y_true,
+        p_a,
+        p_b,
+        [metric],
+        names=names,
+        n_permutations=n_permutations,
+        seed=seed,
+        alternative=alternative,
+        groups=groups,
+    )[metric]
 
 
-def paired_permutation_tests(y_true, p_a, p_b, metrics: Sequence[str], *, names: Sequence[str] | None = None,
-                             n_permutations: int = 10000, seed: int = 0, alternative: str = "two-sided",
-                             groups: Mapping[str, Sequence[str]] | None = None) -> dict[str, PermutationResult]:
+def paired_permutation_tests(
+    y_true,
+    p_a,
+    p_b,
+    metrics: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    n_permutations: int = 10000,
+    seed: int = 0,
+    alternative: str = "two-sided",
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> dict[str, PermutationResult]:
     """`paired_permutation_test` of several metrics (e.g. every phenotype) on the same permutations, in one pass."""
     y, p_a, names = _prepare(y_true, p_a, names)
     _, p_b, _ = _prepare(y_true, p_b, names)
     _same_shape(p_a, p_b)
     _check_alternative(alternative, n_permutations)
-    return _permutation_many(y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative,
-                             groups)
+    return _permutation_many(
+        y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative, groups
+    )
 
 
 # ------------------------------------------------------------------------------------ multiplicity
@@ -850,7 +1055,9 @@ def holm(pvalues) -> np.ndarray:
 
 def benjamini_hochberg(pvalues) -> np.ndarray:
     """Benjamini-Hochberg adjusted p-values (false discovery rate). NaN stays NaN and does not count."""
-    return _adjust(pvalues, lambda q: np.minimum.accumulate((q * len(q) / np.arange(1, len(q) + 1))[::-1])[::-1])
+    return _adjust(
+        pvalues, lambda q: np.minimum.accumulate((q * len(q) / np.arange(1, len(q) + 1))[::-1])[::-1]
+    )
 
 
 # ------------------------------------------------------------------------- runs: seeds, folds, tidy tables
@@ -897,14 +1104,18 @@ def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredicti
     dup = preds.duplicated(["method", "seed", "stay_id"], keep=False)
     if dup.any():
         row = preds.loc[dup].iloc[0]
-        raise StatisticsInputError(f"predictions: stay {row['stay_id']} of method {row['method']!r} seed "
-                                   f"{row['seed']} appears more than once (each stay is tested in exactly one fold)")
+        raise StatisticsInputError(
+            f"predictions: stay {row['stay_id']} of method {row['method']!r} seed "
+            f"{row['seed']} appears more than once (each stay is tested in exactly one fold)"
+        )
     out: dict[str, PooledPredictions] = {}
     for method, g in preds.groupby("method", sort=True):
         stays_by_seed = {s: frozenset(gs["stay_id"]) for s, gs in g.groupby("seed")}
         if len(set(stays_by_seed.values())) > 1:
-            raise StatisticsInputError(f"predictions: the seeds of method {method!r} cover different stays "
-                                       f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)")
+            raise StatisticsInputError(
+                f"predictions: the seeds of method {method!r} cover different stays "
+                f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)"
+            )
         per_stay = g.groupby("stay_id", sort=True)
         if (per_stay[y_cols].nunique() > 1).to_numpy().any():
             raise StatisticsInputError(f"predictions: labels of method {method!r} differ between seeds")
@@ -916,13 +1127,18 @@ def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredicti
             _prepare(y, p, names)
         except UserError as err:
             raise StatisticsInputError(f"predictions of method {method!r}: {err}") from err
-        out[str(method)] = PooledPredictions(stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64),
-                                             p=p, n_seeds=len(stays_by_seed))
+        out[str(method)] = PooledPredictions(
+            stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64), p=p, n_seeds=len(stays_by_seed)
+        )
     return out
 
 
-def _expand_keys(task: str, metrics: Sequence[str] | None, names: list[str],
-                 groups: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+def _expand_keys(
+    task: str,
+    metrics: Sequence[str] | None,
+    names: list[str],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
     """Metric keys; `auroc/*` expands to every label, and with label groups every requested macro average
     (`auroc_macro`, `auprc_macro`) is added for each group (`auroc_macro@<group>`)."""
     keys: list[str] = []
@@ -951,33 +1167,56 @@ def _scope(key: str) -> str:
     return "per_label" if "/" in key else "group" if GROUP_SEP in key else "overall"
 
 
-def _align(a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str,
-           method_b: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _align(
+    a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str, method_b: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     common, ia, ib = np.intersect1d(a.stay_id, b.stay_id, return_indices=True)
     if len(common) < 2:
-        raise StatisticsInputError(f"methods {method_a!r} and {method_b!r} share {len(common)} test stays; "
-                                   "a paired comparison needs the same stays")
+        raise StatisticsInputError(
+            f"methods {method_a!r} and {method_b!r} share {len(common)} test stays; "
+            "a paired comparison needs the same stays"
+        )
     if not np.array_equal(a.y[ia], b.y[ib]):
         bad = common[np.flatnonzero((a.y[ia] != b.y[ib]).reshape(len(common), -1).any(axis=1))[0]]
-        raise StatisticsInputError(f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}")
+        raise StatisticsInputError(
+            f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}"
+        )
     return a.y[ia], a.p[ia], b.p[ib]
 
 
-def _best_method(pooled: dict[str, PooledPredictions], candidates: Sequence[str], task: str,
-                 names: list[str], group: str | None = None,
-                 groups: Mapping[str, Sequence[str]] | None = None) -> str:
+def _best_method(
+    pooled: dict[str, PooledPredictions],
+    candidates: Sequence[str],
+    task: str,
+    names: list[str],
+    group: str | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> str:
     metric = SELECTION_METRIC[task] if group is None else group_key(SELECTION_METRIC[task], group)
-    scores = {m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
-              for m in sorted(candidates)}
+    scores = {
+        m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
+        for m in sorted(candidates)
+    }
     return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
 
 
-def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = None,
-                    unimodal: Sequence[str] = (), metrics: Sequence[str] | None = None, pairwise: bool = True,
-                    n_resamples: int = 2000, n_permutations: int = 10000, ci: float = 0.95, seed: int = 0,
-                    ci_method: str = "percentile", alternative: str = "two-sided",
-                    stratify: bool = False, label_groups: Mapping[str, Sequence[str]] | None = None
-                    ) -> pd.DataFrame:
+def compare_methods(
+    preds: pd.DataFrame,
+    task: str,
+    *,
+    reference: str | None = None,
+    unimodal: Sequence[str] = (),
+    metrics: Sequence[str] | None = None,
+    pairwise: bool = True,
+    n_resamples: int = 2000,
+    n_permutations: int = 10000,
+    ci: float = 0.95,
+    seed: int = 0,
+    ci_method: str = "percentile",
+    alternative: str = "two-sided",
+    stratify: bool = False,
+    label_groups: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
     Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
@@ -1004,14 +1243,18 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
     if reference is None and unimodal:
         group_refs = {g: _best_method(pooled, unimodal, task, names, g, groups) for g in groups}
         reference = _best_method(pooled, unimodal, task, names)
-    key_ref = {k: group_refs.get(k.partition(GROUP_SEP)[2], reference) if GROUP_SEP in k else reference
-               for k in keys}
+    key_ref = {
+        k: group_refs.get(k.partition(GROUP_SEP)[2], reference) if GROUP_SEP in k else reference for k in keys
+    }
     pairs: list[tuple[str, str, str, list[str]]] = []
     if reference is not None:
         for ref in dict.fromkeys(key_ref.values()):
             ref_keys = [k for k in keys if key_ref[k] == ref]
-            pairs += [("reference", m, ref, ref_keys) for m in methods
-                      if m not in (ref, reference) and m not in unimodal]
+            pairs += [
+                ("reference", m, ref, ref_keys)
+                for m in methods
+                if m not in (ref, reference) and m not in unimodal
+            ]
     if pairwise:
         pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
     done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
@@ -1019,7 +1262,10 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
     for comparison, a, b, row_keys in pairs:
         if (a, b) not in done:
             y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
-            sets = [_MetricSet(y, pa, names, keys, groups=groups), _MetricSet(y, pb, names, keys, groups=groups)]
+            sets = [
+                _MetricSet(y, pa, names, keys, groups=groups),
+                _MetricSet(y, pb, names, keys, groups=groups),
+            ]
             point = [s.evaluate(np.ones((len(y), 1), dtype=np.int32)) for s in sets]
             boot = _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, ci_method)
             perm = _permutation_many(y, pa, pb, names, keys, n_permutations, seed, alternative, groups)
@@ -1027,34 +1273,82 @@ def compare_methods(preds: pd.DataFrame, task: str, *, reference: str | None = N
         point, boot, perm, n = done[(a, b)]
         for key in row_keys:
             label, metric = _split_key(task, key)
-            rows.append({
-                "task": task, "comparison": comparison, "family": "", "label": label, "metric": metric,
-                "method_a": a, "method_b": b, "estimate_a": float(point[0][key][0]),
-                "estimate_b": float(point[1][key][0]), "delta": boot[key].estimate, "ci_low": boot[key].ci_low,
-                "ci_high": boot[key].ci_high, "p_value": perm[key].p_value, "n_stays": n,
-                "n_seeds_a": pooled[a].n_seeds, "n_seeds_b": pooled[b].n_seeds,
-                "n_resamples_valid": boot[key].n_valid, "n_permutations": perm[key].n_permutations,
-                "reference": b if comparison == "reference" else reference, "scope": _scope(key)})
+            rows.append(
+                {
+                    "task": task,
+                    "comparison": comparison,
+                    "family": "",
+                    "label": label,
+                    "metric": metric,
+                    "method_a": a,
+                    "method_b": b,
+                    "estimate_a": float(point[0][key][0]),
+                    "estimate_b": float(point[1][key][0]),
+                    "delta": boot[key].estimate,
+                    "ci_low": boot[key].ci_low,
+                    "ci_high": boot[key].ci_high,
+                    "p_value": perm[key].p_value,
+                    "n_stays": n,
+                    "n_seeds_a": pooled[a].n_seeds,
+                    "n_seeds_b": pooled[b].n_seeds,
+                    "n_resamples_valid": boot[key].n_valid,
+                    "n_permutations": perm[key].n_permutations,
+                    "reference": b if comparison == "reference" else reference,
+                    "scope": _scope(key),
+                }
+            )
     table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
     if len(table):
-        table["family"] = table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
+        table["family"] = (
+            table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
+        )
         for col, fn in (("p_holm", holm), ("p_bh", benjamini_hochberg)):
-            table[col] = table.groupby("family", sort=False)["p_value"].transform(lambda s, f=fn: f(s.to_numpy()))
+            table[col] = table.groupby("family", sort=False)["p_value"].transform(
+                lambda s, f=fn: f(s.to_numpy())
+            )
     table = table.drop(columns="scope")
     table.attrs["reference"] = reference
     table.attrs["group_references"] = group_refs
     return table
 
 
-_COMPARE_COLUMNS = ["task", "comparison", "family", "label", "metric", "method_a", "method_b", "estimate_a",
-                    "estimate_b", "delta", "ci_low", "ci_high", "p_value", "p_holm", "p_bh", "n_stays",
-                    "n_seeds_a", "n_seeds_b", "n_resamples_valid", "n_permutations", "reference"]
+_COMPARE_COLUMNS = [
+    "task",
+    "comparison",
+    "family",
+    "label",
+    "metric",
+    "method_a",
+    "method_b",
+    "estimate_a",
+    "estimate_b",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "p_bh",
+    "n_stays",
+    "n_seeds_a",
+    "n_seeds_b",
+    "n_resamples_valid",
+    "n_permutations",
+    "reference",
+]
 
 
-def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | None = None,
-                   n_resamples: int = 2000, ci: float = 0.95, seed: int = 0,
-                   ci_method: str = "percentile", stratify: bool = False,
-                   label_groups: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:
+def method_metrics(
+    preds: pd.DataFrame,
+    task: str,
+    *,
+    metrics: Sequence[str] | None = None,
+    n_resamples: int = 2000,
+    ci: float = 0.95,
+    seed: int = 0,
+    ci_method: str = "percentile",
+    stratify: bool = False,
+    label_groups: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
     """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
 
     `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
@@ -1068,8 +1362,15 @@ def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | N
     keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
     rows = []
     for method, pp in pooled.items():
-        boot = _bootstrap_many([_MetricSet(pp.y, pp.p, names, keys, groups=groups)], len(pp.y),
-                               _strata(pp.y, stratify), n_resamples, ci, seed, ci_method)
+        boot = _bootstrap_many(
+            [_MetricSet(pp.y, pp.p, names, keys, groups=groups)],
+            len(pp.y),
+            _strata(pp.y, stratify),
+            n_resamples,
+            ci,
+            seed,
+            ci_method,
+        )
         per_seed = []
         for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
             one = pool_predictions(g, task)[method]
@@ -1077,9 +1378,20 @@ def method_metrics(preds: pd.DataFrame, task: str, *, metrics: Sequence[str] | N
         for key in keys:
             label, metric = _split_key(task, key)
             seed_vals = np.array([v[key][0] for v in per_seed])
-            rows.append({"task": task, "label": label, "metric": metric, "method": method,
-                         "estimate": boot[key].estimate, "ci_low": boot[key].ci_low, "ci_high": boot[key].ci_high,
-                         "n_stays": len(pp.y), "n_resamples_valid": boot[key].n_valid, "n_seeds": pp.n_seeds,
-                         "seed_mean": float(np.mean(seed_vals)),
-                         "seed_sd": float(np.std(seed_vals, ddof=1)) if len(seed_vals) > 1 else float("nan")})
+            rows.append(
+                {
+                    "task": task,
+                    "label": label,
+                    "metric": metric,
+                    "method": method,
+                    "estimate": boot[key].estimate,
+                    "ci_low": boot[key].ci_low,
+                    "ci_high": boot[key].ci_high,
+                    "n_stays": len(pp.y),
+                    "n_resamples_valid": boot[key].n_valid,
+                    "n_seeds": pp.n_seeds,
+                    "seed_mean": float(np.mean(seed_vals)),
+                    "seed_sd": float(np.std(seed_vals, ddof=1)) if len(seed_vals) > 1 else float("nan"),
+                }
+            )
     return pd.DataFrame(rows)

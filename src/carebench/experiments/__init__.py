@@ -7,5 +7,15 @@
 from carebench.experiments.plan import Plan, PlanError, expand_plan, load_plan, parse_plan, profiles
 from carebench.experiments.runner import BenchmarkSummary, print_summary, read_index, run_benchmark
 
-__all__ = ["BenchmarkSummary", "Plan", "PlanError", "expand_plan", "load_plan", "parse_plan", "print_summary",
-           "profiles", "read_index", "run_benchmark"]
+__all__ = [
+    "BenchmarkSummary",
+    "Plan",
+    "PlanError",
+    "expand_plan",
+    "load_plan",
+    "parse_plan",
+    "print_summary",
+    "profiles",
+    "read_index",
+    "run_benchmark",
+]

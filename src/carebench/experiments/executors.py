@@ -250,13 +250,30 @@ class LocalExecutor:
 
     def _spawn(self, runs_dir: Path, n: int) -> _Worker:
         log = _log_path(runs_dir, f"worker-{os.getpid()}-{n}")
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(self.threads),
+            "MKL_NUM_THREADS": str(self.threads),
+            "PYTHONUNBUFFERED": "1",
+        }
         with open(log, "wb") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER, "--runs", str(runs_dir), "--threads", str(self.threads),
-                 "--parent", str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, env=env)
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    "--runs",
+                    str(runs_dir),
+                    "--threads",
+                    str(self.threads),
+                    "--parent",
+                    str(os.getpid()),
+                ],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                env=env,
+            )
         os.set_blocking(proc.stdout.fileno(), False)
         return _Worker(proc, log)
 
@@ -276,7 +293,11 @@ class LocalExecutor:
                         workers.append(idle)
                         sel.register(idle.proc.stdout, selectors.EVENT_READ, idle)
                     cfg = dataclasses.replace(pending.popleft(), threads=self.threads)  # not in the run id
-                    idle.run, idle.run_log, idle.started = cfg, _log_path(runs_dir, cfg.run_id), time.perf_counter()
+                    idle.run, idle.run_log, idle.started = (
+                        cfg,
+                        _log_path(runs_dir, cfg.run_id),
+                        time.perf_counter(),
+                    )
                     req = {"run_id": cfg.run_id, "config": cfg.to_yaml(), "log": str(idle.run_log)}
                     try:
                         idle.proc.stdin.write((json.dumps(req) + "\n").encode())
@@ -300,8 +321,15 @@ class LocalExecutor:
                     workers.remove(w)
                     if w.run is not None:
                         how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-                        yield Finished(self._finish(w, False, f"worker process died ({how}); see the log",
-                                                    time.perf_counter() - w.started, extra=w.log))
+                        yield Finished(
+                            self._finish(
+                                w,
+                                False,
+                                f"worker process died ({how}); see the log",
+                                time.perf_counter() - w.started,
+                                extra=w.log,
+                            )
+                        )
                     _drop_if_empty(w.log)
         finally:
             for w in workers:
@@ -348,7 +376,9 @@ class RayExecutor:
 
     name = "ray"
 
-    def __init__(self, jobs: int | None = None, threads: int | None = None, address: str | None = None) -> None:
+    def __init__(
+        self, jobs: int | None = None, threads: int | None = None, address: str | None = None
+    ) -> None:
         if jobs is not None and jobs < 1:
             raise ExecutorError(f"--jobs must be >= 1, got {jobs}")
         if threads is not None and threads < 1:
@@ -361,8 +391,9 @@ class RayExecutor:
     def start(self) -> None:
         ray = self.ray
         if not ray.is_initialized():
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(
+                address=self.address, include_dashboard=False, log_to_driver=False, configure_logging=False
+            )
             self._owns = True
         cpus = int(ray.cluster_resources().get("CPU", 1))
         node_cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
@@ -381,10 +412,15 @@ class RayExecutor:
             while pending or inflight:
                 while pending and len(inflight) < self.jobs:
                     cfg = dataclasses.replace(pending.popleft(), threads=self.threads)  # not in the run id
-                    gpus = cfg.devices if cfg.accelerator in ("gpu", "cuda") and isinstance(cfg.devices, int) else 0
+                    gpus = (
+                        cfg.devices
+                        if cfg.accelerator in ("gpu", "cuda") and isinstance(cfg.devices, int)
+                        else 0
+                    )
                     log = _log_path(runs_dir, cfg.run_id)
                     ref = task.options(num_cpus=self.threads, num_gpus=gpus, max_retries=0).remote(
-                        cfg.to_yaml(), cfg.run_id, str(runs_dir), str(log), self.threads)
+                        cfg.to_yaml(), cfg.run_id, str(runs_dir), str(log), self.threads
+                    )
                     inflight[ref] = (cfg, log, time.perf_counter())
                     yield Started(cfg.run_id)
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
@@ -406,11 +442,11 @@ class RayExecutor:
                 ray.shutdown()
 
 
-def make_executor(name: str, jobs: int | None = None, threads: int | None = None,
-                  address: str | None = None) -> LocalExecutor | RayExecutor:
+def make_executor(
+    name: str, jobs: int | None = None, threads: int | None = None, address: str | None = None
+) -> LocalExecutor | RayExecutor:
     if name == "local":
         return LocalExecutor(1 if jobs is None else jobs, threads)
     if name == "ray":
         return RayExecutor(jobs, threads, address)
     raise ExecutorError(f"--executor must be one of {', '.join(EXECUTORS)}, got {name!r}")
-

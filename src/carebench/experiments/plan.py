@@ -38,8 +38,14 @@ MISSINGNESS_KEYS = ("train_rates", "test_rates", "models", "tasks", "cohorts", "
 FAIRNESS_KEYS = ("enabled", "attributes")
 STATISTICS_KEYS = ("n_bootstrap", "n_permutations", "confidence", "seed", "label_groups")
 # Set by the grid itself: an override of these would silently collapse or duplicate grid cells.
-GRID_OWNED = {"cohort": "cohorts", "fold": "folds", "seed": "seeds", "cxr_dropout_train": "missingness.train_rates",
-              "cxr_dropout_val": "missingness.train_rates", "cxr_dropout_seed": "seeds"}
+GRID_OWNED = {
+    "cohort": "cohorts",
+    "fold": "folds",
+    "seed": "seeds",
+    "cxr_dropout_train": "missingness.train_rates",
+    "cxr_dropout_val": "missingness.train_rates",
+    "cxr_dropout_seed": "seeds",
+}
 DEFAULTS = {"cohorts": ("base",), "folds": (1,), "seeds": (0,)}
 DEFAULT_STATISTICS = {"n_bootstrap": 1000, "n_permutations": 1000, "confidence": 0.95, "seed": 0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -68,7 +74,9 @@ class Grid:
         return len(self.models) * len(self.tasks) * len(self.cohorts) * len(self.folds) * len(self.seeds)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: list(getattr(self, k)) for k in ("models", "tasks", "cohorts", "folds", "seeds")}
+        out: dict[str, Any] = {
+            k: list(getattr(self, k)) for k in ("models", "tasks", "cohorts", "folds", "seeds")
+        }
         out["overrides"] = dict(self.overrides)
         out["model_overrides"] = {m: dict(v) for m, v in self.model_overrides.items()}
         return out
@@ -94,7 +102,7 @@ class Missingness:
 class Plan:
     name: str
     preset: str
-    top: Grid                  # the top-level keys: the only grid without `grids`, the defaults of each with
+    top: Grid  # the top-level keys: the only grid without `grids`, the defaults of each with
     grids: tuple[Grid, ...]
     missingness: Missingness
     fairness: dict[str, Any]
@@ -109,16 +117,28 @@ class Plan:
         if ms.grid is not None:
             for rate in ms.train_rates:
                 if rate > 0:
-                    out.append(dataclasses.replace(ms.grid, cxr_dropout=rate,
-                                                   where=f"missingness (train rate {rate:g})"))
+                    out.append(
+                        dataclasses.replace(
+                            ms.grid, cxr_dropout=rate, where=f"missingness (train rate {rate:g})"
+                        )
+                    )
         return out
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved plan ("all" expanded, defaults filled): what `RUNS/plan.yaml` records."""
-        top = {k: v for k, v in self.top.to_dict().items() if v}  # a top level of defaults only may leave keys out
-        return {"name": self.name, "description": self.description, "preset": self.preset, **top,
-                "grids": [g.to_dict() for g in self.grids], "missingness": self.missingness.to_dict(),
-                "fairness": dict(self.fairness), "statistics": dict(self.statistics)}
+        top = {
+            k: v for k, v in self.top.to_dict().items() if v
+        }  # a top level of defaults only may leave keys out
+        return {
+            "name": self.name,
+            "description": self.description,
+            "preset": self.preset,
+            **top,
+            "grids": [g.to_dict() for g in self.grids],
+            "missingness": self.missingness.to_dict(),
+            "fairness": dict(self.fairness),
+            "statistics": dict(self.statistics),
+        }
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -141,7 +161,9 @@ def load_plan(spec: str | Path, overrides: dict[str, Any] | None = None) -> Plan
         source = str(spec)
         text = Path(spec).read_text()
     else:
-        raise PlanError(f"--plan {spec!r}: neither a built-in profile ({', '.join(profiles())}) nor a YAML file")
+        raise PlanError(
+            f"--plan {spec!r}: neither a built-in profile ({', '.join(profiles())}) nor a YAML file"
+        )
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -163,7 +185,9 @@ def parse_plan(raw: dict[str, Any], source: str = "plan") -> Plan:
     _keys(raw, PLAN_KEYS, source, "")
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
-        raise PlanError(f"{source}: key 'name': expected a name of letters, digits, '_', '.', '-', got {name!r}")
+        raise PlanError(
+            f"{source}: key 'name': expected a name of letters, digits, '_', '.', '-', got {name!r}"
+        )
     where = f"plan {name!r} ({source})" if source != f"profile {name!r}" else f"plan {name!r}"
     description = raw.get("description", "") or ""
     if not isinstance(description, str):
@@ -174,21 +198,35 @@ def parse_plan(raw: dict[str, Any], source: str = "plan") -> Plan:
 
     models = list_models()
     grids_raw = raw.get("grids")
-    top = (_grid(raw, None, where, "", models, require=("models", "tasks")) if grids_raw is None
-           else _grid(raw, None, where, "", models, partial=True))
+    top = (
+        _grid(raw, None, where, "", models, require=("models", "tasks"))
+        if grids_raw is None
+        else _grid(raw, None, where, "", models, partial=True)
+    )
     if grids_raw is None:
         grids = (top,)
     else:
         if not isinstance(grids_raw, list) or not grids_raw:
             raise PlanError(f"{where}: key 'grids': expected a non-empty list of grid mappings")
-        grids = tuple(_grid(g or {}, top, where, f"grids[{i}].", models, require=("models", "tasks"))
-                      for i, g in enumerate(grids_raw))
+        grids = tuple(
+            _grid(g or {}, top, where, f"grids[{i}].", models, require=("models", "tasks"))
+            for i, g in enumerate(grids_raw)
+        )
 
     missingness = _missingness(raw.get("missingness"), _defaults(top, grids), where, models, get_model_class)
     fairness = _fairness(raw.get("fairness"), where)
     statistics = _statistics(raw.get("statistics"), where)
-    return Plan(name=name, preset=preset, top=top, grids=grids, missingness=missingness, fairness=fairness,
-                statistics=statistics, description=description.strip(), source=source)
+    return Plan(
+        name=name,
+        preset=preset,
+        top=top,
+        grids=grids,
+        missingness=missingness,
+        fairness=fairness,
+        statistics=statistics,
+        description=description.strip(),
+        source=source,
+    )
 
 
 def _keys(raw: Any, allowed: tuple[str, ...], where: str, prefix: str) -> None:
@@ -221,7 +259,9 @@ def _choices(raw: Any, key: str, where: str, allowed: tuple[str, ...] | list[str
     values = _list(raw, key, where)
     for v in values:
         if v not in allowed:
-            raise PlanError(f"{where}: key '{key}': unknown value {v!r}; expected some of: {', '.join(allowed)}")
+            raise PlanError(
+                f"{where}: key '{key}': unknown value {v!r}; expected some of: {', '.join(allowed)}"
+            )
     return tuple(values)
 
 
@@ -251,8 +291,15 @@ def _overrides(raw: Any, key: str, where: str) -> dict[str, Any]:
     return out
 
 
-def _grid(raw: dict[str, Any], parent: Grid | None, where: str, prefix: str, models: list[str],
-          require: tuple[str, ...] = (), partial: bool = False) -> Grid:
+def _grid(
+    raw: dict[str, Any],
+    parent: Grid | None,
+    where: str,
+    prefix: str,
+    models: list[str],
+    require: tuple[str, ...] = (),
+    partial: bool = False,
+) -> Grid:
     if parent is not None:
         _keys(raw, GRID_KEYS, where, prefix)
     for key in require:
@@ -266,14 +313,25 @@ def _grid(raw: dict[str, Any], parent: Grid | None, where: str, prefix: str, mod
         vals["models"] = tuple(models)
     else:
         vals["models"] = _choices(spec, f"{prefix}models", where, models)
-    vals["tasks"] = (_choices(raw["tasks"], f"{prefix}tasks", where, TASKS) if "tasks" in raw
-                     else parent.tasks if parent else ())
+    vals["tasks"] = (
+        _choices(raw["tasks"], f"{prefix}tasks", where, TASKS)
+        if "tasks" in raw
+        else parent.tasks
+        if parent
+        else ()
+    )
     # unset cohorts/folds/seeds: the parent's, else base/1/0 (left empty on a top level that only holds defaults)
-    inherited = {k: (getattr(parent, k) if parent else ()) or (() if partial else v) for k, v in DEFAULTS.items()}
-    vals["cohorts"] = (_choices(raw["cohorts"], f"{prefix}cohorts", where, COHORTS) if "cohorts" in raw
-                       else inherited["cohorts"])
-    vals["folds"] = (_ints(raw["folds"], f"{prefix}folds", where, 1, N_FOLDS) if "folds" in raw
-                     else inherited["folds"])
+    inherited = {
+        k: (getattr(parent, k) if parent else ()) or (() if partial else v) for k, v in DEFAULTS.items()
+    }
+    vals["cohorts"] = (
+        _choices(raw["cohorts"], f"{prefix}cohorts", where, COHORTS)
+        if "cohorts" in raw
+        else inherited["cohorts"]
+    )
+    vals["folds"] = (
+        _ints(raw["folds"], f"{prefix}folds", where, 1, N_FOLDS) if "folds" in raw else inherited["folds"]
+    )
     vals["seeds"] = _ints(raw["seeds"], f"{prefix}seeds", where, 0) if "seeds" in raw else inherited["seeds"]
     overrides = dict(parent.overrides) if parent else {}
     overrides.update(_overrides(raw.get("overrides"), f"{prefix}overrides", where))
@@ -281,11 +339,15 @@ def _grid(raw: dict[str, Any], parent: Grid | None, where: str, prefix: str, mod
     mo = raw.get("model_overrides")
     if mo is not None:
         if not isinstance(mo, dict):
-            raise PlanError(f"{where}: key '{prefix}model_overrides': expected a mapping model: {{option: value}}")
+            raise PlanError(
+                f"{where}: key '{prefix}model_overrides': expected a mapping model: {{option: value}}"
+            )
         for m, values in mo.items():
             if m not in models:
-                raise PlanError(f"{where}: key '{prefix}model_overrides.{m}': unknown model; registered: "
-                                f"{', '.join(models)}")
+                raise PlanError(
+                    f"{where}: key '{prefix}model_overrides.{m}': unknown model; registered: "
+                    f"{', '.join(models)}"
+                )
             per_model.setdefault(m, {}).update(_overrides(values, f"{prefix}model_overrides.{m}", where))
     return Grid(overrides=overrides, model_overrides=per_model, where=prefix.rstrip("."), **vals)
 
@@ -321,7 +383,9 @@ def _missingness(raw: Any, top: Grid, where: str, models: list[str], get_model_c
         sub["models"] = [m for m in top.models if m in uses_cxr]
         if not sub["models"]:
             if any(r > 0 for r in train):
-                raise PlanError(f"{where}: key 'missingness.train_rates': no model of the plan uses the X-ray")
+                raise PlanError(
+                    f"{where}: key 'missingness.train_rates': no model of the plan uses the X-ray"
+                )
             return Missingness(train_rates=train, test_rates=test)
     grid = _grid(sub, top, where, "missingness.", models)
     no_cxr = [m for m in grid.models if m not in uses_cxr]
@@ -340,7 +404,10 @@ def _fairness(raw: Any, where: str) -> dict[str, Any]:
     if not isinstance(enabled, bool):
         raise PlanError(f"{where}: key 'fairness.enabled': expected true or false, got {enabled!r}")
     attributes = raw.get("attributes", list(ATTRIBUTES))
-    return {"enabled": enabled, "attributes": list(_choices(attributes, "fairness.attributes", where, ATTRIBUTES))}
+    return {
+        "enabled": enabled,
+        "attributes": list(_choices(attributes, "fairness.attributes", where, ATTRIBUTES)),
+    }
 
 
 def _statistics(raw: Any, where: str) -> dict[str, Any]:
@@ -385,15 +452,35 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
                 for task in grid.tasks:
                     for cohort in grid.cohorts:
                         for model in grid.models:
-                            options = {"cohort": cohort, "fold": fold, "seed": seed, "progress": False,
-                                       "cxr_dropout_train": grid.cxr_dropout, "cxr_dropout_val": grid.cxr_dropout}
+                            options = {
+                                "cohort": cohort,
+                                "fold": fold,
+                                "seed": seed,
+                                "progress": False,
+                                "cxr_dropout_train": grid.cxr_dropout,
+                                "cxr_dropout_val": grid.cxr_dropout,
+                            }
                             overrides = {**grid.overrides, **grid.model_overrides.get(model, {})}
                             try:
-                                cfg = resolve_config(data=data, model=model, task=task, preset=plan.preset,
-                                                     options=options, overrides=overrides)
+                                cfg = resolve_config(
+                                    data=data,
+                                    model=model,
+                                    task=task,
+                                    preset=plan.preset,
+                                    options=options,
+                                    overrides=overrides,
+                                )
                             except ConfigError as e:
-                                at = ", ".join(x for x in (f"plan {plan.name!r}", grid.where, f"model {model!r}",
-                                                           f"task {task!r}") if x)
+                                at = ", ".join(
+                                    x
+                                    for x in (
+                                        f"plan {plan.name!r}",
+                                        grid.where,
+                                        f"model {model!r}",
+                                        f"task {task!r}",
+                                    )
+                                    if x
+                                )
                                 raise PlanError(f"{at}: {e}") from None
                             runs.setdefault(cfg.run_id, cfg)
     return list(runs.values())
@@ -404,6 +491,11 @@ def plan_record(plan: Plan, configs: list[TrainConfig]) -> dict[str, Any]:
     from carebench import __version__
 
     first = configs[0] if configs else None
-    return {**plan.to_dict(), "source": plan.source, "n_runs": len(configs),
-            "data": first.data if first else None, "data_fingerprint": first.data_fingerprint if first else None,
-            "carebench_version": __version__}
+    return {
+        **plan.to_dict(),
+        "source": plan.source,
+        "n_runs": len(configs),
+        "data": first.data if first else None,
+        "data_fingerprint": first.data_fingerprint if first else None,
+        "carebench_version": __version__,
+    }

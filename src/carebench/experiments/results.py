@@ -29,8 +29,22 @@ PLAN_FILE = "plan.yaml"
 DONE = "DONE"  # = training.run.DONE (not imported: that module imports torch and Lightning)
 PREDICTIONS = "predictions.parquet"
 VAL_PREDICTIONS = "predictions_val.parquet"  # = training.run.VAL_PREDICTIONS (newer run records only)
-RUN_COLUMNS = ["run_id", "model", "task", "cohort", "fold", "seed", "preset", "cxr_dropout_train",
-               "cxr_dropout_val", "cxr_dropout_test", "modalities", "unimodal", "main", "data_fingerprint"]
+RUN_COLUMNS = [
+    "run_id",
+    "model",
+    "task",
+    "cohort",
+    "fold",
+    "seed",
+    "preset",
+    "cxr_dropout_train",
+    "cxr_dropout_val",
+    "cxr_dropout_test",
+    "modalities",
+    "unimodal",
+    "main",
+    "data_fingerprint",
+]
 KEY_COLUMNS = ["method", "run_id", "fold", "seed"]
 
 
@@ -103,8 +117,10 @@ def find_runs(runs_dir: str | Path) -> list[RunRecord]:
     """
     root = Path(runs_dir)
     if not root.is_dir():
-        raise ResultsError(f"{root}: not a directory (expected a runs directory written by `carebench benchmark` "
-                           "or `carebench train --out`)")
+        raise ResultsError(
+            f"{root}: not a directory (expected a runs directory written by `carebench benchmark` "
+            "or `carebench train --out`)"
+        )
     records = []
     for done in sorted(root.glob(f"*/{DONE}")):
         d = done.parent
@@ -124,19 +140,37 @@ def find_runs(runs_dir: str | Path) -> list[RunRecord]:
             raise ResultsError(f"{d / PREDICTIONS}: missing (expected in every finished run)")
         records.append(RunRecord(path=d, config=cfg, modalities=_modalities(cfg.model, cfg_path)))
     if not records:
-        raise ResultsError(f"{root}: no finished runs (no <run_id>/{DONE} with config.yaml); run "
-                           "`carebench benchmark --out RUNS` first")
-    records.sort(key=lambda r: (r.task, r.cohort, r.method, r.config.fold, r.config.seed, r.dropout, r.run_id))
+        raise ResultsError(
+            f"{root}: no finished runs (no <run_id>/{DONE} with config.yaml); run "
+            "`carebench benchmark --out RUNS` first"
+        )
+    records.sort(
+        key=lambda r: (r.task, r.cohort, r.method, r.config.fold, r.config.seed, r.dropout, r.run_id)
+    )
     return records
 
 
 def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
     """One row per run: `RUN_COLUMNS` (modalities joined with '+')."""
-    rows = [{"run_id": r.run_id, "model": r.method, "task": r.task, "cohort": r.cohort, "fold": r.config.fold,
-             "seed": r.config.seed, "preset": r.config.preset, "cxr_dropout_train": r.dropout[0],
-             "cxr_dropout_val": r.dropout[1], "cxr_dropout_test": r.dropout[2],
-             "modalities": "+".join(r.modalities), "unimodal": r.unimodal, "main": r.main,
-             "data_fingerprint": r.config.data_fingerprint} for r in records]
+    rows = [
+        {
+            "run_id": r.run_id,
+            "model": r.method,
+            "task": r.task,
+            "cohort": r.cohort,
+            "fold": r.config.fold,
+            "seed": r.config.seed,
+            "preset": r.config.preset,
+            "cxr_dropout_train": r.dropout[0],
+            "cxr_dropout_val": r.dropout[1],
+            "cxr_dropout_test": r.dropout[2],
+            "modalities": "+".join(r.modalities),
+            "unimodal": r.unimodal,
+            "main": r.main,
+            "data_fingerprint": r.config.data_fingerprint,
+        }
+        for r in records
+    ]
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
@@ -161,14 +195,18 @@ def common_dataset(records: Sequence[RunRecord]) -> tuple[str, str]:
         prints.setdefault(r.config.data_fingerprint, r)
     if len(prints) > 1:
         a, b = list(prints.values())[:2]
-        raise ResultsError(f"runs {a.run_id} and {b.run_id} were trained on different datasets (fingerprints "
-                           f"{a.config.data_fingerprint} and {b.config.data_fingerprint}); analyse one dataset "
-                           "per runs directory")
+        raise ResultsError(
+            f"runs {a.run_id} and {b.run_id} were trained on different datasets (fingerprints "
+            f"{a.config.data_fingerprint} and {b.config.data_fingerprint}); analyse one dataset "
+            "per runs directory"
+        )
     r = records[0]
     return r.config.data, r.config.data_fingerprint
 
 
-def groups(records: Iterable[RunRecord]) -> dict[tuple[str, str, tuple[float, float, float]], list[RunRecord]]:
+def groups(
+    records: Iterable[RunRecord],
+) -> dict[tuple[str, str, tuple[float, float, float]], list[RunRecord]]:
     """Runs keyed by (task, cohort, dropout rates), each group checked to hold one run per (method, fold, seed)."""
     out: dict[tuple[str, str, tuple[float, float, float]], list[RunRecord]] = {}
     for r in records:
@@ -181,7 +219,8 @@ def groups(records: Iterable[RunRecord]) -> dict[tuple[str, str, tuple[float, fl
                 raise ResultsError(
                     f"runs {seen[key].run_id} and {r.run_id}: two configurations of method {r.method!r} for task "
                     f"{task!r}, cohort {cohort!r}, fold {r.config.fold}, seed {r.config.seed} (X-ray dropout "
-                    f"{rates}); keep one per runs directory (they would be pooled as one method)")
+                    f"{rates}); keep one per runs directory (they would be pooled as one method)"
+                )
             seen[key] = r
     return out
 
@@ -200,8 +239,15 @@ def read_predictions(record: RunRecord, split: str = "test") -> pd.DataFrame | N
 
 def with_keys(frame: pd.DataFrame, record: RunRecord) -> pd.DataFrame:
     """A predictions frame with the run's `method`, `run_id`, `fold` and `seed` columns in front."""
-    keys = pd.DataFrame({"method": record.method, "run_id": record.run_id, "fold": record.config.fold,
-                         "seed": record.config.seed}, index=frame.index)
+    keys = pd.DataFrame(
+        {
+            "method": record.method,
+            "run_id": record.run_id,
+            "fold": record.config.fold,
+            "seed": record.config.seed,
+        },
+        index=frame.index,
+    )
     return pd.concat([keys, frame], axis=1)
 
 

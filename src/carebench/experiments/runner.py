@@ -49,8 +49,19 @@ PLAN_FILE = "plan.yaml"
 INDEX = "runs.csv"
 FAILED = "failed"
 DONE = "DONE"  # = training.run.DONE (not imported: that module imports torch and Lightning)
-INDEX_COLUMNS = ("run_id", "model", "task", "cohort", "fold", "seed", "cxr_dropout_train", "cxr_dropout_val",
-                 "preset", "status", "error")
+INDEX_COLUMNS = (
+    "run_id",
+    "model",
+    "task",
+    "cohort",
+    "fold",
+    "seed",
+    "cxr_dropout_train",
+    "cxr_dropout_val",
+    "preset",
+    "status",
+    "error",
+)
 
 
 class BenchmarkBusyError(UserError, RuntimeError):
@@ -62,10 +73,10 @@ class BenchmarkSummary:
     plan: str
     runs_dir: Path
     planned: int
-    skipped: int = 0          # already DONE when the benchmark started
-    done: int = 0             # finished by this invocation
+    skipped: int = 0  # already DONE when the benchmark started
+    done: int = 0  # finished by this invocation
     failed: list[Outcome] = field(default_factory=list)
-    not_run: int = 0          # left pending (interrupted)
+    not_run: int = 0  # left pending (interrupted)
     seconds: float = 0.0
     interrupted: bool = False
     jobs: int = 1
@@ -84,11 +95,26 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_index(runs_dir: Path, configs: list[TrainConfig], status: dict[str, str], errors: dict[str, str]) -> None:
+def write_index(
+    runs_dir: Path, configs: list[TrainConfig], status: dict[str, str], errors: dict[str, str]
+) -> None:
     """`RUNS/runs.csv`: one row per planned run, in plan order (rewritten atomically)."""
-    rows = [{"run_id": c.run_id, "model": c.model, "task": c.task, "cohort": c.cohort, "fold": c.fold,
-             "seed": c.seed, "cxr_dropout_train": c.cxr_dropout_train, "cxr_dropout_val": c.cxr_dropout_val,
-             "preset": c.preset, "status": status[c.run_id], "error": errors.get(c.run_id, "")} for c in configs]
+    rows = [
+        {
+            "run_id": c.run_id,
+            "model": c.model,
+            "task": c.task,
+            "cohort": c.cohort,
+            "fold": c.fold,
+            "seed": c.seed,
+            "cxr_dropout_train": c.cxr_dropout_train,
+            "cxr_dropout_val": c.cxr_dropout_val,
+            "preset": c.preset,
+            "status": status[c.run_id],
+            "error": errors.get(c.run_id, ""),
+        }
+        for c in configs
+    ]
     _write_atomic(runs_dir / INDEX, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
 
 
@@ -104,7 +130,7 @@ def clean_partials(runs_dir: Path) -> list[str]:
     """Delete `.<run_id>.partial` directories that no live process is writing; return their run ids."""
     removed = []
     for p in sorted(runs_dir.glob(".*.partial")):
-        run_id = p.name[1:-len(".partial")]
+        run_id = p.name[1 : -len(".partial")]
         with run_lock(runs_dir, run_id, blocking=False) as free:
             if free and p.is_dir():
                 shutil.rmtree(p)
@@ -123,7 +149,7 @@ class EtaEstimator:
     """
 
     def __init__(self, models: dict[str, str], jobs: int) -> None:
-        self._model = models          # run_id -> model
+        self._model = models  # run_id -> model
         self._pending = set(models)
         self._running: dict[str, float] = {}
         self._durations: dict[str, list[float]] = defaultdict(list)
@@ -208,23 +234,35 @@ def run_benchmark(
         status = {c.run_id: "done" if (runs_dir / c.run_id / DONE).is_file() else "pending" for c in configs}
         errors: dict[str, str] = {}
         todo = [c for c in configs if status[c.run_id] == "pending"]
-        summary = BenchmarkSummary(plan.name, runs_dir, len(configs), skipped=len(configs) - len(todo),
-                                   executor=ex.name)
+        summary = BenchmarkSummary(
+            plan.name, runs_dir, len(configs), skipped=len(configs) - len(todo), executor=ex.name
+        )
         write_index(runs_dir, configs, status, errors)
         if cleaned:
-            console.print(f"removed {len(cleaned)} unfinished run "
-                          f"director{'ies' if len(cleaned) > 1 else 'y'} of an interrupted benchmark")
+            console.print(
+                f"removed {len(cleaned)} unfinished run "
+                f"director{'ies' if len(cleaned) > 1 else 'y'} of an interrupted benchmark"
+            )
         if todo:
             ex.start()
         summary.jobs, summary.threads = ex.jobs, ex.threads
-        console.print(f"[bold]{plan.name}[/]: {len(configs)} runs planned, {summary.skipped} already done, "
-                      f"{len(todo)} to run ({ex.name} executor, {ex.jobs} at a time, {ex.threads} "
-                      f"thread{'s' if ex.threads > 1 else ''} each)",
-                      highlight=False)
+        console.print(
+            f"[bold]{plan.name}[/]: {len(configs)} runs planned, {summary.skipped} already done, "
+            f"{len(todo)} to run ({ex.name} executor, {ex.jobs} at a time, {ex.threads} "
+            f"thread{'s' if ex.threads > 1 else ''} each)",
+            highlight=False,
+        )
         eta = EtaEstimator({c.run_id: c.model for c in todo}, ex.jobs)
-        progress = Progress(SpinnerColumn(), TextColumn("[progress.description]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), _EtaColumn(eta), console=console,
-                            transient=False)
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[progress.description]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            _EtaColumn(eta),
+            console=console,
+            transient=False,
+        )
         events = ex.execute(todo, runs_dir) if todo else _no_events()
         try:
             with progress:
@@ -237,14 +275,21 @@ def run_benchmark(
                     eta.finished(o.run_id, o.seconds)
                     if o.ok:
                         summary.done += 1
-                        progress.console.print(f"[green]done[/]   {o.run_id}  {o.seconds:.0f} s", highlight=False)
+                        progress.console.print(
+                            f"[green]done[/]   {o.run_id}  {o.seconds:.0f} s", highlight=False
+                        )
                     else:
                         summary.failed.append(o)
-                        progress.console.print(f"[red]failed[/] {o.run_id}  {o.error}  (log: {o.log})",
-                                               highlight=False)
+                        progress.console.print(
+                            f"[red]failed[/] {o.run_id}  {o.error}  (log: {o.log})", highlight=False
+                        )
                     write_index(runs_dir, configs, status, errors)
-                    progress.update(bar, advance=1, description=f"{plan.name}"
-                                    + (f" ({len(summary.failed)} failed)" if summary.failed else ""))
+                    progress.update(
+                        bar,
+                        advance=1,
+                        description=f"{plan.name}"
+                        + (f" ({len(summary.failed)} failed)" if summary.failed else ""),
+                    )
         except KeyboardInterrupt:
             summary.interrupted = True
         finally:
@@ -291,8 +336,14 @@ def print_summary(summary: BenchmarkSummary, console: Console) -> None:
     table = Table(title=f"benchmark {summary.plan}: {summary.runs_dir}", title_justify="left")
     for col in ("planned", "skipped (already done)", "done now", "failed", "not run", "wall time"):
         table.add_column(col, justify="right")
-    table.add_row(str(summary.planned), str(summary.skipped), str(summary.done), str(len(summary.failed)),
-                  str(summary.not_run), _hms(summary.seconds))
+    table.add_row(
+        str(summary.planned),
+        str(summary.skipped),
+        str(summary.done),
+        str(len(summary.failed)),
+        str(summary.not_run),
+        _hms(summary.seconds),
+    )
     console.print(table)
     for o in summary.failed:
         console.print(f"[red]failed[/] {o.run_id}: {o.error}\n       log: {o.log}", highlight=False)
@@ -302,5 +353,16 @@ def print_summary(summary: BenchmarkSummary, console: Console) -> None:
         console.print("run the same command again to retry the failed runs", highlight=False)
 
 
-__all__ = ["INDEX", "INDEX_COLUMNS", "LOCKS", "PLAN_FILE", "BenchmarkSummary", "EtaEstimator", "clean_partials",
-           "print_summary", "read_index", "run_benchmark", "write_index"]
+__all__ = [
+    "INDEX",
+    "INDEX_COLUMNS",
+    "LOCKS",
+    "PLAN_FILE",
+    "BenchmarkSummary",
+    "EtaEstimator",
+    "clean_partials",
+    "print_summary",
+    "read_index",
+    "run_benchmark",
+    "write_index",
+]

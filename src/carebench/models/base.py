@@ -202,7 +202,9 @@ class BaseModel(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def training_hook(self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor) -> None:
+    def training_hook(
+        self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor
+    ) -> None:
         """Called by the training module after the loss of a training step is computed, before backward.
 
         Default: nothing. Methods with a special procedure (gradient modulation such as AUG or InfoReg, sustained

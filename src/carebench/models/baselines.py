@@ -93,7 +93,12 @@ class TransformerBaseline(BaseModel):
         h = self.hparams
         self.choice("positional", ("learned", "sinusoidal"))
         self.encoder = EHRTransformerEncoder(
-            2 * n_features, h["d_model"], h["heads"], h["layers"], h["dropout"], h["ff_mult"] * h["d_model"],
+            2 * n_features,
+            h["d_model"],
+            h["heads"],
+            h["layers"],
+            h["dropout"],
+            h["ff_mult"] * h["d_model"],
             positional=h["positional"],
         )
         self.head = nn.Sequential(nn.Dropout(h["dropout"]), nn.Linear(h["d_model"], self.num_outputs))

@@ -158,7 +158,9 @@ def positions(kind: str, d_model: int, max_len: int) -> nn.Module:
     raise ModelConfigError(f"positional encoding must be 'learned' or 'sinusoidal', got {kind!r}")
 
 
-def transformer_stack(d_model: int, n_heads: int, n_layers: int, ff_dim: int, dropout: float) -> nn.TransformerEncoder:
+def transformer_stack(
+    d_model: int, n_heads: int, n_layers: int, ff_dim: int, dropout: float
+) -> nn.TransformerEncoder:
     """Post-LN ``nn.TransformerEncoder`` (ReLU, batch_first). Nested tensors are disabled so padded and unpadded
     batches follow the same numerical path (needed for bit-exact invariance tests)."""
     if d_model % n_heads:
@@ -248,7 +250,12 @@ _RESNETS: dict[str, tuple[Any, Any, int, list[int]]] = {
     "resnet34": (tvm.resnet34, tvm.ResNet34_Weights.IMAGENET1K_V1, 512, [64, 64, 128, 256, 512]),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V2, 2048, [64, 256, 512, 1024, 2048]),
     "resnet_tiny": (TinyResNet, None, 64, [8, 8, 16, 32, 64]),
-    "resnet_small": (functools.partial(TinyResNet, widths=(16, 32, 64, 128)), None, 128, [16, 16, 32, 64, 128]),
+    "resnet_small": (
+        functools.partial(TinyResNet, widths=(16, 32, 64, 128)),
+        None,
+        128,
+        [16, 16, 32, 64, 128],
+    ),
 }
 RESNET_ARCHS = tuple(_RESNETS)
 
@@ -261,10 +268,14 @@ def _grayscale_state(state: dict[str, Tensor], source: str) -> dict[str, Tensor]
     """
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     if "conv1.weight" not in state:
-        raise PretrainedWeightsError(f"{source}: no 'conv1.weight' key; expected a torchvision ResNet state_dict")
+        raise PretrainedWeightsError(
+            f"{source}: no 'conv1.weight' key; expected a torchvision ResNet state_dict"
+        )
     w = state["conv1.weight"]
     if w.dim() != 4 or w.size(1) not in (1, 3):
-        raise PretrainedWeightsError(f"{source}: conv1.weight has shape {tuple(w.shape)}; expected [64, 1|3, 7, 7]")
+        raise PretrainedWeightsError(
+            f"{source}: conv1.weight has shape {tuple(w.shape)}; expected [64, 1|3, 7, 7]"
+        )
     if w.size(1) == 3:
         state["conv1.weight"] = w.sum(dim=1, keepdim=True)
     return state
@@ -310,7 +321,9 @@ class ResNetEncoder(nn.Module):
             if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
                 state = state["state_dict"]
             if not isinstance(state, dict):
-                raise PretrainedWeightsError(f"{path}: expected a state_dict (dict of tensors), got {type(state)}")
+                raise PretrainedWeightsError(
+                    f"{path}: expected a state_dict (dict of tensors), got {type(state)}"
+                )
             self._load(_grayscale_state(state, str(path)), str(path))
 
     def _load(self, state: dict[str, Tensor], source: str) -> None:
@@ -338,8 +351,13 @@ class ResNetEncoder(nn.Module):
         Intermediate-fusion methods (MMTM, DAFT) run these one at a time and modulate the feature maps in between.
         """
         n = self.net
-        return [("stem", self.stem()), ("layer1", n.layer1), ("layer2", n.layer2), ("layer3", n.layer3),
-                ("layer4", n.layer4)]
+        return [
+            ("stem", self.stem()),
+            ("layer1", n.layer1),
+            ("layer2", n.layer2),
+            ("layer3", n.layer3),
+            ("layer4", n.layer4),
+        ]
 
     @property
     def stage_channels(self) -> list[int]:
@@ -364,7 +382,9 @@ def batchnorm_safe(module: nn.Module, images: Tensor) -> Iterator[None]:
     """
     frozen = []
     if module.training and images.size(0) == 1 and min(images.shape[-2:]) <= 32:
-        frozen = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        frozen = [
+            m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+        ]
     for m in frozen:
         m.eval()
     try:

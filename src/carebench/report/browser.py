@@ -28,9 +28,20 @@ from typing import Any
 from carebench.errors import UserError
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-extensions", "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-extensions",
+    "--hide-scrollbars",
+    "--mute-audio",
+    "--remote-debugging-pipe",
+)
 # What the page reports after loading (evaluated in the page; no script is ever added to the report itself).
 PROBE = """JSON.stringify({
   title: document.title,
@@ -52,7 +63,7 @@ class PageCheck:
     """What the browser saw. `errors` lists everything that should not happen on a self-contained page."""
 
     url: str
-    console: list[tuple[str, str]] = field(default_factory=list)   # (level, text)
+    console: list[tuple[str, str]] = field(default_factory=list)  # (level, text)
     exceptions: list[str] = field(default_factory=list)
     log: list[tuple[str, str, str]] = field(default_factory=list)  # (level, source, text)
     requests: list[str] = field(default_factory=list)
@@ -93,7 +104,7 @@ class _Pipe:
             msg["sessionId"] = session
         data = json.dumps(msg).encode() + b"\0"
         while data:
-            data = data[os.write(self.w, data):]
+            data = data[os.write(self.w, data) :]
         return self.next_id
 
     def _pump(self) -> None:
@@ -144,7 +155,7 @@ class _Pipe:
 
 
 def _launch(chromium: str, profile: str, width: int, height: int) -> tuple[subprocess.Popen, int, int]:
-    to_child_r, to_child_w = os.pipe()      # chromium reads commands on fd 3
+    to_child_r, to_child_w = os.pipe()  # chromium reads commands on fd 3
     from_child_r, from_child_w = os.pipe()  # and writes replies and events on fd 4
 
     def fds() -> None:  # in the child, before exec: put the pipe ends on 3 and 4 (the protocol's numbers)
@@ -153,16 +164,29 @@ def _launch(chromium: str, profile: str, width: int, height: int) -> tuple[subpr
         os.dup2(b, 4)
 
     # After two os.pipe() calls fds 3 and 4 are open in this process, so keeping them is always valid.
-    proc = subprocess.Popen([chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-                             "about:blank"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, pass_fds=(3, 4), preexec_fn=fds)
+    proc = subprocess.Popen(
+        [chromium, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}", "about:blank"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        pass_fds=(3, 4),
+        preexec_fn=fds,
+    )
     os.close(to_child_r)
     os.close(from_child_w)
     return proc, to_child_w, from_child_r
 
 
-def check_page(html: str | Path, *, screenshot: str | Path | None = None, width: int = 1280, height: int = 2400,
-               timeout: float = 60.0, settle: float = 0.5, chromium: str | None = None) -> PageCheck:
+def check_page(
+    html: str | Path,
+    *,
+    screenshot: str | Path | None = None,
+    width: int = 1280,
+    height: int = 2400,
+    timeout: float = 60.0,
+    settle: float = 0.5,
+    chromium: str | None = None,
+) -> PageCheck:
     """Load `html` (a file) in headless Chromium; record console, exceptions, log, requests, image decoding;
     optionally save a PNG screenshot of the top `width` x `height` pixels."""
     path = Path(html).absolute()
@@ -180,8 +204,11 @@ def check_page(html: str | Path, *, screenshot: str | Path | None = None, width:
             session = pipe.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
             for domain in ("Runtime", "Log", "Network", "Page"):
                 pipe.call(f"{domain}.enable", session=session)
-            pipe.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": height,
-                                                             "deviceScaleFactor": 1, "mobile": False}, session)
+            pipe.call(
+                "Emulation.setDeviceMetricsOverride",
+                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+                session,
+            )
             start = len(pipe.events)
             nav = pipe.call("Page.navigate", {"url": check.url}, session)
             if nav.get("errorText"):
@@ -217,7 +244,9 @@ def _record(check: PageCheck, events: list[dict[str, Any]]) -> None:
             check.console.append((p.get("type", ""), text))
         elif method == "Runtime.exceptionThrown":
             d = p.get("exceptionDetails", {})
-            check.exceptions.append(f"{d.get('text', '')} {d.get('exception', {}).get('description', '')}".strip())
+            check.exceptions.append(
+                f"{d.get('text', '')} {d.get('exception', {}).get('description', '')}".strip()
+            )
         elif method == "Log.entryAdded":
             e = p.get("entry", {})
             check.log.append((e.get("level", ""), e.get("source", ""), e.get("text", "")))
@@ -237,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=2400)
     a = ap.parse_args(argv)
     check = check_page(a.html, screenshot=a.screenshot, width=a.width, height=a.height)
-    print(json.dumps({"probe": check.probe, "errors": check.errors, "requests": len(check.requests)}, indent=2))
+    print(
+        json.dumps({"probe": check.probe, "errors": check.errors, "requests": len(check.requests)}, indent=2)
+    )
     return 1 if check.errors else 0
 
 

@@ -23,10 +23,28 @@ from carebench.report.tables import ALPHA, fairness_rows, metric_name
 P = ParamSpec("P")
 DPI = 110
 # Okabe-Ito (colour-blind safe, without its yellow) then distinct tab10 colours.
-PALETTE = ("#0072B2", "#D55E00", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#000000", "#8C564B", "#7F7F7F",
-           "#BCBD22", "#9467BD", "#17BECF")
-STYLE = {"font.size": 9, "axes.spines.top": False, "axes.spines.right": False, "axes.titlesize": 10,
-         "axes.titleweight": "bold", "legend.frameon": False}
+PALETTE = (
+    "#0072B2",
+    "#D55E00",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#000000",
+    "#8C564B",
+    "#7F7F7F",
+    "#BCBD22",
+    "#9467BD",
+    "#17BECF",
+)
+STYLE = {
+    "font.size": 9,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.titlesize": 10,
+    "axes.titleweight": "bold",
+    "legend.frameon": False,
+}
 
 
 def _styled(fn: Callable[P, str | None]) -> Callable[P, str | None]:
@@ -59,7 +77,7 @@ def colors(methods: Sequence[str]) -> dict[str, str]:
 
 def short_label(label: str, width: int = 30) -> str:
     text = label.removeprefix("pheno_").replace("_", " ")
-    return text if len(text) <= width else text[:width - 1] + "…"
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @_styled
@@ -67,9 +85,13 @@ def fusion_gain_heatmap(comparisons: pd.DataFrame, cohort: str, metric: str = "a
     """Methods x phenotypes: delta of `metric` vs the best unimodal method; significant cells (Holm) marked."""
     if comparisons.empty:
         return None
-    c = comparisons[(comparisons["task"] == "phenotype") & (comparisons["cohort"] == cohort)
-                    & (comparisons["comparison"] == "reference") & (comparisons["metric"] == metric)
-                    & (comparisons["label"] != "phenotype")]
+    c = comparisons[
+        (comparisons["task"] == "phenotype")
+        & (comparisons["cohort"] == cohort)
+        & (comparisons["comparison"] == "reference")
+        & (comparisons["metric"] == metric)
+        & (comparisons["label"] != "phenotype")
+    ]
     if c.empty:
         return None
     labels = list(dict.fromkeys(c["label"]))
@@ -87,18 +109,28 @@ def fusion_gain_heatmap(comparisons: pd.DataFrame, cohort: str, metric: str = "a
             if np.isnan(values[i, j]):
                 ax.text(j, i, "–", ha="center", va="center", fontsize=7, color="#777")
             elif p.iat[i, j] < ALPHA:
-                ax.text(j, i, "★", ha="center", va="center", fontsize=8,
-                        color="white" if abs(values[i, j]) > 0.6 * lim else "black")
+                ax.text(
+                    j,
+                    i,
+                    "★",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if abs(values[i, j]) > 0.6 * lim else "black",
+                )
     ax.spines[:].set_visible(False)
     ref = c["method_b"].iloc[0]
-    ax.set_title(f"Per-phenotype fusion gain: Δ{metric_name(metric)} vs best unimodal ({ref}); ★ Holm p < {ALPHA}")
+    ax.set_title(
+        f"Per-phenotype fusion gain: Δ{metric_name(metric)} vs best unimodal ({ref}); ★ Holm p < {ALPHA}"
+    )
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label=f"Δ {metric_name(metric)}")
     return _uri(fig)
 
 
 @_styled
-def missingness_curves(curves: pd.DataFrame, task: str, cohort: str, metric: str,
-                       palette: dict[str, str] | None = None) -> str | None:
+def missingness_curves(
+    curves: pd.DataFrame, task: str, cohort: str, metric: str, palette: dict[str, str] | None = None
+) -> str | None:
     """Metric vs test-time X-ray missing rate per method (95% CI band), one panel per train/val missing rate."""
     t = curves[(curves["task"] == task) & (curves["cohort"] == cohort) & (curves["metric"] == metric)]
     if t.empty:
@@ -111,11 +143,20 @@ def missingness_curves(curves: pd.DataFrame, task: str, cohort: str, metric: str
         for method, g in part.groupby("method", sort=True):
             g = g.sort_values("rate")
             style = "-" if g["uses_cxr"].iloc[0] else "--"
-            ax.plot(g["rate"], g["value"], style, marker="o", ms=3, color=col.get(method, "#444"), label=method)
-            ax.fill_between(g["rate"], g["ci_low"], g["ci_high"], color=col.get(method, "#444"), alpha=0.12, lw=0)
+            ax.plot(
+                g["rate"], g["value"], style, marker="o", ms=3, color=col.get(method, "#444"), label=method
+            )
+            ax.fill_between(
+                g["rate"], g["ci_low"], g["ci_high"], color=col.get(method, "#444"), alpha=0.12, lw=0
+            )
         ax.set_xlabel("share of test X-rays removed")
-        ax.set_title(f"trained with train/val X-ray missing rate {tr:g}" if len(train) > 1 or tr > 0
-                     else "trained on the natural X-ray availability", fontsize=9, fontweight="normal")
+        ax.set_title(
+            f"trained with train/val X-ray missing rate {tr:g}"
+            if len(train) > 1 or tr > 0
+            else "trained on the natural X-ray availability",
+            fontsize=9,
+            fontweight="normal",
+        )
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(metric_name(metric))
     handles = {}
@@ -123,15 +164,24 @@ def missingness_curves(curves: pd.DataFrame, task: str, cohort: str, metric: str
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
     axes[0][-1].legend(handles.values(), handles.keys(), loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.suptitle(f"{task}, {cohort} cohort: test-time missing X-rays (dashed: methods that do not read the X-ray)",
-                 fontsize=10, fontweight="bold", y=1.0)
+    fig.suptitle(
+        f"{task}, {cohort} cohort: test-time missing X-rays (dashed: methods that do not read the X-ray)",
+        fontsize=10,
+        fontweight="bold",
+        y=1.0,
+    )
     fig.tight_layout()
     return _uri(fig)
 
 
 @_styled
-def fairness_gaps(summary: pd.DataFrame, task: str, cohort: str, metric: str = "auroc",
-                  palette: dict[str, str] | None = None) -> str | None:
+def fairness_gaps(
+    summary: pd.DataFrame,
+    task: str,
+    cohort: str,
+    metric: str = "auroc",
+    palette: dict[str, str] | None = None,
+) -> str | None:
     """Per attribute: the metric's gap between groups (max − min) per method, with its interval; worst group."""
     rows = fairness_rows(summary, task, cohort, metric)
     if rows.empty:
@@ -141,8 +191,9 @@ def fairness_gaps(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
     col = palette or colors(methods)
     ncol = min(3, len(attrs))
     nrow = -(-len(attrs) // ncol)
-    fig, axes = _subplots((4.6 * ncol, 0.42 * len(methods) * nrow + 1.4 * nrow), nrow, ncol,
-                          squeeze=False, sharex=True)
+    fig, axes = _subplots(
+        (4.6 * ncol, 0.42 * len(methods) * nrow + 1.4 * nrow), nrow, ncol, squeeze=False, sharex=True
+    )
     hi = float(np.nanmax(rows[["gap", "high"]].to_numpy(dtype=float))) if len(rows) else 1.0
     for k, ax in enumerate(axes.ravel()):
         if k >= len(attrs):
@@ -153,9 +204,13 @@ def fairness_gaps(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
         gap = part["gap"].to_numpy(dtype=float)
         err = np.vstack([gap - part["low"].to_numpy(dtype=float), part["high"].to_numpy(dtype=float) - gap])
         ax.barh(y, gap, color=[col.get(m, "#444") for m in methods], alpha=0.85)
-        ax.errorbar(gap, y, xerr=np.nan_to_num(np.clip(err, 0, None)), fmt="none", ecolor="#333", capsize=2, lw=0.8)
-        worst = [f"{m}\nworst: {short_label(w, 22)}" if isinstance(w, str) else m
-                 for m, w in zip(methods, part["worst_group"], strict=True)]
+        ax.errorbar(
+            gap, y, xerr=np.nan_to_num(np.clip(err, 0, None)), fmt="none", ecolor="#333", capsize=2, lw=0.8
+        )
+        worst = [
+            f"{m}\nworst: {short_label(w, 22)}" if isinstance(w, str) else m
+            for m, w in zip(methods, part["worst_group"], strict=True)
+        ]
         ax.set_yticks(y, worst, fontsize=7.5)
         ax.invert_yaxis()
         ax.set_title(attrs[k])
@@ -164,8 +219,9 @@ def fairness_gaps(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
     for ax in axes[-1]:
         ax.set_xlabel(f"{metric_name(metric)} gap between groups (max − min)")
     what = task if task == "mortality" else f"{task} (macro average over labels)"
-    fig.suptitle(f"{what}, {cohort} cohort: {metric_name(metric)} gaps between groups", fontsize=10,
-                 fontweight="bold")
+    fig.suptitle(
+        f"{what}, {cohort} cohort: {metric_name(metric)} gaps between groups", fontsize=10, fontweight="bold"
+    )
     fig.tight_layout()
     return _uri(fig)
 
@@ -173,22 +229,35 @@ def fairness_gaps(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
 @_styled
 def ablation_chart(abl: pd.DataFrame, task: str, cohort: str, metric: str) -> str | None:
     """Per method: change in the metric when the X-ray or the EHR is removed at test time (95% CI)."""
-    t = abl[(abl["task"] == task) & (abl["cohort"] == cohort) & (abl["metric"] == metric)
-            & abl["condition"].isin(["drop_cxr", "drop_ehr"])]
+    t = abl[
+        (abl["task"] == task)
+        & (abl["cohort"] == cohort)
+        & (abl["metric"] == metric)
+        & abl["condition"].isin(["drop_cxr", "drop_ehr"])
+    ]
     if t.empty:
         return None
     methods = sorted(t["method"].unique())
     fig, ax = _subplots((max(5.5, 0.9 * len(methods) + 2), 3.2))
     x = np.arange(len(methods))
-    for k, (cond, name, color) in enumerate((("drop_cxr", "X-ray removed", "#1b6ca8"),
-                                             ("drop_ehr", "EHR removed", "#d1495b"))):
+    for k, (cond, name, color) in enumerate(
+        (("drop_cxr", "X-ray removed", "#1b6ca8"), ("drop_ehr", "EHR removed", "#d1495b"))
+    ):
         part = t[t["condition"] == cond].set_index("method").reindex(methods)
         d = part["delta"].to_numpy(dtype=float)
-        err = np.vstack([d - part["delta_ci_low"].to_numpy(dtype=float),
-                         part["delta_ci_high"].to_numpy(dtype=float) - d])
+        err = np.vstack(
+            [d - part["delta_ci_low"].to_numpy(dtype=float), part["delta_ci_high"].to_numpy(dtype=float) - d]
+        )
         ax.bar(x + (k - 0.5) * 0.38, d, width=0.38, color=color, label=name)
-        ax.errorbar(x + (k - 0.5) * 0.38, d, yerr=np.nan_to_num(np.clip(err, 0, None)), fmt="none",
-                    ecolor="#333", capsize=2, lw=0.8)
+        ax.errorbar(
+            x + (k - 0.5) * 0.38,
+            d,
+            yerr=np.nan_to_num(np.clip(err, 0, None)),
+            fmt="none",
+            ecolor="#333",
+            capsize=2,
+            lw=0.8,
+        )
     ax.axhline(0, color="#333", lw=0.8)
     ax.set_xticks(x, methods, rotation=20, ha="right")
     ax.set_ylabel(f"Δ {metric_name(metric)} vs both modalities")
@@ -199,8 +268,9 @@ def ablation_chart(abl: pd.DataFrame, task: str, cohort: str, metric: str) -> st
 
 
 @_styled
-def train_rate_curves(tr: pd.DataFrame, task: str, cohort: str, metric: str,
-                      palette: dict[str, str] | None = None) -> str | None:
+def train_rate_curves(
+    tr: pd.DataFrame, task: str, cohort: str, metric: str, palette: dict[str, str] | None = None
+) -> str | None:
     """Test metric vs the train/validation X-ray missing rate the runs were trained with (95% CI)."""
     t = tr[(tr["task"] == task) & (tr["cohort"] == cohort) & (tr["metric"] == metric)]
     if t.empty or t["train_rate"].nunique() < 2:
@@ -209,9 +279,18 @@ def train_rate_curves(tr: pd.DataFrame, task: str, cohort: str, metric: str,
     fig, ax = _subplots((5.5, 3.2))
     for method, g in t.groupby("method", sort=True):
         g = g.sort_values("train_rate")
-        ax.errorbar(g["train_rate"], g["value"], yerr=np.nan_to_num(np.clip(
-            np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]), 0, None)), marker="o", ms=4,
-            capsize=3, color=col.get(method, "#444"), label=method)
+        ax.errorbar(
+            g["train_rate"],
+            g["value"],
+            yerr=np.nan_to_num(
+                np.clip(np.vstack([g["value"] - g["ci_low"], g["ci_high"] - g["value"]]), 0, None)
+            ),
+            marker="o",
+            ms=4,
+            capsize=3,
+            color=col.get(method, "#444"),
+            label=method,
+        )
     ax.set_xlabel("share of train/validation X-rays removed")
     ax.set_ylabel(metric_name(metric))
     ax.set_title(f"{task}, {cohort} cohort: training with missing X-rays")

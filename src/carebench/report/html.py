@@ -104,9 +104,13 @@ class Page:
 
 
 def _environment() -> jinja2.Environment:
-    return jinja2.Environment(loader=jinja2.PackageLoader("carebench.report", "templates"),
-                              autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
-                              undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("carebench.report", "templates"),
+        autoescape=jinja2.select_autoescape(["html", "j2"], default=True),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def read_planted(path: str | Path) -> dict[str, Any]:
@@ -118,16 +122,22 @@ def read_planted(path: str | Path) -> dict[str, Any]:
         raise ReportError(f"--planted {p}: not a readable JSON file ({e})") from None
     kinds = raw.get("phenotypes") if isinstance(raw, dict) else None
     if not isinstance(kinds, dict) or not kinds:
-        raise ReportError(f"--planted {p}: expected the planted.json of `carebench synth` with a 'phenotypes' "
-                          "mapping (phenotype column -> ehr/cxr/both/none)")
+        raise ReportError(
+            f"--planted {p}: expected the planted.json of `carebench synth` with a 'phenotypes' "
+            "mapping (phenotype column -> ehr/cxr/both/none)"
+        )
     bad = sorted({str(v) for v in kinds.values()} - {"ehr", "cxr", "both", "none"})
     if bad:
         raise ReportError(f"--planted {p}: phenotype kinds must be ehr, cxr, both or none; got {bad}")
     return raw
 
 
-def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
-               planted: dict[str, Any] | None = None, planted_source: str = "") -> Page:
+def build_page(
+    tables: dict[str, pd.DataFrame],
+    summary: dict[str, Any],
+    planted: dict[str, Any] | None = None,
+    planted_source: str = "",
+) -> Page:
     """The page's content (tables and figures) from the analysis; no file is written."""
     info = {(g["task"], g["cohort"]): g for g in summary.get("groups", [])}
     board, comp = tables["leaderboard"], tables["comparisons"]
@@ -137,12 +147,19 @@ def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
         meta = info.get((task, cohort), {})
         ref, sel = meta.get("reference"), meta.get("selection_metric", HEADLINE[task][0])
         metric = HEADLINE[task][0]
-        g = Group(task, cohort, ref, sel, tb.leaderboard(board, comp, task, cohort, ref, sel),
-                  tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]))
+        g = Group(
+            task,
+            cohort,
+            ref,
+            sel,
+            tb.leaderboard(board, comp, task, cohort, ref, sel),
+            tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]),
+        )
         if task == "phenotype":
             g.heatmap = fg.fusion_gain_heatmap(comp, cohort)
-            g.label_groups = tb.label_groups(board, comp, tables["runs"],
-                                             (summary.get("options") or {}).get("label_groups"), cohort)
+            g.label_groups = tb.label_groups(
+                board, comp, tables["runs"], (summary.get("options") or {}).get("label_groups"), cohort
+            )
         mt = tables["missingness_test"]
         if not mt.empty:
             g.curves = fg.missingness_curves(mt, task, cohort, metric, palette)
@@ -165,32 +182,76 @@ def build_page(tables: dict[str, pd.DataFrame], summary: dict[str, Any],
     labels = tables["cohort_labels"]
     cohort_tables = {
         "overview": tb.simple(tables["cohort_overview"], {"item": "dataset", "value": ""}, key="overview"),
-        "folds": tb.simple(tables["cohort_folds"], {"fold": "fold", "stays": "stays", "patients": "patients",
-                                                    "deaths": "in-ICU deaths", "with_cxr": "with X-ray"},
-                           {"stays": "int", "patients": "int", "deaths": "int", "with_cxr": "int"}, key="folds"),
-        "labels": tb.simple(labels, {"task": "task", "label": "label", "name": "name", "positives": "positives",
-                                     "prevalence": "prevalence", "prevalence_with_cxr": "with X-ray",
-                                     "prevalence_without_cxr": "without X-ray"},
-                            {"positives": "int", "prevalence": "pct", "prevalence_with_cxr": "pct",
-                             "prevalence_without_cxr": "pct"}, key="labels"),
+        "folds": tb.simple(
+            tables["cohort_folds"],
+            {
+                "fold": "fold",
+                "stays": "stays",
+                "patients": "patients",
+                "deaths": "in-ICU deaths",
+                "with_cxr": "with X-ray",
+            },
+            {"stays": "int", "patients": "int", "deaths": "int", "with_cxr": "int"},
+            key="folds",
+        ),
+        "labels": tb.simple(
+            labels,
+            {
+                "task": "task",
+                "label": "label",
+                "name": "name",
+                "positives": "positives",
+                "prevalence": "prevalence",
+                "prevalence_with_cxr": "with X-ray",
+                "prevalence_without_cxr": "without X-ray",
+            },
+            {
+                "positives": "int",
+                "prevalence": "pct",
+                "prevalence_with_cxr": "pct",
+                "prevalence_without_cxr": "pct",
+            },
+            key="labels",
+        ),
     }
     if len(tables["cohort_steps"]):
-        cohort_tables["steps"] = tb.simple(tables["cohort_steps"], {"step": "step", "rule": "rule",
-                                                                    "stays": "stays"}, {"stays": "int"}, key="steps")
+        cohort_tables["steps"] = tb.simple(
+            tables["cohort_steps"],
+            {"step": "step", "rule": "rule", "stays": "stays"},
+            {"stays": "int"},
+            key="steps",
+        )
     planted_page = None
     if planted is not None:
         observed = tb.planted_kinds(board, comp, tables["runs"])
         table, agree, compared = tb.planted(planted, observed)
         sub = planted.get("subgroup") or {}
-        text = (f"{sub.get('attribute')} = {sub.get('value')}: {sub.get('degraded', '')} Expected: "
-                f"{sub.get('expected', '')}" if sub else "")
+        text = (
+            f"{sub.get('attribute')} = {sub.get('value')}: {sub.get('degraded', '')} Expected: "
+            f"{sub.get('expected', '')}"
+            if sub
+            else ""
+        )
         base = [g.label_groups for g in groups if g.task == "phenotype" and g.cohort == "base"]
-        planted_page = Planted(table, agree, compared, tb.planted_subgroup(planted, tables["fairness_summary"]),
-                               planted_source, text, groups=base[0] if base else None)
+        planted_page = Planted(
+            table,
+            agree,
+            compared,
+            tb.planted_subgroup(planted, tables["fairness_summary"]),
+            planted_source,
+            text,
+            groups=base[0] if base else None,
+        )
     name = summary.get("plan") or Path(summary.get("runs_dir", "runs")).name
-    return Page(title=f"carebench report: {name}", summary=summary, cohort=cohort_tables, groups=groups,
-                csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES], planted=planted_page,
-                notes=list(summary.get("warnings", [])))
+    return Page(
+        title=f"carebench report: {name}",
+        summary=summary,
+        cohort=cohort_tables,
+        groups=groups,
+        csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES],
+        planted=planted_page,
+        notes=list(summary.get("warnings", [])),
+    )
 
 
 def stale_notes(runs_dir: Path, summary: dict[str, Any]) -> list[str]:
@@ -200,20 +261,34 @@ def stale_notes(runs_dir: Path, summary: dict[str, Any]) -> list[str]:
     new, gone = sorted(now - then), sorted(then - now)
     out = []
     if new:
-        out.append(f"{len(new)} run(s) finished after the analysis and are not in this report "
-                   f"(re-run `carebench analyze`): {', '.join(new)}")
+        out.append(
+            f"{len(new)} run(s) finished after the analysis and are not in this report "
+            f"(re-run `carebench analyze`): {', '.join(new)}"
+        )
     if gone:
         out.append(f"{len(gone)} analysed run(s) no longer exist under {runs_dir}: {', '.join(gone)}")
     return out
 
 
 def render(page: Page) -> str:
-    return _environment().get_template("report.html.j2").render(
-        page=page, version=__version__, created=time.strftime("%Y-%m-%d %H:%M"), alpha=tb.ALPHA,
-        metric_name=tb.metric_name, fmt=tb.fmt, options=page.summary.get("options", {}))
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(
+            page=page,
+            version=__version__,
+            created=time.strftime("%Y-%m-%d %H:%M"),
+            alpha=tb.ALPHA,
+            metric_name=tb.metric_name,
+            fmt=tb.fmt,
+            options=page.summary.get("options", {}),
+        )
+    )
 
 
-def build_report(runs_dir: str | Path, *, planted: str | Path | None = None, out: str | Path | None = None) -> Path:
+def build_report(
+    runs_dir: str | Path, *, planted: str | Path | None = None, out: str | Path | None = None
+) -> Path:
     """Write `RUNS/report/index.html` and `RUNS/report/tables/*.csv` (atomically); return the HTML path."""
     runs_dir = Path(runs_dir)
     tables, summary = load_analysis(runs_dir)

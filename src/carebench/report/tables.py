@@ -24,10 +24,23 @@ LEADERBOARD_METRICS = {
     "los": ("auroc_ovr_macro", "accuracy", "kappa_linear", "f1_macro"),
 }
 LOWER_IS_BETTER = {"brier", "ece"}
-METRIC_NAMES = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1", "brier": "Brier", "ece": "ECE",
-                "auroc_macro": "AUROC macro", "auprc_macro": "AUPRC macro", "auroc_micro": "AUROC micro",
-                "auprc_micro": "AUPRC micro", "auroc_ovr_macro": "AUROC (OvR macro)", "accuracy": "Accuracy",
-                "kappa_linear": "κ linear", "f1_macro": "F1 macro", "tpr": "TPR", "fpr": "FPR"}
+METRIC_NAMES = {
+    "auroc": "AUROC",
+    "auprc": "AUPRC",
+    "f1": "F1",
+    "brier": "Brier",
+    "ece": "ECE",
+    "auroc_macro": "AUROC macro",
+    "auprc_macro": "AUPRC macro",
+    "auroc_micro": "AUROC micro",
+    "auprc_micro": "AUPRC micro",
+    "auroc_ovr_macro": "AUROC (OvR macro)",
+    "accuracy": "Accuracy",
+    "kappa_linear": "κ linear",
+    "f1_macro": "F1 macro",
+    "tpr": "TPR",
+    "fpr": "FPR",
+}
 CONDITION_NAMES = {"full": "both modalities", "drop_cxr": "X-ray removed", "drop_ehr": "EHR removed"}
 
 
@@ -89,13 +102,18 @@ def groups_of(table: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------------------------ leaderboard
-def significance(comparisons: pd.DataFrame, task: str, cohort: str, label: str | None = None
-                 ) -> dict[tuple[str, str], dict[str, Any]]:
+def significance(
+    comparisons: pd.DataFrame, task: str, cohort: str, label: str | None = None
+) -> dict[tuple[str, str], dict[str, Any]]:
     """(method, metric) -> the reference comparison row (delta, CI, p, Holm, BH) for one task and cohort."""
     if comparisons.empty:
         return {}
-    c = comparisons[(comparisons["task"] == task) & (comparisons["cohort"] == cohort)
-                    & (comparisons["comparison"] == "reference") & (comparisons["label"] == (label or task))]
+    c = comparisons[
+        (comparisons["task"] == task)
+        & (comparisons["cohort"] == cohort)
+        & (comparisons["comparison"] == "reference")
+        & (comparisons["label"] == (label or task))
+    ]
     return {(r["method_a"], r["metric"]): r for r in c.to_dict("records")}
 
 
@@ -108,22 +126,38 @@ def mark(row: dict[str, Any] | None) -> str:
     return BETTER if better else WORSE
 
 
-def leaderboard(board: pd.DataFrame, comparisons: pd.DataFrame, task: str, cohort: str,
-                reference: str | None, selection: str) -> Table:
+def leaderboard(
+    board: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    task: str,
+    cohort: str,
+    reference: str | None,
+    selection: str,
+) -> Table:
     """One row per method (best selection metric first): modalities, runs, each metric with its CI and mark."""
     b = board[(board["task"] == task) & (board["cohort"] == cohort) & (board["label"] == task)]
     metrics = [m for m in LEADERBOARD_METRICS.get(task, ()) if m in set(b["metric"])]
     sig = significance(comparisons, task, cohort)
-    order = (b[b["metric"] == selection].sort_values(["estimate", "method"], ascending=[False, True])["method"]
-             .tolist())
+    order = (
+        b[b["metric"] == selection]
+        .sort_values(["estimate", "method"], ascending=[False, True])["method"]
+        .tolist()
+    )
     order += sorted(set(b["method"]) - set(order))
-    table = Table(["method", "modalities", "runs (seeds)", *[metric_name(m) for m in metrics]], key="leaderboard")
+    table = Table(
+        ["method", "modalities", "runs (seeds)", *[metric_name(m) for m in metrics]], key="leaderboard"
+    )
     for method in order:
         rows = b[b["method"] == method].set_index("metric")
         first = rows.iloc[0]
-        cells = [Cell(method + (" (reference)" if method == reference else ""), css="ref" if method == reference
-                      else ""),
-                 Cell(str(first["modalities"])), Cell(f"{int(first['n_runs'])} ({int(first['n_seeds'])})")]
+        cells = [
+            Cell(
+                method + (" (reference)" if method == reference else ""),
+                css="ref" if method == reference else "",
+            ),
+            Cell(str(first["modalities"])),
+            Cell(f"{int(first['n_runs'])} ({int(first['n_seeds'])})"),
+        ]
         for m in metrics:
             if m not in rows.index:
                 cells.append(Cell("–"))
@@ -133,37 +167,62 @@ def leaderboard(board: pd.DataFrame, comparisons: pd.DataFrame, task: str, cohor
             sym = mark(s)
             title = ""
             if s is not None:
-                title = (f"vs {s['method_b']}: Δ {fmt(s['delta'])} [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}], "
-                         f"p {fmt_p(s['p_value'])}, Holm {fmt_p(s['p_holm'])}, BH {fmt_p(s['p_bh'])}")
-            seeds = (f"; seed mean {fmt(r['seed_mean'])} ± {fmt(r['seed_sd'])}" if r["n_seeds"] > 1 else "")
-            cells.append(Cell(fmt_ci(r["estimate"], r["ci_low"], r["ci_high"]) + (f" {sym}" if sym else ""),
-                              value=_num(r["estimate"]), title=(title + seeds).strip("; "),
-                              css="sig" if sym == BETTER else "worse" if sym == WORSE else ""))
+                title = (
+                    f"vs {s['method_b']}: Δ {fmt(s['delta'])} [{fmt(s['ci_low'])}, {fmt(s['ci_high'])}], "
+                    f"p {fmt_p(s['p_value'])}, Holm {fmt_p(s['p_holm'])}, BH {fmt_p(s['p_bh'])}"
+                )
+            seeds = f"; seed mean {fmt(r['seed_mean'])} ± {fmt(r['seed_sd'])}" if r["n_seeds"] > 1 else ""
+            cells.append(
+                Cell(
+                    fmt_ci(r["estimate"], r["ci_low"], r["ci_high"]) + (f" {sym}" if sym else ""),
+                    value=_num(r["estimate"]),
+                    title=(title + seeds).strip("; "),
+                    css="sig" if sym == BETTER else "worse" if sym == WORSE else "",
+                )
+            )
         table.rows.append(cells)
     n = int(b["n_stays"].max()) if len(b) else 0
-    table.caption = (f"{task}, {cohort} cohort: {n} test stays. Estimate [95% bootstrap CI]; seeds averaged per "
-                     f"stay, folds concatenated. {BETTER}/{WORSE}: significantly better/worse than the reference "
-                     f"{reference or '(none)'} (paired permutation test, Holm-adjusted p < {ALPHA}).")
+    table.caption = (
+        f"{task}, {cohort} cohort: {n} test stays. Estimate [95% bootstrap CI]; seeds averaged per "
+        f"stay, folds concatenated. {BETTER}/{WORSE}: significantly better/worse than the reference "
+        f"{reference or '(none)'} (paired permutation test, Holm-adjusted p < {ALPHA})."
+    )
     return table
 
 
 def pairwise(comparisons: pd.DataFrame, task: str, cohort: str) -> Table:
     """All method pairs on the task's overall metrics: delta [CI], p, Holm, BH."""
-    c = comparisons[(comparisons["task"] == task) & (comparisons["cohort"] == cohort)
-                    & (comparisons["comparison"] == "pairwise") & (comparisons["label"] == task)]
+    c = comparisons[
+        (comparisons["task"] == task)
+        & (comparisons["cohort"] == cohort)
+        & (comparisons["comparison"] == "pairwise")
+        & (comparisons["label"] == task)
+    ]
     table = Table(["method A", "method B", "metric", "A − B [95% CI]", "p", "p Holm", "p BH"], key="pairwise")
     for r in c.sort_values(["metric", "method_a", "method_b"]).to_dict("records"):
         sig = not pd.isna(r["p_holm"]) and r["p_holm"] < ALPHA
-        table.rows.append([Cell(r["method_a"]), Cell(r["method_b"]), Cell(metric_name(r["metric"])),
-                           Cell(fmt_ci(r["delta"], r["ci_low"], r["ci_high"]), value=_num(r["delta"]),
-                                css="sig" if sig else ""),
-                           Cell(fmt_p(r["p_value"]), _num(r["p_value"])), Cell(fmt_p(r["p_holm"]), _num(r["p_holm"])),
-                           Cell(fmt_p(r["p_bh"]), _num(r["p_bh"]))])
+        table.rows.append(
+            [
+                Cell(r["method_a"]),
+                Cell(r["method_b"]),
+                Cell(metric_name(r["metric"])),
+                Cell(
+                    fmt_ci(r["delta"], r["ci_low"], r["ci_high"]),
+                    value=_num(r["delta"]),
+                    css="sig" if sig else "",
+                ),
+                Cell(fmt_p(r["p_value"]), _num(r["p_value"])),
+                Cell(fmt_p(r["p_holm"]), _num(r["p_holm"])),
+                Cell(fmt_p(r["p_bh"]), _num(r["p_bh"])),
+            ]
+        )
     return table
 
 
 # ------------------------------------------------------------------------------------------------ cohort
-def simple(df: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] | None = None, key: str = "") -> Table:
+def simple(
+    df: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] | None = None, key: str = ""
+) -> Table:
     """A table of selected columns (name -> header) with optional per-column formats ('pct', 'num', 'int')."""
     formats = formats or {}
     table = Table(list(columns.values()), key=key)
@@ -188,20 +247,28 @@ def simple(df: pd.DataFrame, columns: dict[str, str], formats: dict[str, str] | 
 def natural(nat: pd.DataFrame, task: str, cohort: str) -> Table:
     """Per method and headline metric: all stays, stays with and without an X-ray, and their difference."""
     t = nat[(nat["task"] == task) & (nat["cohort"] == cohort)]
-    table = Table(["method", "metric", "all stays", "with X-ray", "without X-ray", "with − without"],
-                  key="natural")
+    table = Table(
+        ["method", "metric", "all stays", "with X-ray", "without X-ray", "with − without"], key="natural"
+    )
     for (method, metric), g in t.groupby(["method", "metric"], sort=True):
         s = g.set_index("subset")
         cells = [Cell(method), Cell(metric_name(metric))]
         for subset in ("all", "with_cxr", "without_cxr"):
             if subset in s.index:
                 r = s.loc[subset]
-                cells.append(Cell(f"{fmt_ci(r['value'], r['ci_low'], r['ci_high'])} (n={int(r['n_stays'])})",
-                                  _num(r["value"])))
+                cells.append(
+                    Cell(
+                        f"{fmt_ci(r['value'], r['ci_low'], r['ci_high'])} (n={int(r['n_stays'])})",
+                        _num(r["value"]),
+                    )
+                )
             else:
                 cells.append(Cell("–"))
-        diff = (s.loc["with_cxr", "value"] - s.loc["without_cxr", "value"]
-                if {"with_cxr", "without_cxr"} <= set(s.index) else np.nan)
+        diff = (
+            s.loc["with_cxr", "value"] - s.loc["without_cxr", "value"]
+            if {"with_cxr", "without_cxr"} <= set(s.index)
+            else np.nan
+        )
         cells.append(Cell(fmt(diff), _num(diff)))
         table.rows.append(cells)
     return table
@@ -214,9 +281,18 @@ def train_rates(tr: pd.DataFrame, task: str, cohort: str) -> Table:
     table = Table(["method", "metric", *[f"train/val rate {r:g}" for r in rates]], key="train_rates")
     for (method, metric), g in t.groupby(["method", "metric"], sort=True):
         s = g.set_index("train_rate")
-        table.rows.append([Cell(method), Cell(metric_name(metric))] + [
-            Cell(fmt_ci(s.loc[r, "value"], s.loc[r, "ci_low"], s.loc[r, "ci_high"]), _num(s.loc[r, "value"]))
-            if r in s.index else Cell("–") for r in rates])
+        table.rows.append(
+            [Cell(method), Cell(metric_name(metric))]
+            + [
+                Cell(
+                    fmt_ci(s.loc[r, "value"], s.loc[r, "ci_low"], s.loc[r, "ci_high"]),
+                    _num(s.loc[r, "value"]),
+                )
+                if r in s.index
+                else Cell("–")
+                for r in rates
+            ]
+        )
     return table
 
 
@@ -227,18 +303,31 @@ def fairness_rows(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
     if summary.empty:
         return pd.DataFrame()
     label = task if task == "mortality" else "macro"
-    s = summary[(summary["task"] == task) & (summary["cohort"] == cohort) & (summary["label"] == label)
-                & (summary["metric"] == metric) & ~summary["attribute"].str.contains(":")]
+    s = summary[
+        (summary["task"] == task)
+        & (summary["cohort"] == cohort)
+        & (summary["label"] == label)
+        & (summary["metric"] == metric)
+        & ~summary["attribute"].str.contains(":")
+    ]
     rows = []
     for (attribute, method), g in s.groupby(["attribute", "method"], sort=True):
         one = len(g) == 1
         worst = g["worst_group"].dropna()
-        rows.append({"attribute": attribute, "method": method, "n_runs": len(g), "gap": g["gap"].mean(),
-                     "low": g["gap_low"].iloc[0] if one else g["gap"].min(),
-                     "high": g["gap_high"].iloc[0] if one else g["gap"].max(),
-                     "interval": "95% CI" if one else "range over runs",
-                     "worst_group": worst.mode().iloc[0] if len(worst) else None,
-                     "worst_value": g["worst_value"].mean(), "n_groups": g["n_groups"].max()})
+        rows.append(
+            {
+                "attribute": attribute,
+                "method": method,
+                "n_runs": len(g),
+                "gap": g["gap"].mean(),
+                "low": g["gap_low"].iloc[0] if one else g["gap"].min(),
+                "high": g["gap_high"].iloc[0] if one else g["gap"].max(),
+                "interval": "95% CI" if one else "range over runs",
+                "worst_group": worst.mode().iloc[0] if len(worst) else None,
+                "worst_value": g["worst_value"].mean(),
+                "n_groups": g["n_groups"].max(),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -246,18 +335,44 @@ def fairness(summary: pd.DataFrame, task: str, cohort: str) -> Table:
     """Per attribute and method: AUROC gap (max − min over groups) with CI, worst group, equalized-odds gap."""
     rows = fairness_rows(summary, task, cohort)
     label = task if task == "mortality" else "macro"
-    eo = summary[(summary["task"] == task) & (summary["cohort"] == cohort) & (summary["label"] == label)
-                 & (summary["metric"] == "equalized_odds")] if not summary.empty else summary
+    eo = (
+        summary[
+            (summary["task"] == task)
+            & (summary["cohort"] == cohort)
+            & (summary["label"] == label)
+            & (summary["metric"] == "equalized_odds")
+        ]
+        if not summary.empty
+        else summary
+    )
     eo_gap = eo.groupby(["attribute", "method"])["gap"].mean().to_dict() if len(eo) else {}
-    table = Table(["attribute", "method", "groups", "AUROC gap [interval]", "worst group (AUROC)",
-                   "equalized-odds gap"], key="fairness")
+    table = Table(
+        [
+            "attribute",
+            "method",
+            "groups",
+            "AUROC gap [interval]",
+            "worst group (AUROC)",
+            "equalized-odds gap",
+        ],
+        key="fairness",
+    )
     for r in rows.to_dict("records"):
         interval = fmt_ci(r["gap"], r["low"], r["high"]) + ("" if r["n_runs"] == 1 else " (range)")
         worst = f"{r['worst_group']} ({fmt(r['worst_value'])})" if r["worst_group"] else "–"
-        table.rows.append([Cell(r["attribute"]), Cell(r["method"]), Cell(fmt(r["n_groups"])),
-                           Cell(interval, _num(r["gap"])), Cell(worst),
-                           Cell(fmt(eo_gap.get((r["attribute"], r["method"]))),
-                                _num(eo_gap.get((r["attribute"], r["method"]))))])
+        table.rows.append(
+            [
+                Cell(r["attribute"]),
+                Cell(r["method"]),
+                Cell(fmt(r["n_groups"])),
+                Cell(interval, _num(r["gap"])),
+                Cell(worst),
+                Cell(
+                    fmt(eo_gap.get((r["attribute"], r["method"]))),
+                    _num(eo_gap.get((r["attribute"], r["method"]))),
+                ),
+            ]
+        )
     return table
 
 
@@ -266,18 +381,33 @@ def ablation(abl: pd.DataFrame, task: str, cohort: str) -> Table:
     """Per method and headline metric: full score, delta when the X-ray / the EHR is removed, head scores."""
     t = abl[(abl["task"] == task) & (abl["cohort"] == cohort)]
     heads = sorted({c for c in t["condition"] if c.startswith("head:")})
-    table = Table(["method", "metric", "both modalities", "Δ X-ray removed [CI]", "Δ EHR removed [CI]",
-                   *[f"{h[5:]} head" for h in heads]], key="ablation")
+    table = Table(
+        [
+            "method",
+            "metric",
+            "both modalities",
+            "Δ X-ray removed [CI]",
+            "Δ EHR removed [CI]",
+            *[f"{h[5:]} head" for h in heads],
+        ],
+        key="ablation",
+    )
     for (method, metric), g in t.groupby(["method", "metric"], sort=True):
         s = g.set_index("condition")
         cells = [Cell(method), Cell(metric_name(metric))]
         full = s.loc["full"] if "full" in s.index else None
-        cells.append(Cell(fmt_ci(full["value"], full["ci_low"], full["ci_high"]) if full is not None else "–",
-                          _num(full["value"]) if full is not None else None))
+        cells.append(
+            Cell(
+                fmt_ci(full["value"], full["ci_low"], full["ci_high"]) if full is not None else "–",
+                _num(full["value"]) if full is not None else None,
+            )
+        )
         for cond in ("drop_cxr", "drop_ehr"):
             if cond in s.index:
                 r = s.loc[cond]
-                cells.append(Cell(fmt_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]), _num(r["delta"])))
+                cells.append(
+                    Cell(fmt_ci(r["delta"], r["delta_ci_low"], r["delta_ci_high"]), _num(r["delta"]))
+                )
             else:
                 cells.append(Cell("–"))
         for h in heads:
@@ -287,8 +417,9 @@ def ablation(abl: pd.DataFrame, task: str, cohort: str) -> Table:
 
 
 # ------------------------------------------------------------------------------------------------ planted truth
-def planted_kinds(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFrame, cohort: str = "base"
-                  ) -> pd.DataFrame:
+def planted_kinds(
+    board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFrame, cohort: str = "base"
+) -> pd.DataFrame:
     """Per phenotype, what the benchmark concludes about where its signal is:
 
     ehr_signal: some EHR-only method's AUROC has a CI above 0.5; cxr_signal: the same for an X-ray-only method;
@@ -296,16 +427,29 @@ def planted_kinds(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataF
     'both' if fusion gains or both modalities carry signal, else 'ehr' / 'cxr' for the one that does, else 'none';
     'n/a' when a modality has no unimodal method in the runs.
     """
-    b = board[(board["task"] == "phenotype") & (board["cohort"] == cohort) & (board["metric"] == "auroc")
-              & (board["label"] != "phenotype")]
+    b = board[
+        (board["task"] == "phenotype")
+        & (board["cohort"] == cohort)
+        & (board["metric"] == "auroc")
+        & (board["label"] != "phenotype")
+    ]
     mods = runs.drop_duplicates("model").set_index("model")["modalities"].to_dict()
     ehr_only = [m for m, v in mods.items() if v == "ehr"]
     cxr_only = [m for m, v in mods.items() if v == "cxr"]
-    c = comparisons[(comparisons["task"] == "phenotype") & (comparisons["cohort"] == cohort)
-                    & (comparisons["comparison"] == "reference") & (comparisons["metric"] == "auroc")
-                    & (comparisons["label"] != "phenotype")] if not comparisons.empty else pd.DataFrame()
+    c = (
+        comparisons[
+            (comparisons["task"] == "phenotype")
+            & (comparisons["cohort"] == cohort)
+            & (comparisons["comparison"] == "reference")
+            & (comparisons["metric"] == "auroc")
+            & (comparisons["label"] != "phenotype")
+        ]
+        if not comparisons.empty
+        else pd.DataFrame()
+    )
     rows = []
     for label, g in b.groupby("label", sort=False):
+
         def best(methods: list[str], g: pd.DataFrame = g) -> dict[str, Any]:
             part = g[g["method"].isin(methods)].sort_values("estimate", ascending=False)
             return part.iloc[0].to_dict() if len(part) else {}
@@ -322,11 +466,24 @@ def planted_kinds(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataF
             observed = "both"
         else:
             observed = "ehr" if e_sig else "cxr" if x_sig else "none"
-        rows.append({"label": label, "ehr_method": e.get("method"), "ehr_auroc": e.get("estimate"),
-                     "ehr_low": e.get("ci_low"), "ehr_high": e.get("ci_high"), "cxr_method": x.get("method"),
-                     "cxr_auroc": x.get("estimate"), "cxr_low": x.get("ci_low"), "cxr_high": x.get("ci_high"),
-                     "fusion_method": top.get("method_a"), "fusion_delta": top.get("delta"),
-                     "fusion_p_holm": top.get("p_holm"), "fusion_gain": sig_gain, "observed": observed})
+        rows.append(
+            {
+                "label": label,
+                "ehr_method": e.get("method"),
+                "ehr_auroc": e.get("estimate"),
+                "ehr_low": e.get("ci_low"),
+                "ehr_high": e.get("ci_high"),
+                "cxr_method": x.get("method"),
+                "cxr_auroc": x.get("estimate"),
+                "cxr_low": x.get("ci_low"),
+                "cxr_high": x.get("ci_high"),
+                "fusion_method": top.get("method_a"),
+                "fusion_delta": top.get("delta"),
+                "fusion_p_holm": top.get("p_holm"),
+                "fusion_gain": sig_gain,
+                "observed": observed,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -334,50 +491,108 @@ def planted(planted_truth: dict[str, Any], observed: pd.DataFrame) -> tuple[Tabl
     """Planted kind vs observed kind per phenotype; returns the table, agreements and phenotypes compared."""
     kinds = planted_truth.get("phenotypes", {})
     obs = observed.set_index("label") if len(observed) else pd.DataFrame()
-    table = Table(["phenotype", "planted", "best EHR-only AUROC [CI]", "best X-ray-only AUROC [CI]",
-                   "best fusion Δ vs reference (Holm p)", "observed", "agrees"], key="planted")
+    table = Table(
+        [
+            "phenotype",
+            "planted",
+            "best EHR-only AUROC [CI]",
+            "best X-ray-only AUROC [CI]",
+            "best fusion Δ vs reference (Holm p)",
+            "observed",
+            "agrees",
+        ],
+        key="planted",
+    )
     agree = compared = 0
     for label, kind in kinds.items():
         if label not in obs.index:
-            table.rows.append([Cell(label), Cell(kind), Cell("–"), Cell("–"), Cell("–"), Cell("not analysed"),
-                               Cell("")])
+            table.rows.append(
+                [Cell(label), Cell(kind), Cell("–"), Cell("–"), Cell("–"), Cell("not analysed"), Cell("")]
+            )
             continue
         r = obs.loc[label]
         ok = r["observed"] == kind
         if r["observed"] != "n/a":
             compared += 1
             agree += int(ok)
-        fusion = ("–" if pd.isna(r["fusion_delta"]) else
-                  f"{r['fusion_method']}: {fmt(r['fusion_delta'])} ({fmt_p(r['fusion_p_holm'])})")
-        table.rows.append([
-            Cell(label), Cell(kind),
-            Cell(f"{r['ehr_method']}: {fmt_ci(r['ehr_auroc'], r['ehr_low'], r['ehr_high'])}"
-                 if r["ehr_method"] else "–", _num(r["ehr_auroc"])),
-            Cell(f"{r['cxr_method']}: {fmt_ci(r['cxr_auroc'], r['cxr_low'], r['cxr_high'])}"
-                 if r["cxr_method"] else "–", _num(r["cxr_auroc"])),
-            Cell(fusion, _num(r["fusion_delta"])), Cell(r["observed"]),
-            Cell("" if r["observed"] == "n/a" else "✓" if ok else "✗", css="" if r["observed"] == "n/a"
-                 else "sig" if ok else "worse")])
+        fusion = (
+            "–"
+            if pd.isna(r["fusion_delta"])
+            else f"{r['fusion_method']}: {fmt(r['fusion_delta'])} ({fmt_p(r['fusion_p_holm'])})"
+        )
+        table.rows.append(
+            [
+                Cell(label),
+                Cell(kind),
+                Cell(
+                    f"{r['ehr_method']}: {fmt_ci(r['ehr_auroc'], r['ehr_low'], r['ehr_high'])}"
+                    if r["ehr_method"]
+                    else "–",
+                    _num(r["ehr_auroc"]),
+                ),
+                Cell(
+                    f"{r['cxr_method']}: {fmt_ci(r['cxr_auroc'], r['cxr_low'], r['cxr_high'])}"
+                    if r["cxr_method"]
+                    else "–",
+                    _num(r["cxr_auroc"]),
+                ),
+                Cell(fusion, _num(r["fusion_delta"])),
+                Cell(r["observed"]),
+                Cell(
+                    "" if r["observed"] == "n/a" else "✓" if ok else "✗",
+                    css="" if r["observed"] == "n/a" else "sig" if ok else "worse",
+                ),
+            ]
+        )
     return table, agree, compared
 
 
-def label_groups(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFrame,
-                 groups: dict[str, list[str]] | None = None, cohort: str = "base") -> Table | None:
+def label_groups(
+    board: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    runs: pd.DataFrame,
+    groups: dict[str, list[str]] | None = None,
+    cohort: str = "base",
+) -> Table | None:
     """Per label group (analyze --label-groups): best EHR-only, X-ray-only and fusion macro AUROC with CIs, and the
     fusion methods significantly better than the group's best unimodal method (Holm p < ALPHA, delta > 0)."""
-    b = board[(board["task"] == "phenotype") & (board["cohort"] == cohort) & (board["metric"] == "auroc_macro")
-              & board["label"].astype(str).str.startswith("group:")] if len(board) else board
+    b = (
+        board[
+            (board["task"] == "phenotype")
+            & (board["cohort"] == cohort)
+            & (board["metric"] == "auroc_macro")
+            & board["label"].astype(str).str.startswith("group:")
+        ]
+        if len(board)
+        else board
+    )
     if b.empty:
         return None
     mods = runs.drop_duplicates("model").set_index("model")["modalities"].to_dict()
-    c = comparisons[(comparisons["task"] == "phenotype") & (comparisons["cohort"] == cohort)
-                    & (comparisons["family"] == "phenotype:reference:auroc_macro:group")] \
-        if len(comparisons) else pd.DataFrame(columns=["label"])
+    c = (
+        comparisons[
+            (comparisons["task"] == "phenotype")
+            & (comparisons["cohort"] == cohort)
+            & (comparisons["family"] == "phenotype:reference:auroc_macro:group")
+        ]
+        if len(comparisons)
+        else pd.DataFrame(columns=["label"])
+    )
     groups = groups or {}
-    table = Table(["group", "labels", "best EHR-only [CI]", "best X-ray-only [CI]", "best fusion [CI]",
-                   "reference", "fusion significantly better (Holm p)"], key="label_groups",
-                  caption="Macro AUROC over each group's labels (test stays); fusion methods tested against the "
-                          f"group's best unimodal method, Holm-adjusted over methods × groups, p < {ALPHA}.")
+    table = Table(
+        [
+            "group",
+            "labels",
+            "best EHR-only [CI]",
+            "best X-ray-only [CI]",
+            "best fusion [CI]",
+            "reference",
+            "fusion significantly better (Holm p)",
+        ],
+        key="label_groups",
+        caption="Macro AUROC over each group's labels (test stays); fusion methods tested against the "
+        f"group's best unimodal method, Holm-adjusted over methods × groups, p < {ALPHA}.",
+    )
     for label, g in b.groupby("label", sort=False):
         name = str(label).removeprefix("group:")
 
@@ -386,17 +601,32 @@ def label_groups(board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFr
             if part.empty:
                 return Cell("–")
             r = part.iloc[0]
-            return Cell(f"{r['method']}: {fmt_ci(r['estimate'], r['ci_low'], r['ci_high'])}", _num(r["estimate"]))
+            return Cell(
+                f"{r['method']}: {fmt_ci(r['estimate'], r['ci_low'], r['ci_high'])}", _num(r["estimate"])
+            )
 
         rows = c[c["label"] == label]
         sig = rows[(rows["p_holm"] < ALPHA) & (rows["delta"] > 0)].sort_values("p_holm")
         n_labels = len(groups.get(name, []))
-        table.rows.append([
-            Cell(name), Cell(str(n_labels) if n_labels else "–", n_labels or None),
-            best("ehr"), best("cxr"), best("ehr+cxr"),
-            Cell(", ".join(sorted(set(rows["method_b"]))) or "–"),
-            Cell(", ".join(f"{r['method_a']} (+{fmt(r['delta'])}, {fmt_p(r['p_holm'])})" for _, r in sig.iterrows())
-                 or "none", len(sig), css="sig" if len(sig) else "")])
+        table.rows.append(
+            [
+                Cell(name),
+                Cell(str(n_labels) if n_labels else "–", n_labels or None),
+                best("ehr"),
+                best("cxr"),
+                best("ehr+cxr"),
+                Cell(", ".join(sorted(set(rows["method_b"]))) or "–"),
+                Cell(
+                    ", ".join(
+                        f"{r['method_a']} (+{fmt(r['delta'])}, {fmt_p(r['p_holm'])})"
+                        for _, r in sig.iterrows()
+                    )
+                    or "none",
+                    len(sig),
+                    css="sig" if len(sig) else "",
+                ),
+            ]
+        )
     return table
 
 
@@ -406,14 +636,25 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
     attribute, value = sub.get("attribute"), sub.get("value")
     if not attribute or summary.empty:
         return None
-    s = summary[(summary["attribute"] == attribute) & (summary["metric"] == "auroc")
-                & summary["label"].isin(["mortality", "macro"])]
-    table = Table(["task", "cohort", "method", f"worst {attribute} group (AUROC)", "is the planted group"],
-                  key="planted_subgroup")
+    s = summary[
+        (summary["attribute"] == attribute)
+        & (summary["metric"] == "auroc")
+        & summary["label"].isin(["mortality", "macro"])
+    ]
+    table = Table(
+        ["task", "cohort", "method", f"worst {attribute} group (AUROC)", "is the planted group"],
+        key="planted_subgroup",
+    )
     for (task, cohort, method), g in s.groupby(["task", "cohort", "method"], sort=True):
         worst = g["worst_group"].dropna()
         w = worst.mode().iloc[0] if len(worst) else None
-        table.rows.append([Cell(task), Cell(cohort), Cell(method),
-                           Cell(f"{w} ({fmt(g['worst_value'].mean())})" if w else "–"),
-                           Cell("–" if w is None else "yes" if w == value else "no")])
+        table.rows.append(
+            [
+                Cell(task),
+                Cell(cohort),
+                Cell(method),
+                Cell(f"{w} ({fmt(g['worst_value'].mean())})" if w else "–"),
+                Cell("–" if w is None else "yes" if w == value else "no"),
+            ]
+        )
     return table

@@ -25,19 +25,49 @@ PRESETS: dict[str, dict[str, Any]] = {
     # <= 20 epochs and no X-ray augmentation. Measured on the synthetic default (docs/training.md "Presets"): with
     # the reference's affine augmentation a from-scratch CNN barely learns in this budget (X-ray-only AUROC on the
     # planted X-ray phenotypes 0.65-0.79 vs 0.85-0.90 without it, on stays with an image).
-    "quick": {"image_size": 64, "batch_size": 32, "max_epochs": 20, "min_epochs": 1, "lr": 1e-3,
-              "patience": 5, "plateau_patience": 2, "augment": False},
+    "quick": {
+        "image_size": 64,
+        "batch_size": 32,
+        "max_epochs": 20,
+        "min_epochs": 1,
+        "lr": 1e-3,
+        "patience": 5,
+        "plateau_patience": 2,
+        "augment": False,
+    },
     # The paper setting (reference toolkit): 224 px, batch 16, <= 50 epochs, lr 1e-4, patience 10.
-    "full": {"image_size": 224, "batch_size": 16, "max_epochs": 50, "min_epochs": 4, "lr": 1e-4,
-             "patience": 10, "plateau_patience": 10},
+    "full": {
+        "image_size": 224,
+        "batch_size": 16,
+        "max_epochs": 50,
+        "min_epochs": 4,
+        "lr": 1e-4,
+        "patience": 10,
+        "plateau_patience": 10,
+    },
     # Smallest settings, for tests of the training loop.
-    "test": {"image_size": 16, "batch_size": 32, "max_epochs": 2, "min_epochs": 1, "lr": 1e-3,
-             "patience": 2, "plateau_patience": 1},
+    "test": {
+        "image_size": 16,
+        "batch_size": 32,
+        "max_epochs": 2,
+        "min_epochs": 1,
+        "lr": 1e-3,
+        "patience": 2,
+        "plateau_patience": 1,
+    },
 }
 NOT_HASHED = ("data", "num_workers", "threads", "progress")
-PRECISIONS = {"32": "32-true", "32-true": "32-true", "64": "64-true", "64-true": "64-true",
-              "bf16": "bf16-mixed", "bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true",
-              "16": "16-mixed", "16-mixed": "16-mixed"}
+PRECISIONS = {
+    "32": "32-true",
+    "32-true": "32-true",
+    "64": "64-true",
+    "64-true": "64-true",
+    "bf16": "bf16-mixed",
+    "bf16-mixed": "bf16-mixed",
+    "bf16-true": "bf16-true",
+    "16": "16-mixed",
+    "16-mixed": "16-mixed",
+}
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
 
@@ -202,7 +232,7 @@ def resolve_config(
             if value is None:
                 continue
             if key.startswith("model."):
-                model_over[key[len("model."):]] = value
+                model_over[key[len("model.") :]] = value
             elif key in _TRAIN_FIELDS and key not in _NOT_OVERRIDABLE:
                 values[key] = _coerce(key, value)
             elif key in cls.default_hparams:
@@ -211,11 +241,18 @@ def resolve_config(
                 raise ConfigError(
                     f"unknown option {key!r}; training options: "
                     f"{', '.join(sorted(set(_TRAIN_FIELDS) - _NOT_OVERRIDABLE))}; hyper-parameters of model "
-                    f"{model!r}: {', '.join(sorted(cls.default_hparams))} (or model.<name>=value)")
+                    f"{model!r}: {', '.join(sorted(cls.default_hparams))} (or model.<name>=value)"
+                )
     values.setdefault("cxr_dropout_seed", values.get("seed", 0))
-    cfg = TrainConfig(model=model, task=task, data=str(Path(data).absolute()),
-                      data_fingerprint=dataset_fingerprint(data), preset=preset,
-                      model_args=cls.resolve_hparams(model_over, preset=preset), **values)
+    cfg = TrainConfig(
+        model=model,
+        task=task,
+        data=str(Path(data).absolute()),
+        data_fingerprint=dataset_fingerprint(data),
+        preset=preset,
+        model_args=cls.resolve_hparams(model_over, preset=preset),
+        **values,
+    )
     _validate(cfg)
     return cfg
 

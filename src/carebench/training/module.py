@@ -27,8 +27,11 @@ from carebench.evaluation.metrics import SELECTION_METRIC, compute_metrics
 from carebench.models.base import BaseModel, ModelOutput, task_spec
 
 # Overall validation metrics logged every epoch (besides the selection metric and the loss).
-LOGGED = {"binary": ("auroc", "auprc", "brier"), "multilabel": ("auroc_macro", "auprc_macro", "auroc_micro"),
-          "multiclass": ("accuracy", "kappa_linear", "auroc_ovr_macro")}
+LOGGED = {
+    "binary": ("auroc", "auprc", "brier"),
+    "multilabel": ("auroc_macro", "auprc_macro", "auroc_micro"),
+    "multiclass": ("accuracy", "kappa_linear", "auroc_ovr_macro"),
+}
 
 
 def task_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -116,15 +119,28 @@ class CareBenchModule(pl.LightningModule):
             return
         for opt in self.trainer.optimizers:
             ref = opt.param_groups[0]
-            opt.add_param_group({"params": list(params), "lr": ref["lr"], "weight_decay": ref["weight_decay"]})
+            opt.add_param_group(
+                {"params": list(params), "lr": ref["lr"], "weight_decay": ref["weight_decay"]}
+            )
 
     def _eval_step(self, batch: dict[str, Tensor], stage: str) -> None:
         out = self.model(batch)
         loss = task_loss(self.kind, out.logits, batch["y"])
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch["y"]),
-                 sync_dist=True, prog_bar=stage == "val")
-        rec = {"stay_id": batch["stay_id"], "y": batch["y"], "has_cxr": batch["has_cxr"].to(torch.uint8),
-               "p": probabilities(self.kind, out.logits)}
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            batch_size=len(batch["y"]),
+            sync_dist=True,
+            prog_bar=stage == "val",
+        )
+        rec = {
+            "stay_id": batch["stay_id"],
+            "y": batch["y"],
+            "has_cxr": batch["has_cxr"].to(torch.uint8),
+            "p": probabilities(self.kind, out.logits),
+        }
         for head, logits in out.extra_logits.items():
             rec[f"p__{head}"] = probabilities(self.kind, logits)
         self._outputs.append({k: v.detach() for k, v in rec.items()})
@@ -149,7 +165,9 @@ class CareBenchModule(pl.LightningModule):
         self._outputs = []
         if self.trainer.world_size > 1:
             cat = {k: v.reshape(-1, *v.shape[2:]) for k, v in self.all_gather(cat).items()}
-        arrays = {k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in cat.items()}
+        arrays = {
+            k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in cat.items()
+        }
         if not arrays:
             return arrays
         _, first = np.unique(arrays["stay_id"], return_index=True)
@@ -172,7 +190,7 @@ class CareBenchModule(pl.LightningModule):
         if not arr:
             return
         metrics: dict[str, Any] = compute_metrics(self.task, arr["y"], arr["p"], self.names)
-        heads = sorted(k[len("p__"):] for k in arr if k.startswith("p__"))
+        heads = sorted(k[len("p__") :] for k in arr if k.startswith("p__"))
         for head in heads:
             metrics[f"head:{head}"] = compute_metrics(self.task, arr["y"], arr[f"p__{head}"], self.names)
         self.test_metrics = metrics
@@ -184,12 +202,18 @@ class CareBenchModule(pl.LightningModule):
         groups = self.model.configure_param_groups()
         params = groups if groups else [p for p in self.model.parameters() if p.requires_grad]
         # The fused kernel (CPU and CUDA) is several times faster than the per-tensor loop and equally exact.
-        fused = all(p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
-                    for p in self.model.parameters())
+        fused = all(
+            p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.float64)
+            for p in self.model.parameters()
+        )
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=self.plateau_factor,
-                                                           patience=self.plateau_patience)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"}}
+        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
+        )
+        return {
+            "optimizer": opt,
+            "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"},
+        }
 
 
 def predictions_frame(task: str, names: list[str], arr: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -197,8 +221,10 @@ def predictions_frame(task: str, names: list[str], arr: dict[str, np.ndarray]) -
 
     LOS has one label column `y_los` (the class) and one probability column per class `p_los_0 ... p_los_6`.
     """
-    cols: dict[str, np.ndarray] = {"stay_id": arr["stay_id"].astype(np.int64),
-                                   "cxr_input": arr["has_cxr"].astype(bool)}
+    cols: dict[str, np.ndarray] = {
+        "stay_id": arr["stay_id"].astype(np.int64),
+        "cxr_input": arr["has_cxr"].astype(bool),
+    }
     y = arr["y"]
     if task == "los":
         cols["y_los"] = y.astype(np.int64)

@@ -79,8 +79,14 @@ def _filter_warnings() -> None:
     """Silence Lightning hints that do not apply: validation/test outputs are gathered across processes and
     de-duplicated before metrics (so `sync_dist` and the DistributedSampler padding are handled), and a
     single-process loader is the intended CPU setting."""
-    for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*",
-                    ".*sync_dist=True.*", ".*all_gather is deprecated.*", ".*DistributedSampler.*"):
+    for pattern in (
+        ".*does not have many workers.*",
+        ".*smaller than the logging interval.*",
+        ".*LeafSpec.*",
+        ".*sync_dist=True.*",
+        ".*all_gather is deprecated.*",
+        ".*DistributedSampler.*",
+    ):
         warnings.filterwarnings("ignore", pattern)
 
 
@@ -92,17 +98,33 @@ def _quiet() -> None:
 
 def build_module(cfg: TrainConfig, n_features: int) -> CareBenchModule:
     model = create_model(cfg.model, cfg.task, n_features, cfg.image_size, **cfg.model_args)
-    return CareBenchModule(model, cfg.task, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                           plateau_patience=cfg.plateau_patience, plateau_factor=cfg.plateau_factor,
-                           augment=cfg.augment)
+    return CareBenchModule(
+        model,
+        cfg.task,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        plateau_patience=cfg.plateau_patience,
+        plateau_factor=cfg.plateau_factor,
+        augment=cfg.augment,
+    )
 
 
 def load_fold(cfg: TrainConfig, data: ProcessedDataset) -> FoldData:
     uses_cxr = "cxr" in get_model_class(cfg.model).modalities
-    return build_fold(data, task=cfg.task, fold=cfg.fold, cohort=cfg.cohort, image_size=cfg.image_size,
-                      cxr_dropout_rates={"train": cfg.cxr_dropout_train, "val": cfg.cxr_dropout_val,
-                                         "test": cfg.cxr_dropout_test},
-                      cxr_dropout_seed=cfg.cxr_dropout_seed, load_cxr=uses_cxr)
+    return build_fold(
+        data,
+        task=cfg.task,
+        fold=cfg.fold,
+        cohort=cfg.cohort,
+        image_size=cfg.image_size,
+        cxr_dropout_rates={
+            "train": cfg.cxr_dropout_train,
+            "val": cfg.cxr_dropout_val,
+            "test": cfg.cxr_dropout_test,
+        },
+        cxr_dropout_seed=cfg.cxr_dropout_seed,
+        load_cxr=uses_cxr,
+    )
 
 
 def _strategy(cfg: TrainConfig) -> str:
@@ -112,11 +134,21 @@ def _strategy(cfg: TrainConfig) -> str:
 
 def _trainer(cfg: TrainConfig, root: Path, callbacks: list, logger: Any, n_batches: int) -> pl.Trainer:
     return pl.Trainer(
-        accelerator=cfg.accelerator, devices=cfg.devices, strategy=_strategy(cfg), precision=cfg.precision,
-        max_epochs=cfg.max_epochs, min_epochs=cfg.min_epochs, callbacks=callbacks, logger=logger,
-        deterministic="warn" if cfg.deterministic else False, benchmark=False, num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, n_batches)), enable_progress_bar=cfg.progress,
-        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        strategy=_strategy(cfg),
+        precision=cfg.precision,
+        max_epochs=cfg.max_epochs,
+        min_epochs=cfg.min_epochs,
+        callbacks=callbacks,
+        logger=logger,
+        deterministic="warn" if cfg.deterministic else False,
+        benchmark=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, n_batches)),
+        enable_progress_bar=cfg.progress,
+        enable_model_summary=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         default_root_dir=str(root),
     )
 
@@ -148,14 +180,22 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
     module = build_module(cfg, len(fold.features))
-    train_loader = make_loader(fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed,
-                               num_workers=cfg.num_workers)
+    train_loader = make_loader(
+        fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, num_workers=cfg.num_workers
+    )
     val_loader = make_loader(fold.val, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     monitor = f"val/{module.selection}"
-    ckpt = ModelCheckpoint(dirpath=work / "checkpoints", filename="best", monitor=monitor, mode="max",
-                           save_top_k=1, save_weights_only=True, enable_version_counter=False,
-                           auto_insert_metric_name=False)
+    ckpt = ModelCheckpoint(
+        dirpath=work / "checkpoints",
+        filename="best",
+        monitor=monitor,
+        mode="max",
+        save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+        auto_insert_metric_name=False,
+    )
     stop = EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_finite=False)
     callbacks: list = [ckpt, stop] + ([RichProgressBar()] if cfg.progress else [])
     logger = CSVLogger(save_dir=str(work), name="log", version="")
@@ -174,15 +214,23 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     preds.to_parquet(work / "predictions.parquet", index=False)
     validation_predictions(module, val_loader, cfg.seed).to_parquet(work / VAL_PREDICTIONS, index=False)
     metrics = {
-        "run_id": run_id, "model": cfg.model, "task": cfg.task, "cohort": cfg.cohort, "fold": cfg.fold,
-        "seed": cfg.seed, "selection_metric": module.selection,
-        "best_epoch": int(best["epoch"]), "epochs_trained": int(trainer.current_epoch),  # completed epochs
+        "run_id": run_id,
+        "model": cfg.model,
+        "task": cfg.task,
+        "cohort": cfg.cohort,
+        "fold": cfg.fold,
+        "seed": cfg.seed,
+        "selection_metric": module.selection,
+        "best_epoch": int(best["epoch"]),
+        "epochs_trained": int(trainer.current_epoch),  # completed epochs
         "val_best": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
-        "test": module.test_metrics, "splits": fold.summary(),
+        "test": module.test_metrics,
+        "splits": fold.summary(),
         "n_parameters": sum(p.numel() for p in module.model.parameters()),
         "timing_s": {"fit": round(t_fit, 3), "test": round(t_test, 3)},
         "normalisation": fold.stats.to_dict(fold.features),
-        "carebench_version": __version__, "torch_version": torch.__version__,
+        "carebench_version": __version__,
+        "torch_version": torch.__version__,
     }
     _write_json(work / "metrics.json", metrics)
     (work / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S") + "\n")
@@ -208,16 +256,23 @@ def validation_predictions(module: CareBenchModule, loader: Any, seed: int) -> p
         torch.manual_seed(seed)
         for batch in loader:
             out = model({k: v.to(device) for k, v in batch.items()})
-            rec = {"stay_id": batch["stay_id"], "y": batch["y"], "has_cxr": batch["has_cxr"],
-                   "p": probabilities(module.kind, out.logits).cpu()}
-            rec.update({f"p__{h}": probabilities(module.kind, lg).cpu() for h, lg in out.extra_logits.items()})
+            rec = {
+                "stay_id": batch["stay_id"],
+                "y": batch["y"],
+                "has_cxr": batch["has_cxr"],
+                "p": probabilities(module.kind, out.logits).cpu(),
+            }
+            rec.update(
+                {f"p__{h}": probabilities(module.kind, lg).cpu() for h, lg in out.extra_logits.items()}
+            )
             parts.append(rec)
     arr = {k: torch.cat([r[k] for r in parts]).numpy() for k in parts[0]}
     return predictions_frame(module.task, module.names, arr)
 
 
-def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,
-                 accelerator: str = "cpu") -> dict[str, Any]:
+def evaluate_run(
+    run_dir: str | Path, data_root: str | Path | None = None, *, accelerator: str = "cpu"
+) -> dict[str, Any]:
     """Recompute the test metrics of a finished run from its checkpoint (and the dataset it was trained on).
 
     Runs on one device (CPU by default, so a GPU-trained run can be checked anywhere) with the run's precision.
@@ -230,8 +285,10 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,
     root = Path(data_root) if data_root is not None else Path(cfg.data)
     data = open_dataset(root)
     if dataset_fingerprint(root) != cfg.data_fingerprint:
-        raise RunError(f"{root}: not the dataset run {run_dir.name} was trained on (manifest fingerprint "
-                       f"{dataset_fingerprint(root)} != {cfg.data_fingerprint})")
+        raise RunError(
+            f"{root}: not the dataset run {run_dir.name} was trained on (manifest fingerprint "
+            f"{dataset_fingerprint(root)} != {cfg.data_fingerprint})"
+        )
     _filter_warnings()
     _quiet()
     if cfg.threads:
@@ -241,8 +298,15 @@ def evaluate_run(run_dir: str | Path, data_root: str | Path | None = None, *,
     module = build_module(cfg, len(fold.features))
     state = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state_dict"]
     module.load_state_dict(state)
-    trainer = pl.Trainer(accelerator=accelerator, devices=1, precision=cfg.precision, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                         deterministic="warn" if cfg.deterministic else False)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=cfg.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic="warn" if cfg.deterministic else False,
+    )
     trainer.test(module, dataloaders=make_loader(fold.test, cfg.batch_size, shuffle=False), verbose=False)
     return _clean(module.test_metrics)

@@ -102,13 +102,19 @@ def load_features(path: str | Path | None = None) -> FeatureSet:
         ids: dict[str, tuple[int, ...]] = {}
         for table, lst in itemids.items():
             if table not in SOURCE_TABLES:
-                raise DefinitionError(f"{where}: unknown source table {table!r}; expected one of {SOURCE_TABLES}")
+                raise DefinitionError(
+                    f"{where}: unknown source table {table!r}; expected one of {SOURCE_TABLES}"
+                )
             if not isinstance(lst, list) or not lst or not all(isinstance(x, int) for x in lst):
                 raise DefinitionError(f"{where}: itemids.{table} must be a non-empty list of integers")
             ids[table] = tuple(lst)
         rng = entry.get("valid_range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int | float) for x in rng)
-                and rng[0] <= rng[1]):
+        if not (
+            isinstance(rng, list)
+            and len(rng) == 2
+            and all(isinstance(x, int | float) for x in rng)
+            and rng[0] <= rng[1]
+        ):
             raise DefinitionError(f"{where}: 'valid_range' must be [low, high] with low <= high, got {rng!r}")
         agg = entry.get("aggregation")
         if agg not in AGGREGATIONS:
@@ -120,8 +126,16 @@ def load_features(path: str | Path | None = None) -> FeatureSet:
                 raise DefinitionError(f"{where}: convert names itemid {k}, which is not among its itemids")
             if v not in CONVERSIONS:
                 raise DefinitionError(f"{where}: unknown conversion {v!r}; expected one of {CONVERSIONS}")
-        out.append(Feature(name=name, unit=str(entry.get("unit", "")), itemids=ids,
-                           valid_range=(float(rng[0]), float(rng[1])), aggregation=agg, convert=dict(conv)))
+        out.append(
+            Feature(
+                name=name,
+                unit=str(entry.get("unit", "")),
+                itemids=ids,
+                valid_range=(float(rng[0]), float(rng[1])),
+                aggregation=agg,
+                convert=dict(conv),
+            )
+        )
     return FeatureSet(hours=hours, features=tuple(out), source=str(p))
 
 
@@ -130,8 +144,10 @@ def load_phenotypes() -> tuple[Phenotype, ...]:
     """The 25 benchmark phenotypes, in column order."""
     p = _definition_path("phenotypes.yaml")
     data = _load_yaml(p)
-    out = tuple(Phenotype(column=e["column"], ccs=int(e["ccs"]), type=e["type"], name=e["name"])
-                for e in data["phenotypes"])
+    out = tuple(
+        Phenotype(column=e["column"], ccs=int(e["ccs"]), type=e["type"], name=e["name"])
+        for e in data["phenotypes"]
+    )
     if len(out) != 25 or len({x.column for x in out}) != 25:
         raise DefinitionError(f"{p}: expected 25 distinct phenotypes, found {len(out)}")
     return out
@@ -168,5 +184,13 @@ def race_group(raw: str | None) -> str:
 
 
 RACE_GROUPS = ("WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO", "ASIAN", "OTHER")
-LOS_BINS_DAYS = (2, 3, 4, 5, 6, 7, 14)  # class k = [LOS_BINS_DAYS[k], LOS_BINS_DAYS[k+1]); class 6 = [14, inf)
+LOS_BINS_DAYS = (
+    2,
+    3,
+    4,
+    5,
+    6,
+    7,
+    14,
+)  # class k = [LOS_BINS_DAYS[k], LOS_BINS_DAYS[k+1]); class 6 = [14, inf)
 LOS_CLASS_NAMES = ("2-3d", "3-4d", "4-5d", "5-6d", "6-7d", "7-14d", "14+d")

@@ -44,23 +44,30 @@ def step_rules(min_age: int = 18, min_los_hours: float = 48.0) -> dict[str, str]
 
 def _los_class_sql(us: str) -> str:
     """CASE expression: LOS class from a duration in microseconds (integer arithmetic, exact at bin edges)."""
-    whens = " ".join(f"WHEN {us} >= {lo * _US_PER_DAY} THEN {k}"
-                     for k, lo in reversed(list(enumerate(LOS_BINS_DAYS))))
+    whens = " ".join(
+        f"WHEN {us} >= {lo * _US_PER_DAY} THEN {k}" for k, lo in reversed(list(enumerate(LOS_BINS_DAYS)))
+    )
     return f"CASE {whens} END"
 
 
 def _check_unique(con: duckdb.DuckDBPyConnection, table: str, key: str, where: str) -> None:
-    row = con.execute(f"SELECT {key}, count(*) AS n FROM {table} WHERE {key} IS NOT NULL "
-                      f"GROUP BY {key} HAVING count(*) > 1 ORDER BY n DESC, {key} LIMIT 1").fetchone()
+    row = con.execute(
+        f"SELECT {key}, count(*) AS n FROM {table} WHERE {key} IS NOT NULL "
+        f"GROUP BY {key} HAVING count(*) > 1 ORDER BY n DESC, {key} LIMIT 1"
+    ).fetchone()
     if row is not None:
         raise RawDataError(f"{where}: {key} {row[0]} appears {row[1]} times (expected one row per {key})")
 
 
-def build_cohort(con: duckdb.DuckDBPyConnection, *, min_age: int = 18, min_los_hours: float = 48.0) -> dict[str, int]:
+def build_cohort(
+    con: duckdb.DuckDBPyConnection, *, min_age: int = 18, min_los_hours: float = 48.0
+) -> dict[str, int]:
     """Create table `cohort` from the views patients, admissions, icustays; return stays left after each rule."""
     if min_los_hours < LOS_BINS_DAYS[0] * 24:
-        raise ValueError(f"min_los_hours={min_los_hours}: the LOS classes start at {LOS_BINS_DAYS[0]} days, "
-                         f"so the cohort needs stays of at least {LOS_BINS_DAYS[0] * 24} h")
+        raise ValueError(
+            f"min_los_hours={min_los_hours}: the LOS classes start at {LOS_BINS_DAYS[0]} days, "
+            f"so the cohort needs stays of at least {LOS_BINS_DAYS[0] * 24} h"
+        )
     _check_unique(con, "icustays", "stay_id", "icu/icustays")
     _check_unique(con, "patients", "subject_id", "hosp/patients")
     _check_unique(con, "admissions", "hadm_id", "hosp/admissions")
@@ -88,12 +95,18 @@ def build_cohort(con: duckdb.DuckDBPyConnection, *, min_age: int = 18, min_los_h
     steps = dict(zip(names, (int(c) for c in counts), strict=True))
     if steps[names[-1]] == 0:
         trail = " -> ".join(f"{k} {v}" for k, v in steps.items())
-        raise CohortError(f"no ICU stay passes the cohort rules ({trail}); expected at least one stay in "
-                          f"icu/icustays of a patient aged >= {min_age} lasting >= {min_los_hours:g} h")
+        raise CohortError(
+            f"no ICU stay passes the cohort rules ({trail}); expected at least one stay in "
+            f"icu/icustays of a patient aged >= {min_age} lasting >= {min_los_hours:g} h"
+        )
 
     races = [r[0] for r in con.execute("SELECT DISTINCT race FROM _stays WHERE race IS NOT NULL").fetchall()]
-    race_map = pd.DataFrame({"race": pd.Series(races, dtype=object),
-                             "race_group": pd.Series([race_group(r) for r in races], dtype=object)})
+    race_map = pd.DataFrame(
+        {
+            "race": pd.Series(races, dtype=object),
+            "race_group": pd.Series([race_group(r) for r in races], dtype=object),
+        }
+    )
     con.register("_race_map_df", race_map)
     default_group = race_group(None).replace("'", "''")
     con.execute(f"""

@@ -30,13 +30,20 @@ import pandas as pd
 from carebench.data.images import load_square_gray
 from carebench.data.mimic.tables import RawDataError, _sql_str, read_header
 
-METADATA_NAMES = ("mimic-cxr-2.0.0-metadata.csv.gz", "mimic-cxr-2.0.0-metadata.csv",
-                  "mimic-cxr-2.0.0-metadata.parquet")
+METADATA_NAMES = (
+    "mimic-cxr-2.0.0-metadata.csv.gz",
+    "mimic-cxr-2.0.0-metadata.csv",
+    "mimic-cxr-2.0.0-metadata.parquet",
+)
 # Metadata columns we use -> DuckDB type they are read as. StudyDate/StudyTime are read as text and converted
 # with TRY_CAST so one malformed value drops one row (counted) instead of failing the whole file.
 METADATA_COLUMNS = {
-    "dicom_id": "VARCHAR", "subject_id": "BIGINT", "study_id": "BIGINT",
-    "ViewPosition": "VARCHAR", "StudyDate": "VARCHAR", "StudyTime": "VARCHAR",
+    "dicom_id": "VARCHAR",
+    "subject_id": "BIGINT",
+    "study_id": "BIGINT",
+    "ViewPosition": "VARCHAR",
+    "StudyDate": "VARCHAR",
+    "StudyTime": "VARCHAR",
 }
 VIEWS = ("AP", "PA")
 COHORT_COLUMNS = ("row_idx", "stay_id", "subject_id", "intime")
@@ -45,7 +52,7 @@ MAX_IDS_IN_WARNING = 10
 
 @dataclass
 class CxrResult:
-    columns: pd.DataFrame               # N rows in cohort row_idx order (see prepare_cxr)
+    columns: pd.DataFrame  # N rows in cohort row_idx order (see prepare_cxr)
     stats: dict = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
@@ -63,12 +70,15 @@ def find_metadata(cxr_root: str | Path) -> Path:
     root = Path(cxr_root)
     if not root.is_dir():
         what = "path does not exist" if not root.exists() else "not a directory"
-        raise RawDataError(f"--mimic-cxr {root}: {what} (expected the MIMIC-CXR-JPG root holding "
-                           f"{METADATA_NAMES[0]} and files/)")
+        raise RawDataError(
+            f"--mimic-cxr {root}: {what} (expected the MIMIC-CXR-JPG root holding "
+            f"{METADATA_NAMES[0]} and files/)"
+        )
     found = [root / n for n in METADATA_NAMES if (root / n).is_file()]
     if not found:
-        raise RawDataError(f"MIMIC-CXR-JPG metadata not found under {root} "
-                           f"(expected one of: {', '.join(METADATA_NAMES)})")
+        raise RawDataError(
+            f"MIMIC-CXR-JPG metadata not found under {root} (expected one of: {', '.join(METADATA_NAMES)})"
+        )
     path = found[0]
     header = read_header(path)
     present = {h.lower() for h in header}
@@ -88,8 +98,10 @@ def study_datetime_sql(date_col: str, time_col: str) -> str:
     us = f"CAST(round(TRY_CAST(trim({time_col}) AS DOUBLE) * 1000000) AS BIGINT)"
     day = f"try_strptime(lpad(CAST(TRY_CAST(trim({date_col}) AS BIGINT) AS VARCHAR), 8, '0'), '%Y%m%d')"
     hh, mm, ss = f"({us} // 10000000000)", f"(({us} // 100000000) % 100)", f"({us} % 100000000)"
-    return (f"CASE WHEN {us} >= 0 AND {hh} < 24 AND {mm} < 60 AND {ss} < 60000000 THEN "
-            f"{day} + to_microseconds({hh} * 3600000000 + {mm} * 60000000 + {ss}) END")
+    return (
+        f"CASE WHEN {us} >= 0 AND {hh} < 24 AND {mm} < 60 AND {ss} < 60000000 THEN "
+        f"{day} + to_microseconds({hh} * 3600000000 + {mm} * 60000000 + {ss}) END"
+    )
 
 
 def register_cxr_metadata(con: duckdb.DuckDBPyConnection, cxr_root: str | Path) -> Path:
@@ -110,10 +122,10 @@ def register_cxr_metadata(con: duckdb.DuckDBPyConnection, cxr_root: str | Path) 
     q = {c: f'"{col[c]}"' for c in METADATA_COLUMNS}
     sql = f"""
         CREATE OR REPLACE TABLE cxr_metadata AS
-        SELECT CAST({q['dicom_id']} AS VARCHAR) AS dicom_id,
-               CAST({q['subject_id']} AS BIGINT) AS subject_id,
-               CAST({q['study_id']} AS BIGINT) AS study_id,
-               NULLIF(upper(trim(CAST({q['ViewPosition']} AS VARCHAR))), '') AS view_position,
+        SELECT CAST({q["dicom_id"]} AS VARCHAR) AS dicom_id,
+               CAST({q["subject_id"]} AS BIGINT) AS subject_id,
+               CAST({q["study_id"]} AS BIGINT) AS study_id,
+               NULLIF(upper(trim(CAST({q["ViewPosition"]} AS VARCHAR))), '') AS view_position,
                {study_datetime_sql(f"CAST({q['StudyDate']} AS VARCHAR)", f"CAST({q['StudyTime']} AS VARCHAR)")}
                    AS study_time
         FROM {reader}"""
@@ -152,8 +164,9 @@ def _check_cohort(con: duckdb.DuckDBPyConnection) -> None:
         raise ValueError(f"table `cohort` lacks columns {missing} needed for CXR linkage")
 
 
-def link_candidates(con: duckdb.DuckDBPyConnection, *, lookback_hours: float,
-                    prediction_hours: float) -> pd.DataFrame:
+def link_candidates(
+    con: duckdb.DuckDBPyConnection, *, lookback_hours: float, prediction_hours: float
+) -> pd.DataFrame:
     """Every (stay, AP/PA image) pair in the window, latest first within a stay.
 
     Ordered by row_idx, then study_time DESC, then dicom_id DESC: the first row of a stay is its linked image,
@@ -162,13 +175,16 @@ def link_candidates(con: duckdb.DuckDBPyConnection, *, lookback_hours: float,
     lo = round(lookback_hours * 3600e6)
     hi = round(prediction_hours * 3600e6)
     views = ", ".join(_sql_str(v) for v in VIEWS)
-    return con.execute(f"""
+    return con.execute(
+        f"""
         SELECT c.row_idx, m.dicom_id, m.subject_id, m.study_id, m.study_time, m.view_position
         FROM cohort c JOIN cxr_metadata m ON m.subject_id = c.subject_id
         WHERE m.view_position IN ({views}) AND m.study_time IS NOT NULL
           AND m.study_time >= c.intime - to_microseconds(CAST(? AS BIGINT))
           AND m.study_time <  c.intime + to_microseconds(CAST(? AS BIGINT))
-        ORDER BY c.row_idx, m.study_time DESC, m.dicom_id DESC""", [lo, hi]).df()
+        ORDER BY c.row_idx, m.study_time DESC, m.dicom_id DESC""",
+        [lo, hi],
+    ).df()
 
 
 def _decode_first_readable(cands: list[Candidate], size: int) -> tuple[int, np.ndarray | None, list, list]:
@@ -200,9 +216,17 @@ def _temp_npy(out_npy: Path) -> Path:
     return out_npy.with_name(f".{out_npy.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}.npy")
 
 
-def prepare_cxr(con: duckdb.DuckDBPyConnection, cxr_root: str | Path, out_npy: Path, *, image_size: int = 256,
-                lookback_hours: float = 0.0, prediction_hours: float = 48.0, threads: int = 2,
-                on_progress: Callable[[int, int], None] | None = None) -> CxrResult:
+def prepare_cxr(
+    con: duckdb.DuckDBPyConnection,
+    cxr_root: str | Path,
+    out_npy: Path,
+    *,
+    image_size: int = 256,
+    lookback_hours: float = 0.0,
+    prediction_hours: float = 48.0,
+    threads: int = 2,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> CxrResult:
     """Link cohort stays to their last pre-prediction AP/PA image and write the uint8 [M, S, S] cache.
 
     `columns` (N rows, cohort row_idx order): has_cxr bool, cxr_dicom_id str|None, cxr_time timestamp|NaT,
@@ -227,10 +251,22 @@ def prepare_cxr(con: duckdb.DuckDBPyConnection, cxr_root: str | Path, out_npy: P
 
     per_stay: list[tuple[int, list[Candidate]]] = []
     for row_idx, g in cand.groupby("row_idx", sort=True):
-        per_stay.append((int(row_idx), [
-            Candidate(d, image_path(root, s, st, d), pd.Timestamp(t), v)
-            for d, s, st, t, v in zip(g["dicom_id"], g["subject_id"], g["study_id"], g["study_time"],
-                                      g["view_position"], strict=True)]))
+        per_stay.append(
+            (
+                int(row_idx),
+                [
+                    Candidate(d, image_path(root, s, st, d), pd.Timestamp(t), v)
+                    for d, s, st, t, v in zip(
+                        g["dicom_id"],
+                        g["subject_id"],
+                        g["study_id"],
+                        g["study_time"],
+                        g["view_position"],
+                        strict=True,
+                    )
+                ],
+            )
+        )
 
     chosen: dict[int, Candidate] = {}
     index = np.full(n, -1, dtype=np.int32)
@@ -270,7 +306,9 @@ def prepare_cxr(con: duckdb.DuckDBPyConnection, cxr_root: str | Path, out_npy: P
                     fut.cancel()
         cache.flush()
         del cache
-        if m < k_slots:  # some stays lost every candidate to bad files: copy the first m rows to an exact-size file
+        if (
+            m < k_slots
+        ):  # some stays lost every candidate to bad files: copy the first m rows to an exact-size file
             tmp2 = _temp_npy(out_npy)
             src = np.load(tmp, mmap_mode="r")
             dst = _new_memmap(tmp2, (m, image_size, image_size))
@@ -292,28 +330,37 @@ def prepare_cxr(con: duckdb.DuckDBPyConnection, cxr_root: str | Path, out_npy: P
     has = index >= 0
     times = pd.Series([chosen[i].time if i in chosen else pd.NaT for i in range(n)], dtype="datetime64[us]")
     intime = cohort["intime"].astype("datetime64[us]")
-    columns = pd.DataFrame({
-        "has_cxr": has,
-        "cxr_dicom_id": pd.Series([chosen[i].dicom_id if i in chosen else None for i in range(n)], dtype=object),
-        "cxr_time": times,
-        "cxr_hours": ((times - intime) / pd.Timedelta(hours=1)).astype("float64"),
-        "cxr_view": pd.Series([chosen[i].view if i in chosen else None for i in range(n)], dtype=object),
-        "cxr_index": index,
-    })
+    columns = pd.DataFrame(
+        {
+            "has_cxr": has,
+            "cxr_dicom_id": pd.Series(
+                [chosen[i].dicom_id if i in chosen else None for i in range(n)], dtype=object
+            ),
+            "cxr_time": times,
+            "cxr_hours": ((times - intime) / pd.Timedelta(hours=1)).astype("float64"),
+            "cxr_view": pd.Series([chosen[i].view if i in chosen else None for i in range(n)], dtype=object),
+            "cxr_index": index,
+        }
+    )
 
     warnings: list[str] = []
     if n_bad_time:
-        warnings.append(f"{meta_path}: {n_bad_time} of {n_meta} rows have no valid StudyDate/StudyTime "
-                        f"and were ignored")
+        warnings.append(
+            f"{meta_path}: {n_bad_time} of {n_meta} rows have no valid StudyDate/StudyTime and were ignored"
+        )
     if missing:
-        warnings.append(f"MIMIC-CXR-JPG: {len(missing)} linked image file(s) missing under {root / 'files'} "
-                        f"(dicom_id {_list_ids(missing)}); skipped, the stay fell back to its next-latest "
-                        f"eligible image or to none")
+        warnings.append(
+            f"MIMIC-CXR-JPG: {len(missing)} linked image file(s) missing under {root / 'files'} "
+            f"(dicom_id {_list_ids(missing)}); skipped, the stay fell back to its next-latest "
+            f"eligible image or to none"
+        )
     if corrupt:
         kinds = sorted({k for _, k in corrupt})
-        warnings.append(f"MIMIC-CXR-JPG: {len(corrupt)} linked image file(s) unreadable ({', '.join(kinds)}) "
-                        f"(dicom_id {_list_ids([d for d, _ in corrupt])}); skipped, the stay fell back to its "
-                        f"next-latest eligible image or to none")
+        warnings.append(
+            f"MIMIC-CXR-JPG: {len(corrupt)} linked image file(s) unreadable ({', '.join(kinds)}) "
+            f"(dicom_id {_list_ids([d for d, _ in corrupt])}); skipped, the stay fell back to its "
+            f"next-latest eligible image or to none"
+        )
     stats = {
         "metadata_file": str(meta_path),
         "metadata_rows": int(n_meta),

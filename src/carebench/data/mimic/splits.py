@@ -23,7 +23,9 @@ def _deal_key(seed: int, subject: int) -> bytes:
     return hashlib.sha256(f"{seed}:{subject}".encode()).digest()
 
 
-def assign_folds(subject_id: pd.Series, seed: int, n_folds: int = 5, strata: pd.Series | None = None) -> pd.Series:
+def assign_folds(
+    subject_id: pd.Series, seed: int, n_folds: int = 5, strata: pd.Series | None = None
+) -> pd.Series:
     """Fold 1..n_folds for each row of `subject_id` (same index), equal for all rows of a subject."""
     if n_folds < 2:
         raise ValueError(f"n_folds must be >= 2, got {n_folds}")
@@ -37,10 +39,16 @@ def assign_folds(subject_id: pd.Series, seed: int, n_folds: int = 5, strata: pd.
         if len(strata) != len(subjects):
             raise ValueError(f"strata has {len(strata)} rows, subject_id has {len(subjects)}")
         stratum = pd.Series(strata).to_numpy(dtype=np.int64)
-    per_subject = (pd.DataFrame({"subject": subjects, "stratum": stratum})
-                   .groupby("subject", sort=True)["stratum"].max())
-    table = pd.DataFrame({"subject": per_subject.index.to_numpy(), "stratum": per_subject.to_numpy(),
-                          "key": [_deal_key(int(seed), int(s)) for s in per_subject.index]})
+    per_subject = (
+        pd.DataFrame({"subject": subjects, "stratum": stratum}).groupby("subject", sort=True)["stratum"].max()
+    )
+    table = pd.DataFrame(
+        {
+            "subject": per_subject.index.to_numpy(),
+            "stratum": per_subject.to_numpy(),
+            "key": [_deal_key(int(seed), int(s)) for s in per_subject.index],
+        }
+    )
     table = table.sort_values(["stratum", "key"], kind="stable").reset_index(drop=True)
     table["fold"] = (np.arange(len(table)) % n_folds + 1).astype(np.int8)
     fold_of = dict(zip(table["subject"].to_numpy(), table["fold"].to_numpy(), strict=True))

@@ -28,36 +28,99 @@ class RawDataError(UserError, ValueError):
 
 @dataclass(frozen=True)
 class TableSpec:
-    module: str                       # "hosp" | "icu"
+    module: str  # "hosp" | "icu"
     name: str
-    columns: dict[str, str]           # canonical column -> DuckDB type
+    columns: dict[str, str]  # canonical column -> DuckDB type
     aliases: dict[str, tuple[str, ...]]  # canonical column -> other names accepted (older/newer versions)
 
 
 _TS = "TIMESTAMP"
 TABLES: dict[str, TableSpec] = {
-    "patients": TableSpec("hosp", "patients", {
-        "subject_id": "BIGINT", "gender": "VARCHAR", "anchor_age": "INTEGER", "anchor_year": "INTEGER",
-    }, {}),
-    "admissions": TableSpec("hosp", "admissions", {
-        "subject_id": "BIGINT", "hadm_id": "BIGINT", "admittime": _TS, "dischtime": _TS, "deathtime": _TS,
-        "admission_type": "VARCHAR", "insurance": "VARCHAR", "race": "VARCHAR",
-    }, {"race": ("ethnicity",)}),
-    "icustays": TableSpec("icu", "icustays", {
-        "subject_id": "BIGINT", "hadm_id": "BIGINT", "stay_id": "BIGINT", "intime": _TS, "outtime": _TS,
-    }, {}),
-    "chartevents": TableSpec("icu", "chartevents", {
-        "subject_id": "BIGINT", "stay_id": "BIGINT", "itemid": "INTEGER", "charttime": _TS, "valuenum": "DOUBLE",
-    }, {}),
-    "labevents": TableSpec("hosp", "labevents", {
-        "subject_id": "BIGINT", "hadm_id": "BIGINT", "itemid": "INTEGER", "charttime": _TS, "valuenum": "DOUBLE",
-    }, {}),
-    "outputevents": TableSpec("icu", "outputevents", {
-        "subject_id": "BIGINT", "stay_id": "BIGINT", "itemid": "INTEGER", "charttime": _TS, "value": "DOUBLE",
-    }, {}),
-    "diagnoses_icd": TableSpec("hosp", "diagnoses_icd", {
-        "subject_id": "BIGINT", "hadm_id": "BIGINT", "icd_code": "VARCHAR", "icd_version": "INTEGER",
-    }, {}),
+    "patients": TableSpec(
+        "hosp",
+        "patients",
+        {
+            "subject_id": "BIGINT",
+            "gender": "VARCHAR",
+            "anchor_age": "INTEGER",
+            "anchor_year": "INTEGER",
+        },
+        {},
+    ),
+    "admissions": TableSpec(
+        "hosp",
+        "admissions",
+        {
+            "subject_id": "BIGINT",
+            "hadm_id": "BIGINT",
+            "admittime": _TS,
+            "dischtime": _TS,
+            "deathtime": _TS,
+            "admission_type": "VARCHAR",
+            "insurance": "VARCHAR",
+            "race": "VARCHAR",
+        },
+        {"race": ("ethnicity",)},
+    ),
+    "icustays": TableSpec(
+        "icu",
+        "icustays",
+        {
+            "subject_id": "BIGINT",
+            "hadm_id": "BIGINT",
+            "stay_id": "BIGINT",
+            "intime": _TS,
+            "outtime": _TS,
+        },
+        {},
+    ),
+    "chartevents": TableSpec(
+        "icu",
+        "chartevents",
+        {
+            "subject_id": "BIGINT",
+            "stay_id": "BIGINT",
+            "itemid": "INTEGER",
+            "charttime": _TS,
+            "valuenum": "DOUBLE",
+        },
+        {},
+    ),
+    "labevents": TableSpec(
+        "hosp",
+        "labevents",
+        {
+            "subject_id": "BIGINT",
+            "hadm_id": "BIGINT",
+            "itemid": "INTEGER",
+            "charttime": _TS,
+            "valuenum": "DOUBLE",
+        },
+        {},
+    ),
+    "outputevents": TableSpec(
+        "icu",
+        "outputevents",
+        {
+            "subject_id": "BIGINT",
+            "stay_id": "BIGINT",
+            "itemid": "INTEGER",
+            "charttime": _TS,
+            "value": "DOUBLE",
+        },
+        {},
+    ),
+    "diagnoses_icd": TableSpec(
+        "hosp",
+        "diagnoses_icd",
+        {
+            "subject_id": "BIGINT",
+            "hadm_id": "BIGINT",
+            "icd_code": "VARCHAR",
+            "icd_version": "INTEGER",
+        },
+        {},
+    ),
 }
 
 
@@ -78,7 +141,8 @@ def find_table(root: Path, spec: TableSpec) -> Path:
     if not found:
         raise RawDataError(
             f"required table {spec.module}/{spec.name} not found under {root} "
-            f"(expected one of: {', '.join(str(p.relative_to(root)) for p in candidates)})")
+            f"(expected one of: {', '.join(str(p.relative_to(root)) for p in candidates)})"
+        )
     return found[0]
 
 
@@ -92,7 +156,11 @@ def read_header(path: Path) -> tuple[str, ...]:
         with opener(path, "rt", newline="") as fh:
             line = fh.readline()
     except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        kind = "gzip-compressed CSV" if name.endswith(".gz") else ("Parquet" if name.endswith(".parquet") else "CSV")
+        kind = (
+            "gzip-compressed CSV"
+            if name.endswith(".gz")
+            else ("Parquet" if name.endswith(".parquet") else "CSV")
+        )
         raise RawDataError(f"{path}: cannot be read as {kind} ({type(e).__name__}: {e})") from e
     except Exception as e:  # pyarrow raises ArrowInvalid for a bad footer
         raise RawDataError(f"{path}: cannot be read ({type(e).__name__}: {e})") from e
@@ -105,9 +173,13 @@ def locate(root: str | Path, names: list[str] | tuple[str, ...]) -> dict[str, Ra
     """Find and validate each named table under a MIMIC-IV root (no data is read beyond the header)."""
     root = Path(root)
     if not root.exists():
-        raise RawDataError(f"--mimic-iv {root}: path does not exist (expected the MIMIC-IV root with hosp/ and icu/)")
+        raise RawDataError(
+            f"--mimic-iv {root}: path does not exist (expected the MIMIC-IV root with hosp/ and icu/)"
+        )
     if not root.is_dir():
-        raise RawDataError(f"--mimic-iv {root}: not a directory (expected the MIMIC-IV root with hosp/ and icu/)")
+        raise RawDataError(
+            f"--mimic-iv {root}: not a directory (expected the MIMIC-IV root with hosp/ and icu/)"
+        )
     out: dict[str, RawTable] = {}
     for n in names:
         spec = TABLES[n]
@@ -138,14 +210,17 @@ def scan_sql(table: RawTable) -> str:
         reader = f"read_parquet({_sql_str(table.path)})"
     else:
         types = ", ".join(f"{_sql_str(source_col[c])}: {_sql_str(t)}" for c, t in spec.columns.items())
-        reader = (f"read_csv({_sql_str(table.path)}, header=true, auto_detect=true, "
-                  f"types={{{types}}}, timestampformat='%Y-%m-%d %H:%M:%S')")
+        reader = (
+            f"read_csv({_sql_str(table.path)}, header=true, auto_detect=true, "
+            f"types={{{types}}}, timestampformat='%Y-%m-%d %H:%M:%S')"
+        )
     cols = ", ".join(f'CAST("{source_col[c]}" AS {t}) AS {c}' for c, t in spec.columns.items())
     return f"SELECT {cols} FROM {reader}"
 
 
-def register_tables(con: duckdb.DuckDBPyConnection, root: str | Path,
-                    names: list[str] | tuple[str, ...] | None = None) -> dict[str, RawTable]:
+def register_tables(
+    con: duckdb.DuckDBPyConnection, root: str | Path, names: list[str] | tuple[str, ...] | None = None
+) -> dict[str, RawTable]:
     """Create one view per table (named as the table) on `con`. Returns what was found, for the manifest."""
     tables = locate(root, list(names) if names is not None else list(TABLES))
     for n, t in tables.items():

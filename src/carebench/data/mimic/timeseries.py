@@ -47,7 +47,7 @@ CONVERSION_CODES = {"fahrenheit_to_celsius": 1, "fraction_to_percent": 2}
 AGGREGATION_CODES = {"mean": 0, "sum": 1, "min": 2, "max": 3, "last": 4}
 
 _US_PER_HOUR = 3_600_000_000
-_DECIMAL_SCALE = 12   # digits after the point for exact sums; 1e-12 is far below float32 resolution
+_DECIMAL_SCALE = 12  # digits after the point for exact sums; 1e-12 is far below float32 resolution
 _BATCH_ROWS = 1 << 20
 
 
@@ -64,8 +64,17 @@ def _item_rows(features: FeatureSet) -> list[tuple[str, int, int, int, float, fl
         for source, ids in f.itemids.items():
             for itemid in ids:
                 conv = CONVERSION_CODES[f.convert[itemid]] if itemid in f.convert else 0
-                rows.append((source, itemid, idx, conv, f.valid_range[0], f.valid_range[1],
-                             AGGREGATION_CODES[f.aggregation]))
+                rows.append(
+                    (
+                        source,
+                        itemid,
+                        idx,
+                        conv,
+                        f.valid_range[0],
+                        f.valid_range[1],
+                        AGGREGATION_CODES[f.aggregation],
+                    )
+                )
     return rows
 
 
@@ -80,8 +89,10 @@ def _decimal_type(features: FeatureSet) -> str:
     int_digits = max(1, math.floor(math.log10(bound)) + 1) if bound >= 1 else 1
     precision = int_digits + _DECIMAL_SCALE
     if precision > 38:
-        raise TimeseriesError(f"{features.source}: a valid_range bound of {bound:g} is too large to aggregate "
-                              f"exactly (expected |bound| < 1e{38 - _DECIMAL_SCALE})")
+        raise TimeseriesError(
+            f"{features.source}: a valid_range bound of {bound:g} is too large to aggregate "
+            f"exactly (expected |bound| < 1e{38 - _DECIMAL_SCALE})"
+        )
     return f"DECIMAL({max(precision, 18)}, {_DECIMAL_SCALE})"
 
 
@@ -92,7 +103,8 @@ def timeseries_sql(features: FeatureSet, sources: list[str]) -> str:
     """
     items = _item_rows(features)
     values = ",\n    ".join(
-        f"('{s}', {i}, {k}, {c}, {_sql_float(lo)}, {_sql_float(hi)}, {a})" for s, i, k, c, lo, hi, a in items)
+        f"('{s}', {i}, {k}, {c}, {_sql_float(lo)}, {_sql_float(hi)}, {a})" for s, i, k, c, lo, hi, a in items
+    )
     branches = []
     for source in sources:
         ids = sorted({i for s, i, *_ in items if s == source})
@@ -102,7 +114,8 @@ def timeseries_sql(features: FeatureSet, sources: list[str]) -> str:
             f"e.{VALUE_COLUMN[source]} AS raw\n"
             f"  FROM {source} e JOIN stays s ON e.{key} = s.{key}\n"
             f"  WHERE e.itemid IN ({', '.join(map(str, ids))}) AND e.{VALUE_COLUMN[source]} IS NOT NULL\n"
-            f"    AND e.charttime >= s.intime AND e.charttime < s.window_end")
+            f"    AND e.charttime >= s.intime AND e.charttime < s.window_end"
+        )
     union = "\n  UNION ALL\n  ".join(branches)
     dec = _decimal_type(features)
     m, s_, mn, mx, last = (AGGREGATION_CODES[a] for a in ("mean", "sum", "min", "max", "last"))
@@ -145,17 +158,24 @@ def _cohort_size(con: duckdb.DuckDBPyConnection) -> int:
     """N, after checking that cohort.row_idx is exactly 0..N-1 (the array row of each stay)."""
     try:
         n, lo, hi, distinct = con.execute(
-            "SELECT count(*), min(row_idx), max(row_idx), count(DISTINCT row_idx) FROM cohort").fetchone()
+            "SELECT count(*), min(row_idx), max(row_idx), count(DISTINCT row_idx) FROM cohort"
+        ).fetchone()
         con.execute("SELECT stay_id, subject_id, intime FROM cohort LIMIT 0").fetchall()
     except duckdb.Error as e:
-        raise TimeseriesError(f"table 'cohort': expected columns row_idx, stay_id, subject_id, intime ({e})") from e
+        raise TimeseriesError(
+            f"table 'cohort': expected columns row_idx, stay_id, subject_id, intime ({e})"
+        ) from e
     if n and (lo != 0 or hi != n - 1 or distinct != n):
-        raise TimeseriesError(f"table 'cohort': row_idx must be 0..{n - 1} without gaps or repeats "
-                              f"(found min {lo}, max {hi}, {distinct} distinct)")
+        raise TimeseriesError(
+            f"table 'cohort': row_idx must be 0..{n - 1} without gaps or repeats "
+            f"(found min {lo}, max {hi}, {distinct} distinct)"
+        )
     return int(n)
 
 
-def extract_timeseries(con: duckdb.DuckDBPyConnection, features: FeatureSet, tables: set[str]) -> TimeseriesResult:
+def extract_timeseries(
+    con: duckdb.DuckDBPyConnection, features: FeatureSet, tables: set[str]
+) -> TimeseriesResult:
     """Hourly feature grid for every cohort stay over [intime, intime + features.hours h).
 
     `tables` names the raw event views registered on `con`; every source the features file references must
@@ -165,9 +185,11 @@ def extract_timeseries(con: duckdb.DuckDBPyConnection, features: FeatureSet, tab
     missing = [s for s in sources if s not in tables]
     if missing:
         users = sorted({f.name for f in features.features for t in f.itemids if t in missing})
-        raise TimeseriesError(f"{features.source}: features {', '.join(users)} read table(s) "
-                              f"{', '.join(missing)}, which were not registered (available: "
-                              f"{', '.join(sorted(tables)) or 'none'})")
+        raise TimeseriesError(
+            f"{features.source}: features {', '.join(users)} read table(s) "
+            f"{', '.join(missing)}, which were not registered (available: "
+            f"{', '.join(sorted(tables)) or 'none'})"
+        )
     n = _cohort_size(con)
     n_feat, hours = len(features.features), int(features.hours)
     values = np.full((n, hours, n_feat), np.nan, dtype=np.float32)
@@ -188,7 +210,13 @@ def extract_timeseries(con: duckdb.DuckDBPyConnection, features: FeatureSet, tab
     observed = ~np.isnan(values)
     bins = observed.sum(axis=(0, 1))
     stays = observed.any(axis=1).sum(axis=0)
-    stats = {f.name: {"rows_in_window": int(in_window[k]), "dropped_out_of_range": int(dropped[k]),
-                      "observed_bins": int(bins[k]), "stays_observed": int(stays[k])}
-             for k, f in enumerate(features.features)}
+    stats = {
+        f.name: {
+            "rows_in_window": int(in_window[k]),
+            "dropped_out_of_range": int(dropped[k]),
+            "observed_bins": int(bins[k]),
+            "stays_observed": int(stays[k]),
+        }
+        for k, f in enumerate(features.features)
+    }
     return TimeseriesResult(values=values, stats=stats)

@@ -42,8 +42,15 @@ class _Rows:
         self.uom: list[np.ndarray] = []
         self.extra: dict[str, list[np.ndarray]] = {}
 
-    def add(self, stay: np.ndarray, time: np.ndarray, itemid: int | np.ndarray, value: np.ndarray, uom: str,
-            **extra: np.ndarray) -> None:
+    def add(
+        self,
+        stay: np.ndarray,
+        time: np.ndarray,
+        itemid: int | np.ndarray,
+        value: np.ndarray,
+        uom: str,
+        **extra: np.ndarray,
+    ) -> None:
         n = len(stay)
         self.stay.append(np.asarray(stay, dtype=np.int64))
         self.time.append(np.asarray(time, dtype=np.int64))
@@ -54,9 +61,13 @@ class _Rows:
             self.extra.setdefault(k, []).append(np.asarray(v))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"stay": np.concatenate(self.stay), "time": np.concatenate(self.time),
-               "itemid": np.concatenate(self.itemid), "value": np.concatenate(self.value),
-               "uom": np.concatenate(self.uom)}
+        out = {
+            "stay": np.concatenate(self.stay),
+            "time": np.concatenate(self.time),
+            "itemid": np.concatenate(self.itemid),
+            "value": np.concatenate(self.value),
+            "uom": np.concatenate(self.uom),
+        }
         out.update({k: np.concatenate(v) for k, v in self.extra.items()})
         order = np.lexsort((out["itemid"], out["time"], out["stay"]))
         return {k: v[order] for k, v in out.items()}
@@ -70,8 +81,12 @@ def _clock_grid(pop: Population, every: int = 1) -> tuple[np.ndarray, np.ndarray
     return stay, c0[stay] + k * every * HOUR
 
 
-def _poisson_times(rng: np.random.Generator, pop: Population, sig: Signals, rate: np.ndarray,
-                   ) -> tuple[np.ndarray, np.ndarray]:
+def _poisson_times(
+    rng: np.random.Generator,
+    pop: Population,
+    sig: Signals,
+    rate: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
     """Event times at a per-stay hourly rate (one Bernoulli per stay-hour, uniform minute inside the hour)."""
     stay, k = ragged(sig.hours)
     t = pop.intime[stay] + k * HOUR + rng.integers(0, HOUR, len(stay))
@@ -116,8 +131,10 @@ def chart_events(rng: np.random.Generator, pop: Population, sig: Signals) -> dic
     mbp = np.round((sbp + 2 * dbp) / 3 + rng.normal(0, 1.5, n))
     art = pop.art_line[stay]
     nibp = ~art | (rng.random(n) < 0.15)
-    for ids, mask in (((220050, 220051, 220052), art & (rng.random(n) < 0.97)),
-                      ((220179, 220180, 220181), nibp & (rng.random(n) < 0.95))):
+    for ids, mask in (
+        ((220050, 220051, 220052), art & (rng.random(n) < 0.97)),
+        ((220179, 220180, 220181), nibp & (rng.random(n) < 0.95)),
+    ):
         sb = _glitch(rng, sbp, 0.001, 0.0)
         rows.add(stay[mask], t[mask], ids[0], sb[mask], "mmHg")
         rows.add(stay[mask], t[mask], ids[1], dbp[mask], "mmHg")
@@ -207,23 +224,40 @@ def chart_events(rng: np.random.Generator, pop: Population, sig: Signals) -> dic
 
 # --- labs: itemid -> (signal, unit, decimals, reference range) ---
 LAB_ITEMS: dict[int, tuple[str, str, int, float, float]] = {
-    50912: ("creatinine", "mg/dL", 1, 0.5, 1.2), 51006: ("bun", "mg/dL", 0, 6, 20),
-    50983: ("sodium", "mEq/L", 0, 135, 145), 50971: ("potassium", "mEq/L", 1, 3.3, 5.1),
-    50902: ("chloride", "mEq/L", 0, 96, 108), 50882: ("bicarbonate", "mEq/L", 0, 22, 32),
-    50868: ("anion_gap", "mEq/L", 0, 8, 20), 50931: ("glucose", "mg/dL", 0, 70, 100),
-    50893: ("calcium", "mg/dL", 1, 8.4, 10.3), 50960: ("magnesium", "mg/dL", 1, 1.6, 2.6),
+    50912: ("creatinine", "mg/dL", 1, 0.5, 1.2),
+    51006: ("bun", "mg/dL", 0, 6, 20),
+    50983: ("sodium", "mEq/L", 0, 135, 145),
+    50971: ("potassium", "mEq/L", 1, 3.3, 5.1),
+    50902: ("chloride", "mEq/L", 0, 96, 108),
+    50882: ("bicarbonate", "mEq/L", 0, 22, 32),
+    50868: ("anion_gap", "mEq/L", 0, 8, 20),
+    50931: ("glucose", "mg/dL", 0, 70, 100),
+    50893: ("calcium", "mg/dL", 1, 8.4, 10.3),
+    50960: ("magnesium", "mg/dL", 1, 1.6, 2.6),
     50970: ("phosphate", "mg/dL", 1, 2.7, 4.5),
-    51222: ("hemoglobin", "g/dL", 1, 13.7, 17.5), 51221: ("hematocrit", "%", 1, 40, 51),
-    51301: ("wbc", "K/uL", 1, 4, 11), 51300: ("wbc", "K/uL", 1, 4, 11),
-    51265: ("platelets", "K/uL", 0, 150, 400), 51277: ("rdw", "%", 1, 10.5, 15.5),
-    51237: ("inr", "", 1, 0.9, 1.1), 51274: ("pt", "sec", 1, 9.4, 12.5), 51275: ("ptt", "sec", 1, 25, 36.5),
-    50885: ("bilirubin_total", "mg/dL", 1, 0, 1.5), 50861: ("alt", "IU/L", 0, 0, 40),
-    50878: ("ast", "IU/L", 0, 0, 40), 50862: ("albumin", "g/dL", 1, 3.5, 5.2),
-    50820: ("ph", "units", 2, 7.35, 7.45), 50821: ("po2", "mm Hg", 0, 85, 105),
-    50818: ("pco2", "mm Hg", 0, 35, 45), 50813: ("lactate", "mmol/L", 1, 0.5, 2.0),
-    50824: ("sodium", "mEq/L", 0, 133, 145), 50822: ("potassium", "mEq/L", 1, 3.5, 5.3),
-    50806: ("chloride", "mEq/L", 0, 96, 108), 50809: ("glucose", "mg/dL", 0, 70, 105),
-    50811: ("hemoglobin", "g/dL", 1, 13.7, 17.5), 50810: ("hematocrit", "%", 0, 40, 51),
+    51222: ("hemoglobin", "g/dL", 1, 13.7, 17.5),
+    51221: ("hematocrit", "%", 1, 40, 51),
+    51301: ("wbc", "K/uL", 1, 4, 11),
+    51300: ("wbc", "K/uL", 1, 4, 11),
+    51265: ("platelets", "K/uL", 0, 150, 400),
+    51277: ("rdw", "%", 1, 10.5, 15.5),
+    51237: ("inr", "", 1, 0.9, 1.1),
+    51274: ("pt", "sec", 1, 9.4, 12.5),
+    51275: ("ptt", "sec", 1, 25, 36.5),
+    50885: ("bilirubin_total", "mg/dL", 1, 0, 1.5),
+    50861: ("alt", "IU/L", 0, 0, 40),
+    50878: ("ast", "IU/L", 0, 0, 40),
+    50862: ("albumin", "g/dL", 1, 3.5, 5.2),
+    50820: ("ph", "units", 2, 7.35, 7.45),
+    50821: ("po2", "mm Hg", 0, 85, 105),
+    50818: ("pco2", "mm Hg", 0, 35, 45),
+    50813: ("lactate", "mmol/L", 1, 0.5, 2.0),
+    50824: ("sodium", "mEq/L", 0, 133, 145),
+    50822: ("potassium", "mEq/L", 1, 3.5, 5.3),
+    50806: ("chloride", "mEq/L", 0, 96, 108),
+    50809: ("glucose", "mg/dL", 0, 70, 105),
+    50811: ("hemoglobin", "g/dL", 1, 13.7, 17.5),
+    50810: ("hematocrit", "%", 0, 40, 51),
 }
 PANELS: dict[str, tuple[int, ...]] = {
     "chem": (50912, 51006, 50983, 50971, 50902, 50882, 50868, 50931),
@@ -237,13 +271,18 @@ PANELS: dict[str, tuple[int, ...]] = {
 }
 
 
-def _lab_value(rng: np.random.Generator, pop: Population, sig: Signals, name: str, stay: np.ndarray,
-               hour: np.ndarray) -> np.ndarray:
+def _lab_value(
+    rng: np.random.Generator, pop: Population, sig: Signals, name: str, stay: np.ndarray, hour: np.ndarray
+) -> np.ndarray:
     """Measured value of a lab (true value x ~2% analytic noise); derived labs computed from their parts."""
     n = len(stay)
     if name == "anion_gap":
-        v = (sig.at("sodium", stay, hour) - sig.at("chloride", stay, hour) - sig.at("bicarbonate", stay, hour)
-             + rng.normal(0, 1.0, n))
+        v = (
+            sig.at("sodium", stay, hour)
+            - sig.at("chloride", stay, hour)
+            - sig.at("bicarbonate", stay, hour)
+            + rng.normal(0, 1.0, n)
+        )
         return np.clip(v, 1, 45)
     if name == "hematocrit":
         return sig.at("hemoglobin", stay, hour) * 3.0 + rng.normal(0, 0.8, n)
@@ -268,8 +307,9 @@ def lab_events(rng: np.random.Generator, pop: Population, sig: Signals) -> dict[
     t_pre = pop.intime[pre] - rng.integers(60, 360, len(pre)) * 60
     stay = np.concatenate([stay_r, first, pre])
     t = np.concatenate([t_r, t_first, t_pre])
-    kind = np.concatenate([np.zeros(len(stay_r), np.int8), np.ones(len(first), np.int8),
-                           np.full(len(pre), 2, np.int8)])
+    kind = np.concatenate(
+        [np.zeros(len(stay_r), np.int8), np.ones(len(first), np.int8), np.full(len(pre), 2, np.int8)]
+    )
     n = len(stay)
     u = rng.random((5, n))
     admission_draw = kind > 0
@@ -287,8 +327,11 @@ def lab_events(rng: np.random.Generator, pop: Population, sig: Signals) -> dict[
     abg_rate = np.where(pop.ett, 0.25, np.where(e["resp_failure"], 0.1, 0.033)) * slow
     stay_g, t_g = _poisson_times(rng, pop, sig, abg_rate)
     ng = len(stay_g)
-    gas_mask = {"abg": np.ones(ng, dtype=bool), "lactate": rng.random(ng) < 0.8,
-                "abg_extra": rng.random(ng) < 0.3}
+    gas_mask = {
+        "abg": np.ones(ng, dtype=bool),
+        "lactate": rng.random(ng) < 0.8,
+        "abg_extra": rng.random(ng) < 0.3,
+    }
 
     out: dict[str, list[np.ndarray]] = {k: [] for k in ("stay", "time", "itemid", "value", "draw")}
     for draw_offset, (d_stay, d_time, masks) in enumerate(((stay, t, panel_mask), (stay_g, t_g, gas_mask))):
@@ -300,7 +343,7 @@ def lab_events(rng: np.random.Generator, pop: Population, sig: Signals) -> dict[
             for itemid in PANELS[panel]:
                 name, _, dec, _, _ = LAB_ITEMS[itemid]
                 m = mask
-                if itemid in (51300, 51301):   # 5% of blood counts report WBC under the older itemid
+                if itemid in (51300, 51301):  # 5% of blood counts report WBC under the older itemid
                     m = mask & (alt_wbc == (itemid == 51300))
                 s, tt, hh = d_stay[m], d_time[m], hour[m]
                 v = np.round(_lab_value(rng, pop, sig, name, s, hh), dec)

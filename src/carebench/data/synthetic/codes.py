@@ -37,13 +37,16 @@ def code_pools() -> dict[str, object]:
     phenotype_ccs = {p.ccs for p in load_phenotypes()}
     if phenotype_ccs & set(FILLER_CCS):
         raise RuntimeError("a filler CCS category is a phenotype category")
-    filler = {v: sorted({c for ccs in FILLER_CCS for c in codes_for_category(ccs, v, exclusive=True)})
-              for v in (9, 10)}
+    filler = {
+        v: sorted({c for ccs in FILLER_CCS for c in codes_for_category(ccs, v, exclusive=True)})
+        for v in (9, 10)
+    }
     return {"phenotypes": pheno, "filler": filler}
 
 
-def diagnoses(rng: np.random.Generator, labels: np.ndarray, icd_version: np.ndarray,
-              pools: dict[str, object]) -> dict[str, np.ndarray]:
+def diagnoses(
+    rng: np.random.Generator, labels: np.ndarray, icd_version: np.ndarray, pools: dict[str, object]
+) -> dict[str, np.ndarray]:
     """Rows (adm index, seq_num, icd_code, icd_version) for admissions with `labels` [n_adm, 25] (bool)."""
     columns = [p.column for p in load_phenotypes()]
     pheno_pools = pools["phenotypes"]
@@ -69,5 +72,9 @@ def diagnoses(rng: np.random.Generator, labels: np.ndarray, icd_version: np.ndar
             code_out.append(codes[t])
             version_out.append(v)
             seq_out.append(seq)
-    return {"adm": np.array(adm_out, dtype=np.int64), "seq_num": np.array(seq_out, dtype=np.int64),
-            "icd_code": np.array(code_out, dtype=object), "icd_version": np.array(version_out, dtype=np.int64)}
+    return {
+        "adm": np.array(adm_out, dtype=np.int64),
+        "seq_num": np.array(seq_out, dtype=np.int64),
+        "icd_code": np.array(code_out, dtype=object),
+        "icd_version": np.array(version_out, dtype=np.int64),
+    }

@@ -33,50 +33,85 @@ KINDS = ("ehr", "cxr", "both", "none")
 PLAN: dict[str, tuple[str, str]] = {
     "pheno_septicemia": ("ehr", "sepsis: fever, leukocytosis, raised lactate, tachycardia"),
     "pheno_diabetes_without_complication": ("ehr", "diabetes without complication: raised glucose"),
-    "pheno_diabetes_with_complications": ("ehr", "complicated diabetes: high glucose, low bicarbonate "
-                                                 "(ketoacidosis-like); exclusive with the uncomplicated form"),
+    "pheno_diabetes_with_complications": (
+        "ehr",
+        "complicated diabetes: high glucose, low bicarbonate "
+        "(ketoacidosis-like); exclusive with the uncomplicated form",
+    ),
     "pheno_lipid_disorders": ("none", "independent coin, p=0.28"),
     "pheno_fluid_electrolyte_disorders": ("ehr", "low sodium, chloride and potassium"),
-    "pheno_essential_hypertension": ("both", "H AND NOT cardiomegaly (H: hypertensive marker, raised "
-                                             "SBP/DBP in the EHR; cardiomegaly on the X-ray)"),
+    "pheno_essential_hypertension": (
+        "both",
+        "H AND NOT cardiomegaly (H: hypertensive marker, raised "
+        "SBP/DBP in the EHR; cardiomegaly on the X-ray)",
+    ),
     "pheno_hypertension_with_complications": ("both", "H AND cardiomegaly"),
     "pheno_acute_myocardial_infarction": ("none", "independent coin, p=0.08"),
-    "pheno_coronary_atherosclerosis": ("both", "A XOR effusion (A: anticoagulation marker, PTT raised in the "
-                                               "EHR, p=0.5; pleural effusion on the X-ray)"),
+    "pheno_coronary_atherosclerosis": (
+        "both",
+        "A XOR effusion (A: anticoagulation marker, PTT raised in the "
+        "EHR, p=0.5; pleural effusion on the X-ray)",
+    ),
     "pheno_conduction_disorders": ("cxr", "pacemaker visible on the X-ray"),
     "pheno_cardiac_dysrhythmias": ("ehr", "irregular, faster heart rate (hour-to-hour variability x1.6)"),
     "pheno_congestive_heart_failure": ("cxr", "cardiomegaly and (85%) pulmonary edema on the X-ray"),
     "pheno_acute_cerebrovascular_disease": ("ehr", "lowered GCS, raised blood pressure"),
     "pheno_pneumonia": ("cxr", "consolidation (left, right or both) on the X-ray"),
-    "pheno_copd_bronchiectasis": ("both", "R AND NOT effusion (R: chronic hypercapnia marker, raised pCO2 and "
-                                          "bicarbonate, lowered chloride in the EHR)"),
+    "pheno_copd_bronchiectasis": (
+        "both",
+        "R AND NOT effusion (R: chronic hypercapnia marker, raised pCO2 and "
+        "bicarbonate, lowered chloride in the EHR)",
+    ),
     "pheno_pleurisy_pneumothorax_collapse": ("cxr", "pneumothorax (60%) or atelectasis (40%) on the X-ray"),
     "pheno_respiratory_failure": ("ehr", "low SpO2, raised FiO2, pCO2 and respiratory rate, low pH and pO2"),
     "pheno_other_lower_respiratory": ("both", "R AND effusion"),
     "pheno_other_upper_respiratory": ("none", "independent coin, p=0.05"),
     "pheno_other_liver_diseases": ("ehr", "raised bilirubin, ALT, AST, INR; low albumin and platelets"),
     "pheno_gastrointestinal_hemorrhage": ("ehr", "falling hemoglobin/hematocrit, raised BUN and heart rate"),
-    "pheno_acute_renal_failure": ("ehr", "rising creatinine, raised BUN, potassium, phosphate; low urine output"),
+    "pheno_acute_renal_failure": (
+        "ehr",
+        "rising creatinine, raised BUN, potassium, phosphate; low urine output",
+    ),
     "pheno_chronic_kidney_disease": ("ehr", "stable raised creatinine, BUN and phosphate; anemia"),
     "pheno_surgical_medical_complications": ("none", "independent coin, p=0.20"),
     "pheno_shock": ("ehr", "low blood pressure, high lactate, tachycardia, low urine output"),
 }
 
 # EHR-side latent variables that shape the time series (phenotype labels and the markers of `both` rules).
-EHR_LATENTS = ("sepsis", "shock", "resp_failure", "ckd", "arf", "dm_uncomplicated", "dm_complicated",
-               "fluid_electrolyte", "dysrhythmia", "cerebrovascular", "liver", "gi_bleed",
-               "marker_h", "marker_r", "marker_a")
+EHR_LATENTS = (
+    "sepsis",
+    "shock",
+    "resp_failure",
+    "ckd",
+    "arf",
+    "dm_uncomplicated",
+    "dm_complicated",
+    "fluid_electrolyte",
+    "dysrhythmia",
+    "cerebrovascular",
+    "liver",
+    "gi_bleed",
+    "marker_h",
+    "marker_r",
+    "marker_a",
+)
 # X-ray-side latent variables that shape the findings.
 CXR_LATENTS = ("chf", "conduction", "pneumonia", "pleural", "cardiomegaly", "effusion")
-NONE_RATES = {"pheno_lipid_disorders": 0.28, "pheno_acute_myocardial_infarction": 0.08,
-              "pheno_other_upper_respiratory": 0.05, "pheno_surgical_medical_complications": 0.20}
+NONE_RATES = {
+    "pheno_lipid_disorders": 0.28,
+    "pheno_acute_myocardial_infarction": 0.08,
+    "pheno_other_upper_respiratory": 0.05,
+    "pheno_surgical_medical_complications": 0.20,
+}
 
 
 def check_plan() -> None:
     """The plan covers exactly the 25 phenotype columns, with at least 4 of each informative kind."""
     cols = [p.column for p in load_phenotypes()]
     if sorted(cols) != sorted(PLAN):
-        raise AssertionError(f"synthetic PLAN does not match phenotypes.yaml: {sorted(set(cols) ^ set(PLAN))}")
+        raise AssertionError(
+            f"synthetic PLAN does not match phenotypes.yaml: {sorted(set(cols) ^ set(PLAN))}"
+        )
     for kind in ("ehr", "cxr", "both"):
         n = sum(k == kind for k, _ in PLAN.values())
         if n < 4:
@@ -129,9 +164,9 @@ def sample_latent(rng: np.random.Generator, age: np.ndarray) -> Latent:
     e["cerebrovascular"] = _bern(rng_e, _sigmoid(-2.4), n)
     e["liver"] = _bern(rng_e, _sigmoid(-2.2), n)
     e["gi_bleed"] = _bern(rng_e, _sigmoid(-2.6 + 1.2 * e["liver"]), n)
-    e["marker_h"] = _bern(rng_e, _sigmoid(0.1 + 0.3 * a + 0.6 * e["ckd"]), n)   # hypertensive
-    e["marker_r"] = _bern(rng_e, _sigmoid(0.0 + 0.2 * a), n)                  # chronic hypercapnia
-    e["marker_a"] = _bern(rng_e, 0.5, n)                                        # anticoagulated (PTT)
+    e["marker_h"] = _bern(rng_e, _sigmoid(0.1 + 0.3 * a + 0.6 * e["ckd"]), n)  # hypertensive
+    e["marker_r"] = _bern(rng_e, _sigmoid(0.0 + 0.2 * a), n)  # chronic hypercapnia
+    e["marker_a"] = _bern(rng_e, 0.5, n)  # anticoagulated (PTT)
 
     x: dict[str, np.ndarray] = {}
     x["chf"] = _bern(rng_x, 0.24, n)

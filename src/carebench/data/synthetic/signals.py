@@ -29,11 +29,11 @@ SUBGROUP_EFFECT_SCALE = 0.5
 
 @dataclass(frozen=True)
 class Spec:
-    mean: float       # population mean (geometric mean for log signals)
-    between: float    # sd of the patient baseline (log units for log signals)
-    within: float     # sd of the hour-to-hour AR(1) noise
-    phi: float        # AR(1) coefficient per hour
-    lo: float         # physiological clip range of the true value
+    mean: float  # population mean (geometric mean for log signals)
+    between: float  # sd of the patient baseline (log units for log signals)
+    within: float  # sd of the hour-to-hour AR(1) noise
+    phi: float  # AR(1) coefficient per hour
+    lo: float  # physiological clip range of the true value
     hi: float
     log: bool = False
 
@@ -47,7 +47,7 @@ SPECS: dict[str, Spec] = {
     "temperature": Spec(36.9, 0.35, 0.3, 0.7, 33.5, 41.5),
     "glucose": Spec(125, 22, 22, 0.5, 40, 700),
     "consciousness": Spec(0.0, 0.5, 0.35, 0.9, -6, 2),
-    "fio2": Spec(0.0, 6, 4, 0.8, -40, 80),     # added to the support level set in charting.py
+    "fio2": Spec(0.0, 6, 4, 0.8, -40, 80),  # added to the support level set in charting.py
     "urine": Spec(70, 0.35, 0.45, 0.3, 0.5, 600, log=True),
     "creatinine": Spec(0.95, 0.3, 0.06, 0.95, 0.2, 15, log=True),
     "bun": Spec(18, 0.35, 0.05, 0.95, 3, 200, log=True),
@@ -75,11 +75,27 @@ SPECS: dict[str, Spec] = {
 
 # latent variable -> {signal: shift} (natural units, log units for log signals)
 EFFECTS: dict[str, dict[str, float]] = {
-    "sepsis": {"temperature": 0.9, "wbc": 0.4, "lactate": 0.3, "heart_rate": 10, "resp_rate": 2,
-               "platelets": -0.2, "bicarbonate": -1.5, "albumin": -0.3, "creatinine": 0.1,
-               "bilirubin_total": 0.15},
-    "shock": {"sbp": -22, "dbp": -10, "lactate": 0.55, "heart_rate": 8, "urine": -0.35, "bicarbonate": -2.5,
-              "ph": -0.04},
+    "sepsis": {
+        "temperature": 0.9,
+        "wbc": 0.4,
+        "lactate": 0.3,
+        "heart_rate": 10,
+        "resp_rate": 2,
+        "platelets": -0.2,
+        "bicarbonate": -1.5,
+        "albumin": -0.3,
+        "creatinine": 0.1,
+        "bilirubin_total": 0.15,
+    },
+    "shock": {
+        "sbp": -22,
+        "dbp": -10,
+        "lactate": 0.55,
+        "heart_rate": 8,
+        "urine": -0.35,
+        "bicarbonate": -2.5,
+        "ph": -0.04,
+    },
     "resp_failure": {"spo2": -3.5, "fio2": 16, "pco2": 7, "ph": -0.05, "po2": -0.2, "resp_rate": 5},
     "ckd": {"creatinine": 0.6, "bun": 0.45, "phosphate": 1.1, "hemoglobin": -0.8, "calcium": -0.3},
     "arf": {"creatinine": 0.7, "bun": 0.4, "potassium": 0.3, "phosphate": 0.4, "urine": -0.6},
@@ -88,20 +104,45 @@ EFFECTS: dict[str, dict[str, float]] = {
     "fluid_electrolyte": {"sodium": -7, "chloride": -5, "potassium": -0.5},
     "dysrhythmia": {"heart_rate": 4},
     "cerebrovascular": {"consciousness": -1.6, "sbp": 10, "dbp": 4},
-    "liver": {"bilirubin_total": 0.7, "alt": 0.8, "ast": 0.9, "inr": 0.3, "albumin": -0.5, "platelets": -0.4,
-              "lactate": 0.1, "ptt": 3, "hemoglobin": -0.5},
+    "liver": {
+        "bilirubin_total": 0.7,
+        "alt": 0.8,
+        "ast": 0.9,
+        "inr": 0.3,
+        "albumin": -0.5,
+        "platelets": -0.4,
+        "lactate": 0.1,
+        "ptt": 3,
+        "hemoglobin": -0.5,
+    },
     "gi_bleed": {"hemoglobin": -2.0, "bun": 0.35, "heart_rate": 6},
     "marker_h": {"sbp": 36, "dbp": 16},
     "marker_r": {"pco2": 14, "bicarbonate": 6, "chloride": -4, "ph": -0.015},
     "marker_a": {"ptt": 40},
 }
 # (latent, signal) effects that develop over the stay: full size after `hours` hours (linear ramp from `start`)
-RAMPS: dict[tuple[str, str], tuple[float, float]] = {("arf", "creatinine"): (0.3, 36.0),
-                                                     ("gi_bleed", "hemoglobin"): (0.25, 24.0)}
-ACUITY: dict[str, float] = {"heart_rate": 9, "sbp": -7, "dbp": -4, "resp_rate": 2.5, "spo2": -0.8,
-                            "temperature": 0.1, "consciousness": -0.7, "urine": -0.2, "creatinine": 0.08,
-                            "bun": 0.05, "bicarbonate": -1.0, "wbc": 0.1, "lactate": 0.18, "ast": 0.1,
-                            "ph": -0.01, "fio2": 6}
+RAMPS: dict[tuple[str, str], tuple[float, float]] = {
+    ("arf", "creatinine"): (0.3, 36.0),
+    ("gi_bleed", "hemoglobin"): (0.25, 24.0),
+}
+ACUITY: dict[str, float] = {
+    "heart_rate": 9,
+    "sbp": -7,
+    "dbp": -4,
+    "resp_rate": 2.5,
+    "spo2": -0.8,
+    "temperature": 0.1,
+    "consciousness": -0.7,
+    "urine": -0.2,
+    "creatinine": 0.08,
+    "bun": 0.05,
+    "bicarbonate": -1.0,
+    "wbc": 0.1,
+    "lactate": 0.18,
+    "ast": 0.1,
+    "ph": -0.01,
+    "fio2": 6,
+}
 DYSRHYTHMIA_NOISE = 1.6
 
 
@@ -113,7 +154,9 @@ def ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return owner, np.arange(int(counts.sum()), dtype=np.int64) - starts[owner]
 
 
-def ar1(rng: np.random.Generator, owner: np.ndarray, pos: np.ndarray, phi: float, sd: np.ndarray) -> np.ndarray:
+def ar1(
+    rng: np.random.Generator, owner: np.ndarray, pos: np.ndarray, phi: float, sd: np.ndarray
+) -> np.ndarray:
     """Stationary AR(1) noise with marginal sd `sd` (per position), restarted at each owner's position 0.
 
     One lfilter over the whole flat array, then the state carried over from the previous owner is removed:
@@ -134,8 +177,8 @@ def ar1(rng: np.random.Generator, owner: np.ndarray, pos: np.ndarray, phi: float
 class Signals:
     """Hourly true values of every signal for one chunk, in the ragged layout."""
 
-    hours: np.ndarray     # [n_stays] number of hourly positions (covers intime .. outtime)
-    offset: np.ndarray    # [n_stays] first flat position of each stay
+    hours: np.ndarray  # [n_stays] number of hourly positions (covers intime .. outtime)
+    offset: np.ndarray  # [n_stays] first flat position of each stay
     values: dict[str, np.ndarray]
 
     def at(self, name: str, stay: np.ndarray, hour: np.ndarray) -> np.ndarray:

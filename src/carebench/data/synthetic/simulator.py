@@ -53,7 +53,7 @@ class SynthConfig:
     seed: int
     image_size: int = 512
     cxr_rate: float = 0.3
-    chunk_stays: int = CHUNK_STAYS   # part of the output's identity (ids and streams derive from chunks)
+    chunk_stays: int = CHUNK_STAYS  # part of the output's identity (ids and streams derive from chunks)
 
 
 @dataclass
@@ -67,16 +67,31 @@ def validate(cfg: SynthConfig, workers: int) -> None:
     def bad(option: str, value: object, expected: str) -> SynthError:
         return SynthError(f"{option} {value!r}: expected {expected}")
 
-    if isinstance(cfg.stays, bool) or not isinstance(cfg.stays, int | np.integer) or not 1 <= cfg.stays <= MAX_STAYS:
+    if (
+        isinstance(cfg.stays, bool)
+        or not isinstance(cfg.stays, int | np.integer)
+        or not 1 <= cfg.stays <= MAX_STAYS
+    ):
         raise bad("--stays", cfg.stays, f"an integer number of ICU stays in 1..{MAX_STAYS}")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int | np.integer) or cfg.seed < 0:
         raise bad("--seed", cfg.seed, "an integer >= 0")
-    if (isinstance(cfg.image_size, bool) or not isinstance(cfg.image_size, int | np.integer)
-            or not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE):
-        raise bad("--image-size", cfg.image_size, f"an integer number of pixels in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}")
+    if (
+        isinstance(cfg.image_size, bool)
+        or not isinstance(cfg.image_size, int | np.integer)
+        or not MIN_IMAGE_SIZE <= cfg.image_size <= MAX_IMAGE_SIZE
+    ):
+        raise bad(
+            "--image-size",
+            cfg.image_size,
+            f"an integer number of pixels in {MIN_IMAGE_SIZE}..{MAX_IMAGE_SIZE}",
+        )
     if not isinstance(cfg.cxr_rate, float | int) or not 0.01 <= float(cfg.cxr_rate) <= 0.95:
         raise bad("--cxr-rate", cfg.cxr_rate, "a share of stays with an X-ray in the window, in 0.01..0.95")
-    if isinstance(cfg.chunk_stays, bool) or not isinstance(cfg.chunk_stays, int) or not 1 <= cfg.chunk_stays <= 10_000:
+    if (
+        isinstance(cfg.chunk_stays, bool)
+        or not isinstance(cfg.chunk_stays, int)
+        or not 1 <= cfg.chunk_stays <= 10_000
+    ):
         raise bad("chunk_stays", cfg.chunk_stays, "an integer in 1..10000")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise bad("--workers", workers, "an integer >= 1")
@@ -115,7 +130,9 @@ def generate_chunk(task: _Task) -> dict:
     study_id = population.scramble(images.study, 50_000_000, 5)
     subject = pop.stay_subject_id()[images.stay]
     root = Path(task.root) / MIMIC_CXR
-    paths = [root / studies.image_relpath(s, st, d) for s, st, d in zip(subject, study_id, dicom, strict=True)]
+    paths = [
+        root / studies.image_relpath(s, st, d) for s, st, d in zip(subject, study_id, dicom, strict=True)
+    ]
     studies.render_chunk(images, pop, findings, paths, cfg.seed, chunk, cfg.image_size, r_cxr)
     date, tod = studies.study_date_time(images.time_ms)
     frontal_in_window = (images.study % studies.MAX_STUDIES_PER_STAY == 0) & (images.view != "LATERAL")
@@ -131,7 +148,8 @@ def generate_chunk(task: _Task) -> dict:
         f"{MIMIC_IV}/icu/chartevents.csv.gz": tables.chartevents(r_tab, pop, chart),
         f"{MIMIC_IV}/icu/outputevents.csv.gz": tables.outputevents(r_tab, pop, outputs),
         f"{MIMIC_CXR}/mimic-cxr-2.0.0-metadata.csv.gz": tables.cxr_metadata(
-            subject, study_id, dicom, images.view, date, tod, cfg.image_size),
+            subject, study_id, dicom, images.view, date, tod, cfg.image_size
+        ),
         PLANTED_STAYS: tables.planted_stays(pop, cxr_in_window),
     }
     members = {name: csv_member(t, HEADERS[name]) for name, t in built.items()}
@@ -142,10 +160,15 @@ def generate_chunk(task: _Task) -> dict:
     cohort = (age >= 18) & (los_h >= 48)
     labels = pop.latent.labels[pop.stay_adm]
     summary = {
-        "stays": pop.n_stays, "subjects": len(pop.subject_id), "admissions": len(pop.hadm_id),
-        "minor_stays": int((age < 18).sum()), "short_stays": int((los_h < 48).sum()),
-        "cohort_stays": int(cohort.sum()), "cohort_icu_deaths": int((cohort & pop.died_in_icu).sum()),
-        "cohort_with_cxr": int((cohort & cxr_in_window).sum()), "images": len(images.stay),
+        "stays": pop.n_stays,
+        "subjects": len(pop.subject_id),
+        "admissions": len(pop.hadm_id),
+        "minor_stays": int((age < 18).sum()),
+        "short_stays": int((los_h < 48).sum()),
+        "cohort_stays": int(cohort.sum()),
+        "cohort_icu_deaths": int((cohort & pop.died_in_icu).sum()),
+        "cohort_with_cxr": int((cohort & cxr_in_window).sum()),
+        "images": len(images.stay),
         "icd10_admissions": int((pop.icd_version == 10).sum()),
         "cohort_subgroup": int((cohort & pop.subgroup[pop.stay_subject]).sum()),
         "chartevents_rows": built[f"{MIMIC_IV}/icu/chartevents.csv.gz"].num_rows,
@@ -162,16 +185,29 @@ def _tasks(cfg: SynthConfig, alpha: float, pools: dict, root: Path) -> Iterator[
         yield _Task(cfg, c, min(cfg.chunk_stays, cfg.stays - c * cfg.chunk_stays), alpha, pools, str(root))
 
 
-def synthesize(out: str | Path, *, stays: int, seed: int, image_size: int = 512, cxr_rate: float = 0.3,
-               workers: int = 2, overwrite: bool = False, chunk_stays: int = CHUNK_STAYS,
-               progress: Callable[[int, int], None] | None = None) -> SynthResult:
+def synthesize(
+    out: str | Path,
+    *,
+    stays: int,
+    seed: int,
+    image_size: int = 512,
+    cxr_rate: float = 0.3,
+    workers: int = 2,
+    overwrite: bool = False,
+    chunk_stays: int = CHUNK_STAYS,
+    progress: Callable[[int, int], None] | None = None,
+) -> SynthResult:
     """Write the synthetic raw tree at `out` (atomically) and return its path and realised counts.
 
     The files depend on (stays, seed, image_size, cxr_rate, chunk_stays) only, never on `workers`.
     """
-    cfg = SynthConfig(stays=stays, seed=seed, image_size=image_size,
-                      cxr_rate=float(cxr_rate) if isinstance(cxr_rate, int | float) else cxr_rate,
-                      chunk_stays=chunk_stays)
+    cfg = SynthConfig(
+        stays=stays,
+        seed=seed,
+        image_size=image_size,
+        cxr_rate=float(cxr_rate) if isinstance(cxr_rate, int | float) else cxr_rate,
+        chunk_stays=chunk_stays,
+    )
     validate(cfg, workers)
     conditions.check_plan()
     started = time.perf_counter()
@@ -237,10 +273,10 @@ def planted_truth(cfg: SynthConfig, alpha: float, totals: dict[str, int], label_
             "ehr_side": list(conditions.EHR_LATENTS),
             "cxr_side": list(conditions.CXR_LATENTS),
             "independence": "EHR-side and X-ray-side latent variables are drawn from independent generators "
-                            "with no shared parent; X-ray-side rates do not depend on demographics",
+            "with no shared parent; X-ray-side rates do not depend on demographics",
             "acuity": "per ICU stay, N(0,1), independent of all labels; drives generic derangement of vitals "
-                      "and labs, ventilation/ETT, central line, arterial line, X-ray availability, mortality "
-                      "and length of stay",
+            "and labs, ventilation/ETT, central line, arterial line, X-ray availability, mortality "
+            "and length of stay",
             "effects": signals.EFFECTS,
             "acuity_effects": signals.ACUITY,
         },
@@ -248,38 +284,39 @@ def planted_truth(cfg: SynthConfig, alpha: float, totals: dict[str, int], label_
             "attribute": "race_group",
             "value": population.SUBGROUP_RACE_GROUP,
             "degraded": "EHR only: condition and marker effects on every signal scaled by "
-                        f"{signals.SUBGROUP_EFFECT_SCALE}; laboratory and blood-gas draws at "
-                        f"{charting.SUBGROUP_DRAW_RATE}x the rate (under-recorded); SpO2 reads "
-                        f"+{charting.SUBGROUP_SPO2_BIAS} points (masks hypoxemia). Labels and X-rays unchanged.",
+            f"{signals.SUBGROUP_EFFECT_SCALE}; laboratory and blood-gas draws at "
+            f"{charting.SUBGROUP_DRAW_RATE}x the rate (under-recorded); SpO2 reads "
+            f"+{charting.SUBGROUP_SPO2_BIAS} points (masks hypoxemia). Labels and X-rays unchanged.",
             "ehr_effect_scale": signals.SUBGROUP_EFFECT_SCALE,
             "lab_draw_rate": charting.SUBGROUP_DRAW_RATE,
             "spo2_bias": charting.SUBGROUP_SPO2_BIAS,
             "expected": "lower sensitivity (AUROC) of EHR-based models on 'ehr' and 'both' phenotypes in this "
-                        "group; X-ray-based predictions unaffected",
+            "group; X-ray-based predictions unaffected",
         },
         "missingness": {
             "mechanism": "missing not at random through acuity: P(frontal X-ray in [intime, intime+48h)) = "
-                         "sigmoid(alpha + slope * acuity); acuity also raises mortality",
+            "sigmoid(alpha + slope * acuity); acuity also raises mortality",
             "alpha": round(alpha, 6),
             "slope": studies.CXR_ACUITY_SLOPE,
             "target_rate": cfg.cxr_rate,
             "other_studies": "earlier frontal in the window (15% of imaged stays), LATERAL with every PA, "
-                             "LATERAL-only in the window (3% of non-imaged stays), before ICU admission (8%), "
-                             "after the window while in the ICU (10% of stays > 48 h; 25% of them exactly at "
-                             "intime + 48 h)",
+            "LATERAL-only in the window (3% of non-imaged stays), before ICU admission (8%), "
+            "after the window while in the ICU (10% of stays > 48 h; 25% of them exactly at "
+            "intime + 48 h)",
         },
         "outcomes": {
             "short_stay_share": population.SHORT_STAY_SHARE,
             "los": "2 days + lognormal(log 1.5 + 0.3 acuity + 0.25 [pneumonia or respiratory failure], 1.1)",
             "mortality_logit": f"{population.MORTALITY_INTERCEPT} + acuity + 0.35 (age-65)/10 + 0.8 shock "
-                               "+ 0.5 sepsis + 0.6 respiratory failure + 0.5 liver + 0.3 renal failure "
-                               "+ 0.5 heart failure + 0.4 pneumonia (only a subject's last stay)",
+            "+ 0.5 sepsis + 0.6 respiratory failure + 0.5 liver + 0.3 renal failure "
+            "+ 0.5 heart failure + 0.4 pneumonia (only a subject's last stay)",
             "minor_share": population.MINOR_SHARE,
         },
         "realized": {
             **{k: int(v) for k, v in sorted(totals.items())},
-            "cohort_prevalence": {p.column: round(float(c) / cohort, 4) for p, c in zip(phenos, label_counts,
-                                                                                         strict=True)},
+            "cohort_prevalence": {
+                p.column: round(float(c) / cohort, 4) for p, c in zip(phenos, label_counts, strict=True)
+            },
         },
         "files": {"planted_stays": PLANTED_STAYS},
     }

@@ -27,8 +27,17 @@ from carebench.data.synthetic.population import HOUR, Population, year_of
 
 CXR_ACUITY_SLOPE = 1.2
 WINDOW_HOURS = 48
-SEVERITY_KEYS = ("cardiomegaly", "consolidation_left", "consolidation_right", "effusion_left", "effusion_right",
-                 "edema", "atelectasis", "pneumothorax", "pacemaker")
+SEVERITY_KEYS = (
+    "cardiomegaly",
+    "consolidation_left",
+    "consolidation_right",
+    "effusion_left",
+    "effusion_right",
+    "edema",
+    "atelectasis",
+    "pneumothorax",
+    "pacemaker",
+)
 DESCRIPTION = {"AP": "CHEST (PORTABLE AP)", "PA": "CHEST (PA AND LAT)", "LATERAL": "CHEST (PA AND LAT)"}
 VIEW_MEANING = {"AP": "antero-posterior", "PA": "postero-anterior", "LATERAL": "lateral"}
 ORIENTATION = {"AP": "Recumbent", "PA": "Erect", "LATERAL": "Erect"}
@@ -59,10 +68,10 @@ class Images:
     """One row per image of the chunk (stays index local stays)."""
 
     stay: np.ndarray
-    study: np.ndarray          # global study index -> study_id
-    view: np.ndarray           # "AP" | "PA" | "LATERAL"
-    time_ms: np.ndarray        # study time, milliseconds since 1970
-    in_icu: np.ndarray         # taken at or after intime (ICU devices visible)
+    study: np.ndarray  # global study index -> study_id
+    view: np.ndarray  # "AP" | "PA" | "LATERAL"
+    time_ms: np.ndarray  # study time, milliseconds since 1970
+    in_icu: np.ndarray  # taken at or after intime (ICU devices visible)
 
 
 def admission_findings(rng: np.random.Generator, pop: Population) -> dict[str, np.ndarray]:
@@ -89,9 +98,17 @@ def admission_findings(rng: np.random.Generator, pop: Population) -> dict[str, n
     distractor = ~pleural & (rng.random(n) < 0.08)
     atelectasis = np.where(pleural & ~ptx, u(0.7, 1.0), np.where(distractor, u(0.1, 0.3), 0.0))
     pacemaker = np.where(x["conduction"], 1.0, 0.0)
-    return {"cardiomegaly": card, "consolidation_left": cons_l, "consolidation_right": cons_r,
-            "effusion_left": eff_l, "effusion_right": eff_r, "edema": edema, "atelectasis": atelectasis,
-            "pneumothorax": pneumothorax, "pacemaker": pacemaker}
+    return {
+        "cardiomegaly": card,
+        "consolidation_left": cons_l,
+        "consolidation_right": cons_r,
+        "effusion_left": eff_l,
+        "effusion_right": eff_r,
+        "edema": edema,
+        "atelectasis": atelectasis,
+        "pneumothorax": pneumothorax,
+        "pacemaker": pacemaker,
+    }
 
 
 def plan_studies(rng: np.random.Generator, pop: Population, alpha: float, first_stay_index: int) -> Images:
@@ -101,7 +118,7 @@ def plan_studies(rng: np.random.Generator, pop: Population, alpha: float, first_
     stays: list[np.ndarray] = []
     times: list[np.ndarray] = []
     views: list[np.ndarray] = []
-    slots: list[np.ndarray] = []   # study slot within the stay (0..MAX_STUDIES_PER_STAY-1)
+    slots: list[np.ndarray] = []  # study slot within the stay (0..MAX_STUDIES_PER_STAY-1)
 
     def add(mask: np.ndarray, t_hours: np.ndarray, view: np.ndarray | str, slot: int) -> None:
         s = np.flatnonzero(mask)
@@ -130,7 +147,9 @@ def plan_studies(rng: np.random.Generator, pop: Population, alpha: float, first_
     # intime + 48 h, which the half-open window [intime, intime + 48 h) excludes
     post = (rng.random(n) < 0.1) & (los_h > WINDOW_HOURS + 0.1)
     room = np.clip(los_h - WINDOW_HOURS - 0.05, 0.0, 72.0)
-    t_post = np.where(rng.random(n) < 0.25, float(WINDOW_HOURS), WINDOW_HOURS + rng.uniform(0.0, 1.0, n) * room)
+    t_post = np.where(
+        rng.random(n) < 0.25, float(WINDOW_HOURS), WINDOW_HOURS + rng.uniform(0.0, 1.0, n) * room
+    )
     add(post, t_post, "AP", 4)
 
     stay = np.concatenate(stays)
@@ -138,8 +157,13 @@ def plan_studies(rng: np.random.Generator, pop: Population, alpha: float, first_
     study = (first_stay_index + stay) * MAX_STUDIES_PER_STAY + slot
     time_ms = np.concatenate(times)
     order = np.lexsort((np.concatenate(views).astype(str), time_ms, stay))
-    return Images(stay=stay[order], study=study[order], view=np.concatenate(views)[order],
-                  time_ms=time_ms[order], in_icu=(time_ms >= pop.intime[stay] * 1000)[order])
+    return Images(
+        stay=stay[order],
+        study=study[order],
+        view=np.concatenate(views)[order],
+        time_ms=time_ms[order],
+        in_icu=(time_ms >= pop.intime[stay] * 1000)[order],
+    )
 
 
 def dicom_ids(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -164,8 +188,16 @@ def body_size(weight_kg: np.ndarray) -> np.ndarray:
     return np.clip(0.5 + (weight_kg - 78.0) / 60.0, 0.05, 0.95)
 
 
-def render_chunk(images: Images, pop: Population, findings: dict[str, np.ndarray], paths: list[Path],
-                 seed: int, chunk: int, size: int, rng: np.random.Generator) -> None:
+def render_chunk(
+    images: Images,
+    pop: Population,
+    findings: dict[str, np.ndarray],
+    paths: list[Path],
+    seed: int,
+    chunk: int,
+    size: int,
+    rng: np.random.Generator,
+) -> None:
     """Render and write every image of the chunk (JPEG). Each image draws from its own generator seeded by
     (seed, chunk, image number), so the pixels do not depend on how rendering is scheduled."""
     from carebench.data.synthetic.radiograph import render_radiograph
@@ -195,4 +227,3 @@ def render_chunk(images: Images, pop: Population, findings: dict[str, np.ndarray
 def image_relpath(subject_id: int, study_id: int, dicom_id: str) -> Path:
     s = str(int(subject_id))
     return Path("files") / f"p{s[:2]}" / f"p{s}" / f"s{int(study_id)}" / f"{dicom_id}.jpg"
-

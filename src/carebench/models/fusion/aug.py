@@ -73,10 +73,12 @@ def sample_score(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
     return p if p.dim() == 1 else p.mean(dim=1)
 
 
-def boosting_loss(task: TaskSpec, out: Tensor, prev: Tensor | None, add: Tensor | None, y: Tensor,
-                  rho: float) -> Tensor:
+def boosting_loss(
+    task: TaskSpec, out: Tensor, prev: Tensor | None, add: Tensor | None, y: Tensor, rho: float
+) -> Tensor:
     """Sustained boosting loss per stay ``[B]``: ``L(out)`` or ``L(out) + L(prev) + L_residual(add)``."""
     if task.kind == "multiclass":
+
         def loss(z: Tensor, w: Tensor | float = 1.0) -> Tensor:
             return w * F.cross_entropy(z.float(), y.reshape(-1).long(), reduction="none")
     else:
@@ -120,11 +122,9 @@ class AUG(BaseModel):
         "rho": {"type": "float", "low": 0.1, "high": 0.9},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, **CXR_QUICK, "head_dim": 64,
-                  "check_interval": 1},
+        "quick": {"ehr_hidden": 64, **CXR_QUICK, "head_dim": 64, "check_interval": 1},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
-                 "head_dim": 8, "check_interval": 1},
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST, "head_dim": 8, "check_interval": 1},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
@@ -135,18 +135,25 @@ class AUG(BaseModel):
         if h["check_interval"] < 1:
             raise ModelConfigError(f"{self._label()}: check_interval must be >= 1, got {h['check_interval']}")
         self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")), 2 * n_features, h["ehr_hidden"], h["ehr_layers"],
-            h["ehr_heads"], h["ehr_dropout"],
+            self.choice("ehr_encoder", ("lstm", "transformer")),
+            2 * n_features,
+            h["ehr_hidden"],
+            h["ehr_layers"],
+            h["ehr_heads"],
+            h["ehr_dropout"],
         )
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         self.feature_dims = {"ehr": self.ehr_encoder.out_dim, "cxr": self.cxr_encoder.out_dim}
-        self.embed = nn.ModuleDict({m: nn.Sequential(nn.Linear(self.feature_dims[m], h["head_dim"]), nn.ReLU())
-                                    for m in MODALITIES})
+        self.embed = nn.ModuleDict(
+            {m: nn.Sequential(nn.Linear(self.feature_dims[m], h["head_dim"]), nn.ReLU()) for m in MODALITIES}
+        )
         self.fc_out = nn.Linear(h["head_dim"], self.num_outputs)
         self.extra = nn.ModuleDict({m: nn.ModuleList() for m in MODALITIES})
         self.scores = {m: 0.0 for m in MODALITIES}  # ACA scores of the current epoch (stays with an X-ray)
         self.assignments: list[tuple[int, str]] = []  # (epoch decided, modality) of every added layer
-        self.pending: tuple[int, str] | None = None  # decided after an epoch, created when the next one starts
+        self.pending: tuple[int, str] | None = (
+            None  # decided after an epoch, created when the next one starts
+        )
 
     # ----------------------------------------------------------------------------------- classifiers
     def new_layer(self, modality: str) -> nn.Linear:
@@ -176,7 +183,9 @@ class AUG(BaseModel):
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         present = cxr_present(batch)
         f_ehr = self.ehr_encoder(ehr_input(batch), batch.get("ehr_lengths"))
-        f_cxr = encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim).to(f_ehr.dtype)
+        f_cxr = encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim).to(
+            f_ehr.dtype
+        )
         out_e, prev_e, add_e = self.classify("ehr", f_ehr)
         out_c, prev_c, add_c = self.classify("cxr", f_cxr)
         alpha = self.hparams["alpha"]
@@ -215,12 +224,16 @@ class AUG(BaseModel):
             self.pending = None
         self.scores = {m: 0.0 for m in MODALITIES}
 
-    def training_hook(self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor) -> None:
+    def training_hook(
+        self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor
+    ) -> None:
         """Accumulate the epoch's ACA scores on the stays with an X-ray (both modalities on the same stays)."""
         present = cxr_present(batch)
         with torch.no_grad():
             for m in MODALITIES:
-                self.scores[m] += float(sample_score(self.task, output.extra_logits[m], batch["y"])[present].sum())
+                self.scores[m] += float(
+                    sample_score(self.task, output.extra_logits[m], batch["y"])[present].sum()
+                )
 
     def on_train_epoch_end(self, trainer_module: Any) -> None:
         epoch = trainer_module.current_epoch
@@ -235,12 +248,14 @@ class AUG(BaseModel):
             trainer_module.log(f"train/aug_layers_{m}", float(len(self.extra[m])))
 
     # ------------------------------------------------------------------------------- checkpoints
-    def _load_from_state_dict(self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(
+        self, state_dict: dict[str, Tensor], prefix: str, *args: Any, **kwargs: Any
+    ) -> None:
         """Rebuild as many boosting layers as the checkpoint holds before its tensors are copied in, so the best
         checkpoint (or a finished run, re-evaluated) loads into a model with the layers it was saved with."""
         for m in MODALITIES:
             head = f"{prefix}extra.{m}."
-            n = len({key[len(head):].split(".", 1)[0] for key in state_dict if key.startswith(head)})
+            n = len({key[len(head) :].split(".", 1)[0] for key in state_dict if key.startswith(head)})
             while len(self.extra[m]) < n:
                 self.extra[m].append(self.new_layer(m))
             while len(self.extra[m]) > n:

@@ -83,8 +83,9 @@ class DAFTBlock(nn.Module):
     computation with ``transform`` inserted.
     """
 
-    def __init__(self, block: nn.Module, aux_dim: int, location: int, bottleneck_factor: float,
-                 activation: str) -> None:
+    def __init__(
+        self, block: nn.Module, aux_dim: int, location: int, bottleneck_factor: float, activation: str
+    ) -> None:
         super().__init__()
         self.block = block
         self.location = location
@@ -155,16 +156,25 @@ class DAFT(BaseModel):
                 f"{self._label()}: hyper-parameter 'bottleneck_factor' must be > 0, got {h['bottleneck_factor']}"
             )
         self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")), 2 * n_features, h["ehr_hidden"], h["ehr_layers"],
-            h["ehr_heads"], h["ehr_dropout"],
+            self.choice("ehr_encoder", ("lstm", "transformer")),
+            2 * n_features,
+            h["ehr_hidden"],
+            h["ehr_layers"],
+            h["ehr_heads"],
+            h["ehr_dropout"],
         )
         d = self.ehr_encoder.out_dim
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         layer4 = list(self.cxr_encoder.net.layer4)
         # The last residual block leaves the plain ResNet and becomes the DAFT block (same weights).
         self.cxr_encoder.net.layer4 = nn.Sequential(*layer4[:-1])
-        self.daft = DAFTBlock(layer4[-1], d, h["daft_location"], h["bottleneck_factor"],
-                              self.choice("daft_activation", ACTIVATIONS))
+        self.daft = DAFTBlock(
+            layer4[-1],
+            d,
+            h["daft_location"],
+            h["bottleneck_factor"],
+            self.choice("daft_activation", ACTIVATIONS),
+        )
         self.missing_cxr = nn.Parameter(torch.zeros(self.cxr_encoder.out_dim))
         self.head = nn.Linear(self.cxr_encoder.out_dim + d, self.num_outputs)
 

@@ -115,7 +115,9 @@ def per_class_loss(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
     """``[B,C]`` prediction loss per class: BCE per label, or the sample's cross-entropy repeated over classes."""
     if task.kind == "multiclass":
         return per_sample_task_loss(task, logits, y)[:, None].expand(-1, logits.size(1))
-    return F.binary_cross_entropy_with_logits(logits.float(), y.reshape(logits.shape).float(), reduction="none")
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), y.reshape(logits.shape).float(), reduction="none"
+    )
 
 
 class DrFuseEHREncoder(nn.Module):
@@ -182,8 +184,9 @@ class DrFuse(BaseModel):
             raise ModelConfigError(
                 f"{self._label()}: hyper-parameter 'aug_missing_ratio' must be in [0, 1), got {h['aug_missing_ratio']}"
             )
-        self.ehr_encoder = DrFuseEHREncoder(2 * n_features, d, h["ehr_heads"], h["ehr_layers"], h["ehr_ff_dim"],
-                                            h["ehr_dropout"])
+        self.ehr_encoder = DrFuseEHREncoder(
+            2 * n_features, d, h["ehr_heads"], h["ehr_layers"], h["ehr_ff_dim"], h["ehr_dropout"]
+        )
         arch = self.choice("cxr_backbone", RESNET_ARCHS)
         shared_cnn = ResNetEncoder(arch, h["cxr_pretrained"])
         distinct_cnn = ResNetEncoder(arch, h["cxr_pretrained"])
@@ -239,10 +242,17 @@ class DrFuse(BaseModel):
         feat = attn @ v  # [B,C,d]: one attended feature per class
         logits = torch.einsum("bcd,cd->bc", feat, self.final_fc.weight) + self.final_fc.bias
         return {
-            "present": present, "ehr_shared": ehr_shared, "ehr_distinct": ehr_distinct, "cxr_shared": cxr_shared,
-            "cxr_distinct": cxr_distinct, "shared": shared, "attn": attn, "logits": logits,
-            "ehr": self.ehr_head(ehr_distinct), "cxr": self.cxr_head(cxr_distinct), "shared_logits":
-            self.shared_head(shared),
+            "present": present,
+            "ehr_shared": ehr_shared,
+            "ehr_distinct": ehr_distinct,
+            "cxr_shared": cxr_shared,
+            "cxr_distinct": cxr_distinct,
+            "shared": shared,
+            "attn": attn,
+            "logits": logits,
+            "ehr": self.ehr_head(ehr_distinct),
+            "cxr": self.cxr_head(cxr_distinct),
+            "shared_logits": self.shared_head(shared),
         }
 
     def aux_losses(self, out: dict[str, Tensor], y: Tensor) -> dict[str, Tensor]:
@@ -256,7 +266,9 @@ class DrFuse(BaseModel):
         orth_cxr = F.cosine_similarity(out["cxr_shared"].float(), out["cxr_distinct"].float(), dim=1).abs()
         with torch.no_grad():
             raw = {k: per_class_loss(task, out[k], y) for k in ("ehr", "cxr", "shared_logits")}
-        ranking = attention_ranking_loss(out["attn"].float(), raw["ehr"], raw["shared_logits"], raw["cxr"], present)
+        ranking = attention_ranking_loss(
+            out["attn"].float(), raw["ehr"], raw["shared_logits"], raw["cxr"], present
+        )
         return {
             "pred_shared": h["lambda_pred_shared"] * _masked_mean(pred_shared, everyone),
             "pred_ehr": h["lambda_pred_ehr"] * _masked_mean(pred_ehr, everyone),

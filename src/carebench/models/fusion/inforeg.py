@@ -69,8 +69,11 @@ def regulation_strength(score_dominant: float, score_other: float, beta: float) 
 
 def fisher_weights(module: nn.Module) -> list[nn.Parameter]:
     """The weight tensors whose squared gradients make the information amount (conv, linear, attention weights)."""
-    return [p for name, p in module.named_parameters() if p.requires_grad and p.dim() >= 2
-            and name.rsplit(".", 1)[-1].endswith("weight")]
+    return [
+        p
+        for name, p in module.named_parameters()
+        if p.requires_grad and p.dim() >= 2 and name.rsplit(".", 1)[-1].endswith("weight")
+    ]
 
 
 @register("inforeg")
@@ -94,8 +97,7 @@ class InfoReg(BaseModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"ehr_hidden": 64, **CXR_QUICK, "fim_window": 3},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
-                 "fim_window": 2},
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST, "fim_window": 2},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
@@ -104,15 +106,22 @@ class InfoReg(BaseModel):
         if h["fim_window"] < 1:
             raise ModelConfigError(f"{self._label()}: fim_window must be >= 1, got {h['fim_window']}")
         self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")), 2 * n_features, h["ehr_hidden"], h["ehr_layers"],
-            h["ehr_heads"], h["ehr_dropout"],
+            self.choice("ehr_encoder", ("lstm", "transformer")),
+            2 * n_features,
+            h["ehr_hidden"],
+            h["ehr_layers"],
+            h["ehr_heads"],
+            h["ehr_dropout"],
         )
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         d_e, d_c = self.ehr_encoder.out_dim, self.cxr_encoder.out_dim
         self.head_joint = nn.Linear(d_e + d_c, self.num_outputs)
         self.head_ehr = nn.Linear(d_e, self.num_outputs)
         self.head_cxr = nn.Linear(d_c, self.num_outputs)
-        self.encoders = {"ehr": self.ehr_encoder, "cxr": self.cxr_encoder}  # plain dict: no second registration
+        self.encoders = {
+            "ehr": self.ehr_encoder,
+            "cxr": self.cxr_encoder,
+        }  # plain dict: no second registration
         # Regulation state (not part of the weights; rebuilt by training).
         self.trace_history: dict[str, list[float]] = {m: [0.0] * h["fim_window"] for m in MODALITIES}
         self.window_rate: dict[str, float] = {m: 1.0 for m in MODALITIES}
@@ -125,7 +134,9 @@ class InfoReg(BaseModel):
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         present = cxr_present(batch)
         f_ehr = self.ehr_encoder(ehr_input(batch), batch.get("ehr_lengths"))
-        f_cxr = encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim).to(f_ehr.dtype)
+        f_cxr = encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim).to(
+            f_ehr.dtype
+        )
         logits = self.head_joint(torch.cat([f_ehr, f_cxr], dim=-1))  # f_cxr is exactly 0 without an image
         out_e, out_c = self.head_ehr(f_ehr), self.head_cxr(f_cxr)
         y = batch["y"]
@@ -144,19 +155,30 @@ class InfoReg(BaseModel):
         self._trace = {m: 0.0 for m in MODALITIES}
         self.regulated_steps = {m: 0 for m in MODALITIES}
 
-    def training_hook(self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor) -> None:
+    def training_hook(
+        self, trainer_module: Any, batch: dict[str, Tensor], output: ModelOutput, loss: Tensor
+    ) -> None:
         """Scores of the unimodal heads on the stays with an X-ray: sum of the true label's probability."""
         present = cxr_present(batch)
         with torch.no_grad():
-            self._scores = torch.stack([sample_score(self.task, output.extra_logits[m], batch["y"])[present].sum()
-                                        for m in MODALITIES])
+            self._scores = torch.stack(
+                [
+                    sample_score(self.task, output.extra_logits[m], batch["y"])[present].sum()
+                    for m in MODALITIES
+                ]
+            )
 
     def before_optimizer_step(self, trainer_module: Any, optimizer: Any) -> None:
         """Accumulate the information amount, then regulate the dominant encoder inside the prime window."""
         with torch.no_grad():
             for m in MODALITIES:
-                self._trace[m] += float(sum((p.grad.float() ** 2).mean() for p in fisher_weights(self.encoders[m])
-                                            if p.grad is not None))
+                self._trace[m] += float(
+                    sum(
+                        (p.grad.float() ** 2).mean()
+                        for p in fisher_weights(self.encoders[m])
+                        if p.grad is not None
+                    )
+                )
             self.last_regulation = None
             if self._scores is None or not self._anchor:
                 return

@@ -47,16 +47,19 @@ class LateFusion(BaseModel):
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"ehr_hidden": 64, **CXR_QUICK, "fusion_dim": 64},
         "full": {},
-        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST,
-                 "fusion_dim": 8},
+        "test": {"ehr_hidden": 8, "ehr_heads": 2, **CXR_TEST, "fusion_dim": 8},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
         super().__init__(task, n_features, image_size, **hparams)
         h = self.hparams
         self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")), 2 * n_features, h["ehr_hidden"], h["ehr_layers"],
-            h["ehr_heads"], h["ehr_dropout"],
+            self.choice("ehr_encoder", ("lstm", "transformer")),
+            2 * n_features,
+            h["ehr_hidden"],
+            h["ehr_layers"],
+            h["ehr_heads"],
+            h["ehr_dropout"],
         )
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         self.cxr_proj = nn.Linear(self.cxr_encoder.out_dim, h["fusion_dim"])

@@ -79,9 +79,7 @@ def mmtm_schedule(n_stages: int, n_ehr_layers: int) -> list[tuple[int, int]]:
     MMTMs share the first EHR layer and gate its output one after the other (as MedFuse's variant with an MMTM
     after every ResNet stage does).
     """
-    return [
-        (N_CNN_STAGES - n_stages + k, max(0, n_ehr_layers - n_stages + k)) for k in range(n_stages)
-    ]
+    return [(N_CNN_STAGES - n_stages + k, max(0, n_ehr_layers - n_stages + k)) for k in range(n_stages)]
 
 
 @register("mmtm")
@@ -114,16 +112,25 @@ class MMTM(BaseModel):
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
         super().__init__(task, n_features, image_size, **hparams)
         h = self.hparams
-        for key, low, high in (("ehr_layers", 1, None), ("mmtm_stages", 1, N_CNN_STAGES), ("ehr_hidden", 1, None)):
+        for key, low, high in (
+            ("ehr_layers", 1, None),
+            ("mmtm_stages", 1, N_CNN_STAGES),
+            ("ehr_hidden", 1, None),
+        ):
             if h[key] < low or (high is not None and h[key] > high):
                 expected = f"in [{low}, {high}]" if high is not None else f">= {low}"
-                raise ModelConfigError(f"{self._label()}: hyper-parameter {key!r} must be {expected}, got {h[key]}")
+                raise ModelConfigError(
+                    f"{self._label()}: hyper-parameter {key!r} must be {expected}, got {h[key]}"
+                )
         if h["mmtm_ratio"] <= 0:
-            raise ModelConfigError(f"{self._label()}: hyper-parameter 'mmtm_ratio' must be > 0, got {h['mmtm_ratio']}")
+            raise ModelConfigError(
+                f"{self._label()}: hyper-parameter 'mmtm_ratio' must be > 0, got {h['mmtm_ratio']}"
+            )
         d = h["ehr_hidden"]
         # One nn.LSTM per layer so the sequence can be gated between layers; EHRLSTMEncoder gives MedFuse's init.
         self.ehr_layers = nn.ModuleList(
-            EHRLSTMEncoder(2 * n_features if i == 0 else d, d, project_input=False).lstm for i in range(h["ehr_layers"])
+            EHRLSTMEncoder(2 * n_features if i == 0 else d, d, project_input=False).lstm
+            for i in range(h["ehr_layers"])
         )
         self.ehr_dropout = nn.Dropout(h["ehr_dropout"])
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
@@ -181,7 +188,11 @@ class MMTM(BaseModel):
                 fmap = module(fmap) if any_image else fmap
         for i in range(ehr_done, len(self.ehr_layers)):
             seq = self._ehr_layer(i, seq, lengths)
-        last = seq[:, -1] if lengths is None else seq[torch.arange(b, device=seq.device), lengths.to(seq.device) - 1]
+        last = (
+            seq[:, -1]
+            if lengths is None
+            else seq[torch.arange(b, device=seq.device), lengths.to(seq.device) - 1]
+        )
         ehr_feat = self.ehr_dropout(last)
         cnn_feat = seq.new_zeros(b, self.cxr_encoder.out_dim)
         if any_image:
@@ -190,8 +201,16 @@ class MMTM(BaseModel):
         ehr_logits = self.ehr_head(ehr_feat)
         cxr_logits = self.cxr_head(cnn_feat.to(ehr_feat.dtype))
         logits = torch.where(present[:, None], (ehr_logits + cxr_logits) / 2, ehr_logits)
-        return {"present": present, "ehr_feat": ehr_feat, "cnn_feat": cnn_feat, "ehr": ehr_logits,
-                "cxr": cxr_logits, "logits": logits, "cnn_gates": cnn_gates, "ehr_gates": ehr_gates}
+        return {
+            "present": present,
+            "ehr_feat": ehr_feat,
+            "cnn_feat": cnn_feat,
+            "ehr": ehr_logits,
+            "cxr": cxr_logits,
+            "logits": logits,
+            "cnn_gates": cnn_gates,
+            "ehr_gates": ehr_gates,
+        }
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         out = self.encode(batch)

@@ -128,8 +128,9 @@ class InterleavedLayer(nn.Module):
         self.self_norm, self.self_attn = pair(lambda: nn.LayerNorm(d)), pair(attn)
         self.cross_norm, self.cross_attn = pair(lambda: nn.LayerNorm(d)), pair(attn)
         self.ffn_norm = pair(lambda: nn.LayerNorm(d))
-        self.ffn = pair(lambda: nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(dropout),
-                                              nn.Linear(4 * d, d)))
+        self.ffn = pair(
+            lambda: nn.Sequential(nn.Linear(d, 4 * d), nn.ReLU(), nn.Dropout(dropout), nn.Linear(4 * d, d))
+        )
         self.drop = nn.Dropout(dropout)
 
     def forward(self, streams: list[Tensor]) -> list[Tensor]:
@@ -139,9 +140,13 @@ class InterleavedLayer(nn.Module):
             out.append(x + self.drop(att(h, h, h, need_weights=False)[0]))
         normed = [norm(x) for x, norm in zip(out, self.cross_norm, strict=True)]
         # stream i queries the other stream (X-ray <- EHR, EHR <- X-ray), both from the self-attended states
-        out = [x + self.drop(att(normed[i], normed[1 - i], normed[1 - i], need_weights=False)[0])
-               for i, (x, att) in enumerate(zip(out, self.cross_attn, strict=True))]
-        return [x + self.drop(ffn(norm(x))) for x, norm, ffn in zip(out, self.ffn_norm, self.ffn, strict=True)]
+        out = [
+            x + self.drop(att(normed[i], normed[1 - i], normed[1 - i], need_weights=False)[0])
+            for i, (x, att) in enumerate(zip(out, self.cross_attn, strict=True))
+        ]
+        return [
+            x + self.drop(ffn(norm(x))) for x, norm, ffn in zip(out, self.ffn_norm, self.ffn, strict=True)
+        ]
 
 
 @register("utde")
@@ -171,11 +176,16 @@ class UTDE(BaseModel):
         "dropout": {"type": "float", "low": 0.0, "high": 0.3},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"embed_dim": 64, "heads": 4, "cross_layers": 2, "embed_time": 32, "time_heads": 4,
-                  **CXR_QUICK},
+        "quick": {
+            "embed_dim": 64,
+            "heads": 4,
+            "cross_layers": 2,
+            "embed_time": 32,
+            "time_heads": 4,
+            **CXR_QUICK,
+        },
         "full": {},
-        "test": {"embed_dim": 8, "heads": 2, "cross_layers": 1, "embed_time": 8, "time_heads": 2,
-                 **CXR_TEST},
+        "test": {"embed_dim": 8, "heads": 2, "cross_layers": 1, "embed_time": 8, "time_heads": 2, **CXR_TEST},
     }
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
@@ -186,7 +196,9 @@ class UTDE(BaseModel):
         if d % heads:
             raise ModelConfigError(f"{self._label()}: embed_dim={d} must be divisible by heads={heads}")
         if h["kernel_size"] < 1 or h["kernel_size"] % 2 == 0:
-            raise ModelConfigError(f"{self._label()}: kernel_size must be a positive odd int, got {h['kernel_size']}")
+            raise ModelConfigError(
+                f"{self._label()}: kernel_size must be a positive odd int, got {h['kernel_size']}"
+            )
         if h["tt_max"] < 1:
             raise ModelConfigError(f"{self._label()}: tt_max must be >= 1, got {h['tt_max']}")
         self.tt_max = h["tt_max"]
@@ -195,7 +207,9 @@ class UTDE(BaseModel):
         # irregular EHR path (mTAND over the observed cells), regular path (imputed grid), UTDE gate
         self.ehr_time_attention = TimeAttention(h["embed_time"], th)
         self.ehr_irregular_out = nn.Linear(th * 2 * n_features, d)
-        self.ehr_regular = nn.Conv1d(2 * n_features, d, h["kernel_size"], padding=h["kernel_size"] // 2, bias=False)
+        self.ehr_regular = nn.Conv1d(
+            2 * n_features, d, h["kernel_size"], padding=h["kernel_size"] // 2, bias=False
+        )
         gate_out = d if self.mixup_level == "batch_seq_feature" else 1
         self.gate = GateMLP(d, gate_out, h["dropout"])
         # X-ray: encoder, projection, time attention with a learned null key/value
@@ -208,7 +222,9 @@ class UTDE(BaseModel):
         # interleaved cross-modal transformer and head
         self.positions = nn.Parameter(torch.randn(1, self.tt_max, d) * 0.02)
         self.embed_drop = nn.Dropout(h["dropout"])
-        self.layers = nn.ModuleList([InterleavedLayer(d, heads, h["dropout"]) for _ in range(h["cross_layers"])])
+        self.layers = nn.ModuleList(
+            [InterleavedLayer(d, heads, h["dropout"]) for _ in range(h["cross_layers"])]
+        )
         self.final_norm = nn.ModuleList([nn.LayerNorm(d), nn.LayerNorm(d)])
         self.proj1, self.proj2 = nn.Linear(2 * d, 2 * d), nn.Linear(2 * d, 2 * d)
         self.head_drop = nn.Dropout(h["dropout"])
@@ -238,8 +254,10 @@ class UTDE(BaseModel):
         """The gated EHR sequence ``[B, tt_max, d]`` and the gate."""
         x = batch["ehr"]
         if x.size(1) != self.tt_max:
-            raise ModelConfigError(f"{self._label()}: the EHR grid has {x.size(1)} hourly steps but tt_max is "
-                                   f"{self.tt_max}; set tt_max to the window length in hours")
+            raise ModelConfigError(
+                f"{self._label()}: the EHR grid has {x.size(1)} hourly steps but tt_max is "
+                f"{self.tt_max}; set tt_max to the window length in hours"
+            )
         irregular = self.ehr_irregular(batch)
         grid = torch.cat([x, batch["ehr_mask"].to(x.dtype)], dim=-1)
         regular = self.ehr_regular(grid.transpose(1, 2)).transpose(1, 2)
@@ -252,9 +270,12 @@ class UTDE(BaseModel):
     # --------------------------------------------------------------------------------------- X-ray
     def cxr_attention_weights(self, cxr_hours: Tensor, present: Tensor) -> Tensor:
         """``[B, time_heads, tt_max]``: the weight of the image (vs the null value) at each reference time."""
-        q = self.cxr_time_attention.split(self.time_embedding(self.query_times), self.cxr_time_attention.query)
-        k = self.cxr_time_attention.split(self.time_embedding((cxr_hours.float() / self.tt_max)[:, None]),
-                                          self.cxr_time_attention.key)  # [B, H, 1, d_k]
+        q = self.cxr_time_attention.split(
+            self.time_embedding(self.query_times), self.cxr_time_attention.query
+        )
+        k = self.cxr_time_attention.split(
+            self.time_embedding((cxr_hours.float() / self.tt_max)[:, None]), self.cxr_time_attention.key
+        )  # [B, H, 1, d_k]
         scale = math.sqrt(self.cxr_time_attention.d_k)
         s_img = (q[None] * k).sum(-1) / scale  # [B, H, Q]
         s_null = (q * self.null_key[:, None, :]).sum(-1) / scale  # [H, Q]
