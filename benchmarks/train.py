@@ -126,6 +126,7 @@ def throughput_worker(spec: dict) -> None:
     from carebench.data.store import open_dataset
     from carebench.models import get_model_class
     from carebench.training.config import resolve_config
+    from carebench.training.predict import build_model
     from carebench.training.run import build_module
 
     torch.set_num_threads(spec["threads"])
@@ -143,7 +144,7 @@ def throughput_worker(spec: dict) -> None:
     warm, steps = spec["warmup"], spec["steps"]
     if len(loader) < warm + steps:
         raise SystemExit(f"{len(loader)} training batches, need {warm + steps}")
-    module = build_module(cfg, len(fold.features))
+    module = build_module(cfg, build_model(cfg, len(fold.features)))
     times: list[float] = []
 
     class Clock(pl.Callback):

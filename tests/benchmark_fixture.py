@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from carebench.data.loading import fold_roles, label_columns, output_names
+from carebench.data.folds import fold_roles, label_columns, output_names
 from carebench.training import resolve_config, train_run
 
 PHENO_SIGNAL = {"lstm": 0.8, "resnet": 0.3, "latefusion": 1.0, "medfuse": 1.6}

@@ -18,11 +18,15 @@ from sklearn import metrics as skm
 from typer.testing import CliRunner
 
 from benchmark_fixture import train_runs, write_plan, write_run, write_runs
+from carebench import runs as R
+from carebench.analysis import analyze as A
+from carebench.analysis import options as AO
+from carebench.analysis import outputs as O
+from carebench.analysis.modality import RunPredictor
 from carebench.cli import app
-from carebench.data.loading import n_dropped
-from carebench.evaluation import analyze as A
-from carebench.evaluation.modality import RunPredictor
-from carebench.experiments import results as R
+from carebench.data.folds import n_dropped
+from carebench.data.store import dataset_fingerprint
+from carebench.experiments.plan import read_plan_record
 from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)
@@ -182,10 +186,10 @@ def test_plan_options_and_their_precedence(written):
         3,
     )
     assert opts["fairness"] is False and res.tables["fairness_summary"].empty
-    plan = R.read_plan(out)
-    assert A.resolve_options(plan, n_bootstrap=50, fairness=True).n_bootstrap == 50
-    assert A.resolve_options(plan, fairness=True).fairness is True
-    default = A.resolve_options(None)
+    plan = read_plan_record(out)
+    assert AO.resolve_options(plan, n_bootstrap=50, fairness=True).n_bootstrap == 50
+    assert AO.resolve_options(plan, fairness=True).fairness is True
+    default = AO.resolve_options(None)
     assert (default.n_bootstrap, default.n_permutations, default.confidence, default.fairness) == (
         1000,
         10000,
@@ -193,11 +197,11 @@ def test_plan_options_and_their_precedence(written):
         True,
     )
     assert default.test_rates == [round(0.1 * i, 1) for i in range(10)]
-    assert A.resolve_options(None, test_rates=[0.5, 0.2]).test_rates == [0.0, 0.2, 0.5]
-    with pytest.raises(A.AnalysisError, match="--n-bootstrap"):
-        A.resolve_options(None, n_bootstrap=0)
-    with pytest.raises(A.AnalysisError, match="--confidence"):
-        A.resolve_options(None, confidence=1.5)
+    assert AO.resolve_options(None, test_rates=[0.5, 0.2]).test_rates == [0.0, 0.2, 0.5]
+    with pytest.raises(AO.AnalysisError, match="--n-bootstrap"):
+        AO.resolve_options(None, n_bootstrap=0)
+    with pytest.raises(AO.AnalysisError, match="--confidence"):
+        AO.resolve_options(None, confidence=1.5)
 
 
 def test_natural_missingness_splits_stays_by_xray(data_dir, written):
@@ -286,7 +290,7 @@ def test_ablation_deltas_and_heads(trained):
 def test_test_time_missingness_composes_exactly(trained, data_dir):
     out, runs, res = trained
     records = {r.run_id: r for r in R.find_runs(out)}
-    opts = A.resolve_options(None, test_rates=[0.3, 0.9])
+    opts = AO.resolve_options(None, test_rates=[0.3, 0.9])
     for model in ("latefusion", "drfuse"):
         frames = A.controlled_predictions(records[runs[model].name], data_dir, opts, ablation=False)
         pred = RunPredictor(runs[model])
@@ -314,50 +318,53 @@ def test_test_time_missingness_composes_exactly(trained, data_dir):
 
 def test_outputs_on_disk(trained):
     out, _, res = trained
-    adir = out / A.ANALYSIS_DIR
-    for name in A.TABLES:
+    adir = out / O.ANALYSIS_DIR
+    for name in O.TABLES:
         pq = pd.read_parquet(adir / f"{name}.parquet")
         assert len(pq) == len(res.tables[name])
         if len(pq):
             assert len(pd.read_csv(adir / f"{name}.csv")) == len(pq)
-    summary = json.loads((adir / A.SUMMARY).read_text())
+    summary = json.loads((adir / O.SUMMARY).read_text())
     assert summary["n_runs"] == 5 and summary["n_main_runs"] == 4
     assert summary["tables"]["leaderboard"] == len(res.tables["leaderboard"])
     (group,) = summary["groups"]
     assert group["task"] == "mortality" and group["unimodal"] == ["lstm", "resnet"]
     assert group["reference"] in ("lstm", "resnet") and group["n_stays"] == 30
-    tables, _ = A.load_analysis(out)
+    tables, _ = O.load_analysis(out)
     pd.testing.assert_frame_equal(tables["comparisons"], res.tables["comparisons"].reset_index(drop=True))
     assert not list(out.glob(".analysis*"))
 
 
 def test_a_failed_write_leaves_the_previous_analysis(trained):
     out, _, res = trained
-    before = (out / A.ANALYSIS_DIR / A.SUMMARY).read_text()
+    before = (out / O.ANALYSIS_DIR / O.SUMMARY).read_text()
     bad = dict(res.tables, runs=pd.DataFrame({"x": [object()]}))
     with pytest.raises(Exception):  # noqa: B017 - pyarrow's error type for an unserialisable column
-        A.write_analysis(out / A.ANALYSIS_DIR, bad, {"broken": True})
-    assert (out / A.ANALYSIS_DIR / A.SUMMARY).read_text() == before
+        O.write_analysis(out / O.ANALYSIS_DIR, bad, {"broken": True})
+    assert (out / O.ANALYSIS_DIR / O.SUMMARY).read_text() == before
     assert not list(out.glob(".analysis*"))
 
 
 # ------------------------------------------------------------------------------------------- errors, CLI
 def test_errors_name_the_problem(tmp_path, data_dir, written):
-    with pytest.raises(R.ResultsError, match="no finished runs"):
+    with pytest.raises(R.RunsError, match="no finished runs"):
         A.analyze(tmp_path)
-    with pytest.raises(R.ResultsError, match="not a directory"):
+    with pytest.raises(R.RunsError, match="not a directory"):
         A.analyze(tmp_path / "nope")
     runs = tmp_path / "dup"
     a = write_run(data_dir, runs, "lstm", "mortality", 1, 0, 1.0)
     b = write_run(data_dir, runs, "lstm", "mortality", 1, 0, 1.0, overrides={"lr": 0.01})
-    with pytest.raises(R.ResultsError, match=f"{a.name}.*{b.name}|{b.name}.*{a.name}"):
+    with pytest.raises(R.RunsError, match=f"{a.name}.*{b.name}|{b.name}.*{a.name}"):
         A.analyze(runs)
     shutil.rmtree(b)
     other = make_fake_dataset(tmp_path, n=60, seed=9, name="other")
-    with pytest.raises(A.AnalysisError, match="not the dataset"):
+    recorded, now = R.read_run(a).data_fingerprint, dataset_fingerprint(other)
+    assert recorded != now
+    with pytest.raises(R.RunsError, match=f"not the dataset.*{now}.*{recorded}") as err:
         A.analyze(runs, data=other)
+    assert str(other) in str(err.value)  # names the dataset and both fingerprints
     (a / "predictions.parquet").unlink()
-    with pytest.raises(R.ResultsError, match=r"predictions\.parquet"):
+    with pytest.raises(R.RunsError, match=r"predictions\.parquet"):
         A.analyze(runs)
 
 
@@ -432,15 +439,15 @@ def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, writt
     # the CLI reads YAML {group: [labels]} too, and names a bad file or label
     groups = tmp_path / "groups.yaml"
     groups.write_text(f"first: [{names[0]}, {names[1]}]\n")
-    assert A.resolve_options(None, label_groups=str(groups)).label_groups == {"first": names[:2]}
+    assert AO.resolve_options(None, label_groups=str(groups)).label_groups == {"first": names[:2]}
     bad = tmp_path / "bad.yaml"
     bad.write_text("first: pheno_x\n")
     with pytest.raises(
-        A.AnalysisError, match=r"--label-groups .*bad\.yaml: group 'first': expected a non-empty list"
+        AO.AnalysisError, match=r"--label-groups .*bad\.yaml: group 'first': expected a non-empty list"
     ):
-        A.resolve_options(None, label_groups=str(bad))
-    with pytest.raises(A.AnalysisError, match=r"--label-groups .*missing\.json: not a readable"):
-        A.resolve_options(None, label_groups=str(tmp_path / "missing.json"))
+        AO.resolve_options(None, label_groups=str(bad))
+    with pytest.raises(AO.AnalysisError, match=r"--label-groups .*missing\.json: not a readable"):
+        AO.resolve_options(None, label_groups=str(tmp_path / "missing.json"))
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("first: [pheno_nonexistent]\n")
     cli = CliRunner().invoke(

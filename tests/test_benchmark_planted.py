@@ -26,9 +26,9 @@ import pytest
 from rich.console import Console
 from scipy import stats
 
+from carebench.analysis.analyze import analyze
 from carebench.data.mimic.pipeline import prepare
 from carebench.data.synthetic.simulator import synthesize
-from carebench.evaluation.analyze import analyze
 from carebench.experiments import load_plan, run_benchmark
 
 pytestmark = pytest.mark.slow

@@ -20,9 +20,11 @@ from fairlearn.metrics import (
 from scipy import stats
 from sklearn import metrics as skm
 
+from carebench.analysis.fairness import analyze_fairness
 from carebench.evaluation import fairness as F
 from carebench.evaluation.metrics import expected_calibration_error
 from carebench.evaluation.statistics import bootstrap_ci
+from carebench.runs import RunsError
 
 RACES = ["WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO", "ASIAN", "OTHER"]
 
@@ -129,7 +131,7 @@ def test_threshold_is_chosen_on_validation_not_test():
     pv = np.clip(pv + 0.2, 0, 1)  # shifted validation scores: a different optimal threshold
     test, cohort_t = _frames(y, p, g, 1)
     val, _ = _frames(yv, pv, gv, 2)
-    rep = F.analyze_fairness(test, cohort_t, "mortality", val_predictions=val, n_resamples=20)
+    rep = analyze_fairness(test, cohort_t, "mortality", val_predictions=val, n_resamples=20)
     t_val, t_test = _brute_force(yv, pv, "youden"), _brute_force(y, p, "youden")
     assert t_val != pytest.approx(t_test)
     assert rep.thresholds == {"mortality": pytest.approx(t_val)}
@@ -138,7 +140,7 @@ def test_threshold_is_chosen_on_validation_not_test():
     assert overall["tpr"] == pytest.approx(np.mean(p[y == 1] >= t_val))
     assert overall["tpr"] != pytest.approx(np.mean(p[y == 1] >= t_test))
     with pytest.raises(F.FairnessInputError, match="val_predictions"):
-        F.analyze_fairness(test, cohort_t, "mortality", n_resamples=20)
+        analyze_fairness(test, cohort_t, "mortality", n_resamples=20)
 
 
 # ------------------------------------------------------------------------------------------------ vs fairlearn
@@ -437,7 +439,7 @@ def test_bootstrap_is_seeded_and_covers_point_estimates():
 def test_analyze_fairness_joins_cohort_and_adds_cis():
     y, p, g = _data(400, seed=12)
     preds, cohort = _frames(y, p, g, 12)
-    rep = F.analyze_fairness(preds, cohort, "mortality", threshold=0.5, n_resamples=50, seed=1)
+    rep = analyze_fairness(preds, cohort, "mortality", threshold=0.5, n_resamples=50, seed=1)
     bands = F.age_bands(cohort["age"]).astype(str)
     got = rep.groups[rep.groups.attribute == "age_band"].set_index("group")["n"]
     assert got.to_dict() == bands.value_counts().to_dict()
@@ -446,9 +448,9 @@ def test_analyze_fairness_joins_cohort_and_adds_cis():
     ok = rep.groups.dropna(subset=["auroc"])
     assert ((ok.auroc_low <= ok.auroc) & (ok.auroc <= ok.auroc_high)).all()
     with pytest.raises(F.FairnessInputError, match="not in cohort"):
-        F.analyze_fairness(preds, cohort.iloc[5:], "mortality", threshold=0.5, n_resamples=5)
-    with pytest.raises(F.FairnessInputError, match="missing columns"):
-        F.analyze_fairness(preds.drop(columns="p_mortality"), cohort, "mortality", threshold=0.5)
+        analyze_fairness(preds, cohort.iloc[5:], "mortality", threshold=0.5, n_resamples=5)
+    with pytest.raises(RunsError, match="missing columns"):
+        analyze_fairness(preds.drop(columns="p_mortality"), cohort, "mortality", threshold=0.5)
 
 
 def test_analyze_fairness_phenotype_and_los_frames():
@@ -464,7 +466,7 @@ def test_analyze_fairness_phenotype_and_los_frames():
         **{f"y_{n}": yl[:, j] for j, n in enumerate(names)},
         **{f"p_{n}": pl[:, j] for j, n in enumerate(names)},
     )
-    rep = F.analyze_fairness(
+    rep = analyze_fairness(
         pheno,
         cohort,
         "phenotype",
@@ -481,7 +483,7 @@ def test_analyze_fairness_phenotype_and_los_frames():
     k = rng.integers(0, 7, 300)
     probs = rng.dirichlet(np.ones(7), 300)
     los = preds[["stay_id"]].assign(y_los=k, **{f"p_los_{c}": probs[:, c] for c in range(7)})
-    rep = F.analyze_fairness(los, cohort, "los", n_resamples=10, attributes=["gender"], intersections=[])
+    rep = analyze_fairness(los, cohort, "los", n_resamples=10, attributes=["gender"], intersections=[])
     assert rep.thresholds == {}
     row = rep.groups[(rep.groups.label == "los_2") & (rep.groups.attribute == "overall")].iloc[0]
     assert row["tpr"] == pytest.approx(np.mean(probs[k == 2].argmax(1) == 2))

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from carebench.data import folds
 from carebench.data import loading as L
 from carebench.data.definitions import load_phenotypes
 from carebench.data.store import open_dataset
@@ -23,31 +24,31 @@ def data(data_dir):
 
 
 def test_fold_roles():
-    assert L.fold_roles(1) == {"train": (3, 4, 5), "val": (2,), "test": (1,)}
-    assert L.fold_roles(5) == {"train": (2, 3, 4), "val": (1,), "test": (5,)}
+    assert folds.fold_roles(1) == {"train": (3, 4, 5), "val": (2,), "test": (1,)}
+    assert folds.fold_roles(5) == {"train": (2, 3, 4), "val": (1,), "test": (5,)}
     with pytest.raises(L.LoadingError, match="--fold"):
-        L.fold_roles(6)
+        folds.fold_roles(6)
 
 
 def test_split_rows_base_and_matched(data):
     c = data.cohort
     for fold in (1, 3):
-        base = L.split_rows(c, "mortality", fold, "base")
+        base = folds.split_rows(c, "mortality", fold, "base")
         allrows = np.concatenate(list(base.values()))
         assert sorted(allrows) == list(range(len(c)))  # a partition of every stay
         assert set(c.fold.iloc[base["test"]]) == {fold}
         assert set(c.fold.iloc[base["val"]]) == {fold % 5 + 1}
-        matched = L.split_rows(c, "mortality", fold, "matched")
-        for split in L.SPLITS:
+        matched = folds.split_rows(c, "mortality", fold, "matched")
+        for split in folds.SPLITS:
             expect = [r for r in base[split] if c.has_cxr.iloc[r]]
             assert list(matched[split]) == expect
     with pytest.raises(L.LoadingError, match="--cohort"):
-        L.split_rows(c, "mortality", 1, "full")
+        folds.split_rows(c, "mortality", 1, "full")
 
 
 def test_stats_use_training_stays_only(data_dir, tmp_path):
     d = open_dataset(data_dir, mmap=False)
-    rows = L.split_rows(d.cohort, "mortality", 2, "base")
+    rows = folds.split_rows(d.cohort, "mortality", 2, "base")
     stats = L.compute_norm_stats(d.ehr, rows["train"], chunk=7)  # several chunks
     train = d.ehr[rows["train"]].astype(np.float64).reshape(-1, d.ehr.shape[2])
     q25, q50, q75 = np.nanpercentile(train, [25, 50, 75], axis=0)
@@ -110,20 +111,20 @@ def test_cxr_dropout_exact_deterministic_nested():
     stay_ids = np.arange(1000, dtype=np.int64) * 7 + 3
     has = np.zeros(1000, bool)
     has[::2] = True  # 500 stays with an X-ray
-    d30 = L.cxr_dropout(stay_ids, has, 0.3, seed=11)
+    d30 = folds.cxr_dropout(stay_ids, has, 0.3, seed=11)
     assert d30.sum() == 150 and not d30[~has].any()
-    assert L.cxr_dropout(stay_ids, has, 0.333, seed=11).sum() == 167  # round(166.5) up
-    np.testing.assert_array_equal(d30, L.cxr_dropout(stay_ids, has, 0.3, seed=11))
+    assert folds.cxr_dropout(stay_ids, has, 0.333, seed=11).sum() == 167  # round(166.5) up
+    np.testing.assert_array_equal(d30, folds.cxr_dropout(stay_ids, has, 0.3, seed=11))
     perm = np.random.default_rng(0).permutation(1000)  # per stay, not per position
-    np.testing.assert_array_equal(L.cxr_dropout(stay_ids[perm], has[perm], 0.3, seed=11), d30[perm])
-    other = L.cxr_dropout(stay_ids, has, 0.3, seed=12)
+    np.testing.assert_array_equal(folds.cxr_dropout(stay_ids[perm], has[perm], 0.3, seed=11), d30[perm])
+    other = folds.cxr_dropout(stay_ids, has, 0.3, seed=12)
     assert other.sum() == 150 and (other != d30).any()
-    d60 = L.cxr_dropout(stay_ids, has, 0.6, seed=11)
+    d60 = folds.cxr_dropout(stay_ids, has, 0.6, seed=11)
     assert d60.sum() == 300 and (d60 | ~d30).all()  # nested: 30% subset of 60%
-    assert L.cxr_dropout(stay_ids, has, 0.0, 1).sum() == 0
-    assert L.cxr_dropout(stay_ids, has, 1.0, 1).sum() == 500
+    assert folds.cxr_dropout(stay_ids, has, 0.0, 1).sum() == 0
+    assert folds.cxr_dropout(stay_ids, has, 1.0, 1).sum() == 500
     with pytest.raises(L.LoadingError, match="dropout rate"):
-        L.cxr_dropout(stay_ids, has, 1.5, 1)
+        folds.cxr_dropout(stay_ids, has, 1.5, 1)
 
 
 @pytest.mark.parametrize(
@@ -166,7 +167,7 @@ def test_resize_on_the_fly_and_dropout_in_batches(data):
         cxr_dropout_seed=3,
     )
     n_train = int(data.cohort.has_cxr.iloc[fold.train.rows].sum())
-    assert fold.train.dropped.sum() == L.n_dropped(0.5, n_train)
+    assert fold.train.dropped.sum() == folds.n_dropped(0.5, n_train)
     assert fold.val.dropped.sum() == 0
     batch = fold.test.__getitems__(list(range(len(fold.test))))
     assert batch["cxr"].shape[-1] == 8 and not batch["has_cxr"].any()

@@ -7,7 +7,6 @@ import pytest
 from sklearn import metrics as skm
 
 from carebench.evaluation.metrics import (
-    SELECTION_METRIC,
     MetricInputError,
     binary_metrics,
     compute_metrics,
@@ -15,6 +14,7 @@ from carebench.evaluation.metrics import (
     multiclass_metrics,
     multilabel_metrics,
 )
+from carebench.tasks import get_task
 
 TOL = 1e-9
 
@@ -146,10 +146,16 @@ def test_single_class_binary_is_nan_not_an_error():
 def test_compute_metrics_dispatch_has_selection_metric():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, (50, 25))
-    assert SELECTION_METRIC["phenotype"] in compute_metrics(
+    assert get_task("phenotype").selection_metric in compute_metrics(
         "phenotype", y, rng.random((50, 25)), [str(i) for i in range(25)]
     )
-    assert SELECTION_METRIC["mortality"] in compute_metrics("mortality", y[:, :1], rng.random((50, 1)), ["m"])
-    assert SELECTION_METRIC["los"] in compute_metrics(
+    assert get_task("mortality").selection_metric in compute_metrics(
+        "mortality", y[:, :1], rng.random((50, 1)), ["m"]
+    )
+    assert get_task("los").selection_metric in compute_metrics(
         "los", rng.integers(0, 7, 50), rng.dirichlet(np.ones(7), 50), None
+    )
+    # every task's headline metrics are metrics compute_metrics returns
+    assert set(get_task("los").headline) <= set(
+        compute_metrics("los", rng.integers(0, 7, 50), rng.dirichlet(np.ones(7), 50), None)
     )

@@ -11,8 +11,10 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from carebench.data.loading import n_dropped
-from carebench.evaluation import modality as M
+from carebench.analysis import modality as M
+from carebench.data.folds import n_dropped
+from carebench.experiments.plan import DEFAULT_TEST_RATES
+from carebench.runs import RunsError, read_run
 from carebench.training import resolve_config, train_run
 from fake_dataset import make_fake_dataset
 
@@ -79,7 +81,7 @@ def test_test_time_missingness_is_nested_deterministic_and_exact(runs, predictor
     lf = predictors["latefusion"]
     ds = lf.fold.test
     natural = ds.has_cxr | ds.dropped
-    rates = M.MISSING_RATES
+    rates = DEFAULT_TEST_RATES
     masks = [lf.dropped(r) for r in rates]
     for r, m in zip(rates, masks, strict=True):
         assert m.sum() == n_dropped(r, natural.sum()) and not (m & ~natural).any()
@@ -122,7 +124,7 @@ def test_run_level_tables(runs):
     assert (drop_cxr.delta == 0).all()  # EHR-only model: exactly no contribution of the X-ray
     curve = M.run_missingness_curve(runs["latefusion"], rates=[0.0, 0.3])
     assert curve.rate.unique().tolist() == [0.0, 0.3] and (curve.method == "latefusion").all()
-    table = M.dropout_runs_table(runs.values())
+    table = M.dropout_runs_table(read_run(r) for r in runs.values())
     assert set(table.method) == {"lstm", "latefusion"} and (table.cxr_dropout_train == 0.0).all()
     assert not table.metric.str.contains("/").any() and "auroc" in set(table.metric)
 
@@ -182,7 +184,7 @@ def test_natural_missingness_by_availability():
 def test_errors(tmp_path, predictors):
     with pytest.raises(M.ModalityError, match="condition"):
         M.ablate_batch({}, "drop_both")
-    with pytest.raises(M.ModalityError, match="missing"):
+    with pytest.raises(RunsError, match="DONE: missing"):
         M.RunPredictor(tmp_path)
     with pytest.raises(M.ModalityError, match="split"):
         predictors["lstm"].predict(split="holdout")

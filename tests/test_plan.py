@@ -7,9 +7,8 @@ import itertools
 import pytest
 import yaml
 
-from carebench.evaluation.fairness import ATTRIBUTES
+from carebench.evaluation.options import ATTRIBUTES, FairnessOptions, StatisticsOptions
 from carebench.experiments import PlanError, expand_plan, load_plan, parse_plan, profiles
-from carebench.experiments.plan import DEFAULT_STATISTICS
 from carebench.models import get_model_class, list_models
 from carebench.training import resolve_config
 from fake_dataset import make_fake_dataset
@@ -237,11 +236,12 @@ def test_plan_dict_round_trips():
     again = parse_plan(p.to_dict(), source="again")
     assert again.to_dict() == p.to_dict()
     assert p.grids[0].models == tuple(list_models())
-    assert p.statistics == DEFAULT_STATISTICS and p.fairness["enabled"] is False
+    # analysis sections left out take the defaults of the dataclasses that own them (the same `analyze` uses)
+    assert p.statistics == StatisticsOptions().to_dict() and p.fairness == FairnessOptions().to_dict()
 
 
 def test_plan_label_groups_are_validated_and_reach_the_analysis():
-    from carebench.evaluation.analyze import resolve_options
+    from carebench.analysis.options import resolve_options
 
     p = plan(statistics={"label_groups": {"cardiac": ["pheno_shock", "pheno_congestive_heart_failure"]}})
     assert p.statistics["label_groups"] == {"cardiac": ["pheno_shock", "pheno_congestive_heart_failure"]}

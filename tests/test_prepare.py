@@ -23,7 +23,7 @@ from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
 from carebench.data.describe import summarize
 from carebench.data.mimic.pipeline import HASH_MAX_BYTES, prepare
-from carebench.training.config import dataset_fingerprint
+from carebench.data.store import dataset_fingerprint
 from test_cohort import expected_demo_cohort
 
 TABLES = {

@@ -20,9 +20,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from benchmark_fixture import train_runs, write_runs
+from carebench.analysis import analyze as A
+from carebench.analysis import outputs as O
 from carebench.cli import app
 from carebench.data.definitions import load_phenotypes
-from carebench.evaluation import analyze as A
 from carebench.report import browser, build_report
 from carebench.report import html as H
 from carebench.report import tables as T
@@ -147,8 +148,8 @@ def test_files_and_csv_tables(bench):
     assert index == runs / "report" / "index.html" and index.is_file()
     html = index.read_text()
     links = re.findall(r'href="(tables/[^"]+)"', html)
-    assert sorted(links) == sorted(f"tables/{n}.csv" for n in A.TABLES)
-    for name in A.TABLES:
+    assert sorted(links) == sorted(f"tables/{n}.csv" for n in O.TABLES)
+    for name in O.TABLES:
         assert (runs / "report" / "tables" / f"{name}.csv").read_bytes() == (
             runs / "analysis" / f"{name}.csv"
         ).read_bytes()
@@ -323,7 +324,7 @@ def test_planted_section_of_the_page(bench):
     groups = tables.tables["planted-groups"][1:]
     assert [r[0][0] for r in groups] == ["ehr", "cxr", "both", "none"]
     assert [r[1][0] for r in groups] == ["7", "6", "6", "6"]
-    comp = A.load_analysis(bench[0])[0]["comparisons"]
+    comp = O.load_analysis(bench[0])[0]["comparisons"]
     fam = comp[comp.family == "phenotype:reference:auroc_macro:group"]
     for r in groups:
         rows = fam[fam.label == "group:" + r[0][0]]
@@ -336,9 +337,9 @@ def test_planted_section_of_the_page(bench):
 
 def test_autoescaping_of_data(bench):
     runs, _, _ = bench
-    tables, summary = A.load_analysis(runs)
+    tables, summary = O.load_analysis(runs)
     evil = "<b onmouseover=x>lstm</b>"
-    for name in A.TABLES:
+    for name in O.TABLES:
         t = tables[name].copy()
         for col in ("method", "method_a", "method_b", "reference", "model"):
             if col in t:
@@ -402,7 +403,7 @@ def test_headless_chromium_loads_the_page_without_errors(bench, tmp_path):
 
 def test_a_stale_analysis_is_noted(bench):
     runs, _, _ = bench
-    _, summary = A.load_analysis(runs)
+    _, summary = O.load_analysis(runs)
     assert H.stale_notes(runs, summary) == []
     older = dict(summary, run_ids=[*summary["run_ids"][1:], "lstm_mortality_f9_s0_000000000000"])
     new, gone = H.stale_notes(runs, older)

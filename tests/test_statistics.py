@@ -10,17 +10,15 @@ import pytest
 from scipy import stats
 from sklearn import metrics as skm
 
+from carebench.analysis.comparisons import compare_methods, method_metrics
 from carebench.evaluation import statistics as st
 from carebench.evaluation.metrics import compute_metrics
+from carebench.evaluation.multiplicity import benjamini_hochberg, holm
 from carebench.evaluation.statistics import (
     StatisticsInputError,
     available_metrics,
-    benjamini_hochberg,
     bootstrap_ci,
     bootstrap_weights,
-    compare_methods,
-    holm,
-    method_metrics,
     metric_values,
     paired_bootstrap_ci,
     paired_permutation_test,
@@ -28,6 +26,7 @@ from carebench.evaluation.statistics import (
     swap_blocks,
     weighted_rank_metrics,
 )
+from carebench.tasks import TaskError
 
 TOL = 1e-12
 KIND = {"mortality": "binary", "phenotype": "multilabel", "los": "multiclass"}
@@ -527,7 +526,7 @@ def test_run_tables_reject_inconsistent_predictions():
         compare_methods(preds.drop(columns="p_mortality"), "mortality")
     with pytest.raises(StatisticsInputError, match="have no predictions"):
         compare_methods(preds, "mortality", reference="medfuse")
-    with pytest.raises(StatisticsInputError, match="task"):
+    with pytest.raises(TaskError, match="unknown task 'sepsis'; expected one of mortality, phenotype, los"):
         compare_methods(preds, "sepsis")
 
 

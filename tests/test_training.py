@@ -22,9 +22,11 @@ from carebench.data.definitions import load_phenotypes
 from carebench.data.loading import build_fold, make_loader
 from carebench.data.store import open_dataset
 from carebench.models.base import BaseModel, ModelOutput
+from carebench.runs import predictions_frame
 from carebench.training import config as C
 from carebench.training import evaluate_run, resolve_config, train_run
-from carebench.training.module import CareBenchModule, predictions_frame, probabilities, task_loss
+from carebench.training.module import CareBenchModule, task_loss
+from carebench.training.predict import probabilities
 from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)

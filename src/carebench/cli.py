@@ -1,6 +1,9 @@
 """carebench command line: one thin function per verb; the work lives in the library modules.
 
-Verbs: synth, prepare, describe (data); train, evaluate, benchmark, analyze, report (later issues).
+Verbs: synth, prepare, describe (data); train, evaluate (one run); benchmark (a plan of runs); analyze, report.
+Every default shown in `--help` is read from the dataclass or function that owns it (`PREPARE`, `SYNTH`,
+`TrainConfig`, `StatisticsOptions`, ...), so the command line cannot disagree with the Python entry points.
+Help is plain text (no Rich markup), so option texts such as `carebench[ray]` print as written.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from carebench import __version__
+from carebench.data.mimic.options import PREPARE
+from carebench.data.synthetic.options import SYNTH
 from carebench.errors import UserError
+from carebench.evaluation.options import DEFAULTS as STATS
+from carebench.tasks import TASK_NAMES
+from carebench.training.config import PRESETS, TrainConfig
 
 app = typer.Typer(
     name="carebench",
@@ -22,8 +31,10 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 err_console = Console(stderr=True)
+FLAG = {"metavar": ""}  # a boolean flag takes no value: no "<bool>" in --help
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,7 +45,7 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except (UserError, FileExistsError, FileNotFoundError) as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             sys.exit(2)
 
     return wrapper
@@ -49,7 +60,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def main(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Print the version."
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit.", **FLAG
     ),
 ) -> None:
     """carebench: EHR + chest X-ray fusion benchmark."""
@@ -58,19 +69,29 @@ def main(
 @app.command()
 @user_errors
 def synth(
-    out: str = typer.Option(..., "--out", help="Output root (gets mimic-iv/, mimic-cxr-jpg/, planted.json)."),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Output directory (gets mimic-iv/, mimic-cxr-jpg/, planted.json), written atomically.",
+    ),
     stays: int = typer.Option(
         ..., "--stays", help="Number of ICU stays to generate (about 80% pass the cohort rules)."
     ),
     seed: int = typer.Option(
         ..., "--seed", help="Random seed; the same seed and options give identical files."
     ),
-    image_size: int = typer.Option(512, "--image-size", help="Side in pixels of the rendered radiographs."),
-    cxr_rate: float = typer.Option(
-        0.3, "--cxr-rate", help="Share of stays with a frontal X-ray in the first 48 h."
+    image_size: int = typer.Option(
+        SYNTH.image_size, "--image-size", help="Side of the rendered radiographs, in pixels."
     ),
-    workers: int = typer.Option(2, "--workers", help="Worker processes (the output does not depend on it)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing directory at --out."),
+    cxr_rate: float = typer.Option(
+        SYNTH.cxr_rate, "--cxr-rate", help="Share (0-1) of stays with a frontal X-ray in the first 48 h."
+    ),
+    workers: int = typer.Option(
+        SYNTH.workers, "--workers", help="Worker processes (the output does not depend on them)."
+    ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing directory at --out.", **FLAG
+    ),
 ) -> None:
     """Synthetic MIMIC-IV + MIMIC-CXR-JPG raw files with a planted ground truth (docs/synthetic.md)."""
     from rich.progress import Progress
@@ -111,19 +132,23 @@ def prepare(
         None, "--mimic-cxr", help="MIMIC-CXR-JPG root; without it no stay has an X-ray."
     ),
     image_size: int = typer.Option(
-        256, "--image-size", help="Side in pixels of the square grayscale X-ray cache."
+        PREPARE.image_size, "--image-size", help="Side of the square grayscale X-ray cache, in pixels."
     ),
-    threads: int = typer.Option(2, "--threads", help="DuckDB (and image decoding) threads."),
+    threads: int = typer.Option(PREPARE.threads, "--threads", help="DuckDB (and image decoding) threads."),
     memory_limit: str = typer.Option(
-        "8GB", "--memory-limit", help="DuckDB memory limit; it spills to disk above it."
+        PREPARE.memory_limit,
+        "--memory-limit",
+        help="DuckDB memory limit, with its unit (e.g. 8GB, 500MB); it spills to disk beyond it.",
     ),
     cxr_lookback_hours: float = typer.Option(
-        0.0,
+        PREPARE.cxr_lookback_hours,
         "--cxr-lookback-hours",
         help="Also accept X-rays taken up to this many hours before ICU admission.",
     ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the patient-disjoint fold assignment."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset at --out."),
+    seed: int = typer.Option(PREPARE.seed, "--seed", help="Seed of the patient-disjoint fold assignment."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing dataset at --out.", **FLAG
+    ),
 ) -> None:
     """Raw MIMIC-IV (+ MIMIC-CXR-JPG) -> processed benchmark dataset (cohort, labels, folds, EHR arrays, X-rays)."""
     from carebench.data.mimic.pipeline import prepare as run_prepare
@@ -167,38 +192,58 @@ def train(
     model: str = typer.Option(
         ..., "--model", help="Registered model name (see `carebench.models.list_models()`)."
     ),
-    task: str = typer.Option(..., "--task", help="mortality | phenotype | los."),
+    task: str = typer.Option(..., "--task", help=" | ".join(TASK_NAMES) + "."),
     out: str = typer.Option(..., "--out", help="Runs directory; the run is written to OUT/<run_id>/."),
-    cohort: str = typer.Option("base", "--cohort", help="base (all stays) | matched (stays with an X-ray)."),
+    cohort: str = typer.Option(
+        TrainConfig.cohort, "--cohort", help="base (all stays) | matched (stays with an X-ray)."
+    ),
     fold: int = typer.Option(
-        1, "--fold", help="Test fold 1-5 (validation = next fold, train = the other three)."
+        TrainConfig.fold,
+        "--fold",
+        help="Test fold 1-5 (validation = the next fold, train = the other three).",
     ),
     seed: int = typer.Option(
-        0, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."
+        TrainConfig.seed, "--seed", help="Seed of initialisation, shuffling, augmentation and dropout."
     ),
-    preset: str = typer.Option("quick", "--preset", help="quick (small, CPU) | full (paper setting)."),
+    preset: str = typer.Option(
+        TrainConfig.preset,
+        "--preset",
+        help=f"{' | '.join(PRESETS)} (quick: small, CPU; full: paper setting).",
+    ),
     cxr_dropout_train: float = typer.Option(
-        0.0, "--cxr-dropout-train", help="Fraction of training X-rays removed."
+        TrainConfig.cxr_dropout_train,
+        "--cxr-dropout-train",
+        help="Fraction (0-1) of training X-rays removed.",
     ),
     cxr_dropout_val: float = typer.Option(
-        0.0, "--cxr-dropout-val", help="Fraction of validation X-rays removed."
+        TrainConfig.cxr_dropout_val, "--cxr-dropout-val", help="Fraction (0-1) of validation X-rays removed."
     ),
     cxr_dropout_test: float = typer.Option(
-        0.0, "--cxr-dropout-test", help="Fraction of test X-rays removed."
+        TrainConfig.cxr_dropout_test, "--cxr-dropout-test", help="Fraction (0-1) of test X-rays removed."
     ),
     cxr_dropout_seed: int | None = typer.Option(
-        None, "--cxr-dropout-seed", help="Seed of the X-ray dropout (default: --seed)."
+        None, "--cxr-dropout-seed", help="Seed of the X-ray dropout [default: --seed]."
     ),
-    accelerator: str = typer.Option("cpu", "--accelerator", help="cpu | gpu | auto."),
-    devices: str = typer.Option("1", "--devices", help="Number of devices (>1 = DDP) or auto."),
-    precision: str = typer.Option("32-true", "--precision", help="32-true | bf16-mixed | 16-mixed | ..."),
-    num_workers: int = typer.Option(0, "--num-workers", help="DataLoader worker processes."),
+    accelerator: str = typer.Option(TrainConfig.accelerator, "--accelerator", help="cpu | gpu | auto."),
+    devices: str = typer.Option(
+        str(TrainConfig.devices), "--devices", help="Number of devices (>1 = DDP) or auto."
+    ),
+    precision: str = typer.Option(
+        TrainConfig.precision, "--precision", help="32-true | bf16-mixed | 16-mixed | ..."
+    ),
+    num_workers: int = typer.Option(
+        TrainConfig.num_workers,
+        "--num-workers",
+        help="DataLoader worker processes (0 = in the main process).",
+    ),
     threads: int = typer.Option(
-        0,
+        TrainConfig.threads,
         "--threads",
         help="CPU threads of torch (0 = torch's default); use 1 when several runs share a machine.",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = typer.Option(
+        TrainConfig.progress, "--progress/--no-progress", help="Show progress bars.", **FLAG
+    ),
 ) -> None:
     """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
     from carebench.training import parse_overrides, resolve_config, train_run
@@ -230,7 +275,7 @@ def train(
     if not result.metrics:
         return  # a non-zero DDP rank
     sel = result.metrics["selection_metric"]
-    state = "skipped (already DONE)" if result.skipped else "done"
+    state = "skipped (already finished)" if result.skipped else "done"
     print(f"{result.run_dir}  {state}  test {sel} = {result.metrics['test'].get(sel)}")
 
 
@@ -239,7 +284,7 @@ def train(
 def evaluate(
     run_dir: str = typer.Argument(..., help="A run directory written by `carebench train`."),
     data: str | None = typer.Option(
-        None, "--data", help="Dataset directory (default: the path in config.yaml)."
+        None, "--data", help="Dataset directory [default: the path in the run's config.yaml]."
     ),
     out: str | None = typer.Option(
         None, "--out", help="Also write the recomputed metrics to this JSON file."
@@ -272,19 +317,19 @@ def benchmark(
     data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
     out: str = typer.Option(..., "--out", help="Runs directory: OUT/<run_id>/, OUT/plan.yaml, OUT/runs.csv."),
     executor: str = typer.Option(
-        "local", "--executor", help="local (worker processes) | ray (pip install 'carebench[ray]')."
+        "local", "--executor", help="local (worker processes) | ray (needs pip install 'carebench[ray]')."
     ),
     jobs: int | None = typer.Option(
-        None, "--jobs", help="Runs at a time (local: 1; ray: cluster CPUs / threads)."
+        None, "--jobs", help="Runs at a time [default: local 1; ray: cluster CPUs / threads]."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="Torch threads per run (default: CPU cores // jobs)."
+        None, "--threads", help="Torch CPU threads per run [default: CPU cores // jobs]."
     ),
     ray_address: str | None = typer.Option(
-        None, "--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray instance)."
+        None, "--ray-address", help="Ray cluster to join [default: RAY_ADDRESS, else a local Ray instance]."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="List the planned runs and whether they are done; run nothing."
+        False, "--dry-run", help="List the planned runs and whether they are done; run nothing.", **FLAG
     ),
 ) -> None:
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
@@ -293,13 +338,11 @@ def benchmark(
 
     p = load_plan(plan, parse_overrides(overrides))
     if dry_run:
-        from pathlib import Path
-
+        from carebench import runs
         from carebench.experiments.plan import expand_plan
 
         for cfg in expand_plan(p, data):
-            done = (Path(out) / cfg.run_id / "DONE").is_file()
-            print(f"{cfg.run_id}\t{'done' if done else 'pending'}")
+            print(f"{cfg.run_id}\t{'done' if runs.is_done(out, cfg.run_id) else 'pending'}")
         return
     summary = run_benchmark(
         p, data, out, executor=executor, jobs=jobs, threads=threads, address=ray_address, console=err_console
@@ -320,49 +363,54 @@ def analyze(
     data: str | None = typer.Option(
         None,
         "--data",
-        help="Dataset directory, if it moved since training (default: the path in the runs' config.yaml).",
+        help="Dataset directory, if it moved since training [default: the path in the runs' config.yaml].",
     ),
     n_bootstrap: int | None = typer.Option(
         None,
         "--n-bootstrap",
-        help="Bootstrap resamples per CI (default: the plan's statistics.n_bootstrap, else 1000).",
+        help=f"Bootstrap resamples per CI [default: the plan's statistics.n_bootstrap, else {STATS.n_bootstrap}].",
     ),
     n_permutations: int | None = typer.Option(
         None,
         "--n-permutations",
-        help="Permutations per paired test (default: the plan's statistics.n_permutations, else 10000).",
+        help="Permutations per paired test [default: the plan's statistics.n_permutations, else "
+        f"{STATS.n_permutations}].",
     ),
     seed: int | None = typer.Option(
-        None, "--seed", help="Seed of every resampling (default: plan's, else 0)."
+        None, "--seed", help=f"Seed of every resampling [default: the plan's, else {STATS.seed}]."
     ),
     confidence: float | None = typer.Option(
-        None, "--confidence", help="CI level (default: plan's, else 0.95)."
+        None, "--confidence", help=f"CI level, 0-1 [default: the plan's, else {STATS.confidence}]."
     ),
     fairness: bool | None = typer.Option(
         None,
         "--fairness/--skip-fairness",
-        help="Fairness tables (default: the plan's fairness.enabled, else on).",
+        help="Fairness tables [default: the plan's fairness.enabled, else on].",
+        **FLAG,
     ),
     missingness: bool = typer.Option(
         True,
         "--missingness/--skip-missingness",
         help="Missing-X-ray tables (natural, test-time curves, train/val rates).",
+        **FLAG,
     ),
-    ablation: bool = typer.Option(True, "--ablation/--skip-ablation", help="Test-time modality ablation."),
+    ablation: bool = typer.Option(
+        True, "--ablation/--skip-ablation", help="Test-time modality ablation.", **FLAG
+    ),
     label_groups: str | None = typer.Option(
         None,
         "--label-groups",
         help="Phenotype label groups for group-macro "
         "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
         "planted.json of `carebench synth` (grouped by planted kind). "
-        "Default: the plan's statistics.label_groups, else none.",
+        "[default: the plan's statistics.label_groups, else none]",
     ),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.", **FLAG),
 ) -> None:
     """Statistics, fairness, missing-modality and modality-contribution tables of every finished run ->
     RUNS/analysis/ (parquet + csv, summary.json)."""
-    from carebench.evaluation.analyze import analyze as run_analysis
+    from carebench.analysis.analyze import analyze as run_analysis
 
     result = run_analysis(
         runs,
@@ -380,7 +428,7 @@ def analyze(
     )
     s = result.summary
     for w in s["warnings"]:
-        err_console.print(f"[yellow]note:[/] {w}", highlight=False, soft_wrap=True)
+        err_console.print(f"[yellow]note:[/] {escape(w)}", highlight=False, soft_wrap=True)
     err_console.print(f"{s['n_runs']} runs analysed in {s['timings_s']['total']:.1f} s", highlight=False)
     print(result.path)
 
@@ -395,7 +443,7 @@ def report(
         help="planted.json of `carebench synth`: adds a "
         "section comparing the conclusions with the planted truth.",
     ),
-    out: str | None = typer.Option(None, "--out", help="Output directory (default: RUNS/report)."),
+    out: str | None = typer.Option(None, "--out", help="Output directory [default: RUNS/report]."),
 ) -> None:
     """One self-contained HTML page (RUNS/report/index.html) and every analysis table as CSV."""
     from carebench.report import build_report

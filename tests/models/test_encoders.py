@@ -9,6 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
+from carebench.models.base import masked_mean
 from carebench.models.encoders import (
     EHRLSTMEncoder,
     EHRTransformerEncoder,
@@ -16,17 +17,28 @@ from carebench.models.encoders import (
     ResNetEncoder,
     SinusoidalPositions,
     encode_present,
-    masked_mean,
     padding_mask,
+    pool_steps,
 )
 
 
-def test_masked_mean_ignores_padded_steps():
+def test_pooling_ignores_padded_steps():
     h = torch.tensor([[[1.0], [3.0], [100.0]], [[2.0], [4.0], [6.0]]])
     pad = padding_mask(torch.tensor([2, 3]), 3)
     assert pad.tolist() == [[False, False, True], [False, False, False]]
-    assert masked_mean(h, pad).flatten().tolist() == [2.0, 4.0]
-    torch.testing.assert_close(masked_mean(h, None).flatten(), torch.tensor([104.0 / 3, 4.0]))
+    assert pool_steps(h, pad).flatten().tolist() == [2.0, 4.0]
+    torch.testing.assert_close(pool_steps(h, None).flatten(), torch.tensor([104.0 / 3, 4.0]))
+
+
+def test_masked_mean_counts_only_kept_entries():
+    losses = torch.tensor([1.0, 2.0, 30.0, 4.0])
+    keep = torch.tensor([True, True, False, True])
+    assert masked_mean(losses, keep).item() == pytest.approx(7.0 / 3)
+    assert masked_mean(losses, torch.zeros(4, dtype=torch.bool)).item() == 0.0  # nothing kept: 0, not NaN
+    assert masked_mean(losses, None).item() == pytest.approx(37.0 / 4)
+    seq = torch.arange(12.0).reshape(2, 3, 2)  # [B, T, D] pooled over the kept steps of each stay
+    kept = torch.tensor([[True, False, True], [False, False, False]])
+    assert masked_mean(seq, kept, dim=1).tolist() == [[2.0, 3.0], [0.0, 0.0]]
 
 
 @pytest.mark.parametrize("positional", ["learned", "sinusoidal"])

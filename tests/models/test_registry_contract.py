@@ -99,12 +99,13 @@ def test_forward_backward_shapes_and_every_parameter_learns(name, task):
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("task", TASKS)
 @pytest.mark.parametrize("name", MODELS)
-def test_pixels_of_a_missing_xray_never_change_any_output(name, task, mode):
+def test_pixels_and_time_of_a_missing_xray_never_change_any_output(name, task, mode):
     model = build(name, task)
     model.train(mode == "train")
     batch = make_batch(task)
-    noisy = dict(batch, cxr=batch["cxr"].clone())
+    noisy = dict(batch, cxr=batch["cxr"].clone(), cxr_hours=batch["cxr_hours"].clone())
     noisy["cxr"][~batch["has_cxr"]] = torch.randn_like(noisy["cxr"][~batch["has_cxr"]]) * 100 + 7
+    noisy["cxr_hours"][~batch["has_cxr"]] = 31.5  # a missing X-ray has no time either: nothing may read it
     with torch.no_grad():
         assert_same_output(run(model, batch), run(model, noisy))
         # has_cxr given as 0/1 floats means the same
@@ -219,3 +220,43 @@ def test_register_rejects_bad_classes_and_duplicate_names():
     with pytest.raises(ValueError, match="unknown hyper-parameter 'lr'"):
         register("bad_space")(BadSpace)
     assert "bad_space" not in list_models()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_every_search_space_value_builds_a_model(name):
+    """The declared search space is usable: both bounds of every range and every choice resolve and build."""
+    cls = get_model_class(name)
+    for key, spec in cls.search_space.items():
+        values = spec["choices"] if spec["type"] == "categorical" else [spec["low"], spec["high"]]
+        for value in values:
+            model = create_model(name, "phenotype", F, S, preset="test", **{key: value})
+            assert model.hparams[key] == value, (key, value)
+
+
+BAD_SPACES = [
+    ({"dropout": {"type": "uniform", "low": 0.0, "high": 0.5}}, "'type' must be one of"),
+    ({"dropout": {"type": "float", "low": 0.5, "high": 0.5}}, "needs low < high"),
+    ({"dropout": {"type": "float", "low": 0.0, "high": 0.5, "log": True}}, "a log scale needs low > 0"),
+    ({"dropout": {"type": "float", "low": 0.0, "high": 0.5, "step": 0.1}}, "unknown keys \\['step'\\]"),
+    (
+        {"dropout": {"type": "int", "low": 0, "high": 1}},
+        "an int space for a hyper-parameter whose default is 0.2",
+    ),
+    ({"hidden": {"type": "int", "low": 8, "high": 64.5}}, "'low' and 'high' must be integers"),
+    ({"hidden": {"type": "categorical", "choices": []}}, "'choices' must be a non-empty list"),
+    ({"hidden": {"type": "categorical", "choices": [8, 8]}}, "'choices' repeat a value"),
+    ({"hidden": {"type": "categorical", "choices": [8, "wide"]}}, "choice 'wide' is not a int"),
+    ({"width": {"type": "int", "low": 1, "high": 2}}, "names unknown hyper-parameter 'width'"),
+]
+
+
+@pytest.mark.parametrize(("space", "message"), BAD_SPACES)
+def test_a_malformed_search_space_is_refused_at_registration(space, message):
+    class Bad(BaseModel):
+        modalities = ("ehr",)
+        default_hparams: ClassVar[dict] = {"hidden": 16, "dropout": 0.2}
+        search_space: ClassVar[dict] = space
+
+    with pytest.raises(ValueError, match=message):
+        register("bad_space_model")(Bad)
+    assert "bad_space_model" not in list_models()

@@ -1,4 +1,4 @@
-"""Processed dataset -> batches of tensors (DESIGN.md "Batch"): folds, normalisation, X-ray handling, dropout.
+"""Processed dataset -> batches of tensors (docs/architecture.md, "Batch"): folds, normalisation, X-ray handling, dropout.
 
 Why each rule (docs/training.md has the full description):
 - Normalisation statistics come from the training split of the fold only, so nothing about the validation or
@@ -24,19 +24,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from carebench.data.definitions import load_phenotypes
+from carebench.data.folds import SPLITS, LoadingError, cxr_dropout, label_columns, split_rows
 from carebench.data.store import ProcessedDataset
-from carebench.errors import UserError
 
-N_FOLDS = 5
-TASKS = ("mortality", "phenotype", "los")
-COHORTS = ("base", "matched")
-SPLITS = ("train", "val", "test")
 # ImageNet statistics averaged over the three channels: our images are single-channel grayscale.
 CXR_MEAN = (0.485 + 0.456 + 0.406) / 3
 CXR_STD = (0.229 + 0.224 + 0.225) / 3
@@ -44,75 +38,6 @@ CXR_STD = (0.229 + 0.224 + 0.225) / 3
 AUG_DEGREES = 45.0
 AUG_SCALE = (0.85, 1.15)
 AUG_TRANSLATE = 0.15
-
-
-class LoadingError(UserError, ValueError):
-    """A loading option does not fit the dataset (unknown fold/cohort/task, empty split, missing images)."""
-
-
-# ----------------------------------------------------------------------------------------------- folds, cohorts
-def fold_roles(fold: int) -> dict[str, tuple[int, ...]]:
-    """Which folds play which role: test = k, validation = (k mod 5) + 1, train = the other three."""
-    if not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
-        raise LoadingError(f"--fold must be an integer 1..{N_FOLDS}, got {fold!r}")
-    val = fold % N_FOLDS + 1
-    return {
-        "train": tuple(f for f in range(1, N_FOLDS + 1) if f not in (fold, val)),
-        "val": (val,),
-        "test": (fold,),
-    }
-
-
-def label_columns(task: str) -> list[str]:
-    if task == "mortality":
-        return ["label_mortality"]
-    if task == "phenotype":
-        return [p.column for p in load_phenotypes()]
-    if task == "los":
-        return ["label_los"]
-    raise LoadingError(f"--task must be one of {TASKS}, got {task!r}")
-
-
-def output_names(task: str) -> list[str]:
-    """Names of the prediction columns: `mortality`, each `pheno_*` column, or `los_0` ... `los_6`."""
-    if task == "mortality":
-        return ["mortality"]
-    if task == "phenotype":
-        return label_columns(task)
-    if task == "los":
-        return [f"los_{k}" for k in range(7)]
-    raise LoadingError(f"--task must be one of {TASKS}, got {task!r}")
-
-
-def split_rows(
-    cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "base"
-) -> dict[str, np.ndarray]:
-    """Row indices (into the dataset arrays) of the train / val / test stays of a fold and cohort.
-
-    `base` keeps every stay (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray.
-    Stays whose task label is missing are left out.
-    """
-    if cohort_name not in COHORTS:
-        raise LoadingError(f"--cohort must be one of {COHORTS}, got {cohort_name!r}")
-    roles = fold_roles(fold)
-    cols = label_columns(task)
-    missing = [c for c in cols if c not in cohort.columns]
-    if missing:
-        raise LoadingError(f"cohort.parquet: missing label columns {missing} for task {task!r}")
-    keep = cohort[cols].notna().all(axis=1).to_numpy()
-    if cohort_name == "matched":
-        keep = keep & cohort["has_cxr"].to_numpy(dtype=bool)
-    folds = cohort["fold"].to_numpy()
-    out = {}
-    for split, fs in roles.items():
-        rows = np.flatnonzero(keep & np.isin(folds, fs))
-        if len(rows) == 0:
-            raise LoadingError(
-                f"cohort.parquet: the {split} split of fold {fold} ({cohort_name} cohort, "
-                f"task {task}) is empty (folds {list(fs)})"
-            )
-        out[split] = rows
-    return out
 
 
 # -------------------------------------------------------------------------------------------- normalisation
@@ -190,49 +115,6 @@ def impute_and_scale(raw: np.ndarray, stats: NormStats) -> tuple[np.ndarray, np.
     return values.astype(np.float32), mask.astype(np.float32)
 
 
-# ----------------------------------------------------------------------------------------------- X-ray dropout
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed 64-bit mixing function: a stable per-stay pseudo-random number on every platform."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
-def stay_hash(stay_ids: np.ndarray, seed: int) -> np.ndarray:
-    """uint64 hash of (seed, stay_id); depends on nothing else."""
-    with np.errstate(over="ignore"):
-        s = _splitmix64(np.array([seed], dtype=np.int64).astype(np.uint64))[0]
-        return _splitmix64(np.asarray(stay_ids, dtype=np.int64).astype(np.uint64) ^ s)
-
-
-def n_dropped(rate: float, n_with_cxr: int) -> int:
-    """How many of a split's X-rays a dropout rate removes: round(rate x n), halves rounded up."""
-    return math.floor(rate * n_with_cxr + 0.5)
-
-
-def cxr_dropout(stay_ids: np.ndarray, has_cxr: np.ndarray, rate: float, seed: int) -> np.ndarray:
-    """Boolean mask of the stays whose X-ray is removed.
-
-    Exactly `n_dropped(rate, has_cxr.sum())` stays with an X-ray are chosen: those with the smallest
-    hash(seed, stay_id) (ties by stay_id). The choice is therefore deterministic per stay and seed, and a
-    higher rate removes a superset of the X-rays a lower rate removes.
-    """
-    if not (isinstance(rate, int | float) and 0.0 <= rate <= 1.0):
-        raise LoadingError(f"X-ray dropout rate must be in [0, 1], got {rate!r}")
-    stay_ids = np.asarray(stay_ids, dtype=np.int64)
-    has_cxr = np.asarray(has_cxr, dtype=bool)
-    drop = np.zeros(len(stay_ids), dtype=bool)
-    cand = np.flatnonzero(has_cxr)
-    k = n_dropped(float(rate), len(cand))
-    if k:
-        h = stay_hash(stay_ids[cand], seed)
-        order = np.lexsort((stay_ids[cand], h))
-        drop[cand[order[:k]]] = True
-    return drop
-
-
 # ------------------------------------------------------------------------------------------------- images
 def resize_cxr(x: torch.Tensor, size: int) -> torch.Tensor:
     """[B, 1, S, S] -> [B, 1, size, size]; bilinear with antialiasing when shrinking.
@@ -289,7 +171,7 @@ def augment_cxr(
 
 # ------------------------------------------------------------------------------------------------ dataset
 class StayDataset(Dataset):
-    """The stays of one split. `__getitems__(positions)` returns a whole batch dict (DESIGN.md "Batch").
+    """The stays of one split. `__getitems__(positions)` returns a whole batch dict (docs/architecture.md, "Batch").
 
     Use with `make_loader` (or any DataLoader whose collate_fn is `collate_batch`): the loader's sampler hands a
     list of positions to `__getitems__`, which slices the memory-mapped arrays once per batch.

@@ -1,4 +1,4 @@
-"""Read and write the processed dataset (DESIGN.md "Processed dataset").
+"""Read and write the processed dataset (docs/architecture.md, "Processed dataset").
 
 A processed dataset is one directory:
   manifest.json   format version, options, source files, cohort step counts, timings, warnings, feature list
@@ -13,6 +13,7 @@ place (`atomic_output_dir`). A crash leaves no half-written dataset behind.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -139,3 +140,23 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
         if cxr.ndim != 3 or cxr.shape[0] != n_img:
             raise DatasetError(f"{root / CXR}: shape {cxr.shape} does not match {n_img} stays with an X-ray")
     return ProcessedDataset(root=root, manifest=manifest, cohort=cohort, ehr=ehr, cxr=cxr)
+
+
+def dataset_fingerprint(root: str | Path) -> str:
+    """Identifies a processed dataset independently of its path and of when it was built.
+
+    The manifest's `content_sha256` (digests of cohort.parquet, ehr.npy and cxr.npy, written by `prepare`), so
+    re-preparing the same inputs keeps every run valid; for a dataset without it, the hash of manifest.json.
+    Every run records it (`runs`), and a run is only evaluated on a dataset with the same fingerprint.
+    """
+    p = Path(root) / MANIFEST
+    if not p.is_file():
+        raise DatasetError(f"{p}: missing (expected a dataset written by `carebench prepare`)")
+    raw = p.read_bytes()
+    try:
+        content = json.loads(raw).get("content_sha256")
+    except (ValueError, AttributeError):
+        content = None
+    if isinstance(content, dict) and content:
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(raw).hexdigest()[:16]

@@ -1,19 +1,6 @@
-"""Evaluation: performance metrics (`metrics`), statistics, fairness and missingness analyses of saved runs."""
+"""The kernels: pure functions of arrays that know nothing of run folders (a leaf anyone may import).
 
-from carebench.evaluation.metrics import (
-    SELECTION_METRIC,
-    binary_metrics,
-    compute_metrics,
-    expected_calibration_error,
-    multiclass_metrics,
-    multilabel_metrics,
-)
-
-__all__ = [
-    "SELECTION_METRIC",
-    "binary_metrics",
-    "compute_metrics",
-    "expected_calibration_error",
-    "multiclass_metrics",
-    "multilabel_metrics",
-]
+`metrics` (every performance metric from probabilities), `statistics` (rank metrics, bootstrap CIs, paired
+permutation tests), `multiplicity` (Holm, Benjamini-Hochberg), `fairness` (per-group metrics, gaps, parity,
+their bootstrap). Reading finished runs into pooled tables is `carebench.analysis`.
+"""

@@ -1,7 +1,7 @@
-"""Group fairness of one run's test predictions: per-group metrics, cross-group gaps, bootstrap CIs.
+"""Group fairness kernels: per-group metrics, cross-group gaps, parity, bootstrap CIs (arrays in, tables out).
 
 Why a module of our own around fairlearn (docs/fairness.md has the full definitions): the reference toolkit
-(reference notes §4.2) thresholded at 0.5 whatever the model returned, called the minimum "worst" also for FPR and
+(CareBench) thresholded at 0.5 whatever the model returned, called the minimum "worst" also for FPR and
 ECE, averaged LOS one-vs-rest rates over class *indices* 0..k-1 instead of the classes present, mutated its age-bin
 list, built slash-joined keys that are ambiguous for groups such as "BLACK/AFRICAN AMERICAN", and reported a
 correlation of 0.0 for every metric when `has_cxr` was itself an attribute. Here:
@@ -34,11 +34,11 @@ from sklearn import metrics as skm
 
 from carebench.errors import UserError
 from carebench.evaluation.metrics import expected_calibration_error
+from carebench.evaluation.options import ATTRIBUTES, DEFAULTS
 from carebench.evaluation.statistics import bootstrap_weights, weighted_rank_metrics
 
 AGE_EDGES = (0.0, 40.0, 60.0, 80.0, math.inf)
 AGE_LABELS = ("0-40", "40-60", "60-80", "80+")
-ATTRIBUTES = ("age_band", "gender", "race_group", "admission_type", "insurance", "has_cxr")
 INTERSECTIONS = (
     ("race_group", "gender"),
     ("age_band", "race_group"),
@@ -763,9 +763,9 @@ def bootstrap_fairness(
     intersections: Iterable[Sequence[str]] = INTERSECTIONS,
     min_group_size: int = 10,
     n_bins: int = 10,
-    n_resamples: int = 1000,
-    confidence: float = 0.95,
-    seed: int = 0,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    confidence: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Percentile bootstrap CIs of every group metric and of every cross-group gap and parity difference.
 
@@ -875,111 +875,3 @@ def _gap(x: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ from a run
-def task_arrays(predictions: pd.DataFrame, task: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(labels, probabilities, label names) of a predictions.parquet frame (`y_<name>`, `p_<name>` columns).
-
-    mortality: y [n], p [n]; phenotype: y [n, 25], p [n, 25]; los: y [n] classes, p [n, 7] (`p_los_0..6`).
-    Per-modality head columns (`p_<name>__<head>`) are ignored.
-    """
-    from carebench.data.definitions import load_phenotypes
-
-    if task == "mortality":
-        names, ycols, pcols = ["mortality"], ["y_mortality"], ["p_mortality"]
-    elif task == "phenotype":
-        names = [ph.column for ph in load_phenotypes()]
-        ycols, pcols = [f"y_{n}" for n in names], [f"p_{n}" for n in names]
-    elif task == "los":
-        names = [f"los_{k}" for k in range(7)]
-        ycols, pcols = ["y_los"], [f"p_{n}" for n in names]
-    else:
-        raise FairnessInputError(f"task: expected mortality, phenotype or los, got {task!r}")
-    missing = [c for c in ["stay_id", *ycols, *pcols] if c not in predictions.columns]
-    if missing:
-        raise FairnessInputError(f"predictions: missing columns {missing} for task {task!r}")
-    y = predictions[ycols].to_numpy()
-    p = predictions[pcols].to_numpy(dtype=np.float64)
-    if task != "phenotype":
-        y = y[:, 0]
-    if task == "mortality":
-        p = p[:, 0]
-    return y, p, names
-
-
-@dataclass
-class FairnessReport:
-    """What `analyze_fairness` returns: the group table and the summary, each with bootstrap CI columns."""
-
-    groups: pd.DataFrame  # group_metrics + <metric>_low, <metric>_high
-    summary: pd.DataFrame  # fairness_summary + gap_low, gap_high, n_resamples_valid
-    thresholds: dict[str, float]
-
-
-def analyze_fairness(
-    test_predictions: pd.DataFrame,
-    cohort: pd.DataFrame,
-    task: str,
-    *,
-    val_predictions: pd.DataFrame | None = None,
-    threshold: str | float = "youden",
-    n_resamples: int = 1000,
-    seed: int = 0,
-    confidence: float = 0.95,
-    attributes: Iterable[str] = ATTRIBUTES,
-    intersections: Iterable[Sequence[str]] = INTERSECTIONS,
-    min_group_size: int = 10,
-    n_bins: int = 10,
-) -> FairnessReport:
-    """Fairness of one run: thresholds chosen on its validation predictions, metrics on its test predictions.
-
-    Stays join cohort.parquet by `stay_id` for their attributes (`cohort_groups`); the missing-X-ray rate of a
-    group counts the stays whose model input had no X-ray (`cxr_input` of the predictions when present, else
-    the cohort's `has_cxr`). `threshold` is a rule ("youden", "f1"; needs `val_predictions`) or a fixed number.
-    LOS decides by the argmax class and needs no threshold. The other options are those of `group_metrics`
-    and `bootstrap_fairness`.
-    """
-    options = {
-        "attributes": list(attributes),
-        "intersections": [tuple(i) for i in intersections],
-        "min_group_size": min_group_size,
-        "n_bins": n_bins,
-    }
-    y, p, names = task_arrays(test_predictions, task)
-    groups_all = cohort_groups(cohort)
-    joined = test_predictions[["stay_id"]].merge(
-        groups_all, on="stay_id", how="left", validate="one_to_one", indicator=True
-    )
-    if (joined["_merge"] != "both").any():
-        n_miss = int((joined["_merge"] != "both").sum())
-        raise FairnessInputError(f"cohort: {n_miss} stay_id(s) of the predictions are not in cohort.parquet")
-    groups = joined.drop(columns=["_merge", "stay_id"])
-    cxr = (
-        test_predictions["cxr_input"].astype(bool).to_numpy()
-        if "cxr_input" in test_predictions.columns
-        else groups["has_cxr"].to_numpy()
-    )
-    thr = None
-    if task != "los":
-        if isinstance(threshold, str):
-            if val_predictions is None:
-                raise FairnessInputError(
-                    f"threshold rule {threshold!r}: needs val_predictions (thresholds are "
-                    "chosen on validation, never on test), or pass a fixed number"
-                )
-            yv, pv, _ = task_arrays(val_predictions, task)
-            thr = choose_threshold(yv, pv, threshold)
-        else:
-            thr = choose_threshold(y, p, threshold)  # validates the fixed number
-    table = group_metrics(y, p, groups, thr, labels=names, cxr_available=cxr, **options)
-    summary = fairness_summary(table)
-    gci, sci = bootstrap_fairness(
-        y, p, groups, thr, labels=names, n_resamples=n_resamples, seed=seed, confidence=confidence, **options
-    )
-    wide = gci.pivot(index=["label", "attribute", "group"], columns="metric", values=["ci_low", "ci_high"])
-    wide.columns = [f"{m}_{'low' if stat == 'ci_low' else 'high'}" for stat, m in wide.columns]
-    table = table.merge(wide.reset_index(), on=["label", "attribute", "group"], how="left")
-    sci = sci.rename(columns={"ci_low": "gap_low", "ci_high": "gap_high", "n_valid": "n_resamples_valid"})
-    summary = summary.merge(sci, on=["label", "attribute", "metric"], how="left")
-    thr_map = (
-        {} if thr is None else dict(zip(names, np.broadcast_to(thr, (len(names),)).tolist(), strict=True))
-    )
-    return FairnessReport(groups=table, summary=summary, thresholds=thr_map)

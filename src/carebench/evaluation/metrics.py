@@ -20,10 +20,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from carebench.errors import UserError
-
-# The validation metric that early stopping and checkpoint selection maximise, per task (docs/training.md).
-SELECTION_METRIC = {"mortality": "auprc", "phenotype": "auprc_macro", "los": "auroc_ovr_macro"}
-TASK_KIND = {"mortality": "binary", "phenotype": "multilabel", "los": "multiclass"}
+from carebench.tasks import get_task
 
 
 class MetricInputError(UserError, ValueError):
@@ -155,12 +152,10 @@ def multiclass_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str] | Non
 
 
 def compute_metrics(task: str, y_true: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, float]:
-    """Metrics of a task's probabilities: mortality -> binary, phenotype -> multilabel, los -> multiclass."""
-    kind = TASK_KIND.get(task)
+    """Metrics of a task's probabilities, by the task's kind (`tasks`): binary, multilabel or multiclass."""
+    kind = get_task(task).kind
     if kind == "binary":
         return binary_metrics(y_true, p)
     if kind == "multilabel":
         return multilabel_metrics(y_true, p, names)
-    if kind == "multiclass":
-        return multiclass_metrics(y_true, p, names)
-    raise MetricInputError(f"unknown task {task!r}; expected one of {sorted(TASK_KIND)}")
+    return multiclass_metrics(y_true, p, names)

@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals, paired permutation tests and multiplicity adjustment for comparing models.
+"""Bootstrap confidence intervals and paired permutation tests of any metric, for comparing models (kernels).
 
 Why kernels of our own rather than scikit-learn in a loop: a comparison of two phenotype models with 10,000
 permutations needs 10,000 x 25 labels x 2 models x 2 metrics = 1,000,000 scikit-learn calls (minutes per pair,
@@ -27,18 +27,15 @@ p-value conventions are in docs/statistics.md.
 
 from __future__ import annotations
 
-import itertools
-import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-import pandas as pd
 from scipy.special import ndtr, ndtri
 
 from carebench.errors import UserError
-from carebench.evaluation.metrics import SELECTION_METRIC, TASK_KIND, _check_probs
+from carebench.evaluation.metrics import _check_probs
+from carebench.evaluation.options import DEFAULTS, GROUP_SEP, label_groups_problem
 
 # Working memory of one rank-kernel call (bytes); the kernel splits the rows of W to stay below it.
 CHUNK_BYTES = 32 * 2**20
@@ -50,7 +47,6 @@ MAX_EXACT_STAYS = 20
 TIE_TOLERANCE = 1e-12
 
 _BINARY_METRICS = ("auroc", "auprc", "accuracy", "f1", "precision", "recall", "specificity", "brier", "ece")
-GROUP_SEP = "@"  # "auroc_macro@both": macro average over the labels of group "both"
 _MULTILABEL_AGG = (
     "auroc_macro",
     "auprc_macro",
@@ -62,12 +58,6 @@ _MULTILABEL_AGG = (
 _MULTICLASS_METRICS = ("accuracy", "f1_macro", "f1_weighted", "kappa", "kappa_linear", "auroc_ovr_macro")
 ALTERNATIVES = ("two-sided", "greater", "less")
 CI_METHODS = ("percentile", "bca")
-# What `compare_methods` tests when `metrics` is not given; "auroc/*" expands to every label.
-DEFAULT_COMPARE_METRICS = {
-    "mortality": ("auroc", "auprc"),
-    "phenotype": ("auroc_macro", "auprc_macro", "auroc/*", "auprc/*"),
-    "los": ("auroc_ovr_macro", "accuracy"),
-}
 
 
 class StatisticsInputError(UserError, ValueError):
@@ -332,19 +322,9 @@ def group_key(metric: str, group: str) -> str:
     return f"{metric}{GROUP_SEP}{group}"
 
 
-def label_groups_problem(groups: Any) -> str | None:
-    """Why `groups` is not a label-group mapping ({name: [label, ...]}, names without '@' or '/'), or None."""
-    if not isinstance(groups, Mapping) or not groups:
-        return "expected a non-empty mapping of group name to a list of labels"
-    for g, labels in groups.items():
-        if not isinstance(g, str) or not g or GROUP_SEP in g or "/" in g:
-            return f"group name {g!r}: expected a non-empty name without '@' or '/'"
-        if not isinstance(labels, list | tuple) or not labels or not all(isinstance(x, str) for x in labels):
-            return f"group {g!r}: expected a non-empty list of label names, got {labels!r}"
-    return None
-
-
-def _check_groups(groups: Mapping[str, Sequence[str]] | None, names: Sequence[str]) -> dict[str, list[str]]:
+def check_label_groups(
+    groups: Mapping[str, Sequence[str]] | None, names: Sequence[str]
+) -> dict[str, list[str]]:
     """Label groups (group -> label names) validated against the task's labels."""
     out: dict[str, list[str]] = {}
     if groups and (problem := label_groups_problem(groups)):
@@ -402,7 +382,7 @@ class _MetricSet:
         self.kind = task_kind(y, p)
         self.paired = paired
         self.names = list(names)
-        self.groups = _check_groups(groups, self.names) if self.kind == "multilabel" else {}
+        self.groups = check_label_groups(groups, self.names) if self.kind == "multilabel" else {}
         available = available_metrics(self.kind, self.names, self.groups)
         unknown = sorted(set(keys) - set(available))
         if unknown:
@@ -589,7 +569,7 @@ class _MetricSet:
         return out
 
 
-def _prepare(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def prepare_predictions(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Validated arrays and label / class names (default "0", "1", ...)."""
     try:
         y, p = np.asarray(y), _check_probs(np.asarray(p), "scores")
@@ -620,7 +600,7 @@ def metric_values(
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, np.ndarray]:
     """The vectorised metrics for integer weightings [R, n] of the stays (default: one row of ones)."""
-    y, p, names = _prepare(y_true, p, names)
+    y, p, names = prepare_predictions(y_true, p, names)
     wt = np.ones((len(y), 1), dtype=np.int32) if weights is None else _weights_t(weights, len(y))
     return _MetricSet(y, p, names, metrics, groups=groups).evaluate(wt)
 
@@ -727,7 +707,7 @@ def _bca_levels(valid: np.ndarray, estimate: float, alpha: float, jackknife: np.
     return ndtr(z0 + z / (1.0 - accel * z))
 
 
-def _check_options(confidence: float, method: str, n: int, name: str) -> None:
+def check_ci_options(confidence: float, method: str, n: int, name: str) -> None:
     if not 0.0 < confidence < 1.0:
         raise StatisticsInputError(f"ci: confidence level must be in (0, 1), got {confidence}")
     if method not in CI_METHODS:
@@ -768,9 +748,9 @@ def bootstrap_ci(
     metric: str = "auroc",
     *,
     names: Sequence[str] | None = None,
-    n_resamples: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
@@ -800,16 +780,16 @@ def bootstrap_cis(
     metrics: Sequence[str],
     *,
     names: Sequence[str] | None = None,
-    n_resamples: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, BootstrapResult]:
     """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
-    y, p, names = _prepare(y_true, p, names)
-    _check_options(ci, method, n_resamples, "n_resamples")
+    y, p, names = prepare_predictions(y_true, p, names)
+    check_ci_options(ci, method, n_resamples, "n_resamples")
     sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups)]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
@@ -821,9 +801,9 @@ def paired_bootstrap_ci(
     metric: str = "auroc",
     *,
     names: Sequence[str] | None = None,
-    n_resamples: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
@@ -851,18 +831,18 @@ def paired_bootstrap_cis(
     metrics: Sequence[str],
     *,
     names: Sequence[str] | None = None,
-    n_resamples: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, BootstrapResult]:
     """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass."""
-    y, p_a, names = _prepare(y_true, p_a, names)
-    _, p_b, _ = _prepare(y_true, p_b, names)
+    y, p_a, names = prepare_predictions(y_true, p_a, names)
+    _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
-    _check_options(ci, method, n_resamples, "n_resamples")
+    check_ci_options(ci, method, n_resamples, "n_resamples")
     keys = list(dict.fromkeys(metrics))
     sets = [_MetricSet(y, p_a, names, keys, groups=groups), _MetricSet(y, p_b, names, keys, groups=groups)]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
@@ -961,7 +941,7 @@ def _permutation_many(
     return out
 
 
-def _check_alternative(alternative: str, n_permutations: int) -> None:
+def check_test_options(alternative: str, n_permutations: int) -> None:
     if alternative not in ALTERNATIVES:
         raise StatisticsInputError(f"alternative: expected one of {list(ALTERNATIVES)}, got {alternative!r}")
     if n_permutations < 1:
@@ -975,8 +955,8 @@ def paired_permutation_test(
     metric: str = "auroc",
     *,
     names: Sequence[str] | None = None,
-    n_permutations: int = 10000,
-    seed: int = 0,
+    n_permutations: int = DEFAULTS.n_permutations,
+    seed: int = DEFAULTS.seed,
     alternative: str = "two-sided",
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> PermutationResult:
@@ -1007,391 +987,16 @@ def paired_permutation_tests(
     metrics: Sequence[str],
     *,
     names: Sequence[str] | None = None,
-    n_permutations: int = 10000,
-    seed: int = 0,
+    n_permutations: int = DEFAULTS.n_permutations,
+    seed: int = DEFAULTS.seed,
     alternative: str = "two-sided",
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, PermutationResult]:
     """`paired_permutation_test` of several metrics (e.g. every phenotype) on the same permutations, in one pass."""
-    y, p_a, names = _prepare(y_true, p_a, names)
-    _, p_b, _ = _prepare(y_true, p_b, names)
+    y, p_a, names = prepare_predictions(y_true, p_a, names)
+    _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
-    _check_alternative(alternative, n_permutations)
+    check_test_options(alternative, n_permutations)
     return _permutation_many(
         y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative, groups
     )
-
-
-# ------------------------------------------------------------------------------------ multiplicity
-
-
-def _p_array(pvalues) -> np.ndarray:
-    p = np.asarray(pvalues, dtype=np.float64)
-    if p.ndim != 1:
-        raise StatisticsInputError(f"p-values: expected a 1-D array, got shape {p.shape}")
-    if ((p[~np.isnan(p)] < 0) | (p[~np.isnan(p)] > 1)).any():
-        raise StatisticsInputError("p-values must lie in [0, 1]")
-    return p
-
-
-def _adjust(pvalues, step: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-    """Apply `step` (sorted p-values -> adjusted, same order) to the non-NaN p-values; NaN stays NaN and does
-    not count in the family."""
-    p = _p_array(pvalues)
-    out = np.full(len(p), np.nan)
-    ok = ~np.isnan(p)
-    q = p[ok]
-    order = np.argsort(q, kind="stable")
-    adj = np.empty(len(q))
-    adj[order] = np.minimum(1.0, step(q[order]))
-    out[ok] = adj
-    return out
-
-
-def holm(pvalues) -> np.ndarray:
-    """Holm step-down adjusted p-values (family-wise error). NaN stays NaN and does not count in the family."""
-    return _adjust(pvalues, lambda q: np.maximum.accumulate((len(q) - np.arange(len(q))) * q))
-
-
-def benjamini_hochberg(pvalues) -> np.ndarray:
-    """Benjamini-Hochberg adjusted p-values (false discovery rate). NaN stays NaN and does not count."""
-    return _adjust(
-        pvalues, lambda q: np.minimum.accumulate((q * len(q) / np.arange(1, len(q) + 1))[::-1])[::-1]
-    )
-
-
-# ------------------------------------------------------------------------- runs: seeds, folds, tidy tables
-
-
-@dataclass(frozen=True)
-class PooledPredictions:
-    """One method's test predictions: out-of-fold predictions concatenated, probabilities averaged over seeds."""
-
-    stay_id: np.ndarray
-    y: np.ndarray
-    p: np.ndarray
-    n_seeds: int
-
-
-def task_columns(columns: Sequence[str], task: str) -> tuple[list[str], list[str], list[str]]:
-    """(label columns, probability columns, names) of a task in a predictions table."""
-    cols = list(columns)
-    if task == "mortality":
-        return ["y_mortality"], ["p_mortality"], ["mortality"]
-    if task == "phenotype":
-        names = [c[2:] for c in cols if c.startswith("y_pheno_")]
-        return [f"y_{nm}" for nm in names], [f"p_{nm}" for nm in names], names
-    if task == "los":
-        found = sorted(int(m.group(1)) for c in cols if (m := re.fullmatch(r"p_los_(\d+)", c)))
-        return ["y_los"], [f"p_los_{k}" for k in found], [f"los_{k}" for k in found]
-    raise StatisticsInputError(f"task: expected one of {sorted(TASK_KIND)}, got {task!r}")
-
-
-def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredictions]:
-    """Per method: the test predictions of every stay, seeds averaged.
-
-    `preds` is long: one row per (method, seed, stay) with `method`, `seed`, `stay_id` (and optionally `fold`),
-    the task's `y_*` and `p_*` columns. Each stay must be tested exactly once per (method, seed) - the five
-    folds' test sets partition the cohort - and every seed of a method must cover the same stays. Probabilities
-    are averaged over seeds per stay (a seed ensemble: it removes seed noise from the comparison, and LOS rows
-    still sum to 1).
-    """
-    y_cols, p_cols, names = task_columns(preds.columns, task)
-    need = ["method", "seed", "stay_id", *y_cols, *p_cols]
-    missing = [c for c in need if c not in preds.columns]
-    if missing or not p_cols or not names:
-        raise StatisticsInputError(f"predictions for task {task!r}: missing column(s) {missing or need[3:]}")
-    dup = preds.duplicated(["method", "seed", "stay_id"], keep=False)
-    if dup.any():
-        row = preds.loc[dup].iloc[0]
-        raise StatisticsInputError(
-            f"predictions: stay {row['stay_id']} of method {row['method']!r} seed "
-            f"{row['seed']} appears more than once (each stay is tested in exactly one fold)"
-        )
-    out: dict[str, PooledPredictions] = {}
-    for method, g in preds.groupby("method", sort=True):
-        stays_by_seed = {s: frozenset(gs["stay_id"]) for s, gs in g.groupby("seed")}
-        if len(set(stays_by_seed.values())) > 1:
-            raise StatisticsInputError(
-                f"predictions: the seeds of method {method!r} cover different stays "
-                f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)"
-            )
-        per_stay = g.groupby("stay_id", sort=True)
-        if (per_stay[y_cols].nunique() > 1).to_numpy().any():
-            raise StatisticsInputError(f"predictions: labels of method {method!r} differ between seeds")
-        y = per_stay[y_cols].first().to_numpy()
-        p = per_stay[p_cols].mean().to_numpy(dtype=np.float64)
-        y = y[:, 0] if TASK_KIND[task] != "multilabel" else y
-        p = p[:, 0] if TASK_KIND[task] == "binary" else p
-        try:
-            _prepare(y, p, names)
-        except UserError as err:
-            raise StatisticsInputError(f"predictions of method {method!r}: {err}") from err
-        out[str(method)] = PooledPredictions(
-            stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64), p=p, n_seeds=len(stays_by_seed)
-        )
-    return out
-
-
-def _expand_keys(
-    task: str,
-    metrics: Sequence[str] | None,
-    names: list[str],
-    groups: Mapping[str, Sequence[str]] | None = None,
-) -> list[str]:
-    """Metric keys; `auroc/*` expands to every label, and with label groups every requested macro average
-    (`auroc_macro`, `auprc_macro`) is added for each group (`auroc_macro@<group>`)."""
-    keys: list[str] = []
-    for m in metrics if metrics is not None else DEFAULT_COMPARE_METRICS[task]:
-        keys.extend([f"{m[:-2]}/{nm}" for nm in names] if m.endswith("/*") else [m])
-    for m in list(keys):
-        if m in ("auroc_macro", "auprc_macro"):
-            keys.extend(group_key(m, g) for g in (groups or {}))
-    return list(dict.fromkeys(keys))
-
-
-GROUP_LABEL = "group:"  # label column of a label-group row: "group:<name>"
-
-
-def _split_key(task: str, key: str) -> tuple[str, str]:
-    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); a group key 'auroc_macro@both'
-    -> ('group:both', 'auroc_macro'); overall keys -> (task, key)."""
-    metric, _, label = key.partition("/")
-    if label:
-        return label, metric
-    metric, sep, group = key.partition(GROUP_SEP)
-    return (GROUP_LABEL + group, metric) if sep else (task, metric)
-
-
-def _scope(key: str) -> str:
-    return "per_label" if "/" in key else "group" if GROUP_SEP in key else "overall"
-
-
-def _align(
-    a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str, method_b: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    common, ia, ib = np.intersect1d(a.stay_id, b.stay_id, return_indices=True)
-    if len(common) < 2:
-        raise StatisticsInputError(
-            f"methods {method_a!r} and {method_b!r} share {len(common)} test stays; "
-            "a paired comparison needs the same stays"
-        )
-    if not np.array_equal(a.y[ia], b.y[ib]):
-        bad = common[np.flatnonzero((a.y[ia] != b.y[ib]).reshape(len(common), -1).any(axis=1))[0]]
-        raise StatisticsInputError(
-            f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}"
-        )
-    return a.y[ia], a.p[ia], b.p[ib]
-
-
-def _best_method(
-    pooled: dict[str, PooledPredictions],
-    candidates: Sequence[str],
-    task: str,
-    names: list[str],
-    group: str | None = None,
-    groups: Mapping[str, Sequence[str]] | None = None,
-) -> str:
-    metric = SELECTION_METRIC[task] if group is None else group_key(SELECTION_METRIC[task], group)
-    scores = {
-        m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
-        for m in sorted(candidates)
-    }
-    return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
-
-
-def compare_methods(
-    preds: pd.DataFrame,
-    task: str,
-    *,
-    reference: str | None = None,
-    unimodal: Sequence[str] = (),
-    metrics: Sequence[str] | None = None,
-    pairwise: bool = True,
-    n_resamples: int = 2000,
-    n_permutations: int = 10000,
-    ci: float = 0.95,
-    seed: int = 0,
-    ci_method: str = "percentile",
-    alternative: str = "two-sided",
-    stratify: bool = False,
-    label_groups: Mapping[str, Sequence[str]] | None = None,
-) -> pd.DataFrame:
-    """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
-
-    Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
-    reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise").
-    The reference is `reference`, or else the unimodal method with the best test value of the task's selection
-    metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
-    `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
-    without an explicit `reference`, each group's reference is the unimodal method best on the group's macro
-    selection metric. p-values are adjusted within each `family` = task x comparison x metric x
-    (overall | per_label | group). `stratify` (mortality, LOS) resamples the bootstrap within classes.
-    Details: docs/statistics.md.
-    """
-    _check_options(ci, ci_method, n_resamples, "n_resamples")
-    _check_alternative(alternative, n_permutations)
-    pooled = pool_predictions(preds, task)
-    names = task_columns(preds.columns, task)[2]
-    groups = _check_groups(label_groups, names) if TASK_KIND[task] == "multilabel" else {}
-    methods = sorted(pooled)
-    keys = _expand_keys(task, metrics, names, groups)
-    unknown_methods = sorted({*unimodal, *([reference] if reference else [])} - set(methods))
-    if unknown_methods:
-        raise StatisticsInputError(f"method(s) {unknown_methods} have no predictions; methods: {methods}")
-    group_refs: dict[str, str] = {}
-    if reference is None and unimodal:
-        group_refs = {g: _best_method(pooled, unimodal, task, names, g, groups) for g in groups}
-        reference = _best_method(pooled, unimodal, task, names)
-    key_ref = {
-        k: group_refs.get(k.partition(GROUP_SEP)[2], reference) if GROUP_SEP in k else reference for k in keys
-    }
-    pairs: list[tuple[str, str, str, list[str]]] = []
-    if reference is not None:
-        for ref in dict.fromkeys(key_ref.values()):
-            ref_keys = [k for k in keys if key_ref[k] == ref]
-            pairs += [
-                ("reference", m, ref, ref_keys)
-                for m in methods
-                if m not in (ref, reference) and m not in unimodal
-            ]
-    if pairwise:
-        pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
-    done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
-    rows = []
-    for comparison, a, b, row_keys in pairs:
-        if (a, b) not in done:
-            y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
-            sets = [
-                _MetricSet(y, pa, names, keys, groups=groups),
-                _MetricSet(y, pb, names, keys, groups=groups),
-            ]
-            point = [s.evaluate(np.ones((len(y), 1), dtype=np.int32)) for s in sets]
-            boot = _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, ci_method)
-            perm = _permutation_many(y, pa, pb, names, keys, n_permutations, seed, alternative, groups)
-            done[(a, b)] = (point, boot, perm, len(y))
-        point, boot, perm, n = done[(a, b)]
-        for key in row_keys:
-            label, metric = _split_key(task, key)
-            rows.append(
-                {
-                    "task": task,
-                    "comparison": comparison,
-                    "family": "",
-                    "label": label,
-                    "metric": metric,
-                    "method_a": a,
-                    "method_b": b,
-                    "estimate_a": float(point[0][key][0]),
-                    "estimate_b": float(point[1][key][0]),
-                    "delta": boot[key].estimate,
-                    "ci_low": boot[key].ci_low,
-                    "ci_high": boot[key].ci_high,
-                    "p_value": perm[key].p_value,
-                    "n_stays": n,
-                    "n_seeds_a": pooled[a].n_seeds,
-                    "n_seeds_b": pooled[b].n_seeds,
-                    "n_resamples_valid": boot[key].n_valid,
-                    "n_permutations": perm[key].n_permutations,
-                    "reference": b if comparison == "reference" else reference,
-                    "scope": _scope(key),
-                }
-            )
-    table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
-    if len(table):
-        table["family"] = (
-            table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
-        )
-        for col, fn in (("p_holm", holm), ("p_bh", benjamini_hochberg)):
-            table[col] = table.groupby("family", sort=False)["p_value"].transform(
-                lambda s, f=fn: f(s.to_numpy())
-            )
-    table = table.drop(columns="scope")
-    table.attrs["reference"] = reference
-    table.attrs["group_references"] = group_refs
-    return table
-
-
-_COMPARE_COLUMNS = [
-    "task",
-    "comparison",
-    "family",
-    "label",
-    "metric",
-    "method_a",
-    "method_b",
-    "estimate_a",
-    "estimate_b",
-    "delta",
-    "ci_low",
-    "ci_high",
-    "p_value",
-    "p_holm",
-    "p_bh",
-    "n_stays",
-    "n_seeds_a",
-    "n_seeds_b",
-    "n_resamples_valid",
-    "n_permutations",
-    "reference",
-]
-
-
-def method_metrics(
-    preds: pd.DataFrame,
-    task: str,
-    *,
-    metrics: Sequence[str] | None = None,
-    n_resamples: int = 2000,
-    ci: float = 0.95,
-    seed: int = 0,
-    ci_method: str = "percentile",
-    stratify: bool = False,
-    label_groups: Mapping[str, Sequence[str]] | None = None,
-) -> pd.DataFrame:
-    """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
-
-    `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
-    NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
-    """
-    _check_options(ci, ci_method, n_resamples, "n_resamples")
-    pooled = pool_predictions(preds, task)
-    names = task_columns(preds.columns, task)[2]
-    kind = TASK_KIND[task]
-    groups = _check_groups(label_groups, names) if kind == "multilabel" else {}
-    keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
-    rows = []
-    for method, pp in pooled.items():
-        boot = _bootstrap_many(
-            [_MetricSet(pp.y, pp.p, names, keys, groups=groups)],
-            len(pp.y),
-            _strata(pp.y, stratify),
-            n_resamples,
-            ci,
-            seed,
-            ci_method,
-        )
-        per_seed = []
-        for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
-            one = pool_predictions(g, task)[method]
-            per_seed.append(metric_values(one.y, one.p, keys, names=names, groups=groups))
-        for key in keys:
-            label, metric = _split_key(task, key)
-            seed_vals = np.array([v[key][0] for v in per_seed])
-            rows.append(
-                {
-                    "task": task,
-                    "label": label,
-                    "metric": metric,
-                    "method": method,
-                    "estimate": boot[key].estimate,
-                    "ci_low": boot[key].ci_low,
-                    "ci_high": boot[key].ci_high,
-                    "n_stays": len(pp.y),
-                    "n_resamples_valid": boot[key].n_valid,
-                    "n_seeds": pp.n_seeds,
-                    "seed_mean": float(np.mean(seed_vals)),
-                    "seed_sd": float(np.std(seed_vals, ddof=1)) if len(seed_vals) > 1 else float("nan"),
-                }
-            )
-    return pd.DataFrame(rows)

@@ -12,7 +12,7 @@ Why these choices:
   PR_SET_PDEATHSIG), so a SIGKILLed benchmark leaves no orphan training. Independently, each run is trained
   under an exclusive lock on `RUNS/.locks/<run_id>.lock` (flock; released by the kernel when the holder dies),
   so two processes never write the same run, even with two benchmarks on one runs directory or an orphan on a
-  system without PDEATHSIG.
+  system without PDEATHSIG (`runs.run_lock`).
 - **Ray** (optional extra): one task per run with `num_cpus = threads` (and `num_gpus` for GPU runs); Ray does the
   scheduling across machines. The runs directory and the dataset must be on storage every node sees.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import selectors
@@ -41,12 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from carebench import runs
 from carebench.errors import UserError
 from carebench.training.config import TrainConfig
 
-LOCKS = ".locks"
 LOGS = ".logs"
 EXECUTORS = ("local", "ray")
 WORKER = "from carebench.experiments.executors import worker_main; worker_main()"
@@ -58,7 +55,7 @@ class ExecutorError(UserError, RuntimeError):
 
 @dataclass
 class Outcome:
-    """How one run ended: `ok` with a DONE record, or failed with a one-line `error` (details in its log)."""
+    """How one run ended: `ok` with a finished record, or failed with a one-line `error` (details in its log)."""
 
     run_id: str
     ok: bool
@@ -93,44 +90,17 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
     return max(1, (cores or available_cores()) // max(1, jobs))
 
 
-@contextlib.contextmanager
-def run_lock(runs_dir: str | Path, run_id: str, *, blocking: bool = True) -> Iterator[bool]:
-    """Exclusive lock on `RUNS/.locks/<run_id>.lock`; yields whether it was acquired (always, when blocking).
-
-    flock locks belong to the open file and are released by the kernel when the holder exits or is killed, so a
-    lock never outlives a dead worker. Lock files are never deleted (deleting them would race with a waiter).
-    """
-    folder = Path(runs_dir) / LOCKS
-    folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder / f"{run_id}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-            acquired = True
-        except BlockingIOError:
-            acquired = False
-        yield acquired
-    finally:
-        os.close(fd)
-
-
-def config_from_yaml(text: str) -> TrainConfig:
-    raw = yaml.safe_load(text)
-    raw.pop("run_id", None)
-    return TrainConfig(**raw)
-
-
 def execute_run(cfg: TrainConfig, runs_dir: str | Path) -> bool:
-    """Train one run under its lock; False when it was already finished (DONE) by someone else."""
-    from carebench.training.run import DONE, train_run
+    """Train one run under its lock; False when it was already finished by someone else."""
+    from carebench.training.run import train_run
 
-    with run_lock(runs_dir, cfg.run_id):
-        if (Path(runs_dir) / cfg.run_id / DONE).is_file():
+    with runs.run_lock(runs_dir, cfg.run_id):
+        if runs.is_done(runs_dir, cfg.run_id):
             return False
         try:
             train_run(cfg, runs_dir)
         except BaseException:
-            shutil.rmtree(Path(runs_dir) / f".{cfg.run_id}.partial", ignore_errors=True)  # the log tells why
+            shutil.rmtree(runs.partial_dir(runs_dir, cfg.run_id), ignore_errors=True)  # the log tells why
             raise
         return True
 
@@ -161,7 +131,7 @@ def run_logged(config_yaml: str, run_id: str, runs_dir: str, log: str) -> dict[s
     t0 = time.perf_counter()
     with _output_to(Path(log)):
         try:
-            cfg = config_from_yaml(config_yaml)
+            cfg = TrainConfig.from_yaml_text(config_yaml, f"configuration sent for {run_id}")
             if cfg.run_id != run_id:
                 raise RuntimeError(f"the configuration sent for {run_id} hashes to {cfg.run_id}")
             execute_run(cfg, runs_dir)

@@ -12,7 +12,9 @@ trained by hand are one and the same run.
 Schema (docs/benchmark.md): name, description, preset, models ("all" or names), tasks, cohorts, folds, seeds,
 overrides (every run), model_overrides (per model), grids (optional list of sub-grids that inherit the keys above),
 missingness {train_rates, test_rates, models, tasks, cohorts, folds, seeds}, fairness {enabled, attributes},
-statistics {n_bootstrap, n_permutations, confidence, seed}.
+statistics {n_bootstrap, n_permutations, confidence, seed, label_groups}. The defaults of the analysis sections
+are those of the dataclasses that own them (`StatisticsOptions`, `FairnessOptions`, `Missingness`), the same
+`carebench analyze` uses.
 """
 
 from __future__ import annotations
@@ -26,12 +28,13 @@ from typing import Any
 
 import yaml
 
-from carebench.errors import UserError
+from carebench import runs
+from carebench.data.folds import COHORTS, N_FOLDS
+from carebench.errors import OptionError, UserError
+from carebench.evaluation.options import FairnessOptions, StatisticsOptions
+from carebench.tasks import TASK_NAMES
 from carebench.training.config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve_config
 
-TASKS = ("mortality", "phenotype", "los")
-COHORTS = ("base", "matched")
-N_FOLDS = 5
 GRID_KEYS = ("models", "tasks", "cohorts", "folds", "seeds", "overrides", "model_overrides")
 PLAN_KEYS = ("name", "description", "preset", *GRID_KEYS, "grids", "missingness", "fairness", "statistics")
 MISSINGNESS_KEYS = ("train_rates", "test_rates", "models", "tasks", "cohorts", "folds", "seeds")
@@ -47,7 +50,8 @@ GRID_OWNED = {
     "cxr_dropout_seed": "seeds",
 }
 DEFAULTS = {"cohorts": ("base",), "folds": (1,), "seeds": (0,)}
-DEFAULT_STATISTICS = {"n_bootstrap": 1000, "n_permutations": 1000, "confidence": 0.95, "seed": 0}
+# Test-time X-ray missing rates at which the analysis evaluates every trained run (docs/benchmark.md).
+DEFAULT_TEST_RATES = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0, 0.1, ..., 0.9
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
@@ -88,7 +92,7 @@ class Missingness:
     `grid`; test rates are not runs: the analysis evaluates trained runs at each of them."""
 
     train_rates: tuple[float, ...] = ()
-    test_rates: tuple[float, ...] = ()
+    test_rates: tuple[float, ...] = DEFAULT_TEST_RATES
     grid: Grid | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -314,7 +318,7 @@ def _grid(
     else:
         vals["models"] = _choices(spec, f"{prefix}models", where, models)
     vals["tasks"] = (
-        _choices(raw["tasks"], f"{prefix}tasks", where, TASKS)
+        _choices(raw["tasks"], f"{prefix}tasks", where, TASK_NAMES)
         if "tasks" in raw
         else parent.tasks
         if parent
@@ -376,7 +380,9 @@ def _missingness(raw: Any, top: Grid, where: str, models: list[str], get_model_c
         return Missingness()
     _keys(raw, MISSINGNESS_KEYS, where, "missingness.")
     train = _rates(raw.get("train_rates"), "missingness.train_rates", where)
-    test = _rates(raw.get("test_rates"), "missingness.test_rates", where)
+    test = DEFAULT_TEST_RATES
+    if raw.get("test_rates") is not None:
+        test = _rates(raw["test_rates"], "missingness.test_rates", where)
     uses_cxr = [m for m in models if "cxr" in get_model_class(m).modalities]
     sub = {k: v for k, v in raw.items() if k in GRID_KEYS}
     if "models" not in sub:  # default: the plan's models that read the X-ray
@@ -395,46 +401,27 @@ def _missingness(raw: Any, top: Grid, where: str, models: list[str], get_model_c
 
 
 def _fairness(raw: Any, where: str) -> dict[str, Any]:
-    from carebench.evaluation.fairness import ATTRIBUTES
-
-    if raw is None:
-        return {"enabled": False, "attributes": list(ATTRIBUTES)}
-    _keys(raw, FAIRNESS_KEYS, where, "fairness.")
-    enabled = raw.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise PlanError(f"{where}: key 'fairness.enabled': expected true or false, got {enabled!r}")
-    attributes = raw.get("attributes", list(ATTRIBUTES))
-    return {
-        "enabled": enabled,
-        "attributes": list(_choices(attributes, "fairness.attributes", where, ATTRIBUTES)),
-    }
+    """The plan's `fairness` section, validated by `FairnessOptions` (its defaults where a key is left out)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise PlanError(f"{where}: key 'fairness': expected a mapping of {', '.join(FAIRNESS_KEYS)}")
+    try:
+        return FairnessOptions.from_mapping(raw).to_dict()
+    except OptionError as e:
+        raise PlanError(f"{where}: key 'fairness.{e.key}': {e.problem}") from None
 
 
 def _statistics(raw: Any, where: str) -> dict[str, Any]:
-    if raw is None:
-        return dict(DEFAULT_STATISTICS)
-    _keys(raw, STATISTICS_KEYS, where, "statistics.")
-    out = dict(DEFAULT_STATISTICS)
-    for key in ("n_bootstrap", "n_permutations", "seed"):
-        if key in raw:
-            v = raw[key]
-            lo = 0 if key == "seed" else 1
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise PlanError(f"{where}: key 'statistics.{key}': expected an integer >= {lo}, got {v!r}")
-            out[key] = v
+    """The plan's `statistics` section, validated by `StatisticsOptions` (its defaults where a key is left out)."""
+    if raw is not None and not isinstance(raw, dict):
+        raise PlanError(f"{where}: key 'statistics': expected a mapping of {', '.join(STATISTICS_KEYS)}")
+    raw = dict(raw or {})
     if "confidence" in raw:
-        v = _number(raw["confidence"])
-        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
-            raise PlanError(f"{where}: key 'statistics.confidence': expected a number in (0, 1), got {v!r}")
-        out["confidence"] = float(v)
-    if raw.get("label_groups") is not None:
-        from carebench.evaluation.statistics import label_groups_problem
-
-        groups = raw["label_groups"]
-        if problem := label_groups_problem(groups):
-            raise PlanError(f"{where}: key 'statistics.label_groups': {problem} (phenotype columns)")
-        out["label_groups"] = {g: list(v) for g, v in groups.items()}
-    return out
+        raw["confidence"] = _number(raw["confidence"])
+    try:
+        return StatisticsOptions.from_mapping(raw).to_dict()
+    except OptionError as e:
+        problem = e.problem + (" (label columns)" if e.key == "label_groups" else "")
+        raise PlanError(f"{where}: key 'statistics.{e.key}': {problem}") from None
 
 
 # ------------------------------------------------------------------------------------------------- expansion
@@ -445,7 +432,7 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
     model (models innermost, so an interrupted benchmark has complete method comparisons for the first folds and
     seeds). A run that two grids share (same resolved configuration, same run id) appears once, at its first place.
     """
-    runs: dict[str, TrainConfig] = {}
+    planned: dict[str, TrainConfig] = {}
     for grid in plan.training_grids():
         for fold in grid.folds:
             for seed in grid.seeds:
@@ -482,8 +469,8 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
                                     if x
                                 )
                                 raise PlanError(f"{at}: {e}") from None
-                            runs.setdefault(cfg.run_id, cfg)
-    return list(runs.values())
+                            planned.setdefault(cfg.run_id, cfg)
+    return list(planned.values())
 
 
 def plan_record(plan: Plan, configs: list[TrainConfig]) -> dict[str, Any]:
@@ -499,3 +486,17 @@ def plan_record(plan: Plan, configs: list[TrainConfig]) -> dict[str, Any]:
         "data_fingerprint": first.data_fingerprint if first else None,
         "carebench_version": __version__,
     }
+
+
+def read_plan_record(runs_dir: str | Path) -> dict[str, Any] | None:
+    """`RUNS/plan.yaml` (written by `carebench benchmark`) as a mapping, or None for runs made without a plan."""
+    path = Path(runs_dir) / runs.PLAN_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise PlanError(f"{path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(raw, dict):
+        raise PlanError(f"{path}: expected a mapping (the resolved plan written by `carebench benchmark`)")
+    return raw

@@ -2,11 +2,12 @@
 
 Why it is shaped this way (docs/benchmark.md, "Resume"):
 - The runs are keyed by the hash of their resolved configuration, so "what is left to do" is simply the runs
-  without `RUNS/<run_id>/DONE`. Those are counted as skipped and never launched. Nothing else is remembered
+  without a finished record (`runs.is_done`). Those are counted as skipped and never launched. Nothing else is remembered
   between invocations, so a benchmark killed at any moment (even SIGKILL) is resumed by running the same command.
-- `train_run` builds each record in `RUNS/.<run_id>.partial/` and renames it into place with DONE written last;
+- `train_run` builds each record in `RUNS/.<run_id>.partial/` and renames it into place with its finish marker written last;
   partial directories left by a killed process are deleted here, at start, unless a live process holds that
-  run's lock. One benchmark at a time may use a runs directory (`RUNS/.locks/benchmark.lock`).
+  run's lock (`runs.clean_partials`). One benchmark at a time may use a runs directory
+  (`RUNS/.locks/benchmark.lock`).
 - `RUNS/plan.yaml` (the resolved plan) and `RUNS/runs.csv` (one row per planned run with its status) are the
   entry points of the analysis. The index is rewritten atomically (temporary file, rename) after every run, so it
   is always complete and consistent with the run directories at the time it was written.
@@ -40,15 +41,12 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from carebench import runs
 from carebench.errors import UserError
-from carebench.experiments.executors import LOCKS, LOGS, Event, Outcome, Started, make_executor, run_lock
+from carebench.experiments.executors import LOGS, Event, Outcome, Started, make_executor
 from carebench.experiments.plan import Plan, expand_plan, plan_record
 from carebench.training.config import TrainConfig
 
-PLAN_FILE = "plan.yaml"
-INDEX = "runs.csv"
-FAILED = "failed"
-DONE = "DONE"  # = training.run.DONE (not imported: that module imports torch and Lightning)
 INDEX_COLUMNS = (
     "run_id",
     "model",
@@ -73,7 +71,7 @@ class BenchmarkSummary:
     plan: str
     runs_dir: Path
     planned: int
-    skipped: int = 0  # already DONE when the benchmark started
+    skipped: int = 0  # already finished when the benchmark started
     done: int = 0  # finished by this invocation
     failed: list[Outcome] = field(default_factory=list)
     not_run: int = 0  # left pending (interrupted)
@@ -115,27 +113,15 @@ def write_index(
         }
         for c in configs
     ]
-    _write_atomic(runs_dir / INDEX, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
+    _write_atomic(runs_dir / runs.INDEX, pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).to_csv(index=False))
 
 
 def read_index(runs_dir: str | Path) -> pd.DataFrame:
     """The index of a runs directory (for the analysis): columns `INDEX_COLUMNS`, `error` as strings."""
-    path = Path(runs_dir) / INDEX
+    path = Path(runs_dir) / runs.INDEX
     if not path.is_file():
         raise UserError(f"{path}: missing (expected a runs directory written by `carebench benchmark`)")
     return pd.read_csv(path, dtype={"run_id": str, "error": str}, keep_default_na=False)
-
-
-def clean_partials(runs_dir: Path) -> list[str]:
-    """Delete `.<run_id>.partial` directories that no live process is writing; return their run ids."""
-    removed = []
-    for p in sorted(runs_dir.glob(".*.partial")):
-        run_id = p.name[1 : -len(".partial")]
-        with run_lock(runs_dir, run_id, blocking=False) as free:
-            if free and p.is_dir():
-                shutil.rmtree(p)
-                removed.append(run_id)
-    return removed
 
 
 # ------------------------------------------------------------------------------------------------ progress
@@ -225,13 +211,13 @@ def run_benchmark(
     runs_dir = Path(out).absolute()
     runs_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    with run_lock(runs_dir, "benchmark", blocking=False) as free:
+    with runs.run_lock(runs_dir, "benchmark", blocking=False) as free:
         if not free:
             raise BenchmarkBusyError(f"--out {runs_dir}: another `carebench benchmark` is running on it")
-        _write_atomic(runs_dir / PLAN_FILE, yaml.safe_dump(plan_record(plan, configs), sort_keys=False))
+        _write_atomic(runs_dir / runs.PLAN_FILE, yaml.safe_dump(plan_record(plan, configs), sort_keys=False))
         shutil.rmtree(runs_dir / LOGS, ignore_errors=True)  # logs of a killed earlier invocation
-        cleaned = clean_partials(runs_dir)
-        status = {c.run_id: "done" if (runs_dir / c.run_id / DONE).is_file() else "pending" for c in configs}
+        cleaned = runs.clean_partials(runs_dir)
+        status = {c.run_id: "done" if runs.is_done(runs_dir, c.run_id) else "pending" for c in configs}
         errors: dict[str, str] = {}
         todo = [c for c in configs if status[c.run_id] == "pending"]
         summary = BenchmarkSummary(
@@ -294,7 +280,7 @@ def run_benchmark(
             summary.interrupted = True
         finally:
             events.close()  # stops the workers (and so releases their runs' locks)
-            clean_partials(runs_dir)  # runs cut short by an interrupt
+            runs.clean_partials(runs_dir)  # runs cut short by an interrupt
             write_index(runs_dir, configs, status, errors)
         summary.not_run = sum(1 for s in status.values() if s == "pending")
         summary.seconds = time.perf_counter() - t0
@@ -310,9 +296,9 @@ def _no_events() -> Iterator[Event]:
 
 def _record(o: Outcome, runs_dir: Path, status: dict[str, str], errors: dict[str, str]) -> Outcome:
     """Book one finished run: status and error in the index, the log kept under failed/ or deleted."""
-    if o.ok and not (runs_dir / o.run_id / DONE).is_file():
-        o.ok, o.error = False, "the worker reported success but the run has no DONE marker"
-    failed_log = runs_dir / FAILED / f"{o.run_id}.log"
+    if o.ok and not runs.is_done(runs_dir, o.run_id):
+        o.ok, o.error = False, "the worker reported success but the run record is not finished"
+    failed_log = runs_dir / runs.FAILED / f"{o.run_id}.log"
     if o.ok:
         status[o.run_id] = "done"
         errors.pop(o.run_id, None)
@@ -354,13 +340,9 @@ def print_summary(summary: BenchmarkSummary, console: Console) -> None:
 
 
 __all__ = [
-    "INDEX",
     "INDEX_COLUMNS",
-    "LOCKS",
-    "PLAN_FILE",
     "BenchmarkSummary",
     "EtaEstimator",
-    "clean_partials",
     "print_summary",
     "read_index",
     "run_benchmark",

@@ -33,41 +33,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carebench.errors import UserError
+from carebench.tasks import TASKS as TASKS  # re-exported: the task registry seen from the models
+from carebench.tasks import TaskError, get_task
+from carebench.tasks import TaskSpec as TaskSpec
 
-TaskKind = Literal["binary", "multilabel", "multiclass"]
 Modality = Literal["ehr", "cxr"]
 
 
 class ModelConfigError(UserError):
-    """Unknown model, task or hyper-parameter, or a hyper-parameter value of the wrong type or range."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """What a task asks of a model: the output width and how the framework reads the logits.
-
-    ``binary``: one logit, sigmoid, BCE. ``multilabel``: one logit per label, sigmoid, BCE per label.
-    ``multiclass``: one logit per class, softmax, cross-entropy on int64 targets ``[B]``.
-    """
-
-    name: str
-    kind: TaskKind
-    num_outputs: int
-
-
-TASKS: dict[str, TaskSpec] = {
-    "mortality": TaskSpec("mortality", "binary", 1),
-    "phenotype": TaskSpec("phenotype", "multilabel", 25),
-    "los": TaskSpec("los", "multiclass", 7),
-}
+    """Unknown model or hyper-parameter, or a hyper-parameter value of the wrong type or range."""
 
 
 def task_spec(task: str) -> TaskSpec:
-    """The ``TaskSpec`` of a task name; a clear error for anything else."""
+    """The registered task called `task`, as `carebench.tasks.get_task`, but a `ModelConfigError` when unknown."""
     try:
-        return TASKS[task]
-    except KeyError:
-        raise ModelConfigError(f"unknown task {task!r}; expected one of {sorted(TASKS)}") from None
+        return get_task(task)
+    except TaskError as err:
+        raise ModelConfigError(str(err)) from None
 
 
 def num_outputs(task: str) -> int:
@@ -92,7 +74,7 @@ class ModelOutput:
     extra_logits: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _type_ok(default: Any, value: Any) -> bool:
+def fits_default_type(default: Any, value: Any) -> bool:
     """A hyper-parameter value must have the type of its default (an int is accepted for a float)."""
     if default is None:
         return True
@@ -182,7 +164,7 @@ class BaseModel(nn.Module):
                         f"{cls._label()}: unknown hyper-parameter {key!r}; valid keys: "
                         f"{', '.join(sorted(cls.default_hparams))}"
                     )
-                if not _type_ok(cls.default_hparams[key], value):
+                if not fits_default_type(cls.default_hparams[key], value):
                     raise ModelConfigError(
                         f"{cls._label()}: hyper-parameter {key!r} must be "
                         f"{type(cls.default_hparams[key]).__name__}, got {value!r}"
@@ -253,3 +235,23 @@ def per_sample_task_loss(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(logits.float(), y.reshape(-1).long(), reduction="none")
     target = y.reshape(logits.shape).to(torch.float32)
     return F.binary_cross_entropy_with_logits(logits.float(), target, reduction="none").mean(dim=1)
+
+
+def masked_mean(values: Tensor, keep: Tensor | None, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over the entries where ``keep`` is True (``keep`` None: every entry).
+
+    ``keep`` has the leading shape of ``values`` (``[B]`` for per-sample losses, ``[B,T]`` for a sequence
+    ``[B,T,D]``) and is broadcast over the trailing dimensions. ``dim`` None averages everything into a scalar
+    (e.g. a loss over the stays that have an X-ray); ``dim=1`` pools a sequence over its kept steps. Entries with
+    ``keep`` False get weight exactly 0, and an empty selection gives 0 (never NaN). The one masked mean of the
+    models, so "1 = included" means the same everywhere.
+    """
+    if keep is None:
+        return values.mean() if dim is None else values.mean(dim=dim)
+    w = keep.to(values.dtype)
+    while w.dim() < values.dim():
+        w = w.unsqueeze(-1)
+    w = w.expand_as(values)
+    if dim is None:
+        return (values * w).sum() / w.sum().clamp_min(1.0)
+    return (values * w).sum(dim=dim) / w.sum(dim=dim).clamp_min(1.0)

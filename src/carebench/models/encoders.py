@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from torchvision.models.resnet import BasicBlock
 
 from carebench.errors import UserError
-from carebench.models.base import ModelConfigError
+from carebench.models.base import ModelConfigError, masked_mean
 
 # Encoder hyper-parameters (and their defaults: the reference setting) shared by the methods that pair a
 # Transformer EHR encoder with an ImageNet ResNet-50 (latefusion, daft, aug, inforeg). Each spreads them into its
@@ -61,16 +61,14 @@ def padding_mask(lengths: Tensor | None, steps: int) -> Tensor | None:
     return positions[None, :] >= lengths[:, None]
 
 
-def masked_mean(h: Tensor, pad: Tensor | None) -> Tensor:
-    """Mean over time of ``h [B,T,D]`` using only the valid (non-padded) steps.
+def pool_steps(h: Tensor, pad: Tensor | None) -> Tensor:
+    """Mean over time of ``h [B,T,D]`` using only the valid steps (``pad`` True at padded steps, as
+    ``padding_mask`` returns it; None = every step).
 
     The reference toolkit built its pooling weights by comparing a 0/1 tensor with -inf, so padded steps were
-    averaged in; here padded steps get weight exactly 0.
+    averaged in; here padded steps get weight exactly 0 (``base.masked_mean``).
     """
-    if pad is None:
-        return h.mean(dim=1)
-    weight = (~pad).to(h.dtype).unsqueeze(-1)
-    return (h * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1.0)
+    return masked_mean(h, None if pad is None else ~pad, dim=1)
 
 
 class EHRLSTMEncoder(nn.Module):
@@ -196,7 +194,10 @@ class EHRTransformerEncoder(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> Tensor:
         pad = padding_mask(lengths, x.size(1))
         h = self.encoder(self.pos(self.proj(x)), src_key_padding_mask=pad)
-        return masked_mean(h, pad)
+        return pool_steps(h, pad)
+
+
+EHR_ENCODERS = ("lstm", "transformer")
 
 
 def build_ehr_encoder(
@@ -207,7 +208,7 @@ def build_ehr_encoder(
         return EHRLSTMEncoder(n_inputs, hidden, num_layers=layers, dropout=dropout)
     if kind == "transformer":
         return EHRTransformerEncoder(n_inputs, hidden, heads, layers, dropout, ff_dim=4 * hidden)
-    raise ModelConfigError(f"EHR encoder must be 'lstm' or 'transformer', got {kind!r}")
+    raise ModelConfigError(f"EHR encoder must be one of {list(EHR_ENCODERS)}, got {kind!r}")
 
 
 class TinyResNet(nn.Module):
@@ -370,6 +371,26 @@ class ResNetEncoder(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         with batchnorm_safe(self, x):
             return self.net(x)
+
+
+def transformer_resnet_encoders(model: Any) -> tuple[EHRLSTMEncoder | EHRTransformerEncoder, ResNetEncoder]:
+    """The EHR and X-ray encoders of a method whose hyper-parameters hold the `TRANSFORMER_RESNET_DEFAULTS` keys
+    (``model`` is the ``BaseModel`` being built: its ``hparams``, ``n_features`` and ``choice`` are read).
+
+    The EHR encoder is built first and the ResNet second, always: with a seeded initialisation the order in which
+    parameters are created is part of a run's result.
+    """
+    h = model.hparams
+    ehr = build_ehr_encoder(
+        model.choice("ehr_encoder", EHR_ENCODERS),
+        2 * model.n_features,
+        h["ehr_hidden"],
+        h["ehr_layers"],
+        h["ehr_heads"],
+        h["ehr_dropout"],
+    )
+    cxr = ResNetEncoder(model.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
+    return ehr, cxr
 
 
 @contextmanager

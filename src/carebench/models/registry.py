@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from carebench.models.base import BaseModel, ModelConfigError
+from carebench.models.base import BaseModel, ModelConfigError, fits_default_type
 
 _REGISTRY: dict[str, type[BaseModel]] = {}
 
@@ -26,9 +26,7 @@ def register(name: str) -> Callable[[type[BaseModel]], type[BaseModel]]:
             raise ValueError(f"model name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         if not cls.modalities or not set(cls.modalities) <= {"ehr", "cxr"}:
             raise ValueError(f"{cls.__qualname__}.modalities must be a non-empty subset of ('ehr', 'cxr')")
-        for key in cls.search_space:
-            if key not in cls.default_hparams:
-                raise ValueError(f"{cls.__qualname__}.search_space names unknown hyper-parameter {key!r}")
+        check_search_space(cls)
         for preset, values in cls.presets.items():
             for key in values:
                 if key not in cls.default_hparams:
@@ -38,6 +36,63 @@ def register(name: str) -> Callable[[type[BaseModel]], type[BaseModel]]:
         return cls
 
     return decorator
+
+
+SPACE_TYPES = ("float", "int", "categorical")
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def check_search_space(cls: type[BaseModel]) -> None:
+    """Validate ``cls.search_space`` (read by hyper-parameter search), raising ``ValueError`` naming the key.
+
+    ``{"type": "float", "low": a, "high": b, "log": bool}`` for a float hyper-parameter, ``{"type": "int", ...}``
+    (integer bounds) for an int one, ``{"type": "categorical", "choices": [...]}`` with distinct choices of the
+    default's type; ``low < high``, and a log scale needs ``low > 0``.
+    """
+    where = f"{cls.__qualname__}.search_space"
+    if not isinstance(cls.search_space, dict):
+        raise ValueError(f"{where} must be a dict {{hyper-parameter: spec}}")
+    for key, spec in cls.search_space.items():
+        if key not in cls.default_hparams:
+            raise ValueError(f"{where} names unknown hyper-parameter {key!r}")
+        at = f"{where}[{key!r}]"
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if kind not in SPACE_TYPES:
+            raise ValueError(f"{at}: 'type' must be one of {SPACE_TYPES}, got {kind!r}")
+        default = cls.default_hparams[key]
+        allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(f"{at}: unknown keys {unknown}; a {kind} space has {sorted(allowed)}")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list | tuple) or not choices:
+                raise ValueError(f"{at}: 'choices' must be a non-empty list")
+            if len({repr(c) for c in choices}) != len(choices):
+                raise ValueError(f"{at}: 'choices' repeat a value: {list(choices)}")
+            bad = [c for c in choices if not fits_default_type(default, c)]
+            if bad:
+                raise ValueError(
+                    f"{at}: choice {bad[0]!r} is not a {type(default).__name__} like the default"
+                )
+            continue
+        low, high, log = spec.get("low"), spec.get("high"), spec.get("log", False)
+        want_int = kind == "int"
+        if want_int != (isinstance(default, int) and not isinstance(default, bool)) or not _number(default):
+            raise ValueError(
+                f"{at}: {'an int' if want_int else 'a float'} space for a hyper-parameter whose default is {default!r}"
+            )
+        if not (_number(low) and _number(high)) or (
+            want_int and not (isinstance(low, int) and isinstance(high, int))
+        ):
+            raise ValueError(f"{at}: 'low' and 'high' must be {'integers' if want_int else 'numbers'}")
+        if not low < high:
+            raise ValueError(f"{at}: needs low < high, got {low} and {high}")
+        if not isinstance(log, bool) or (log and low <= 0):
+            raise ValueError(f"{at}: 'log' must be true or false, and a log scale needs low > 0")
 
 
 def _ensure_loaded() -> None:

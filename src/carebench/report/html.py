@@ -19,12 +19,13 @@ from typing import Any
 import jinja2
 import pandas as pd
 
-from carebench import __version__
+from carebench import __version__, runs
+from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, load_analysis
 from carebench.data.store import atomic_output_dir
 from carebench.errors import UserError
-from carebench.evaluation.analyze import ANALYSIS_DIR, HEADLINE, TABLES, load_analysis
 from carebench.report import figures as fg
 from carebench.report import tables as tb
+from carebench.tasks import get_task
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -145,8 +146,8 @@ def build_page(
     groups = []
     for task, cohort in tb.groups_of(board):
         meta = info.get((task, cohort), {})
-        ref, sel = meta.get("reference"), meta.get("selection_metric", HEADLINE[task][0])
-        metric = HEADLINE[task][0]
+        metric = get_task(task).headline[0]
+        ref, sel = meta.get("reference"), meta.get("selection_metric", metric)
         g = Group(
             task,
             cohort,
@@ -155,7 +156,7 @@ def build_page(
             tb.leaderboard(board, comp, task, cohort, ref, sel),
             tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]),
         )
-        if task == "phenotype":
+        if get_task(task).kind == "multilabel":
             g.heatmap = fg.fusion_gain_heatmap(comp, cohort)
             g.label_groups = tb.label_groups(
                 board, comp, tables["runs"], (summary.get("options") or {}).get("label_groups"), cohort
@@ -256,7 +257,7 @@ def build_page(
 
 def stale_notes(runs_dir: Path, summary: dict[str, Any]) -> list[str]:
     """A note when runs finished or disappeared after the analysis (the page would not show them)."""
-    now = {d.parent.name for d in runs_dir.glob("*/DONE") if not d.parent.name.startswith(".")}
+    now = set(runs.finished_run_ids(runs_dir))
     then = set(summary.get("run_ids", []))
     new, gone = sorted(now - then), sorted(then - now)
     out = []

@@ -2,23 +2,29 @@
 
 Why: a run is identified by what determines its result. `resolve_config` turns the CLI choices into one flat,
 complete record (every training setting and every model hyper-parameter after preset and overrides), and
-`run_id` hashes it, so the same configuration always lands in the same directory and a finished run is skipped.
-Settings that cannot change the result (the dataset's path, the number of loader workers, progress bars) are
-recorded but not hashed; the dataset enters the hash through its fingerprint (a hash of its manifest).
+`runs.run_id` hashes it, so the same configuration always lands in the same directory and a finished run is
+skipped. Settings that cannot change the result (the dataset's path, the number of loader workers, progress bars,
+the model's modalities, which follow from its name) are recorded but not hashed (`runs.NOT_HASHED`); the dataset
+enters the hash through its fingerprint (`data.store.dataset_fingerprint`).
+
+This module imports neither torch nor Lightning: the plan, the runner and the analysis read configurations
+without paying for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from carebench import runs
+from carebench.data.folds import COHORTS, N_FOLDS
+from carebench.data.store import dataset_fingerprint
 from carebench.errors import UserError
+from carebench.tasks import get_task
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-friendly: 64 px images, small encoders (model presets: resnet_small, 64-wide EHR encoders), batch 32,
@@ -56,7 +62,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "plateau_patience": 1,
     },
 }
-NOT_HASHED = ("data", "num_workers", "threads", "progress")
+DEFAULT_PRESET = "quick"
+_DEFAULT = PRESETS[DEFAULT_PRESET]
 PRECISIONS = {
     "32": "32-true",
     "32-true": "32-true",
@@ -77,7 +84,11 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class TrainConfig:
-    """Everything that defines a run. `model_args` holds the model's resolved hyper-parameters."""
+    """Everything that defines a run. `model_args` holds the model's resolved hyper-parameters.
+
+    The preset-owned settings default to the default preset's values (`PRESETS`), so each value is written once;
+    `resolve_config` always applies a preset. The other defaults are the CLI's defaults too (cli.py reads them).
+    """
 
     model: str
     task: str
@@ -86,15 +97,15 @@ class TrainConfig:
     cohort: str = "base"
     fold: int = 1
     seed: int = 0
-    preset: str = "quick"
-    image_size: int = 64
-    batch_size: int = 64
-    max_epochs: int = 8
-    min_epochs: int = 1
-    lr: float = 1e-3
+    preset: str = DEFAULT_PRESET
+    image_size: int = _DEFAULT["image_size"]
+    batch_size: int = _DEFAULT["batch_size"]
+    max_epochs: int = _DEFAULT["max_epochs"]
+    min_epochs: int = _DEFAULT["min_epochs"]
+    lr: float = _DEFAULT["lr"]
     weight_decay: float = 0.01
-    patience: int = 3
-    plateau_patience: int = 2
+    patience: int = _DEFAULT["patience"]
+    plateau_patience: int = _DEFAULT["plateau_patience"]
     plateau_factor: float = 0.5
     augment: bool = True
     cxr_dropout_train: float = 0.0
@@ -109,51 +120,38 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads, 0 = torch's default
     progress: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
+    modalities: list[str] = field(default_factory=list)  # what the model reads (from its class; not hashed)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @property
     def run_id(self) -> str:
-        """`<model>_<task>_f<fold>_s<seed>_<hash>`: readable prefix, hash of every result-relevant setting."""
-        hashed = {k: v for k, v in self.to_dict().items() if k not in NOT_HASHED}
-        digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:12]
-        return f"{self.model}_{self.task}_f{self.fold}_s{self.seed}_{digest}"
+        """`<model>_<task>_f<fold>_s<seed>_<hash>` (`runs.run_id`)."""
+        return runs.run_id(self.to_dict())
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump({"run_id": self.run_id, **self.to_dict()}, sort_keys=False)
+        return runs.config_yaml(self.to_dict())
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        with open(path) as fh:
-            raw = yaml.safe_load(fh)
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a mapping")
-        raw.pop("run_id", None)
+    def from_mapping(cls, raw: dict[str, Any], where: str | Path = "configuration") -> TrainConfig:
+        """A configuration mapping (config.yaml without `run_id`) -> TrainConfig; unknown keys are an error."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - names
         if unknown:
-            raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
-        return cls(**raw)
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            return cls(**raw)
+        except TypeError as e:
+            raise ConfigError(f"{where}: not a run configuration ({e})") from None
 
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        return cls.from_mapping(runs.read_config(path), path)
 
-def dataset_fingerprint(root: str | Path) -> str:
-    """Identifies a processed dataset independently of its path and of when it was built.
-
-    The manifest's `content_sha256` (digests of cohort.parquet, ehr.npy and cxr.npy, written by `prepare`), so
-    re-preparing the same inputs keeps every run valid; for a dataset without it, the hash of manifest.json.
-    """
-    p = Path(root) / "manifest.json"
-    if not p.is_file():
-        raise ConfigError(f"{p}: missing (expected a dataset written by `carebench prepare`)")
-    raw = p.read_bytes()
-    try:
-        content = json.loads(raw).get("content_sha256")
-    except (ValueError, AttributeError):
-        content = None
-    if isinstance(content, dict) and content:
-        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-    return hashlib.sha256(raw).hexdigest()[:16]
+    @classmethod
+    def from_yaml_text(cls, text: str, where: str = "configuration") -> TrainConfig:
+        return cls.from_mapping(runs.parse_config(text, where), where)
 
 
 def _scalar(text: str) -> Any:
@@ -181,7 +179,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_NOT_OVERRIDABLE = {"model", "task", "data", "data_fingerprint", "model_args", "preset"}
+_NOT_OVERRIDABLE = {"model", "task", "data", "data_fingerprint", "model_args", "preset", "modalities"}
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -219,11 +217,11 @@ def resolve_config(
     An override key is a training option (`lr`, `max_epochs`, ...) or a model hyper-parameter, either as
     `model.<name>` or bare when the name is not a training option.
     """
-    from carebench.models import get_model_class, task_spec  # torch import only when a run is configured
+    from carebench.models import get_model_class  # torch import only when a run is configured
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    task_spec(task)
+    get_task(task)
     cls = get_model_class(model)
     values: dict[str, Any] = dict(PRESETS[preset])
     model_over: dict[str, Any] = {}
@@ -251,6 +249,7 @@ def resolve_config(
         data_fingerprint=dataset_fingerprint(data),
         preset=preset,
         model_args=cls.resolve_hparams(model_over, preset=preset),
+        modalities=list(cls.modalities),
         **values,
     )
     _validate(cfg)
@@ -258,8 +257,6 @@ def resolve_config(
 
 
 def _validate(cfg: TrainConfig) -> None:
-    from carebench.data.loading import COHORTS, N_FOLDS
-
     if cfg.cohort not in COHORTS:
         raise ConfigError(f"--cohort must be one of {COHORTS}, got {cfg.cohort!r}")
     if not 1 <= cfg.fold <= N_FOLDS:

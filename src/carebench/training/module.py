@@ -22,16 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from carebench.data.loading import augment_cxr, output_names
-from carebench.evaluation.metrics import SELECTION_METRIC, compute_metrics
-from carebench.models.base import BaseModel, ModelOutput, task_spec
-
-# Overall validation metrics logged every epoch (besides the selection metric and the loss).
-LOGGED = {
-    "binary": ("auroc", "auprc", "brier"),
-    "multilabel": ("auroc_macro", "auprc_macro", "auroc_micro"),
-    "multiclass": ("accuracy", "kappa_linear", "auroc_ovr_macro"),
-}
+from carebench import runs
+from carebench.data.folds import output_names
+from carebench.data.loading import augment_cxr
+from carebench.evaluation.metrics import compute_metrics
+from carebench.models.base import BaseModel, ModelOutput
+from carebench.tasks import get_task
+from carebench.training.predict import probabilities
 
 
 def task_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
@@ -39,11 +36,6 @@ def task_loss(kind: str, logits: Tensor, y: Tensor) -> Tensor:
     if kind == "multiclass":
         return F.cross_entropy(logits.float(), y.long())
     return F.binary_cross_entropy_with_logits(logits.float(), y.float())
-
-
-def probabilities(kind: str, logits: Tensor) -> Tensor:
-    """Sigmoid (binary, multilabel) or softmax over classes (multiclass), in float32."""
-    return torch.softmax(logits.float(), dim=-1) if kind == "multiclass" else torch.sigmoid(logits.float())
 
 
 class CareBenchModule(pl.LightningModule):
@@ -61,12 +53,13 @@ class CareBenchModule(pl.LightningModule):
         super().__init__()
         self.model = model
         self.task = task
-        self.kind = task_spec(task).kind
+        self.spec = get_task(task)
+        self.kind = self.spec.kind
         self.names = output_names(task)
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
         self.augment = augment and "cxr" in getattr(model, "modalities", ("cxr",))
-        self.selection = SELECTION_METRIC[task]
+        self.selection = self.spec.selection_metric
         self._outputs: list[dict[str, Tensor]] = []
         self.val_metrics: dict[str, float] = {}
         self.test_metrics: dict[str, Any] = {}
@@ -181,7 +174,7 @@ class CareBenchModule(pl.LightningModule):
         if not arr:
             return
         self.val_metrics = compute_metrics(self.task, arr["y"], arr["p"], self.names)
-        others = [k for k in LOGGED[self.kind] if k != self.selection]
+        others = [k for k in self.spec.logged if k != self.selection]
         self.log_dict({f"val/{k}": self.val_metrics[k] for k in others}, prog_bar=False)
         self.log(f"val/{self.selection}", self.val_metrics[self.selection], prog_bar=True)
 
@@ -194,7 +187,7 @@ class CareBenchModule(pl.LightningModule):
         for head in heads:
             metrics[f"head:{head}"] = compute_metrics(self.task, arr["y"], arr[f"p__{head}"], self.names)
         self.test_metrics = metrics
-        self.test_predictions = predictions_frame(self.task, self.names, arr)
+        self.test_predictions = runs.predictions_frame(self.task, self.names, arr)
         self.log(f"test/{self.selection}", metrics[self.selection])
 
     # ----------------------------------------------------------------------------------------- optimiser
@@ -214,25 +207,3 @@ class CareBenchModule(pl.LightningModule):
             "optimizer": opt,
             "lr_scheduler": {"scheduler": sched, "monitor": "val/loss", "interval": "epoch"},
         }
-
-
-def predictions_frame(task: str, names: list[str], arr: dict[str, np.ndarray]) -> pd.DataFrame:
-    """One row per stay: stay_id, cxr_input (X-ray given to the model), y_<name>, p_<name>, p_<name>__<head>.
-
-    LOS has one label column `y_los` (the class) and one probability column per class `p_los_0 ... p_los_6`.
-    """
-    cols: dict[str, np.ndarray] = {
-        "stay_id": arr["stay_id"].astype(np.int64),
-        "cxr_input": arr["has_cxr"].astype(bool),
-    }
-    y = arr["y"]
-    if task == "los":
-        cols["y_los"] = y.astype(np.int64)
-    else:
-        for j, name in enumerate(names):
-            cols[f"y_{name}"] = y[:, j].astype(np.int8)
-    for key in ["p", *sorted(k for k in arr if k.startswith("p__"))]:
-        suffix = key[1:]  # "" or "__<head>"
-        for j, name in enumerate(names):
-            cols[f"p_{name}{suffix}"] = arr[key][:, j].astype(np.float64)
-    return pd.DataFrame(cols).sort_values("stay_id", kind="stable").reset_index(drop=True)

@@ -45,6 +45,7 @@ from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
 from carebench.data.mimic.cohort import CohortError, build_cohort, step_rules
 from carebench.data.mimic.cxr import prepare_cxr
+from carebench.data.mimic.options import PREPARE
 from carebench.data.mimic.phenotypes import phenotype_labels
 from carebench.data.mimic.splits import assign_folds
 from carebench.data.mimic.tables import RawDataError, register_tables
@@ -216,11 +217,11 @@ def prepare(
     out: str | Path,
     *,
     mimic_cxr: str | Path | None = None,
-    image_size: int = 256,
-    threads: int = 2,
-    memory_limit: str = "8GB",
-    cxr_lookback_hours: float = 0.0,
-    seed: int = 0,
+    image_size: int = PREPARE.image_size,
+    threads: int = PREPARE.threads,
+    memory_limit: str = PREPARE.memory_limit,
+    cxr_lookback_hours: float = PREPARE.cxr_lookback_hours,
+    seed: int = PREPARE.seed,
     overwrite: bool = False,
     console: Console | None = None,
 ) -> Path:

@@ -29,6 +29,7 @@ from carebench import __version__
 from carebench.data.definitions import load_phenotypes
 from carebench.data.store import atomic_output_dir
 from carebench.data.synthetic import charting, codes, conditions, population, signals, studies, tables
+from carebench.data.synthetic.options import SYNTH
 from carebench.data.synthetic.writer import HEADERS, GzipCsvFiles, csv_member, dictionary_members
 from carebench.errors import UserError
 
@@ -190,9 +191,9 @@ def synthesize(
     *,
     stays: int,
     seed: int,
-    image_size: int = 512,
-    cxr_rate: float = 0.3,
-    workers: int = 2,
+    image_size: int = SYNTH.image_size,
+    cxr_rate: float = SYNTH.cxr_rate,
+    workers: int = SYNTH.workers,
     overwrite: bool = False,
     chunk_stays: int = CHUNK_STAYS,
     progress: Callable[[int, int], None] | None = None,

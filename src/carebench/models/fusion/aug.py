@@ -41,16 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, TaskSpec, cxr_present
+from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, TaskSpec, cxr_present, masked_mean
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
-    RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
-    ResNetEncoder,
-    build_ehr_encoder,
     ehr_input,
     encode_present,
+    transformer_resnet_encoders,
 )
 from carebench.models.registry import register
 
@@ -94,11 +92,6 @@ def boosting_loss(
     return total + loss(prev) + loss(add, residual_weight)
 
 
-def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
-
-
 @register("aug")
 class AUG(BaseModel):
     """Per-modality classifiers with a shared output layer, boosted by layers added to the weaker modality."""
@@ -134,15 +127,7 @@ class AUG(BaseModel):
             raise ModelConfigError(f"{self._label()}: alpha must be in [0, 1], got {h['alpha']}")
         if h["check_interval"] < 1:
             raise ModelConfigError(f"{self._label()}: check_interval must be >= 1, got {h['check_interval']}")
-        self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")),
-            2 * n_features,
-            h["ehr_hidden"],
-            h["ehr_layers"],
-            h["ehr_heads"],
-            h["ehr_dropout"],
-        )
-        self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
+        self.ehr_encoder, self.cxr_encoder = transformer_resnet_encoders(self)
         self.feature_dims = {"ehr": self.ehr_encoder.out_dim, "cxr": self.cxr_encoder.out_dim}
         self.embed = nn.ModuleDict(
             {m: nn.Sequential(nn.Linear(self.feature_dims[m], h["head_dim"]), nn.ReLU()) for m in MODALITIES}

@@ -35,12 +35,10 @@ from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
-    RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
-    ResNetEncoder,
     batchnorm_safe,
-    build_ehr_encoder,
     ehr_input,
+    transformer_resnet_encoders,
 )
 from carebench.models.registry import register
 
@@ -155,16 +153,8 @@ class DAFT(BaseModel):
             raise ModelConfigError(
                 f"{self._label()}: hyper-parameter 'bottleneck_factor' must be > 0, got {h['bottleneck_factor']}"
             )
-        self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")),
-            2 * n_features,
-            h["ehr_hidden"],
-            h["ehr_layers"],
-            h["ehr_heads"],
-            h["ehr_dropout"],
-        )
+        self.ehr_encoder, self.cxr_encoder = transformer_resnet_encoders(self)
         d = self.ehr_encoder.out_dim
-        self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         layer4 = list(self.cxr_encoder.net.layer4)
         # The last residual block leaves the plain ResNet and becomes the DAFT block (same weights).
         self.cxr_encoder.net.layer4 = nn.Sequential(*layer4[:-1])

@@ -40,6 +40,7 @@ from carebench.models.base import (
     ModelOutput,
     TaskSpec,
     cxr_present,
+    masked_mean,
     per_sample_task_loss,
 )
 from carebench.models.encoders import (
@@ -50,8 +51,8 @@ from carebench.models.encoders import (
     ResNetEncoder,
     batchnorm_safe,
     ehr_input,
-    masked_mean,
     padding_mask,
+    pool_steps,
     transformer_stack,
 )
 from carebench.models.registry import register
@@ -78,12 +79,7 @@ def sigmoid_jsd(h_a: Tensor, h_b: Tensor, paired: Tensor) -> Tensor:
     p, q = log_p.exp(), log_q.exp()
     log_m = (0.5 * (p + q)).clamp_min(1e-12).log()
     per_sample = 0.5 * (p * (log_p - log_m) + q * (log_q - log_m)).sum(dim=1)
-    return _masked_mean(per_sample, paired)
-
-
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    return masked_mean(per_sample, paired)
 
 
 def attention_ranking_loss(
@@ -134,8 +130,8 @@ class DrFuseEHREncoder(nn.Module):
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor]:
         pad = padding_mask(lengths, x.size(1))
         h = self.common(self.pos(self.proj(x)), src_key_padding_mask=pad)
-        shared = masked_mean(self.shared(h, src_key_padding_mask=pad), pad)
-        distinct = masked_mean(self.distinct(h, src_key_padding_mask=pad), pad)
+        shared = pool_steps(self.shared(h, src_key_padding_mask=pad), pad)
+        distinct = pool_steps(self.distinct(h, src_key_padding_mask=pad), pad)
         return shared, distinct
 
 
@@ -270,13 +266,13 @@ class DrFuse(BaseModel):
             out["attn"].float(), raw["ehr"], raw["shared_logits"], raw["cxr"], present
         )
         return {
-            "pred_shared": h["lambda_pred_shared"] * _masked_mean(pred_shared, everyone),
-            "pred_ehr": h["lambda_pred_ehr"] * _masked_mean(pred_ehr, everyone),
-            "pred_cxr": h["lambda_pred_cxr"] * _masked_mean(pred_cxr, present),
+            "pred_shared": h["lambda_pred_shared"] * masked_mean(pred_shared, everyone),
+            "pred_ehr": h["lambda_pred_ehr"] * masked_mean(pred_ehr, everyone),
+            "pred_cxr": h["lambda_pred_cxr"] * masked_mean(pred_cxr, present),
             "disentangle_shared_jsd": h["lambda_disentangle_shared"]
             * sigmoid_jsd(out["ehr_shared"], out["cxr_shared"], present),
-            "disentangle_ehr_orth": h["lambda_disentangle_ehr"] * _masked_mean(orth_ehr, everyone),
-            "disentangle_cxr_orth": h["lambda_disentangle_cxr"] * _masked_mean(orth_cxr, present),
+            "disentangle_ehr_orth": h["lambda_disentangle_ehr"] * masked_mean(orth_ehr, everyone),
+            "disentangle_cxr_orth": h["lambda_disentangle_cxr"] * masked_mean(orth_cxr, present),
             "attn_ranking": h["lambda_attn_aux"] * ranking,
         }
 

@@ -35,18 +35,23 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present, per_sample_task_loss
+from carebench.models.base import (
+    BaseModel,
+    ModelConfigError,
+    ModelOutput,
+    cxr_present,
+    masked_mean,
+    per_sample_task_loss,
+)
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
-    RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
-    ResNetEncoder,
-    build_ehr_encoder,
     ehr_input,
     encode_present,
+    transformer_resnet_encoders,
 )
-from carebench.models.fusion.aug import masked_mean, sample_score
+from carebench.models.fusion.aug import sample_score
 from carebench.models.registry import register
 
 MODALITIES = ("ehr", "cxr")
@@ -105,15 +110,7 @@ class InfoReg(BaseModel):
         h = self.hparams
         if h["fim_window"] < 1:
             raise ModelConfigError(f"{self._label()}: fim_window must be >= 1, got {h['fim_window']}")
-        self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")),
-            2 * n_features,
-            h["ehr_hidden"],
-            h["ehr_layers"],
-            h["ehr_heads"],
-            h["ehr_dropout"],
-        )
-        self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
+        self.ehr_encoder, self.cxr_encoder = transformer_resnet_encoders(self)
         d_e, d_c = self.ehr_encoder.out_dim, self.cxr_encoder.out_dim
         self.head_joint = nn.Linear(d_e + d_c, self.num_outputs)
         self.head_ehr = nn.Linear(d_e, self.num_outputs)

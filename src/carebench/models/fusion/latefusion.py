@@ -17,12 +17,10 @@ from carebench.models.base import BaseModel, ModelOutput, cxr_present
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
-    RESNET_ARCHS,
     TRANSFORMER_RESNET_DEFAULTS,
-    ResNetEncoder,
-    build_ehr_encoder,
     ehr_input,
     encode_present,
+    transformer_resnet_encoders,
 )
 from carebench.models.registry import register
 
@@ -53,15 +51,7 @@ class LateFusion(BaseModel):
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
         super().__init__(task, n_features, image_size, **hparams)
         h = self.hparams
-        self.ehr_encoder = build_ehr_encoder(
-            self.choice("ehr_encoder", ("lstm", "transformer")),
-            2 * n_features,
-            h["ehr_hidden"],
-            h["ehr_layers"],
-            h["ehr_heads"],
-            h["ehr_dropout"],
-        )
-        self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
+        self.ehr_encoder, self.cxr_encoder = transformer_resnet_encoders(self)
         self.cxr_proj = nn.Linear(self.cxr_encoder.out_dim, h["fusion_dim"])
         self.missing_cxr = nn.Parameter(torch.zeros(h["fusion_dim"]))
         self.head = nn.Sequential(

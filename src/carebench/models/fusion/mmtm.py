@@ -46,8 +46,8 @@ from carebench.models.encoders import (
     ResNetEncoder,
     batchnorm_safe,
     ehr_input,
-    masked_mean,
     padding_mask,
+    pool_steps,
 )
 from carebench.models.registry import register
 
@@ -66,7 +66,7 @@ class MMTMUnit(nn.Module):
 
     def forward(self, fmap: Tensor, seq: Tensor, pad: Tensor | None) -> tuple[Tensor, Tensor]:
         """Gates ``(g_cnn [N,C_A], g_ehr [N,C_B])`` in (0, 2); ``pad`` marks padded EHR steps (excluded)."""
-        s = torch.cat([fmap.mean(dim=(2, 3)), masked_mean(seq, pad).to(fmap.dtype)], dim=1)
+        s = torch.cat([fmap.mean(dim=(2, 3)), pool_steps(seq, pad).to(fmap.dtype)], dim=1)
         z = torch.relu(self.squeeze(s))
         return 2.0 * torch.sigmoid(self.excite_cnn(z)), 2.0 * torch.sigmoid(self.excite_ehr(z))
 

@@ -1,18 +1,18 @@
 """Modality contribution and missing-modality robustness of trained runs, as tidy tables.
 
 Why: "does the X-ray help, and what happens when it is missing?" needs the same trained model evaluated on the
-same test stays under controlled inputs. The reference toolkit only removed X-rays from train/validation (its
-test set kept every image) and had no test-time ablation (reference notes §5). Here:
+same test stays under controlled inputs. The reference toolkit (CareBench) only removed X-rays from
+train/validation (its test set kept every image) and had no test-time ablation. Here:
 
-- `RunPredictor` loads a finished run (config + checkpoint, via the training side's `load_fold` and
-  `build_module`) and predicts any split of its fold under an ablation and/or a test-time X-ray missing rate;
-  predictions have the run record's columns (`training.module.predictions_frame`).
+- `RunPredictor` loads a finished run (`training.predict.LoadedRun`: config, checkpoint, fold) and predicts any
+  split of its fold under an ablation and/or a test-time X-ray missing rate; predictions have the run record's
+  columns (`runs.predictions_frame`), computed by the same code as the validation predictions a run records.
 - Ablations (`CONDITIONS`): `full` (inputs as loaded); `drop_cxr`: every stay's X-ray removed exactly as a
   missing one is represented (zero pixels, `has_cxr` false, `cxr_hours` 0); `drop_ehr`: the normalised EHR and
   its observed-mask set to zero for every stay, i.e. every value equals the training median and nothing is marked
   observed: the model sees a stay about which the EHR says nothing beyond the training population's typical
   values. The labels and the stays are unchanged.
-- Test-time missingness uses the loading side's `cxr_dropout`: for a rate r the round(r x n) X-rays of the test
+- Test-time missingness uses the folds' `cxr_dropout`: for a rate r the round(r x n) X-rays of the test
   stays with the smallest hash(seed, stay_id) are removed, so the choice is deterministic per stay and seed and
   the stays dropped at r are a subset of those dropped at any r' > r (nested curves).
 - Evaluation runs in float32 with the model in eval mode (no dropout, batch-norm running statistics). Every
@@ -22,7 +22,6 @@ test set kept every image) and had no test-time ablation (reference notes §5). 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,14 +31,16 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from carebench.data.loading import SPLITS, StayDataset, cxr_dropout, make_loader, output_names
-from carebench.data.store import open_dataset
+from carebench import runs
+from carebench.data.folds import SPLITS, cxr_dropout
+from carebench.data.loading import StayDataset, make_loader
 from carebench.errors import UserError
-from carebench.evaluation.fairness import task_arrays
 from carebench.evaluation.metrics import compute_metrics
+from carebench.experiments.plan import DEFAULT_TEST_RATES
+from carebench.runs import RunRecord
+from carebench.training.predict import LoadedRun, predict_frame
 
 CONDITIONS = ("full", "drop_cxr", "drop_ehr")
-MISSING_RATES = tuple(round(0.1 * i, 1) for i in range(10))  # 0.0, 0.1, ..., 0.9
 _NOT_METRICS = {"n", "n_labels_defined"}
 
 
@@ -84,30 +85,9 @@ class RunPredictor:
         device: str = "cpu",
         batch_size: int | None = None,
     ) -> None:
-        from carebench.models.base import task_spec
-        from carebench.training.config import TrainConfig, dataset_fingerprint
-        from carebench.training.run import CHECKPOINT, DONE, build_module, load_fold
-
-        self.run_dir = Path(run_dir)
-        for name in ("config.yaml", CHECKPOINT, DONE):
-            if not (self.run_dir / name).is_file():
-                raise ModalityError(f"{self.run_dir / name}: missing (expected a finished run directory)")
-        self.cfg = TrainConfig.from_yaml(self.run_dir / "config.yaml")
-        root = Path(data_root) if data_root is not None else Path(self.cfg.data)
-        self.data = open_dataset(root)
-        if dataset_fingerprint(root) != self.cfg.data_fingerprint:
-            raise ModalityError(
-                f"{root}: not the dataset run {self.run_dir.name} was trained on (manifest "
-                "fingerprint differs)"
-            )
-        self.fold = load_fold(self.cfg, self.data)
-        module = build_module(self.cfg, len(self.fold.features))
-        state = torch.load(self.run_dir / CHECKPOINT, map_location="cpu", weights_only=False)["state_dict"]
-        module.load_state_dict(state)
-        self.device = torch.device(device)
-        self.model = module.model.eval().to(self.device)
-        self.kind = task_spec(self.cfg.task).kind
-        self.names = output_names(self.cfg.task)
+        run = LoadedRun(run_dir, data_root, device=device)
+        self.run_dir = run.record.path
+        self.cfg, self.data, self.fold, self.model = run.cfg, run.data, run.fold, run.model
         self.batch_size = batch_size or self.cfg.batch_size
 
     @property
@@ -153,46 +133,23 @@ class RunPredictor:
                 dropped=self.dropped(cxr_missing_rate, split=split, seed=seed),
                 load_cxr=ds.load_cxr,
             )
-        from carebench.training.module import predictions_frame, probabilities
-
-        parts: list[dict[str, Tensor]] = []
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.cfg.seed)  # a model that samples at eval time is still deterministic
-            for batch in make_loader(ds, self.batch_size, shuffle=False):
-                batch = ablate_batch(batch, condition)
-                out = self.model({k: v.to(self.device) for k, v in batch.items()})
-                rec = {
-                    "stay_id": batch["stay_id"],
-                    "y": batch["y"],
-                    "has_cxr": batch["has_cxr"],
-                    "p": probabilities(self.kind, out.logits).cpu(),
-                }
-                for head, logits in out.extra_logits.items():
-                    rec[f"p__{head}"] = probabilities(self.kind, logits).cpu()
-                parts.append(rec)
-        arr = {k: torch.cat([r[k] for r in parts]).numpy() for k in parts[0]}
-        return predictions_frame(self.cfg.task, self.names, arr)
+        loader = make_loader(ds, self.batch_size, shuffle=False)
+        return predict_frame(
+            self.model,
+            loader,
+            self.cfg.task,
+            seed=self.cfg.seed,
+            transform=lambda b: ablate_batch(b, condition),
+        )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
 def prediction_metrics(predictions: pd.DataFrame, task: str, head: str | None = None) -> dict[str, float]:
     """Overall metrics (`metrics.compute_metrics`, scalars only) of a predictions frame or one of its heads."""
-    frame = predictions
-    if head is not None:
-        _, _, names = task_arrays(predictions, task)
-        cols = {f"p_{n}__{head}": f"p_{n}" for n in names}
-        missing = [c for c in cols if c not in predictions.columns]
-        if missing:
-            raise ModalityError(f"predictions: no head {head!r} (missing columns {missing[:3]})")
-        frame = predictions.drop(columns=list(cols.values())).rename(columns=cols)
-    y, p, names = task_arrays(frame, task)
+    frame = predictions if head is None else runs.head_frame(predictions, head, task)
+    y, p, names = runs.prediction_arrays(frame, task)
     out = compute_metrics(task, y, p, names)
     return {k: float(v) for k, v in out.items() if "/" not in k and k not in _NOT_METRICS}
-
-
-def prediction_heads(predictions: pd.DataFrame) -> list[str]:
-    """Names of the per-modality heads in a predictions frame (`p_<name>__<head>` columns)."""
-    return sorted({c.split("__", 1)[1] for c in predictions.columns if c.startswith("p_") and "__" in c})
 
 
 def _long(rows: list[dict], metrics: dict[str, float], reference: dict[str, float] | None) -> None:
@@ -238,7 +195,7 @@ def ablation_table(
             }
         )
         _long(rows, full if c == "full" else prediction_metrics(frame, task), full)
-    for head in prediction_heads(preds["full"]) if heads else []:
+    for head in runs.prediction_heads(preds["full"]) if heads else []:
         frame = preds["full"]
         rows.append(
             {
@@ -257,7 +214,7 @@ def missingness_curve(
     task: str,
     *,
     method: str,
-    rates: Iterable[float] = MISSING_RATES,
+    rates: Iterable[float] = DEFAULT_TEST_RATES,
 ) -> pd.DataFrame:
     """Metrics of one trained model as the test-time X-ray missing rate grows.
 
@@ -329,7 +286,7 @@ def run_missingness_curve(
     run_dir: str | Path,
     data_root: str | Path | None = None,
     *,
-    rates: Iterable[float] = MISSING_RATES,
+    rates: Iterable[float] = DEFAULT_TEST_RATES,
     seed: int | None = None,
     device: str = "cpu",
 ) -> pd.DataFrame:
@@ -342,46 +299,22 @@ def run_missingness_curve(
     return table
 
 
-def dropout_runs_table(run_dirs: Iterable[str | Path]) -> pd.DataFrame:
+def dropout_runs_table(records: Iterable[RunRecord]) -> pd.DataFrame:
     """Test metrics of finished runs with their train/val/test X-ray dropout rates, for curves over runs
     trained at different rates (the reference's protocol: train/validate with r% X-rays removed).
 
     One row per (run, metric): method, run_id, task, cohort, fold, seed, cxr_dropout_train, cxr_dropout_val,
-    cxr_dropout_test, metric, value. Runs without DONE are an error (they are not finished).
+    cxr_dropout_test, metric, value.
     """
-    import yaml
-
     rows = []
-    for d in map(Path, run_dirs):
-        for name in ("config.yaml", "metrics.json", "DONE"):
-            if not (d / name).is_file():
-                raise ModalityError(f"{d / name}: missing (expected a finished run directory)")
-        cfg = yaml.safe_load((d / "config.yaml").read_text())
-        test = json.loads((d / "metrics.json").read_text()).get("test", {})
-        base = {
-            "method": cfg["model"],
-            "run_id": d.name,
-            "task": cfg["task"],
-            "cohort": cfg.get("cohort"),
-            "fold": cfg.get("fold"),
-            "seed": cfg.get("seed"),
-            **{f"cxr_dropout_{s}": float(cfg.get(f"cxr_dropout_{s}", 0.0)) for s in SPLITS},
-        }
+    for r in records:
+        test = runs.read_metrics(r).get("test", {})
+        base = {"method": r.method, "run_id": r.run_id, "task": r.task, "cohort": r.cohort, "fold": r.fold,
+                "seed": r.seed, **{f"cxr_dropout_{s}": rate for s, rate in zip(SPLITS, r.dropout, strict=True)}}  # fmt: skip
         for metric, value in test.items():
             if "/" in metric or metric in _NOT_METRICS or not isinstance(value, int | float | type(None)):
                 continue
             rows.append({**base, "metric": metric, "value": np.nan if value is None else float(value)})
-    cols = [
-        "method",
-        "run_id",
-        "task",
-        "cohort",
-        "fold",
-        "seed",
-        "cxr_dropout_train",
-        "cxr_dropout_val",
-        "cxr_dropout_test",
-        "metric",
-        "value",
-    ]
+    cols = ["method", "run_id", "task", "cohort", "fold", "seed", "cxr_dropout_train", "cxr_dropout_val",
+            "cxr_dropout_test", "metric", "value"]  # fmt: skip
     return pd.DataFrame(rows, columns=cols)

@@ -6,12 +6,13 @@ and the same rules for pooling runs, written once so the report (and anyone with
 
 What it does (docs/report.md has every table and column):
 
-- Runs are discovered by scanning `RUNS/*/DONE` (`experiments.results.find_runs`), grouped by task x cohort x
-  X-ray dropout setting. Methods are model names; unimodal methods are those whose class reads one modality.
-- Main runs (no X-ray removed in any split): leaderboard (`statistics.method_metrics`: every metric, bootstrap
-  CI, folds concatenated, seeds averaged) and comparisons (`statistics.compare_methods`: each fusion method vs
+- Runs are the finished run records (`runs.find_runs`), grouped by task x cohort x X-ray dropout setting
+  (`analysis.pooling`); all must have been trained on the analysed dataset (same fingerprint). Methods are model
+  names; unimodal methods are those whose model reads one modality.
+- Main runs (no X-ray removed in any split): leaderboard (`comparisons.method_metrics`: every metric, bootstrap
+  CI, folds concatenated, seeds averaged) and comparisons (`comparisons.compare_methods`: each fusion method vs
   the best unimodal method, all pairs, per phenotype; permutation p-values with Holm and BH).
-- Fairness per main run (`fairness.analyze_fairness`), thresholds chosen on the run's validation predictions
+- Fairness per main run (`analysis.fairness`), thresholds chosen on the run's validation predictions
   (`predictions_val.parquet`, or recomputed from the checkpoint for older records).
 - Natural missingness: main-run test predictions split by the stay's X-ray availability (base cohort).
 - Test-time missingness and modality contribution from the checkpoints: per run, the test split with every
@@ -27,36 +28,31 @@ What it does (docs/report.md has every table and column):
 
 from __future__ import annotations
 
-import json
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from carebench import __version__
+from carebench import __version__, runs
+from carebench.analysis import comparisons as cmp
+from carebench.analysis.fairness import fairness_tables
+from carebench.analysis.modality import RunPredictor, dropout_runs_table
+from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_options
+from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
+from carebench.analysis.pooling import groups as run_groups
+from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
 from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
-from carebench.data.store import ProcessedDataset, atomic_output_dir, open_dataset
-from carebench.errors import UserError
+from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.evaluation import statistics as st
-from carebench.evaluation.fairness import ATTRIBUTES, INTERSECTIONS, MACRO, analyze_fairness
-from carebench.evaluation.metrics import SELECTION_METRIC
+from carebench.evaluation.fairness import MACRO
+from carebench.experiments.plan import read_plan_record
+from carebench.runs import RunRecord
+from carebench.tasks import get_task
 
-if TYPE_CHECKING:  # imported where used: the experiments package imports torch, which `report` does not need
-    from carebench.experiments import results as rs
-
-ANALYSIS_DIR = "analysis"
-SUMMARY = "summary.json"
-# The overall metrics of the curves, ablations and subsets (the leaderboard and comparisons have every metric).
-HEADLINE = {
-    "mortality": ("auroc", "auprc"),
-    "phenotype": ("auroc_macro", "auprc_macro"),
-    "los": ("auroc_ovr_macro", "accuracy"),
-}
-DEFAULTS = {"n_bootstrap": 1000, "n_permutations": 10000, "confidence": 0.95, "seed": 0}
 ABLATION_COLUMNS = [
     "task",
     "cohort",
@@ -73,120 +69,6 @@ ABLATION_COLUMNS = [
     "n_seeds",
     "n_cxr_input",
 ]
-DEFAULT_TEST_RATES = tuple(round(0.1 * i, 1) for i in range(10))
-TABLES = (
-    "runs",
-    "cohort_overview",
-    "cohort_steps",
-    "cohort_folds",
-    "cohort_labels",
-    "leaderboard",
-    "comparisons",
-    "fairness_groups",
-    "fairness_summary",
-    "fairness_thresholds",
-    "missingness_natural",
-    "missingness_test",
-    "missingness_train",
-    "dropout_runs",
-    "ablation",
-)
-
-
-class AnalysisError(UserError, ValueError):
-    """Options or runs the analysis cannot use (the message names the option, file or run)."""
-
-
-@dataclass
-class AnalysisOptions:
-    """Resolved options (command line > RUNS/plan.yaml > DEFAULTS); recorded in summary.json."""
-
-    n_bootstrap: int = 1000
-    n_permutations: int = 10000
-    confidence: float = 0.95
-    seed: int = 0
-    fairness: bool = True
-    fairness_attributes: list[str] = field(default_factory=lambda: list(ATTRIBUTES))
-    missingness: bool = True
-    ablation: bool = True
-    test_rates: list[float] = field(default_factory=lambda: list(DEFAULT_TEST_RATES))
-    device: str = "cpu"
-    label_groups: dict[str, list[str]] = field(default_factory=dict)
-    label_groups_source: str = ""
-
-
-def read_label_groups(
-    source: str | Path | Mapping[str, Any], what: str = "--label-groups"
-) -> dict[str, list[str]]:
-    """Phenotype label groups from a mapping or a JSON/YAML file: `{group: [labels]}`, or the planted.json of
-    `carebench synth` (`{"phenotypes": {label: kind}}` -> one group per kind, in order of first appearance)."""
-    import yaml
-
-    if isinstance(source, Mapping):
-        data: Any = source
-    else:
-        path = Path(source)
-        try:
-            text = path.read_text()
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise AnalysisError(f"{what} {path}: not a readable JSON or YAML file ({e})") from None
-    if isinstance(data, Mapping) and isinstance(data.get("phenotypes"), Mapping):
-        kinds = data["phenotypes"]
-        data = {}
-        for label, kind in kinds.items():
-            data.setdefault(str(kind), []).append(str(label))
-    # the labels themselves are checked against the runs' phenotype columns by the statistics
-    if problem := st.label_groups_problem(data):
-        raise AnalysisError(
-            f"{what} {source}: {problem} (e.g. {{cardiac: [pheno_congestive_heart_failure, ...]}}, "
-            "or a planted.json)"
-        )
-    return {str(g): list(dict.fromkeys(v)) for g, v in data.items()}
-
-
-def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOptions:
-    """Options from the command line (`given`, None = not given), else the plan's, else DEFAULTS; validated."""
-    unknown = sorted(
-        set(given)
-        - {"fairness", "missingness", "ablation", "test_rates", "device", "label_groups", *DEFAULTS}
-    )
-    if unknown:
-        raise AnalysisError(f"unknown analysis option(s) {unknown}")
-    plan = plan or {}
-    stats = plan.get("statistics") or {}
-    out = AnalysisOptions()
-    for key, default in DEFAULTS.items():
-        value = given.get(key)
-        setattr(out, key, value if value is not None else stats.get(key, default))
-    for key in ("n_bootstrap", "n_permutations"):
-        v = getattr(out, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise AnalysisError(f"--{key.replace('_', '-')}: expected an integer >= 1, got {v!r}")
-    if isinstance(out.seed, bool) or not isinstance(out.seed, int) or out.seed < 0:
-        raise AnalysisError(f"--seed: expected an integer >= 0, got {out.seed!r}")
-    if not 0.0 < float(out.confidence) < 1.0:
-        raise AnalysisError(f"--confidence: expected a number in (0, 1), got {out.confidence!r}")
-    out.confidence = float(out.confidence)
-    fair = plan.get("fairness") or {}
-    out.fairness = given["fairness"] if given.get("fairness") is not None else bool(fair.get("enabled", True))
-    out.fairness_attributes = list(fair.get("attributes") or ATTRIBUTES)
-    out.missingness = given.get("missingness") is not False
-    out.ablation = given.get("ablation") is not False
-    rates = given.get("test_rates") or (plan.get("missingness") or {}).get("test_rates") or DEFAULT_TEST_RATES
-    rates = sorted({0.0, *(float(r) for r in rates)})
-    if any(not 0.0 <= r <= 1.0 for r in rates):
-        raise AnalysisError(f"test missing rates: expected numbers in [0, 1], got {rates}")
-    out.test_rates = rates
-    out.device = given.get("device") or "cpu"
-    groups = given.get("label_groups")
-    what = "--label-groups"
-    if groups is None and stats.get("label_groups") is not None:
-        groups, what = stats["label_groups"], "plan statistics.label_groups"
-    if groups is not None:
-        out.label_groups = read_label_groups(groups, what)
-        out.label_groups_source = str(groups) if isinstance(groups, str | Path) else "plan"
-    return out
 
 
 @dataclass
@@ -262,40 +144,39 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _names(task: str, frame: pd.DataFrame) -> list[str]:
-    return st.task_columns(frame.columns, task)[2]
+    return runs.prediction_columns(frame.columns, task)[2]
 
 
 def _headline(task: str, opts: AnalysisOptions) -> list[str]:
-    """HEADLINE metrics of a task, plus their label-group macro averages (phenotype, with --label-groups)."""
-    metrics = list(HEADLINE[task])
-    if task == "phenotype":
-        metrics += [st.group_key(m, g) for g in opts.label_groups for m in HEADLINE[task]]
+    """The task's headline metrics, plus their label-group macro averages (multilabel, with --label-groups)."""
+    spec = get_task(task)
+    metrics = list(spec.headline)
+    if spec.kind == "multilabel":
+        metrics += [st.group_key(m, g) for g in opts.label_groups for m in spec.headline]
     return metrics
 
 
 def _groups(task: str, opts: AnalysisOptions) -> dict[str, list[str]] | None:
-    return opts.label_groups if task == "phenotype" and opts.label_groups else None
+    return opts.label_groups if get_task(task).kind == "multilabel" and opts.label_groups else None
+
+
+def _resampling(task: str, names: list[str], opts: AnalysisOptions) -> dict[str, Any]:
+    """The keyword arguments every bootstrap of the analysis shares (output names, resamples, level, seed,
+    label groups)."""
+    return {"names": names, "n_resamples": opts.n_bootstrap, "ci": opts.confidence, "seed": opts.seed,
+            "groups": _groups(task, opts)}  # fmt: skip
 
 
 def _pooled_cis(
     long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions
-) -> dict[str, tuple[st.PooledPredictions, dict[str, st.BootstrapResult]]]:
+) -> dict[str, tuple[cmp.PooledPredictions, dict[str, st.BootstrapResult]]]:
     """Per method: seed-pooled predictions and bootstrap CIs of `metrics`."""
-    pooled = st.pool_predictions(long, task)
+    pooled = cmp.pool_predictions(long, task)
     names = _names(task, long)
     return {
         m: (
             pp,
-            st.bootstrap_cis(
-                pp.y,
-                pp.p,
-                metrics,
-                names=names,
-                n_resamples=opts.n_bootstrap,
-                ci=opts.confidence,
-                seed=opts.seed,
-                groups=_groups(task, opts),
-            ),
+            st.bootstrap_cis(pp.y, pp.p, metrics, **_resampling(task, names, opts)),
         )
         for m, pp in pooled.items()
     }
@@ -311,29 +192,17 @@ def _ci_row(res: st.BootstrapResult) -> dict[str, float]:
     return {"value": res.estimate, "ci_low": res.ci_low, "ci_high": res.ci_high}
 
 
-def _head_frame(frame: pd.DataFrame, head: str, task: str) -> pd.DataFrame:
-    """Predictions of one per-modality head as if it were the model's output (p_<name>__<head> -> p_<name>)."""
-    names = _names(task, frame)
-    cols = {f"p_{n}__{head}": f"p_{n}" for n in names}
-    keep = [c for c in frame.columns if not (c.startswith("p_") and "__" in c) and c not in cols.values()]
-    return pd.concat([frame[keep], frame[list(cols)].rename(columns=cols)], axis=1)
-
-
 def _concat(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     parts = [p for p in parts if len(p)]
     return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
 
-def _heads(frame: pd.DataFrame) -> list[str]:
-    return sorted({c.split("__", 1)[1] for c in frame.columns if c.startswith("p_") and "__" in c})
-
-
 # ------------------------------------------------------------------------------------------------ stages
 def _statistics(
-    task: str, cohort: str, members: list[rs.RunRecord], test: pd.DataFrame, opts: AnalysisOptions
+    task: str, cohort: str, members: list[RunRecord], test: pd.DataFrame, opts: AnalysisOptions
 ) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
     unimodal = sorted({r.method for r in members if r.unimodal})
-    board = st.method_metrics(
+    board = cmp.method_metrics(
         test,
         task,
         n_resamples=opts.n_bootstrap,
@@ -342,13 +211,13 @@ def _statistics(
         label_groups=_groups(task, opts),
     )
     mods = {r.method: "+".join(r.modalities) for r in members}
-    runs = {m: sum(1 for r in members if r.method == m) for m in mods}
+    n_runs = {m: sum(1 for r in members if r.method == m) for m in mods}
     board.insert(1, "cohort", cohort)
     board.insert(3, "modalities", board["method"].map(mods))
-    board["n_runs"] = board["method"].map(runs)
+    board["n_runs"] = board["method"].map(n_runs)
     reference = None
     if len(mods) > 1:
-        comp = st.compare_methods(
+        comp = cmp.compare_methods(
             test,
             task,
             unimodal=unimodal,
@@ -397,62 +266,6 @@ def _natural(
     return pd.DataFrame(rows)
 
 
-def _fairness(
-    members: list[rs.RunRecord],
-    cohort_df: pd.DataFrame,
-    opts: AnalysisOptions,
-    root: Path,
-    warn: Callable[[str], None],
-    tick: Callable[[], None],
-) -> dict[str, pd.DataFrame]:
-    """Fairness tables of each main run (thresholds from its validation predictions), with run key columns."""
-    from carebench.experiments import results as rs
-
-    attrs = opts.fairness_attributes
-    inter = [i for i in INTERSECTIONS if set(i) <= set(attrs)]
-    g_parts, s_parts, t_parts = [], [], []
-    for r in members:
-        test = rs.read_predictions(r)
-        val = rs.read_predictions(r, "val")
-        if val is None and r.task != "los":
-            from carebench.evaluation.modality import RunPredictor
-
-            val = RunPredictor(r.path, root, device=opts.device).predict(split="val")
-        try:
-            rep = analyze_fairness(
-                test,
-                cohort_df,
-                r.task,
-                val_predictions=val,
-                n_resamples=opts.n_bootstrap,
-                seed=opts.seed,
-                confidence=opts.confidence,
-                attributes=attrs,
-                intersections=inter,
-            )
-        except UserError as e:
-            warn(f"fairness of run {r.run_id} skipped: {e}")
-            tick()
-            continue
-        key = {
-            "task": r.task,
-            "cohort": r.cohort,
-            "method": r.method,
-            "run_id": r.run_id,
-            "fold": r.config.fold,
-            "seed": r.config.seed,
-        }
-        g_parts.append(pd.concat([pd.DataFrame(key, index=rep.groups.index), rep.groups], axis=1))
-        s_parts.append(pd.concat([pd.DataFrame(key, index=rep.summary.index), rep.summary], axis=1))
-        t_parts.append(pd.DataFrame([{**key, "label": k, "threshold": v} for k, v in rep.thresholds.items()]))
-        tick()
-    return {
-        "fairness_groups": _concat(g_parts),
-        "fairness_summary": _concat(s_parts),
-        "fairness_thresholds": _concat(t_parts),
-    }
-
-
 @dataclass
 class RunFrames:
     """A run's test predictions under the controlled inputs (predictions.parquet columns, sorted by stay)."""
@@ -463,22 +276,18 @@ class RunFrames:
     at_rate: dict[float, pd.DataFrame]
 
 
-def controlled_predictions(r: rs.RunRecord, root: Path, opts: AnalysisOptions, ablation: bool) -> RunFrames:
+def controlled_predictions(r: RunRecord, root: Path, opts: AnalysisOptions, ablation: bool) -> RunFrames:
     """Forward passes of one run's checkpoint: full, drop_cxr (X-ray models), drop_ehr (for ablation only),
     composed into the test-time missingness rates (module docstring)."""
-    from carebench.experiments import results as rs
-
     need_model = r.uses_cxr or (ablation and r.uses_ehr)
     if not need_model:
-        full = rs.read_predictions(r)
+        full = runs.read_predictions(r)
         return RunFrames(full, full, None, dict.fromkeys(opts.test_rates, full))
-    from carebench.evaluation.modality import RunPredictor
-
     pred = RunPredictor(r.path, root, device=opts.device)
     # The recorded test predictions are the `full` condition exactly for a 32-bit run tested with every X-ray
     # (tests/test_modality.py), which saves the costliest pass; otherwise predict again with the same code.
-    if r.config.precision == "32-true" and r.dropout[2] == 0.0:
-        full = rs.read_predictions(r)
+    if r.precision == "32-true" and r.dropout[2] == 0.0:
+        full = runs.read_predictions(r)
     else:
         full = pred.predict(condition="full", cxr_missing_rate=0.0)
     drop_cxr = pred.predict(condition="drop_cxr") if r.uses_cxr else full
@@ -501,36 +310,25 @@ def controlled_predictions(r: rs.RunRecord, root: Path, opts: AnalysisOptions, a
 
 
 def _ablation_rows(
-    task: str, cohort: str, members: list[rs.RunRecord], frames: dict[str, RunFrames], opts: AnalysisOptions
+    task: str, cohort: str, members: list[RunRecord], frames: dict[str, RunFrames], opts: AnalysisOptions
 ) -> list[dict]:
     """Per method: metric under full / drop_cxr / drop_ehr / head:<name>, CI, and paired-bootstrap delta vs full."""
-    from carebench.experiments import results as rs
-
     metrics = _headline(task, opts)
-    full_long = rs.long_predictions((r, frames[r.run_id].full) for r in members)
+    full_long = long_predictions((r, frames[r.run_id].full) for r in members)
     conditions: dict[str, pd.DataFrame] = {
-        "drop_cxr": rs.long_predictions((r, frames[r.run_id].drop_cxr) for r in members),
-        "drop_ehr": rs.long_predictions((r, frames[r.run_id].drop_ehr) for r in members),
+        "drop_cxr": long_predictions((r, frames[r.run_id].drop_cxr) for r in members),
+        "drop_ehr": long_predictions((r, frames[r.run_id].drop_ehr) for r in members),
     }
-    for head in _heads(full_long):
-        with_head = [r for r in members if head in _heads(frames[r.run_id].full)]
-        conditions[f"head:{head}"] = rs.long_predictions(
-            (r, _head_frame(frames[r.run_id].full, head, task)) for r in with_head
+    for head in runs.prediction_heads(full_long):
+        with_head = [r for r in members if head in runs.prediction_heads(frames[r.run_id].full)]
+        conditions[f"head:{head}"] = long_predictions(
+            (r, runs.head_frame(frames[r.run_id].full, head, task)) for r in with_head
         )
     names = _names(task, full_long)
-    full_pool = st.pool_predictions(full_long, task)
+    full_pool = cmp.pool_predictions(full_long, task)
     rows = []
     for method, pp in full_pool.items():
-        cis = st.bootstrap_cis(
-            pp.y,
-            pp.p,
-            metrics,
-            names=names,
-            n_resamples=opts.n_bootstrap,
-            ci=opts.confidence,
-            seed=opts.seed,
-            groups=_groups(task, opts),
-        )
+        cis = st.bootstrap_cis(pp.y, pp.p, metrics, **_resampling(task, names, opts))
         base = {"task": task, "cohort": cohort, "method": method, "n_stays": len(pp.y), "n_seeds": pp.n_seeds}
         for metric, res in cis.items():
             rows.append(
@@ -549,30 +347,11 @@ def _ablation_rows(
             part = long.loc[long["method"] == method]
             if part.empty:
                 continue
-            other = st.pool_predictions(part, task)[method]
+            other = cmp.pool_predictions(part, task)[method]
             if not np.array_equal(other.stay_id, pp.stay_id):
                 raise AnalysisError(f"method {method!r}: condition {cond} predicts other stays than full")
-            own = st.bootstrap_cis(
-                other.y,
-                other.p,
-                metrics,
-                names=names,
-                n_resamples=opts.n_bootstrap,
-                ci=opts.confidence,
-                seed=opts.seed,
-                groups=_groups(task, opts),
-            )
-            delta = st.paired_bootstrap_cis(
-                pp.y,
-                other.p,
-                pp.p,
-                metrics,
-                names=names,
-                n_resamples=opts.n_bootstrap,
-                ci=opts.confidence,
-                seed=opts.seed,
-                groups=_groups(task, opts),
-            )
+            own = st.bootstrap_cis(other.y, other.p, metrics, **_resampling(task, names, opts))
+            delta = st.paired_bootstrap_cis(pp.y, other.p, pp.p, metrics, **_resampling(task, names, opts))
             for metric in metrics:
                 rows.append(
                     {
@@ -593,18 +372,16 @@ def _curve_rows(
     task: str,
     cohort: str,
     train_rate: float,
-    members: list[rs.RunRecord],
+    members: list[RunRecord],
     frames: dict[str, RunFrames],
     opts: AnalysisOptions,
 ) -> list[dict]:
     """Per method and test-time missing rate: headline metrics of the seed-pooled predictions, CI, delta."""
-    from carebench.experiments import results as rs
-
     metrics = _headline(task, opts)
     rows = []
     first: dict[tuple[str, str], float] = {}
     for rate in opts.test_rates:
-        long = rs.long_predictions((r, frames[r.run_id].at_rate[rate]) for r in members)
+        long = long_predictions((r, frames[r.run_id].at_rate[rate]) for r in members)
         for method, (pp, cis) in _pooled_cis(long, task, metrics, opts).items():
             uses_cxr = any(r.uses_cxr for r in members if r.method == method)
             for metric, res in cis.items():
@@ -630,8 +407,6 @@ def _curve_rows(
 
 def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
     """Per (task, cohort, method) with runs trained at X-ray dropout r > 0: test metrics at every train rate."""
-    from carebench.experiments import results as rs
-
     rows = []
     dropout_methods = {
         (t, c, r.method)
@@ -647,7 +422,7 @@ def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
         chosen = [r for r in members if (task, cohort, r.method) in dropout_methods]
         if not chosen:
             continue
-        long = rs.long_predictions((r, rs.read_predictions(r)) for r in chosen)
+        long = long_predictions((r, runs.read_predictions(r)) for r in chosen)
         for method, (pp, cis) in _pooled_cis(long, task, _headline(task, opts), opts).items():
             for metric, res in cis.items():
                 rows.append(
@@ -711,36 +486,30 @@ def analyze(
     plan / default), test_rates, device. `data` overrides the dataset path recorded in the runs (same
     fingerprint required). `console`: a Rich console for progress (None = silent).
     """
-    from carebench.experiments import results as rs
-    from carebench.training.config import dataset_fingerprint
-
     t0 = time.perf_counter()
     runs_dir = Path(runs_dir)
-    records = rs.find_runs(runs_dir)
-    plan = rs.read_plan(runs_dir)
+    records = load_runs(runs_dir)
+    plan = read_plan_record(runs_dir)
     opts = resolve_options(plan, **options)
-    data_path, fingerprint = rs.common_dataset(records)
+    data_path, fingerprint = runs.common_dataset(records)
     root = Path(data) if data is not None else Path(data_path)
-    if not (root / "manifest.json").is_file():
+    if not root.is_dir():
         raise AnalysisError(f"{root}: dataset of the runs not found (pass --data DIR if it moved)")
-    if dataset_fingerprint(root) != fingerprint:
-        raise AnalysisError(
-            f"{root}: not the dataset the runs were trained on (manifest fingerprint differs)"
-        )
+    runs.check_dataset(fingerprint, root, dataset_fingerprint(root))
     ds = open_dataset(root, mmap=True)
     has_cxr = ds.cohort.set_index("stay_id")["has_cxr"].astype(bool)
-    grouped = rs.groups(records)
+    grouped = run_groups(records)
     main = {k[:2]: v for k, v in grouped.items() if k[2] == (0.0, 0.0, 0.0)}
     warnings: list[str] = []
     timings: dict[str, float] = {}
-    tables: dict[str, pd.DataFrame] = {"runs": rs.runs_table(records), **cohort_tables(ds)}
+    tables: dict[str, pd.DataFrame] = {"runs": runs.runs_table(records), **cohort_tables(ds)}
     group_info = []
     with _Progress(console) as progress:
         t = time.perf_counter()
         tick = progress.stage("statistics (leaderboard, comparisons)", len(main))
         boards, comps, natural = [], [], []
         for (task, cohort), members in sorted(main.items()):
-            test = rs.long_predictions((r, rs.read_predictions(r)) for r in members)
+            test = recorded_predictions(members)
             board, comp, reference = _statistics(task, cohort, members, test, opts)
             boards.append(board)
             comps.append(comp)
@@ -753,7 +522,7 @@ def analyze(
                     "methods": sorted({r.method for r in members}),
                     "unimodal": sorted({r.method for r in members if r.unimodal}),
                     "reference": reference,
-                    "selection_metric": SELECTION_METRIC[task],
+                    "selection_metric": get_task(task).selection_metric,
                     "n_runs": len(members),
                     "n_stays": int(test["stay_id"].nunique()),
                 }
@@ -768,7 +537,19 @@ def analyze(
         main_runs = [r for mem in main.values() for r in mem]
         if opts.fairness:
             tick = progress.stage("fairness", len(main_runs))
-            tables.update(_fairness(main_runs, ds.cohort, opts, root, warnings.append, tick))
+            tables.update(
+                fairness_tables(
+                    main_runs,
+                    ds.cohort,
+                    attributes=opts.fairness_attributes,
+                    n_resamples=opts.n_bootstrap,
+                    seed=opts.seed,
+                    confidence=opts.confidence,
+                    validation=lambda r: RunPredictor(r.path, root, device=opts.device).predict(split="val"),
+                    warn=warnings.append,
+                    tick=tick,
+                )
+            )
             timings["fairness"] = time.perf_counter() - t
 
         t = time.perf_counter()
@@ -784,7 +565,7 @@ def analyze(
             tick = progress.stage("missing X-rays and ablations (checkpoints)", len(todo))
             frames, no_checkpoint = {}, []
             for r in todo:
-                if (r.uses_cxr or opts.ablation) and not (r.path / "checkpoint").is_file():
+                if (r.uses_cxr or opts.ablation) and not r.has_checkpoint:
                     no_checkpoint.append(r.run_id)
                 else:
                     frames[r.run_id] = controlled_predictions(
@@ -811,10 +592,8 @@ def analyze(
         )
         dropout = [r for r in records if not r.main]
         if dropout and opts.missingness:
-            from carebench.evaluation.modality import dropout_runs_table
-
             keys = {(r.task, r.cohort, r.method) for r in dropout}
-            table = dropout_runs_table(r.path for r in records if (r.task, r.cohort, r.method) in keys)
+            table = dropout_runs_table(r for r in records if (r.task, r.cohort, r.method) in keys)
             tables["dropout_runs"] = table
         else:
             tables["dropout_runs"] = pd.DataFrame()
@@ -840,37 +619,3 @@ def analyze(
     }
     path = write_analysis(runs_dir / ANALYSIS_DIR, tables, summary)
     return AnalysisResult(path=path, tables=tables, summary=summary)
-
-
-def write_analysis(out: Path, tables: dict[str, pd.DataFrame], summary: dict[str, Any]) -> Path:
-    """Every table as `<name>.parquet` and `<name>.csv`, and summary.json, into `out` (replaced atomically)."""
-    with atomic_output_dir(out, overwrite=True) as tmp:
-        for name, df in tables.items():
-            df = df.copy()
-            df.attrs = {}
-            df.to_parquet(tmp / f"{name}.parquet", index=False)
-            df.to_csv(tmp / f"{name}.csv", index=False)
-        (tmp / SUMMARY).write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-        tmp.chmod(0o755)  # mkdtemp makes it private
-    return out
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return str(obj)
-
-
-def load_analysis(runs_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """The tables and summary written by `analyze` (an error naming the command when they are missing)."""
-    path = Path(runs_dir) / ANALYSIS_DIR
-    if not (path / SUMMARY).is_file():
-        raise AnalysisError(f"{path}: no analysis found; run `carebench analyze {runs_dir}` first")
-    summary = json.loads((path / SUMMARY).read_text())
-    tables = {}
-    for name in TABLES:
-        f = path / f"{name}.parquet"
-        if not f.is_file():
-            raise AnalysisError(f"{f}: missing (re-run `carebench analyze {runs_dir}`)")
-        tables[name] = pd.read_parquet(f)
-    return tables, summary

@@ -1,0 +1,385 @@
+"""Comparisons of methods on pooled test predictions: seed ensembles, leaderboards, paired tests with Holm/BH.
+
+The input is a long table of test predictions (one row per method, seed and stay, as `analysis.pooling` builds
+it from the run records); every number comes from the kernels (`evaluation.statistics`,
+`evaluation.multiplicity`), so a comparison equals what the kernels give on the same arrays. docs/statistics.md
+describes the pooling rules, the families of tests and the reference method.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from carebench import runs
+from carebench.errors import UserError
+from carebench.evaluation.multiplicity import benjamini_hochberg, holm
+from carebench.evaluation.options import DEFAULTS, GROUP_SEP
+from carebench.evaluation.statistics import (
+    StatisticsInputError,
+    available_metrics,
+    bootstrap_cis,
+    check_ci_options,
+    check_label_groups,
+    check_test_options,
+    group_key,
+    metric_values,
+    paired_bootstrap_cis,
+    paired_permutation_tests,
+    prepare_predictions,
+)
+from carebench.tasks import get_task
+
+# What `compare_methods` tests when `metrics` is not given; "auroc/*" expands to every label.
+DEFAULT_COMPARE_METRICS = {
+    "binary": ("auroc", "auprc"),
+    "multilabel": ("auroc_macro", "auprc_macro", "auroc/*", "auprc/*"),
+    "multiclass": ("auroc_ovr_macro", "accuracy"),
+}
+
+
+@dataclass(frozen=True)
+class PooledPredictions:
+    """One method's test predictions: out-of-fold predictions concatenated, probabilities averaged over seeds."""
+
+    stay_id: np.ndarray
+    y: np.ndarray
+    p: np.ndarray
+    n_seeds: int
+
+
+def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredictions]:
+    """Per method: the test predictions of every stay, seeds averaged.
+
+    `preds` is long: one row per (method, seed, stay) with `method`, `seed`, `stay_id` (and optionally `fold`),
+    the task's `y_*` and `p_*` columns. Each stay must be tested exactly once per (method, seed) - the five
+    folds' test sets partition the cohort - and every seed of a method must cover the same stays. Probabilities
+    are averaged over seeds per stay (a seed ensemble: it removes seed noise from the comparison, and LOS rows
+    still sum to 1).
+    """
+    y_cols, p_cols, names = runs.prediction_columns(preds.columns, task)
+    need = ["method", "seed", "stay_id", *y_cols, *p_cols]
+    missing = [c for c in need if c not in preds.columns]
+    if missing or not p_cols or not names:
+        raise StatisticsInputError(f"predictions for task {task!r}: missing column(s) {missing or need[3:]}")
+    dup = preds.duplicated(["method", "seed", "stay_id"], keep=False)
+    if dup.any():
+        row = preds.loc[dup].iloc[0]
+        raise StatisticsInputError(
+            f"predictions: stay {row['stay_id']} of method {row['method']!r} seed "
+            f"{row['seed']} appears more than once (each stay is tested in exactly one fold)"
+        )
+    out: dict[str, PooledPredictions] = {}
+    for method, g in preds.groupby("method", sort=True):
+        stays_by_seed = {s: frozenset(gs["stay_id"]) for s, gs in g.groupby("seed")}
+        if len(set(stays_by_seed.values())) > 1:
+            raise StatisticsInputError(
+                f"predictions: the seeds of method {method!r} cover different stays "
+                f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)"
+            )
+        per_stay = g.groupby("stay_id", sort=True)
+        if (per_stay[y_cols].nunique() > 1).to_numpy().any():
+            raise StatisticsInputError(f"predictions: labels of method {method!r} differ between seeds")
+        y = per_stay[y_cols].first().to_numpy()
+        p = per_stay[p_cols].mean().to_numpy(dtype=np.float64)
+        kind = get_task(task).kind
+        y = y[:, 0] if kind != "multilabel" else y
+        p = p[:, 0] if kind == "binary" else p
+        try:
+            prepare_predictions(y, p, names)
+        except UserError as err:
+            raise StatisticsInputError(f"predictions of method {method!r}: {err}") from err
+        out[str(method)] = PooledPredictions(
+            stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64), p=p, n_seeds=len(stays_by_seed)
+        )
+    return out
+
+
+def _expand_keys(
+    task: str,
+    metrics: Sequence[str] | None,
+    names: list[str],
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> list[str]:
+    """Metric keys; `auroc/*` expands to every label, and with label groups every requested macro average
+    (`auroc_macro`, `auprc_macro`) is added for each group (`auroc_macro@<group>`)."""
+    keys: list[str] = []
+    for m in metrics if metrics is not None else DEFAULT_COMPARE_METRICS[get_task(task).kind]:
+        keys.extend([f"{m[:-2]}/{nm}" for nm in names] if m.endswith("/*") else [m])
+    for m in list(keys):
+        if m in ("auroc_macro", "auprc_macro"):
+            keys.extend(group_key(m, g) for g in (groups or {}))
+    return list(dict.fromkeys(keys))
+
+
+GROUP_LABEL = "group:"  # label column of a label-group row: "group:<name>"
+
+
+def _split_key(task: str, key: str) -> tuple[str, str]:
+    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); a group key 'auroc_macro@both'
+    -> ('group:both', 'auroc_macro'); overall keys -> (task, key)."""
+    metric, _, label = key.partition("/")
+    if label:
+        return label, metric
+    metric, sep, group = key.partition(GROUP_SEP)
+    return (GROUP_LABEL + group, metric) if sep else (task, metric)
+
+
+def _scope(key: str) -> str:
+    return "per_label" if "/" in key else "group" if GROUP_SEP in key else "overall"
+
+
+def _align(
+    a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str, method_b: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    common, ia, ib = np.intersect1d(a.stay_id, b.stay_id, return_indices=True)
+    if len(common) < 2:
+        raise StatisticsInputError(
+            f"methods {method_a!r} and {method_b!r} share {len(common)} test stays; "
+            "a paired comparison needs the same stays"
+        )
+    if not np.array_equal(a.y[ia], b.y[ib]):
+        bad = common[np.flatnonzero((a.y[ia] != b.y[ib]).reshape(len(common), -1).any(axis=1))[0]]
+        raise StatisticsInputError(
+            f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}"
+        )
+    return a.y[ia], a.p[ia], b.p[ib]
+
+
+def _best_method(
+    pooled: dict[str, PooledPredictions],
+    candidates: Sequence[str],
+    task: str,
+    names: list[str],
+    group: str | None = None,
+    groups: Mapping[str, Sequence[str]] | None = None,
+) -> str:
+    selection = get_task(task).selection_metric
+    metric = selection if group is None else group_key(selection, group)
+    scores = {
+        m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
+        for m in sorted(candidates)
+    }
+    return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
+
+
+def compare_methods(
+    preds: pd.DataFrame,
+    task: str,
+    *,
+    reference: str | None = None,
+    unimodal: Sequence[str] = (),
+    metrics: Sequence[str] | None = None,
+    pairwise: bool = True,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    n_permutations: int = DEFAULTS.n_permutations,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
+    ci_method: str = "percentile",
+    alternative: str = "two-sided",
+    stratify: bool = False,
+    label_groups: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
+
+    Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
+    reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise").
+    The reference is `reference`, or else the unimodal method with the best test value of the task's selection
+    metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
+    `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
+    without an explicit `reference`, each group's reference is the unimodal method best on the group's macro
+    selection metric. p-values are adjusted within each `family` = task x comparison x metric x
+    (overall | per_label | group). `stratify` (mortality, LOS) resamples the bootstrap within classes.
+    Details: docs/statistics.md.
+    """
+    check_ci_options(ci, ci_method, n_resamples, "n_resamples")
+    check_test_options(alternative, n_permutations)
+    pooled = pool_predictions(preds, task)
+    names = runs.prediction_columns(preds.columns, task)[2]
+    groups = check_label_groups(label_groups, names) if get_task(task).kind == "multilabel" else {}
+    methods = sorted(pooled)
+    keys = _expand_keys(task, metrics, names, groups)
+    unknown_methods = sorted({*unimodal, *([reference] if reference else [])} - set(methods))
+    if unknown_methods:
+        raise StatisticsInputError(f"method(s) {unknown_methods} have no predictions; methods: {methods}")
+    group_refs: dict[str, str] = {}
+    if reference is None and unimodal:
+        group_refs = {g: _best_method(pooled, unimodal, task, names, g, groups) for g in groups}
+        reference = _best_method(pooled, unimodal, task, names)
+    key_ref = {
+        k: group_refs.get(k.partition(GROUP_SEP)[2], reference) if GROUP_SEP in k else reference for k in keys
+    }
+    pairs: list[tuple[str, str, str, list[str]]] = []
+    if reference is not None:
+        for ref in dict.fromkeys(key_ref.values()):
+            ref_keys = [k for k in keys if key_ref[k] == ref]
+            pairs += [
+                ("reference", m, ref, ref_keys)
+                for m in methods
+                if m not in (ref, reference) and m not in unimodal
+            ]
+    if pairwise:
+        pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
+    done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
+    rows = []
+    for comparison, a, b, row_keys in pairs:
+        if (a, b) not in done:
+            y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
+            point = [metric_values(y, p, keys, names=names, groups=groups) for p in (pa, pb)]
+            boot = paired_bootstrap_cis(
+                y,
+                pa,
+                pb,
+                keys,
+                names=names,
+                n_resamples=n_resamples,
+                ci=ci,
+                seed=seed,
+                method=ci_method,
+                stratify=stratify,
+                groups=groups,
+            )
+            perm = paired_permutation_tests(
+                y,
+                pa,
+                pb,
+                keys,
+                names=names,
+                n_permutations=n_permutations,
+                seed=seed,
+                alternative=alternative,
+                groups=groups,
+            )
+            done[(a, b)] = (point, boot, perm, len(y))
+        point, boot, perm, n = done[(a, b)]
+        for key in row_keys:
+            label, metric = _split_key(task, key)
+            rows.append(
+                {
+                    "task": task,
+                    "comparison": comparison,
+                    "family": "",
+                    "label": label,
+                    "metric": metric,
+                    "method_a": a,
+                    "method_b": b,
+                    "estimate_a": float(point[0][key][0]),
+                    "estimate_b": float(point[1][key][0]),
+                    "delta": boot[key].estimate,
+                    "ci_low": boot[key].ci_low,
+                    "ci_high": boot[key].ci_high,
+                    "p_value": perm[key].p_value,
+                    "n_stays": n,
+                    "n_seeds_a": pooled[a].n_seeds,
+                    "n_seeds_b": pooled[b].n_seeds,
+                    "n_resamples_valid": boot[key].n_valid,
+                    "n_permutations": perm[key].n_permutations,
+                    "reference": b if comparison == "reference" else reference,
+                    "scope": _scope(key),
+                }
+            )
+    table = pd.DataFrame(rows, columns=[*_COMPARE_COLUMNS, "scope"])
+    if len(table):
+        table["family"] = (
+            table["task"] + ":" + table["comparison"] + ":" + table["metric"] + ":" + table["scope"]
+        )
+        for col, fn in (("p_holm", holm), ("p_bh", benjamini_hochberg)):
+            table[col] = table.groupby("family", sort=False)["p_value"].transform(
+                lambda s, f=fn: f(s.to_numpy())
+            )
+    table = table.drop(columns="scope")
+    table.attrs["reference"] = reference
+    table.attrs["group_references"] = group_refs
+    return table
+
+
+_COMPARE_COLUMNS = [
+    "task",
+    "comparison",
+    "family",
+    "label",
+    "metric",
+    "method_a",
+    "method_b",
+    "estimate_a",
+    "estimate_b",
+    "delta",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+    "p_bh",
+    "n_stays",
+    "n_seeds_a",
+    "n_seeds_b",
+    "n_resamples_valid",
+    "n_permutations",
+    "reference",
+]
+
+
+def method_metrics(
+    preds: pd.DataFrame,
+    task: str,
+    *,
+    metrics: Sequence[str] | None = None,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    ci: float = DEFAULTS.confidence,
+    seed: int = DEFAULTS.seed,
+    ci_method: str = "percentile",
+    stratify: bool = False,
+    label_groups: Mapping[str, Sequence[str]] | None = None,
+) -> pd.DataFrame:
+    """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
+
+    `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
+    NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
+    """
+    check_ci_options(ci, ci_method, n_resamples, "n_resamples")
+    pooled = pool_predictions(preds, task)
+    names = runs.prediction_columns(preds.columns, task)[2]
+    kind = get_task(task).kind
+    groups = check_label_groups(label_groups, names) if kind == "multilabel" else {}
+    keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
+    rows = []
+    for method, pp in pooled.items():
+        boot = bootstrap_cis(
+            pp.y,
+            pp.p,
+            keys,
+            names=names,
+            n_resamples=n_resamples,
+            ci=ci,
+            seed=seed,
+            method=ci_method,
+            stratify=stratify,
+            groups=groups,
+        )
+        per_seed = []
+        for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
+            one = pool_predictions(g, task)[method]
+            per_seed.append(metric_values(one.y, one.p, keys, names=names, groups=groups))
+        for key in keys:
+            label, metric = _split_key(task, key)
+            seed_vals = np.array([v[key][0] for v in per_seed])
+            rows.append(
+                {
+                    "task": task,
+                    "label": label,
+                    "metric": metric,
+                    "method": method,
+                    "estimate": boot[key].estimate,
+                    "ci_low": boot[key].ci_low,
+                    "ci_high": boot[key].ci_high,
+                    "n_stays": len(pp.y),
+                    "n_resamples_valid": boot[key].n_valid,
+                    "n_seeds": pp.n_seeds,
+                    "seed_mean": float(np.mean(seed_vals)),
+                    "seed_sd": float(np.std(seed_vals, ddof=1)) if len(seed_vals) > 1 else float("nan"),
+                }
+            )
+    return pd.DataFrame(rows)

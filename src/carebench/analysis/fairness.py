@@ -1,0 +1,167 @@
+"""Fairness of finished runs: the fairness kernels applied to a run's predictions and its cohort's groups.
+
+`analyze_fairness` takes one run's test (and validation) predictions frames and cohort.parquet; `fairness_tables`
+does it for every main run of a benchmark, with run key columns, as `carebench analyze` writes them. Decision
+thresholds are chosen on each run's validation predictions, never on test. docs/fairness.md has the definitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from carebench import runs
+from carebench.errors import UserError
+from carebench.evaluation.fairness import (
+    ATTRIBUTES,
+    INTERSECTIONS,
+    FairnessInputError,
+    bootstrap_fairness,
+    choose_threshold,
+    cohort_groups,
+    fairness_summary,
+    group_metrics,
+)
+from carebench.evaluation.options import DEFAULTS
+from carebench.runs import RunRecord
+from carebench.tasks import get_task
+
+
+@dataclass
+class FairnessReport:
+    """What `analyze_fairness` returns: the group table and the summary, each with bootstrap CI columns."""
+
+    groups: pd.DataFrame  # group_metrics + <metric>_low, <metric>_high
+    summary: pd.DataFrame  # fairness_summary + gap_low, gap_high, n_resamples_valid
+    thresholds: dict[str, float]
+
+
+def analyze_fairness(
+    test_predictions: pd.DataFrame,
+    cohort: pd.DataFrame,
+    task: str,
+    *,
+    val_predictions: pd.DataFrame | None = None,
+    threshold: str | float = "youden",
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    seed: int = DEFAULTS.seed,
+    confidence: float = DEFAULTS.confidence,
+    attributes: Iterable[str] = ATTRIBUTES,
+    intersections: Iterable[Sequence[str]] = INTERSECTIONS,
+    min_group_size: int = 10,
+    n_bins: int = 10,
+) -> FairnessReport:
+    """Fairness of one run: thresholds chosen on its validation predictions, metrics on its test predictions.
+
+    Stays join cohort.parquet by `stay_id` for their attributes (`cohort_groups`); the missing-X-ray rate of a
+    group counts the stays whose model input had no X-ray (`cxr_input` of the predictions when present, else
+    the cohort's `has_cxr`). `threshold` is a rule ("youden", "f1"; needs `val_predictions`) or a fixed number.
+    LOS decides by the argmax class and needs no threshold. The other options are those of `group_metrics`
+    and `bootstrap_fairness`.
+    """
+    options = {
+        "attributes": list(attributes),
+        "intersections": [tuple(i) for i in intersections],
+        "min_group_size": min_group_size,
+        "n_bins": n_bins,
+    }
+    y, p, names = runs.prediction_arrays(test_predictions, task)
+    groups_all = cohort_groups(cohort)
+    joined = test_predictions[["stay_id"]].merge(
+        groups_all, on="stay_id", how="left", validate="one_to_one", indicator=True
+    )
+    if (joined["_merge"] != "both").any():
+        n_miss = int((joined["_merge"] != "both").sum())
+        raise FairnessInputError(f"cohort: {n_miss} stay_id(s) of the predictions are not in cohort.parquet")
+    groups = joined.drop(columns=["_merge", "stay_id"])
+    cxr = (
+        test_predictions["cxr_input"].astype(bool).to_numpy()
+        if "cxr_input" in test_predictions.columns
+        else groups["has_cxr"].to_numpy()
+    )
+    thr = None
+    if get_task(task).kind != "multiclass":
+        if isinstance(threshold, str):
+            if val_predictions is None:
+                raise FairnessInputError(
+                    f"threshold rule {threshold!r}: needs val_predictions (thresholds are "
+                    "chosen on validation, never on test), or pass a fixed number"
+                )
+            yv, pv, _ = runs.prediction_arrays(val_predictions, task)
+            thr = choose_threshold(yv, pv, threshold)
+        else:
+            thr = choose_threshold(y, p, threshold)  # validates the fixed number
+    table = group_metrics(y, p, groups, thr, labels=names, cxr_available=cxr, **options)
+    summary = fairness_summary(table)
+    gci, sci = bootstrap_fairness(
+        y, p, groups, thr, labels=names, n_resamples=n_resamples, seed=seed, confidence=confidence, **options
+    )
+    wide = gci.pivot(index=["label", "attribute", "group"], columns="metric", values=["ci_low", "ci_high"])
+    wide.columns = [f"{m}_{'low' if stat == 'ci_low' else 'high'}" for stat, m in wide.columns]
+    table = table.merge(wide.reset_index(), on=["label", "attribute", "group"], how="left")
+    sci = sci.rename(columns={"ci_low": "gap_low", "ci_high": "gap_high", "n_valid": "n_resamples_valid"})
+    summary = summary.merge(sci, on=["label", "attribute", "metric"], how="left")
+    thr_map = (
+        {} if thr is None else dict(zip(names, np.broadcast_to(thr, (len(names),)).tolist(), strict=True))
+    )
+    return FairnessReport(groups=table, summary=summary, thresholds=thr_map)
+
+
+def fairness_tables(
+    records: Sequence[RunRecord],
+    cohort: pd.DataFrame,
+    *,
+    attributes: Sequence[str],
+    n_resamples: int,
+    seed: int,
+    confidence: float,
+    validation: Callable[[RunRecord], pd.DataFrame],
+    warn: Callable[[str], None],
+    tick: Callable[[], None] = lambda: None,
+) -> dict[str, pd.DataFrame]:
+    """Fairness tables of each run (`analyze_fairness`), with run key columns in front: fairness_groups,
+    fairness_summary, fairness_thresholds. `validation(record)` gives a run's validation predictions when its
+    record predates `predictions_val.parquet` (re-predicted from the checkpoint); a run whose fairness cannot be
+    computed is reported through `warn` and left out."""
+    inter = [i for i in INTERSECTIONS if set(i) <= set(attributes)]
+    g_parts, s_parts, t_parts = [], [], []
+    for r in records:
+        test = runs.read_predictions(r)
+        val = runs.read_predictions(r, "val")
+        if val is None and get_task(r.task).kind != "multiclass":
+            val = validation(r)
+        try:
+            rep = analyze_fairness(
+                test,
+                cohort,
+                r.task,
+                val_predictions=val,
+                n_resamples=n_resamples,
+                seed=seed,
+                confidence=confidence,
+                attributes=attributes,
+                intersections=inter,
+            )
+        except UserError as e:
+            warn(f"fairness of run {r.run_id} skipped: {e}")
+            tick()
+            continue
+        key = {"task": r.task, "cohort": r.cohort, "method": r.method, "run_id": r.run_id, "fold": r.fold,
+               "seed": r.seed}  # fmt: skip
+        g_parts.append(pd.concat([pd.DataFrame(key, index=rep.groups.index), rep.groups], axis=1))
+        s_parts.append(pd.concat([pd.DataFrame(key, index=rep.summary.index), rep.summary], axis=1))
+        t_parts.append(pd.DataFrame([{**key, "label": k, "threshold": v} for k, v in rep.thresholds.items()]))
+        tick()
+    return {
+        "fairness_groups": _concat(g_parts),
+        "fairness_summary": _concat(s_parts),
+        "fairness_thresholds": _concat(t_parts),
+    }
+
+
+def _concat(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    parts = [p for p in parts if len(p)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
