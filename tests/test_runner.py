@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,11 +20,13 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from carebench.analysis.pooling import load_runs, recorded_predictions
 from carebench.cli import app
 from carebench.experiments import executors, load_plan, read_index, run_benchmark
-from carebench.experiments.executors import WORKER, run_lock
+from carebench.experiments.executors import WORKER
 from carebench.experiments.plan import expand_plan
-from carebench.experiments.runner import BenchmarkBusyError, EtaEstimator, clean_partials
+from carebench.experiments.runner import BenchmarkBusyError, EtaEstimator
+from carebench.runs import clean_partials, find_runs, finished_run_ids, run_lock
 from carebench.training import TrainConfig
 from fake_dataset import make_fake_dataset
 
@@ -172,6 +175,22 @@ def test_sigkill_mid_run_then_restart_finishes_with_identical_results(setup, ref
     assert restarted.returncode == 0, restarted.stderr[-3000:]
     assert "removed 1 unfinished run directory" in restarted.stderr
     assert_complete_and_equal(runs, run_ids, data, reference)
+
+
+def test_a_half_written_run_is_neither_pooled_nor_skipped(setup, reference):
+    """A run folder without DONE (a run killed before it finished, as an older layout could leave) is not a run:
+    the readers do not pool it and resume trains it again, with the same result as the uninterrupted run."""
+    root, data, _, plan, run_ids = setup
+    half = root / "half"
+    shutil.copytree(reference, half)
+    (half / run_ids[1] / "DONE").unlink()
+    assert [r.run_id for r in find_runs(half)] == sorted(run_ids[:1] + run_ids[2:])
+    assert finished_run_ids(half) == sorted(run_ids[:1] + run_ids[2:])
+    pooled = recorded_predictions(load_runs(half))
+    assert set(pooled.run_id) == set(run_ids) - {run_ids[1]}
+    summary = run_benchmark(plan, data, half, jobs=1, threads=1)
+    assert (summary.planned, summary.skipped, summary.done, summary.failed) == (4, 3, 1, [])
+    assert_complete_and_equal(half, run_ids, data, reference)
 
 
 def test_parallel_jobs_give_the_same_results(setup, reference):
