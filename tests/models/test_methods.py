@@ -132,6 +132,34 @@ def test_drfuse_attention_shared_fusion_and_auxiliary_heads():
     torch.testing.assert_close(result.aux_losses["pred_cxr"], expected_cxr)
 
 
+def test_drfuse_prediction_is_read_from_the_disease_wise_attention():
+    """Class c's logit is W_c . sum_t attn[c, t] v_t + b_c over (ehr_distinct, shared, cxr_distinct).
+
+    Fails if the attention is bypassed: logits read from the shared representation only (``final_fc(shared)``),
+    uniform attention, or a value vector that ignores the distinct tokens.
+    """
+    model = build("drfuse", "phenotype").eval()
+    batch = make_batch("phenotype", has_cxr=MIXED)
+    with torch.no_grad():
+        out = model.encode(batch)
+        logits = model(batch).logits
+        tokens = torch.stack([out["ehr_distinct"], out["shared"], out["cxr_distinct"]], dim=1)
+        v = model.attn_proj(tokens).chunk(2 + 25, dim=-1)[1]  # [B,3,d]
+        w, b = model.final_fc.weight, model.final_fc.bias  # [C,d], [C]
+        expected = torch.einsum("bct,btd,cd->bc", out["attn"], v, w) + b
+        torch.testing.assert_close(logits, expected)
+        assert not torch.allclose(logits, model.final_fc(out["shared"]), atol=1e-4)
+        # a stay's class-c logit moves with its EHR-distinct token through that class's attention weight
+        layer = model.ehr_encoder.distinct.layers[0]
+        layer.linear2.bias.add_(
+            torch.randn(layer.linear2.bias.shape, generator=torch.Generator().manual_seed(0))
+        )
+        moved = model(batch).logits
+    assert (moved - logits).abs().min() > 0
+    # different classes attend differently (the attention is per disease, not one shared weighting)
+    assert out["attn"][:, :, 0].std(dim=1).min() > 0
+
+
 def test_drfuse_lambdas_scale_their_losses_and_imageless_batches_zero_the_paired_terms():
     batch = make_batch("los", has_cxr=MIXED)
     with torch.no_grad():
