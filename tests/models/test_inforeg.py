@@ -76,7 +76,7 @@ def test_a_rising_fisher_trace_regulates_only_the_dominant_encoder(scores, domin
     model = build("los")
     encoders = {"ehr": model.ehr_encoder, "cxr": model.cxr_encoder}
     tm = stub_module()
-    # a rising information amount for both modalities: the prime learning window is open (k = 2/3 > 0.04)
+    # a rising information amount for both modalities: the prime learning window is open (k = 2/3 > 0.05)
     model.trace_history = {"ehr": [0.0, 0.0, 1.0, 2.0], "cxr": [0.0, 0.0, 1.0, 2.0]}
     model.on_train_epoch_start(tm)
     assert model.window_rate == {"ehr": pytest.approx(2 / 3), "cxr": pytest.approx(2 / 3)}
@@ -143,6 +143,43 @@ def test_missing_xray_removes_the_xray_term_of_the_joint_head():
     keep = torch.tensor(MIXED)
     loss_cxr = per_sample_task_loss(model.task, out.extra_logits["cxr"], batch["y"])[keep].mean()
     torch.testing.assert_close(out.aux_losses["head_cxr"], loss_cxr)
+
+
+def test_unimodal_logits_are_slices_of_the_joint_head():
+    """As the authors' current code: out_m = W[:, block m] f_m + b/2, and out_ehr + out_cxr is the prediction.
+
+    Fails with separate unimodal heads (the superseded commit) or a full bias on each slice.
+    """
+    model = build("phenotype").eval()
+    batch = make_batch("phenotype", has_cxr=MIXED)
+    with torch.no_grad():
+        out = model(batch)
+        f_ehr = model.ehr_encoder(torch.cat([batch["ehr"], batch["ehr_mask"]], -1))
+        d_e = f_ehr.size(1)
+        w, b = model.head_joint.weight, model.head_joint.bias
+        torch.testing.assert_close(out.extra_logits["ehr"], f_ehr @ w[:, :d_e].T + b / 2)
+        torch.testing.assert_close(out.extra_logits["ehr"] + out.extra_logits["cxr"], out.logits)
+        # a stay without an X-ray: its X-ray slice is the half bias alone
+        torch.testing.assert_close(out.extra_logits["cxr"][1], b / 2)
+    assert not any(name.startswith(("head_ehr", "head_cxr")) for name, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize(("rate", "regulated"), [(0.045, False), (0.055, True)])
+def test_the_window_threshold_is_the_authors_current_k_above_0_05(rate, regulated):
+    model = build("mortality")
+    assert model.hparams["k_threshold"] == 0.05
+    tm = stub_module()
+    model.on_train_epoch_start(tm)
+    model.window_rate = {"ehr": rate, "cxr": rate}
+    model.train()
+    batch = make_batch("mortality", has_cxr=(True,) * 4)
+    out = backward_step(model, batch)
+    model.training_hook(tm, batch, out, torch.tensor(0.0))
+    model._scores = torch.tensor([1.0, 3.0])  # the image-dominant branch
+    model.before_optimizer_step(tm, None)
+    assert (model.last_regulation is not None) == regulated
+    if regulated:
+        assert model.last_regulation[0] == "cxr"
 
 
 def test_regulation_runs_inside_a_lightning_fit(tmp_path):

@@ -8,8 +8,9 @@ open, so the other modality can acquire information.
 
 Mechanism:
   * Model: EHR encoder and X-ray ResNet; ``head_joint = Linear(d_ehr + d_cxr -> C)`` on the concatenated features
-    (the prediction), and unimodal heads ``head_ehr``, ``head_cxr`` on each feature. Loss = task loss of the joint
-    head + task loss of each unimodal head (weights 1, as the authors).
+    (the prediction). The unimodal logits are *slices of the joint head*, as in the authors' current code:
+    ``out_ehr = W[:, :d_ehr] f_ehr + b/2`` and ``out_cxr = W[:, d_ehr:] f_cxr + b/2``, so ``out_ehr + out_cxr`` is the
+    joint logit. Loss = task loss of the joint head + task loss of each slice (weights 1, as the authors).
   * Information amount: per epoch, the trace of the (empirical, diagonal) Fisher information of each encoder,
     ``sum over weight tensors of mean(sum over steps of grad^2)``, from the gradients of every training step.
   * Prime learning window: the history of a modality's traces starts with ``fim_window`` zeros;
@@ -17,14 +18,19 @@ Mechanism:
     is all zeros, i.e. in epoch 0), the relative rise of the windowed information amount.
   * Dominant modality, per step: the one whose unimodal head gives the larger sum over the batch of the true label's
     probability (stays with an X-ray only, both heads on the same stays).
-  * Regulation, per step, if the dominant modality's ``k > k_threshold``: a proximal term pulls its encoder towards
+  * Regulation, per step, if the dominant modality's ``k > k_threshold`` (0.05, the authors' current value; either
+    modality can be the regulated one): a proximal term pulls its encoder towards
     its parameters at the start of the epoch, ``grad += beta * (theta - theta_epoch_start)`` with
     ``beta = beta_m * exp(tanh(score_dominant - score_other))``; the other encoder's gradients are untouched. The
     term is the gradient of ``beta / 2 * ||theta - theta_epoch_start||^2`` and slows the dominant modality's update.
 
 Missing X-ray (per stay): a stay without an image has no X-ray feature, so its joint logits are
-``W_ehr @ f_ehr + b`` (the X-ray term of the linear joint head is removed); the X-ray head's loss and the scores use
+``W_ehr @ f_ehr + b`` (the X-ray term of the linear joint head is removed); the X-ray slice's loss and the scores use
 only stays with an image. Missing images are never encoded.
+
+Superseded version: an earlier commit of the authors' code (775bde4) trained separate unimodal heads, used
+``k > 0.04`` and tested the same condition twice, so the image-dominant branch could never run; carebench follows
+the code after the authors' fix.
 """
 
 from __future__ import annotations
@@ -88,7 +94,7 @@ class InfoReg(BaseModel):
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
     default_hparams: ClassVar[dict[str, Any]] = {
         **TRANSFORMER_RESNET_DEFAULTS,
-        "k_threshold": 0.04,
+        "k_threshold": 0.05,
         "beta_ehr": 0.95,
         "beta_cxr": 0.1,
         "fim_window": 10,
@@ -112,9 +118,7 @@ class InfoReg(BaseModel):
             raise ModelConfigError(f"{self._label()}: fim_window must be >= 1, got {h['fim_window']}")
         self.ehr_encoder, self.cxr_encoder = transformer_resnet_encoders(self)
         d_e, d_c = self.ehr_encoder.out_dim, self.cxr_encoder.out_dim
-        self.head_joint = nn.Linear(d_e + d_c, self.num_outputs)
-        self.head_ehr = nn.Linear(d_e, self.num_outputs)
-        self.head_cxr = nn.Linear(d_c, self.num_outputs)
+        self.head_joint = nn.Linear(d_e + d_c, self.num_outputs)  # the unimodal logits are slices of it
         self.encoders = {
             "ehr": self.ehr_encoder,
             "cxr": self.cxr_encoder,
@@ -134,8 +138,11 @@ class InfoReg(BaseModel):
         f_cxr = encode_present(self.cxr_encoder, batch["cxr"], present, self.cxr_encoder.out_dim).to(
             f_ehr.dtype
         )
-        logits = self.head_joint(torch.cat([f_ehr, f_cxr], dim=-1))  # f_cxr is exactly 0 without an image
-        out_e, out_c = self.head_ehr(f_ehr), self.head_cxr(f_cxr)
+        d_e = f_ehr.size(-1)
+        w, half_bias = self.head_joint.weight, self.head_joint.bias / 2
+        out_e = f_ehr @ w[:, :d_e].T + half_bias
+        out_c = f_cxr @ w[:, d_e:].T + half_bias  # f_cxr is exactly 0 without an image
+        logits = out_e + out_c  # = head_joint([f_ehr; f_cxr])
         y = batch["y"]
         aux = {
             "head_ehr": per_sample_task_loss(self.task, out_e, y).mean(),
