@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as tF
 from model_batches import F, S, make_batch
 
 from carebench.models import ModelConfigError, create_model
@@ -182,3 +183,26 @@ def test_out_of_range_hyperparameters_are_clear_errors():
         build(mmtm_ratio=0.0)
     model = build(mmtm_stages=5, ehr_layers=1)  # an MMTM after every stage, all on the one LSTM layer
     assert len(model.mmtm) == 5 and model(make_batch("phenotype")).logits.shape == (4, 25)
+
+
+def test_each_stream_is_trained_on_its_own_head_as_well_as_the_joint_one():
+    """stream_ehr = lambda * task loss of the EHR head (all stays); stream_cxr = lambda * that of the CNN head on
+    stays with an X-ray (the authors' per-stream classifiers). Fails if only the averaged logits are trained."""
+    batch = make_batch("phenotype", has_cxr=(True, False, True, False))
+    model = build("phenotype", lambda_stream=0.5).eval()
+    with torch.no_grad():
+        out = model(batch)
+        enc = model.encode(batch)
+    keep = batch["has_cxr"]
+    ehr = tF.binary_cross_entropy_with_logits(enc["ehr"], batch["y"])
+    cxr = tF.binary_cross_entropy_with_logits(enc["cxr"][keep], batch["y"][keep])
+    assert set(out.aux_losses) == {"stream_ehr", "stream_cxr"}
+    torch.testing.assert_close(out.aux_losses["stream_ehr"], 0.5 * ehr)
+    torch.testing.assert_close(out.aux_losses["stream_cxr"], 0.5 * cxr)
+    # an X-ray-less batch gives the CNN head no loss, and the weight 0 switches the stream losses off
+    none = build("phenotype").eval()(make_batch("phenotype", has_cxr=(False,) * 4)).aux_losses
+    assert none["stream_cxr"].item() == 0.0 and none["stream_ehr"].item() > 0
+    off = build("phenotype", lambda_stream=0.0).eval()(batch).aux_losses
+    assert all(v.item() == 0.0 for v in off.values())
+    with pytest.raises(ModelConfigError, match="lambda_stream"):
+        build("phenotype", lambda_stream=-1.0)

@@ -18,6 +18,9 @@ read for reference only):
     its ResNet to the end first.
   * Heads: as in the paper's networks, each stream keeps its own classifier (CNN: global pool -> linear; EHR: last
     valid step of the top gated sequence -> dropout -> linear) and the prediction is the average of the two logits.
+  * Losses: the task loss of the averaged logits (framework) plus, weighted by ``lambda_stream``, each stream's own
+    head's task loss (``stream_ehr`` on all stays, ``stream_cxr`` on stays with an X-ray), as the authors train each
+    stream on its own classifier and MedFuse's MMTM trainer trains the EHR-only, CXR-only and joint outputs.
 
 Missing X-ray, per stay (``has_cxr`` False): the CNN runs only on the stays that have an image, so a missing image
 never enters the network. For an imageless stay every MMTM exchange is skipped (its EHR gates are exactly 1, i.e.
@@ -37,7 +40,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
+from carebench.models.base import (
+    BaseModel,
+    ModelConfigError,
+    ModelOutput,
+    cxr_present,
+    masked_mean,
+    per_sample_task_loss,
+)
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
@@ -95,6 +105,7 @@ class MMTM(BaseModel):
         "cxr_pretrained": "imagenet",
         "mmtm_stages": 3,
         "mmtm_ratio": 4.0,
+        "lambda_stream": 1.0,
     }
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
         "ehr_hidden": {"type": "categorical", "choices": [64, 128, 256]},
@@ -102,6 +113,7 @@ class MMTM(BaseModel):
         "ehr_dropout": {"type": "float", "low": 0.0, "high": 0.5},
         "mmtm_stages": {"type": "int", "low": 1, "high": 5},
         "mmtm_ratio": {"type": "categorical", "choices": [2.0, 4.0, 8.0]},
+        "lambda_stream": {"type": "float", "low": 0.0, "high": 2.0},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {"ehr_hidden": 64, **CXR_QUICK},
@@ -122,6 +134,10 @@ class MMTM(BaseModel):
                 raise ModelConfigError(
                     f"{self._label()}: hyper-parameter {key!r} must be {expected}, got {h[key]}"
                 )
+        if h["lambda_stream"] < 0:
+            raise ModelConfigError(
+                f"{self._label()}: hyper-parameter 'lambda_stream' must be >= 0, got {h['lambda_stream']}"
+            )
         if h["mmtm_ratio"] <= 0:
             raise ModelConfigError(
                 f"{self._label()}: hyper-parameter 'mmtm_ratio' must be > 0, got {h['mmtm_ratio']}"
@@ -214,4 +230,12 @@ class MMTM(BaseModel):
 
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         out = self.encode(batch)
-        return ModelOutput(out["logits"], extra_logits={"ehr": out["ehr"], "cxr": out["cxr"]})
+        aux: dict[str, Tensor] = {}
+        if "y" in batch:
+            weight, y = self.hparams["lambda_stream"], batch["y"]
+            aux = {
+                "stream_ehr": weight * per_sample_task_loss(self.task, out["ehr"], y).mean(),
+                "stream_cxr": weight
+                * masked_mean(per_sample_task_loss(self.task, out["cxr"], y), out["present"]),
+            }
+        return ModelOutput(out["logits"], aux_losses=aux, extra_logits={"ehr": out["ehr"], "cxr": out["cxr"]})
