@@ -38,6 +38,7 @@ patches are chunks of hours of the imputed grid (the paper's tabular modalities 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any, ClassVar
 
@@ -149,7 +150,9 @@ class SparseMoE(nn.Module):
             [nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d)) for _ in range(num_experts)]
         )
         self.gates = nn.ModuleList([NoisyTopKGate(d, num_experts, k) for _ in range(n_gates)])
-        self.last_routing: list[Tensor] = []  # per gate, the top-k indices [N, k] of the last call (for tests)
+        self.last_routing: list[
+            Tensor
+        ] = []  # per gate, the top-k indices [N, k] of the last call (for tests)
 
     def dispatch(self, x: Tensor, idx: Tensor, weights: Tensor) -> Tensor:
         """``sum_j weights[:, j] * expert_{idx[:, j]}(x)`` for x ``[N, d]``, computing each expert on its tokens only."""
@@ -299,7 +302,9 @@ class FlexMoE(BaseModel):
         self.n_patches, self.d, self.top_k = p, d, h["top_k"]
         self.current_epoch: int | None = None  # set by on_train_epoch_start; None: no warm-up
         self.ehr_in = 2 * n_features
-        self.ehr_patch = nn.Linear(self.ehr_in, d)  # per hour; averaged within the patch's hours (see ehr_tokens)
+        self.ehr_patch = nn.Linear(
+            self.ehr_in, d
+        )  # per hour; averaged within the patch's hours (see ehr_tokens)
         self.ehr_patch_mix = nn.Linear(d, d)
         self.cxr_encoder = ResNetEncoder(self.choice("cxr_backbone", RESNET_ARCHS), h["cxr_pretrained"])
         self.cxr_hidden = nn.Linear(self.cxr_encoder.out_dim, d)
@@ -319,12 +324,12 @@ class FlexMoE(BaseModel):
     def ehr_tokens(self, batch: dict[str, Tensor]) -> Tensor:
         """``[B, P, d]``: the hours split in P equal chunks; each hour projected, averaged within its chunk, mixed."""
         x = torch.cat([batch["ehr"], batch["ehr_mask"].to(batch["ehr"].dtype)], dim=-1)
-        b, t, _ = x.shape
+        t = x.size(1)
         if t < self.n_patches:
             raise ModelConfigError(f"{self._label()}: {t} hours cannot make num_patches={self.n_patches}")
         bounds = torch.linspace(0, t, self.n_patches + 1).round().long().tolist()
         h = self.ehr_patch(x)
-        pooled = torch.stack([h[:, a:z].mean(dim=1) for a, z in zip(bounds[:-1], bounds[1:], strict=True)], 1)
+        pooled = torch.stack([h[:, a:z].mean(dim=1) for a, z in itertools.pairwise(bounds)], 1)
         return self.ehr_patch_mix(F.gelu(pooled))
 
     def cxr_tokens(self, batch: dict[str, Tensor], present: Tensor) -> Tensor:
