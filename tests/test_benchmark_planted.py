@@ -30,10 +30,13 @@ from carebench.analysis.analyze import analyze
 from carebench.data.mimic.pipeline import prepare
 from carebench.data.synthetic.simulator import synthesize
 from carebench.experiments import load_plan, run_benchmark
+from carebench.models import list_models
 
 pytestmark = pytest.mark.slow
 
 ALPHA = 0.05
+# every registered method on phenotypes + lstm/resnet/medfuse on mortality and LOS + medfuse at 50 % missing X-rays
+N_RUNS = len(list_models()) + 6 + 1
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> dict:
     synthesize(raw, stays=2000, seed=0)
     data = prepare(raw / "mimic-iv", root / "data", mimic_cxr=raw / "mimic-cxr-jpg")
     summary = run_benchmark(load_plan("quick"), data, root / "runs", jobs=2, console=Console(quiet=True))
-    assert not summary.failed and summary.done == 18
+    assert not summary.failed and summary.done == N_RUNS
     result = analyze(root / "runs", label_groups=str(raw / "planted.json"))
     planted = json.loads((raw / "planted.json").read_text())
     return {"tables": result.tables, "planted": planted, "summary": result.summary}
@@ -128,6 +131,6 @@ def test_removing_test_xrays_costs_auroc_on_xray_phenotypes(bench: dict) -> None
 
 def test_the_run_records_are_complete(bench: dict) -> None:
     runs = bench["tables"]["runs"]
-    assert len(runs) == 18 and bench["summary"]["n_runs"] == 18
+    assert len(runs) == N_RUNS and bench["summary"]["n_runs"] == N_RUNS
     assert set(bench["summary"]["options"]["label_groups"]) == {"ehr", "cxr", "both", "none"}
     assert bench["summary"]["warnings"] == []
