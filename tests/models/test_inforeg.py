@@ -131,14 +131,19 @@ def test_no_regulation_once_the_trace_has_plateaued():
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), before, strict=True))
 
 
+def ehr_features_and_head_block(model, batch):
+    """The EHR features of a batch and the EHR block of the joint head's weight (its first d_ehr columns)."""
+    f_ehr = model.ehr_encoder(torch.cat([batch["ehr"], batch["ehr_mask"]], -1))
+    return f_ehr, model.head_joint.weight[:, : f_ehr.size(1)]
+
+
 def test_missing_xray_removes_the_xray_term_of_the_joint_head():
     model = build("phenotype").eval()
     batch = make_batch("phenotype", has_cxr=MIXED)
     with torch.no_grad():
         out = model(batch)
-        f_ehr = model.ehr_encoder(torch.cat([batch["ehr"], batch["ehr_mask"]], -1))
-        d_e = f_ehr.size(1)
-        expected = f_ehr[1] @ model.head_joint.weight[:, :d_e].T + model.head_joint.bias
+        f_ehr, w_ehr = ehr_features_and_head_block(model, batch)
+        expected = f_ehr[1] @ w_ehr.T + model.head_joint.bias
     torch.testing.assert_close(out.logits[1], expected)
     keep = torch.tensor(MIXED)
     loss_cxr = per_sample_task_loss(model.task, out.extra_logits["cxr"], batch["y"])[keep].mean()
@@ -154,10 +159,9 @@ def test_unimodal_logits_are_slices_of_the_joint_head():
     batch = make_batch("phenotype", has_cxr=MIXED)
     with torch.no_grad():
         out = model(batch)
-        f_ehr = model.ehr_encoder(torch.cat([batch["ehr"], batch["ehr_mask"]], -1))
-        d_e = f_ehr.size(1)
-        w, b = model.head_joint.weight, model.head_joint.bias
-        torch.testing.assert_close(out.extra_logits["ehr"], f_ehr @ w[:, :d_e].T + b / 2)
+        f_ehr, w_ehr = ehr_features_and_head_block(model, batch)
+        b = model.head_joint.bias
+        torch.testing.assert_close(out.extra_logits["ehr"], f_ehr @ w_ehr.T + b / 2)
         torch.testing.assert_close(out.extra_logits["ehr"] + out.extra_logits["cxr"], out.logits)
         # a stay without an X-ray: its X-ray slice is the half bias alone
         torch.testing.assert_close(out.extra_logits["cxr"][1], b / 2)
