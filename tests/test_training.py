@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from types import SimpleNamespace
 from typing import Any, ClassVar
 
 import lightning.pytorch as pl
@@ -21,6 +22,7 @@ from carebench.cli import app
 from carebench.data.definitions import load_phenotypes
 from carebench.data.loading import build_fold, make_loader
 from carebench.data.store import open_dataset
+from carebench.errors import UserError
 from carebench.models.base import BaseModel, ModelOutput
 from carebench.runs import predictions_frame
 from carebench.training import config as C
@@ -416,6 +418,34 @@ def test_training_augments_only_during_fit(data_dir, tiny_fusion):
     has = torch.from_numpy(fold.train.has_cxr.copy())
     assert not torch.allclose(trained[has], raw[has]) and (trained[~has] == 0).all()
     assert torch.equal(validated, raw)
+
+
+def test_a_staged_model_is_selected_and_stopped_on_its_last_stage_only(data_dir, tmp_path):
+    """MedFuse with one pretraining epoch: epoch 0's checkpoint (the EHR classifier) can never be the result."""
+    cfg = _cfg(data_dir, model="medfuse", max_epochs=3, overrides={"model.pretrain_epochs": 1})
+    run = train_run(cfg, tmp_path)
+    assert run.metrics["best_epoch"] >= 1 and run.metrics["epochs_trained"] == 3
+    curves = pd.read_csv(run.run_dir / "log" / "metrics.csv").dropna(subset=["train/loss"])
+    assert curves.groupby("epoch")["train/aux_pretrain_cxr"].mean().notna().tolist() == [True, False, False]
+    with pytest.raises(UserError, match=r"last training stage starts at epoch 3 .* max_epochs is 3"):
+        train_run(
+            _cfg(data_dir, model="medfuse", max_epochs=3, overrides={"model.pretrain_epochs": 3}), tmp_path
+        )
+
+
+def test_a_new_stage_restores_the_initial_lr_and_resets_the_plateau_scheduler(data_dir):
+    module = CareBenchModule(_Tiny("mortality", 4, 16), "mortality", lr=1e-2)
+    conf = module.configure_optimizers()
+    opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+    for group in opt.param_groups:
+        group["lr"] *= 0.25  # reduced on a plateau during the first stage
+    sched.best, sched.num_bad_epochs = 0.3, 2
+    module._trainer = SimpleNamespace(
+        optimizers=[opt], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)]
+    )
+    module.restart_schedule()
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.123]
+    assert sched.best == float("inf") and sched.num_bad_epochs == 0
 
 
 @pytest.mark.slow

@@ -116,6 +116,8 @@ class BaseModel(nn.Module):
         (validation)
         on_train_epoch_end(module)
 
+    A staged method sets ``selection_start_epoch`` so that selection and early stopping see its last stage only.
+
     ``before_optimizer_step`` sees the gradients of the whole step (unscaled under mixed precision, already
     averaged across processes under DDP) and may modify them in place (InfoReg's regulation). A method that creates
     parameters during training (AUG's boosting layers) registers them with the running optimiser through
@@ -195,6 +197,17 @@ class BaseModel(nn.Module):
         framework owns the loop so that devices, precision and checkpointing work for every method.
         """
         return None
+
+    @property
+    def selection_start_epoch(self) -> int:
+        """The first epoch whose validation may select the checkpoint or count toward early stopping.
+
+        Default 0. A staged method (MedFuse: unimodal pretraining, then the fusion stage) returns the epoch its last
+        stage starts, so a checkpoint of an earlier stage is never the run's result. At that epoch the framework
+        also restarts the learning-rate schedule (plateau state and each group's initial lr), as a new training
+        stage would. Must be smaller than the run's ``max_epochs``.
+        """
+        return 0
 
     def configure_param_groups(self) -> list[dict[str, Any]] | None:
         """Optimiser parameter groups, or None to optimise ``self.parameters()`` with the framework's settings.

@@ -92,7 +92,22 @@ class CareBenchModule(pl.LightningModule):
 
     # Model training hooks (BaseModel docstring): per-epoch state and gradient changes before the step.
     def on_train_epoch_start(self) -> None:
+        start = self.model.selection_start_epoch
+        if start > 0 and self.current_epoch == start:
+            self.restart_schedule()
         self.model.on_train_epoch_start(self)
+
+    def restart_schedule(self) -> None:
+        """A new training stage starts (BaseModel.selection_start_epoch): every param group gets back the lr it
+        started with, and the plateau scheduler forgets its best loss and bad epochs (the last stage's validation
+        loss is not comparable with the previous stage's). Adam's moment estimates are kept."""
+        for opt in self.trainer.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group.get("stage_lr", group["lr"])
+        for config in self.trainer.lr_scheduler_configs:
+            sched = config.scheduler
+            if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                sched.best, sched.num_bad_epochs, sched.cooldown_counter = sched.mode_worse, 0, 0
 
     def on_train_epoch_end(self) -> None:
         self.model.on_train_epoch_end(self)
@@ -200,6 +215,8 @@ class CareBenchModule(pl.LightningModule):
             for p in self.model.parameters()
         )
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, fused=fused or None)
+        for group in opt.param_groups:  # the lr each group starts with, restored when a new stage starts
+            group["stage_lr"] = group["lr"]
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=self.plateau_factor, patience=self.plateau_patience
         )

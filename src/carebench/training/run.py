@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from carebench import __version__, runs
 from carebench.data.loading import make_loader
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
-from carebench.models import BaseModel
+from carebench.models import BaseModel, ModelConfigError
 from carebench.training.config import TrainConfig
 from carebench.training.module import CareBenchModule
 from carebench.training.predict import LoadedRun, build_model, load_fold, predict_frame
@@ -73,6 +73,26 @@ def build_module(cfg: TrainConfig, model: BaseModel) -> CareBenchModule:
         plateau_factor=cfg.plateau_factor,
         augment=cfg.augment,
     )
+
+
+def _selection_start(trainer: pl.Trainer) -> int:
+    return int(trainer.lightning_module.model.selection_start_epoch)
+
+
+class StagedCheckpoint(ModelCheckpoint):
+    """Best-on-validation checkpoint that ignores the epochs before the model's last training stage."""
+
+    def _should_skip_saving_checkpoint(self, trainer: pl.Trainer) -> bool:
+        return super()._should_skip_saving_checkpoint(trainer) or trainer.current_epoch < _selection_start(
+            trainer
+        )
+
+
+class StagedEarlyStopping(EarlyStopping):
+    """Early stopping that starts counting at the model's last training stage."""
+
+    def _should_skip_check(self, trainer: pl.Trainer) -> bool:
+        return super()._should_skip_check(trainer) or trainer.current_epoch < _selection_start(trainer)
 
 
 def _strategy(cfg: TrainConfig) -> str:
@@ -123,13 +143,18 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
     module = build_module(cfg, build_model(cfg, len(fold.features)))
+    if module.model.selection_start_epoch >= cfg.max_epochs:
+        raise ModelConfigError(
+            f"model {cfg.model!r}: its last training stage starts at epoch {module.model.selection_start_epoch} "
+            f"(e.g. pretrain_epochs), but max_epochs is {cfg.max_epochs}; expected max_epochs > that epoch"
+        )
     train_loader = make_loader(
         fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, num_workers=cfg.num_workers
     )
     val_loader = make_loader(fold.val, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     monitor = f"val/{module.selection}"
-    ckpt = ModelCheckpoint(
+    ckpt = StagedCheckpoint(
         dirpath=work / "checkpoints",
         filename="best",
         monitor=monitor,
@@ -139,7 +164,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
         enable_version_counter=False,
         auto_insert_metric_name=False,
     )
-    stop = EarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_finite=False)
+    stop = StagedEarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_finite=False)
     callbacks: list = [ckpt, stop] + ([RichProgressBar()] if cfg.progress else [])
     logger = CSVLogger(save_dir=str(work), name=runs.LOG_DIR, version="")
     trainer = _trainer(cfg, work, callbacks, logger, len(train_loader))
