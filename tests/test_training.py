@@ -433,8 +433,10 @@ def test_a_staged_model_is_selected_and_stopped_on_its_last_stage_only(data_dir,
         )
 
 
-def test_a_new_stage_restores_the_initial_lr_and_resets_the_plateau_scheduler(data_dir):
-    module = CareBenchModule(_Tiny("mortality", 4, 16), "mortality", lr=1e-2)
+@pytest.mark.parametrize(("scale", "lrs"), [(1.0, [1e-2, 0.123]), (0.5, [5e-3, 0.0615])])
+def test_a_new_stage_restores_the_initial_lr_and_resets_the_plateau_scheduler(scale, lrs):
+    model = type("_Staged", (_Tiny,), {"last_stage_lr_scale": scale})("mortality", 4, 16)
+    module = CareBenchModule(model, "mortality", lr=1e-2)
     conf = module.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     for group in opt.param_groups:
@@ -444,7 +446,7 @@ def test_a_new_stage_restores_the_initial_lr_and_resets_the_plateau_scheduler(da
         optimizers=[opt], lr_scheduler_configs=[SimpleNamespace(scheduler=sched)]
     )
     module.restart_schedule()
-    assert [g["lr"] for g in opt.param_groups] == [1e-2, 0.123]
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx(lrs)
     assert sched.best == float("inf") and sched.num_bad_epochs == 0
 
 

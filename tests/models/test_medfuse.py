@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 from model_batches import F, S, make_batch
 
@@ -26,6 +27,8 @@ def epoch(n: int) -> SimpleNamespace:
 def test_a_fresh_model_is_in_the_fusion_stage_and_selection_starts_after_pretraining():
     model = build(pretrain_epochs=3)
     assert model.stage == "fusion" and model.selection_start_epoch == 3
+    # the authors fine-tune the fusion at lr 7e-5 after pretraining the EHR LSTM at 5.4e-4
+    assert model.last_stage_lr_scale == pytest.approx(0.13)
     assert not any(p.requires_grad for p in model.ehr_head.parameters())
     assert all(p.requires_grad for p in model.fusion.parameters())
 

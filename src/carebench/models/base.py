@@ -209,6 +209,12 @@ class BaseModel(nn.Module):
         """
         return 0
 
+    @property
+    def last_stage_lr_scale(self) -> float:
+        """The lr of the last training stage relative to each group's initial lr (1.0: the same). Used only when
+        ``selection_start_epoch`` > 0 (MedFuse fine-tunes its fusion stage at a lower lr than its pretraining)."""
+        return 1.0
+
     def configure_param_groups(self) -> list[dict[str, Any]] | None:
         """Optimiser parameter groups, or None to optimise ``self.parameters()`` with the framework's settings.
 

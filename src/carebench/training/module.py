@@ -99,11 +99,13 @@ class CareBenchModule(pl.LightningModule):
 
     def restart_schedule(self) -> None:
         """A new training stage starts (BaseModel.selection_start_epoch): every param group gets back the lr it
-        started with, and the plateau scheduler forgets its best loss and bad epochs (the last stage's validation
-        loss is not comparable with the previous stage's). Adam's moment estimates are kept."""
+        started with times the model's ``last_stage_lr_scale``, and the plateau scheduler forgets its best loss and
+        bad epochs (the last stage's validation loss is not comparable with the previous stage's). Adam's moment
+        estimates are kept."""
+        scale = float(self.model.last_stage_lr_scale)
         for opt in self.trainer.optimizers:
             for group in opt.param_groups:
-                group["lr"] = group.get("stage_lr", group["lr"])
+                group["lr"] = group.get("stage_lr", group["lr"]) * scale
         for config in self.trainer.lr_scheduler_configs:
             sched = config.scheduler
             if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
