@@ -15,7 +15,9 @@ Mechanism:
         were observed), with 1-D Fourier time features.
       - X-ray: one token per cell of the image encoder's last feature map before pooling (ResNet ``layer4``,
         ``H' x W'`` cells of ``C`` channels), with 2-D Fourier position features. Never raw pixels: the paper's image
-        modality is a bag of patch features from a CNN.
+        modality is a bag of patch features from a CNN. ``cxr_token_stage="layer3"`` takes layer3's cells instead
+        (and drops layer4): the ``test`` preset's 32 px images end layer4 at 1 x 1, and attention over a single
+        token is trivial (its weight is 1 whatever the query).
   * **Shared latents.** ``latents`` ``[num_latents, latent_dim]``, randn init, repeated over the batch.
   * **Fusion layers** (``depth``). For each modality in turn (EHR, then X-ray): pre-norm cross-attention (the latents
     query that modality's tokens; LayerNorm on the latents and on the tokens; no bias in q/kv; softmax with
