@@ -40,7 +40,8 @@ stands in for the B - 1 batch-mates a training stay has, whatever ``bank_size`` 
 
 Deviations (docs/methods.md): missing stays aggregate over present neighbours (the official ``m m^T`` masking leaves a
 missing row empty, so its "imputation" is the GCN bias only); the eval bank; masked stays are left out of the
-BatchNorm statistics, the bandwidths and the norm loss; pre-LN sublayers really normalise (the authors' fusion
+BatchNorm statistics, the bandwidths and the norm loss; the BatchNorm bias, which cancels in every distance and so
+never gets a gradient, is frozen at 0; pre-LN sublayers really normalise (the authors' fusion
 encoder passes the un-normalised input to its sublayers).
 """
 
@@ -238,7 +239,7 @@ class M3Care(BaseModel):
         self.register_buffer(
             "bank_batch", torch.zeros((), dtype=torch.long)
         )  # size of the last training batch
-        self.last_state: dict[str, Any] = {}  # intermediates of the last forward (for tests and inspection)
+        self.last_state: dict[str, Any] = {}  # detached intermediates of the last forward (tests, inspection)
 
     # -------------------------------------------------------------------------------------- embeddings
     def embed(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -342,10 +343,10 @@ class M3Care(BaseModel):
         finals = []
         if self.training:
             s = self.batch_graph(hs, avail)
-            state["similarity"] = s
+            state["similarity"] = s.detach()
         else:
             self_s, s_q, s_k, bank_h, bank_av = self.bank_graph(hs, avail)
-            state["similarity"] = s_q
+            state["similarity"] = s_q.detach()
         for m, (h, av) in enumerate(zip(hs, avail, strict=True)):
             if self.training:
                 adj = s * av[None, :].to(s.dtype)  # columns: only stays that have modality m
@@ -360,7 +361,7 @@ class M3Care(BaseModel):
             final, w = gated_mix(g, h, av, self.gate_imputed[m], self.gate_own[m])
             finals.append(final)
             for key, value in (("gcn", g), ("w", w), ("adj", adj), ("final", final)):
-                state[key].append(value)
+                state[key].append(value.detach())
         self.last_state = state
         return finals
 
