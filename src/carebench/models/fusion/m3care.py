@@ -236,9 +236,8 @@ class M3Care(BaseModel):
         self.register_buffer("bank_avail", torch.zeros(m, n, dtype=torch.bool))
         self.register_buffer("bank_count", torch.zeros((), dtype=torch.long))
         self.register_buffer("bank_next", torch.zeros((), dtype=torch.long))
-        self.register_buffer(
-            "bank_batch", torch.zeros((), dtype=torch.long)
-        )  # size of the last training batch
+        # the size of the last training batch: how many batch-mates the bank stands in for
+        self.register_buffer("bank_batch", torch.zeros((), dtype=torch.long))
         self.last_state: dict[str, Any] = {}  # detached intermediates of the last forward (tests, inspection)
 
     # -------------------------------------------------------------------------------------- embeddings
@@ -279,8 +278,9 @@ class M3Care(BaseModel):
         for x_q, x_r in zip(q, ref, strict=True):
             d_rr = squared_distances(x_r, x_r)
             bw = mean_bandwidth(d_rr)
-            out_q.append(gaussian_kernel(squared_distances(x_q, x_r), bw))
-            out_r.append(gaussian_kernel(d_rr, bw))
+            k_rr = gaussian_kernel(d_rr, bw)
+            out_q.append(k_rr if x_q is x_r else gaussian_kernel(squared_distances(x_q, x_r), bw))
+            out_r.append(k_rr)
         return mix_kernels(out_q[0], out_q[1], self.eps[m]), mix_kernels(out_r[0], out_r[1], self.eps[m])
 
     # ------------------------------------------------------------------------------------ training graph
