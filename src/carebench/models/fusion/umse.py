@@ -142,6 +142,7 @@ class UMSE(BaseModel):
         "bottlenecks": 4,
         "max_events": 1000,
         "cxr_grid": 7,
+        "time_unit_hours": 1.0,
         "cxr_backbone": "resnet50",
         "cxr_pretrained": "imagenet",
     }
@@ -154,8 +155,9 @@ class UMSE(BaseModel):
         "max_events": {"type": "categorical", "choices": [256, 512, 1000]},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # CPU budget: the cost is the EHR stream's attention over up to max_events tokens, linear in d_model
         "quick": {
-            "d_model": 64,
+            "d_model": 32,
             "num_layers": 2,
             "num_heads": 2,
             "dropout": 0.1,
@@ -186,6 +188,10 @@ class UMSE(BaseModel):
         for key in ("bottlenecks", "max_events", "cxr_grid"):
             if h[key] < 1:
                 raise ModelConfigError(f"{self._label()}: {key} must be >= 1, got {h[key]}")
+        if not h["time_unit_hours"] > 0:
+            raise ModelConfigError(
+                f"{self._label()}: time_unit_hours must be > 0, got {h['time_unit_hours']}"
+            )
         if d % h["num_heads"]:
             raise ModelConfigError(
                 f"{self._label()}: d_model={d} must be divisible by num_heads={h['num_heads']}"
@@ -230,7 +236,7 @@ class UMSE(BaseModel):
         time, value, feature, valid = triplets(batch["ehr"], batch["ehr_mask"], self.hparams["max_events"])
         emb = (
             self.value_embed(value.unsqueeze(-1))
-            + self.time_embed(time.unsqueeze(-1))
+            + self.time_embed(time.unsqueeze(-1) / self.hparams["time_unit_hours"])
             + self.feature_embed(feature)
         )
         return emb, valid
@@ -246,7 +252,8 @@ class UMSE(BaseModel):
             x = F.adaptive_avg_pool2d(x, (min(g, x.size(-2)), min(g, x.size(-1))))
         cells = self.cxr_proj(x.flatten(2).transpose(1, 2))
         kind = self.feature_embed.weight[self.n_features]
-        return cells + self.time_embed(hours.to(cells.dtype)[:, None, None]) + kind
+        when = hours.to(cells.dtype)[:, None, None] / self.hparams["time_unit_hours"]
+        return cells + self.time_embed(when) + kind
 
     def stream_input(self, m: int, tokens: Tensor) -> Tensor:
         """``[CLS_m, tokens]`` layer-normalised on entry (the authors' ``layer_norms_in``), then dropout."""
