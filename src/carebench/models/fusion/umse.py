@@ -30,10 +30,13 @@ Mechanism:
     output projection or attention dropout; feed-forward ``d -> 4d -> d`` (ReLU, dropout after each linear).
 
 Deviations (docs/methods.md): ResNet feature-map cells instead of a frozen Swin-T pretrained on MIMIC-CXR image-
-report pairs (no such weights here; the encoder is fine-tuned); the ``max_events`` cap keeps the most recent events
-(the authors keep the first ones of their prediction window); event time is the hour since ICU admission (the
-authors' windows count hours from the window start); age is z-scored with the training fold's statistics;
-auxiliary losses (off by default in the authors' code) are not implemented; the text modality does not exist here.
+report pairs (no such weights here; the encoder is fine-tuned; at the quick preset's 64 px the last map is 2 x 2);
+the ``max_events`` cap keeps the most recent events (the authors keep the first ones of their prediction window);
+event time is the hour since ICU admission (the authors' windows count hours from the window start;
+``time_unit_hours`` can rescale it, default 1 = hours as the authors); age is z-scored with the training fold's
+statistics; the last layer has no X-ray stream (its outputs would reach nothing: the authors compute and discard
+them, so predictions are the same); auxiliary losses (off by default in the authors' code) are not implemented; the
+text modality does not exist here.
 """
 
 from __future__ import annotations
