@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -242,3 +243,53 @@ def test_worker_processes_give_the_same_batches(data):
     assert len(serial) == len(parallel)
     for a, b in zip(serial, parallel, strict=True):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_static_is_age_z_scored_with_training_stats_and_gender_male(data_dir):
+    """`static` = ((age - mean_train) / std_train, 1 if gender == "M" else 0), with mean and std (ddof=1) of the
+    training split only: changing the ages of the validation and test stays changes no statistic."""
+    d = open_dataset(data_dir, mmap=False)
+    rows = folds.split_rows(d.cohort, "mortality", 2, "base")
+    train_age = d.cohort.age.to_numpy(dtype=np.float64)[rows["train"]]
+    mean, std = train_age.mean(), train_age.std(ddof=1)
+    fold = L.build_fold(d, task="mortality", fold=2, image_size=16)
+    assert fold.stats.age_mean == pytest.approx(mean, rel=1e-12) and fold.stats.age_std == pytest.approx(
+        std, rel=1e-12
+    )
+    for split, ds in (("train", fold.train), ("val", fold.val), ("test", fold.test)):
+        batch = ds.__getitems__(list(range(len(ds))))
+        c = d.cohort.iloc[rows[split]]
+        assert batch["static"].shape == (len(ds), 2) and batch["static"].dtype == torch.float32
+        np.testing.assert_allclose(
+            batch["static"][:, 0].numpy(), (c.age.to_numpy() - mean) / std, rtol=1e-6, atol=1e-6
+        )
+        np.testing.assert_array_equal(
+            batch["static"][:, 1].numpy(), (c.gender.to_numpy() == "M").astype(np.float32)
+        )
+    assert set(np.unique(batch["static"][:, 1].numpy())) == {0.0, 1.0}
+    # the statistics come from the training stays only
+    other = [r for s in ("val", "test") for r in rows[s]]
+    d.cohort.loc[d.cohort.index[other], "age"] += 40.0
+    again = L.build_fold(d, task="mortality", fold=2, image_size=16)
+    assert (again.stats.age_mean, again.stats.age_std) == (fold.stats.age_mean, fold.stats.age_std)
+    # a hand-made example: ages 20, 30, 40 -> mean 30, std 10
+    assert L.compute_age_stats(pd.DataFrame({"age": [20.0, 30.0, 40.0, 99.0]}), np.array([0, 1, 2])) == (
+        30.0,
+        10.0,
+    )
+    assert L.compute_age_stats(pd.DataFrame({"age": [50.0]}), np.array([0])) == (
+        50.0,
+        1.0,
+    )  # std undefined -> 1
+
+
+def test_static_needs_age_and_gender_columns(data_dir):
+    d = open_dataset(data_dir, mmap=False)
+    for column in ("age", "gender"):
+        broken = type(d)(d.root, d.manifest, d.cohort.drop(columns=column), d.ehr, d.cxr)
+        with pytest.raises(L.LoadingError, match=f"column '{column}' is missing"):
+            L.build_fold(broken, task="mortality", fold=1, image_size=16)
+    odd = d.cohort.copy()
+    odd.loc[odd.index[0], "gender"] = "X"
+    with pytest.raises(L.LoadingError, match="'gender' must be 'M' or 'F'"):
+        L.build_fold(type(d)(d.root, d.manifest, odd, d.ehr, d.cxr), task="mortality", fold=1, image_size=16)

@@ -26,6 +26,9 @@ def make_batch(task: str, seed: int = 0, has_cxr: tuple[bool, ...] = (True, True
         "cxr": cxr,
         "has_cxr": has,
         "cxr_hours": torch.rand(n, generator=g) * 48 * has,
+        "static": torch.stack(
+            [torch.randn(n, generator=g), (torch.rand(n, generator=g) > 0.5).float()], dim=1
+        ),
         "y": y,
         "stay_id": torch.arange(30000000, 30000000 + n, dtype=torch.int64),
     }

@@ -8,6 +8,8 @@ Why each rule (docs/training.md has the full description):
   deviation; that also 0 (or undefined) -> 1. A feature never observed in training gets median 0, scale 1.
 - The observed-mask is returned as its own tensor (`ehr_mask`, 1 = observed) so every encoder can append it as
   extra input channels.
+- Demographics (`static`: age z-scored with the training split's mean and std, gender_male 0/1) for methods that
+  join them at the head (UMSE); the age statistics come from the training stays only, like the EHR statistics.
 - X-rays are read from the uint8 cache, resized on the fly with one batched `F.interpolate` to the run's image
   size and normalised; a missing (or dropped) X-ray is all zeros with `has_cxr = False` and `cxr_hours = 0`.
 - Train-time augmentation (`augment_cxr`) runs on the batched tensor on the training device, not per image.
@@ -20,7 +22,7 @@ Why each rule (docs/training.md has the full description):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -50,6 +52,9 @@ class NormStats:
     std: np.ndarray  # [F] sample standard deviation (ddof=1)
     scale: np.ndarray  # [F] divisor actually used: IQR, else std, else 1
     n_observed: np.ndarray  # [F] int64, observed training values
+    # Age of the training stays (for the `static` key); NaN until `build_fold` fills them (`compute_age_stats`).
+    age_mean: float = math.nan
+    age_std: float = math.nan  # sample std (ddof=1); 1 when it is 0 or undefined
 
     def to_dict(self, names: list[str]) -> dict[str, dict[str, float]]:
         return {
@@ -94,6 +99,46 @@ def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> 
     return NormStats(
         median=np.where(np.isnan(median), 0.0, median), iqr=iqr, std=std, scale=scale, n_observed=count
     )
+
+
+def _cohort_column(cohort: Any, column: str) -> np.ndarray:
+    if column not in cohort.columns:
+        raise LoadingError(
+            f"cohort.parquet: column {column!r} is missing (needed for the demographics `static`)"
+        )
+    return cohort[column].to_numpy()
+
+
+def compute_age_stats(cohort: Any, rows: np.ndarray) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof=1) of `age` over the stays `rows` (the training split).
+
+    Guards as for the EHR scale: a std of 0 or undefined (fewer than two ages) becomes 1; no age at all gives mean 0.
+    """
+    age = _cohort_column(cohort, "age").astype(np.float64)[np.asarray(rows, dtype=np.int64)]
+    age = age[~np.isnan(age)]
+    mean = float(age.mean()) if len(age) else 0.0
+    std = float(age.std(ddof=1)) if len(age) > 1 else math.nan
+    return mean, std if np.isfinite(std) and std > 0 else 1.0
+
+
+def static_features(cohort: Any, rows: np.ndarray, stats: NormStats) -> np.ndarray:
+    """``[len(rows), 2]`` float32: (age z-scored with the training statistics, gender_male 0/1).
+
+    A missing age becomes 0 (the training mean). Gender must be "M" or "F" (MIMIC-IV's coding); anything else is
+    an error rather than a silent guess.
+    """
+    if not (np.isfinite(stats.age_mean) and np.isfinite(stats.age_std)):
+        raise LoadingError(
+            "normalisation statistics have no age mean/std: build the datasets with build_fold"
+        )
+    rows = np.asarray(rows, dtype=np.int64)
+    age = _cohort_column(cohort, "age").astype(np.float64)[rows]
+    gender = _cohort_column(cohort, "gender")[rows]
+    bad = sorted({str(g) for g in gender if g not in ("M", "F")})
+    if bad:
+        raise LoadingError(f"cohort.parquet: column 'gender' must be 'M' or 'F', found {bad[:5]}")
+    z = np.nan_to_num((age - stats.age_mean) / stats.age_std, nan=0.0)
+    return np.stack([z, (gender == "M").astype(np.float64)], axis=1).astype(np.float32)
 
 
 def forward_fill(x: np.ndarray) -> np.ndarray:
@@ -209,6 +254,7 @@ class StayDataset(Dataset):
         hours = cohort["cxr_hours"].to_numpy(dtype=np.float64)[self.rows]
         self.cxr_hours = np.where(self.has_cxr, np.nan_to_num(hours), 0.0).astype(np.float32)
         self.load_cxr = load_cxr and data.cxr is not None
+        self.static = static_features(cohort, self.rows, stats)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -232,6 +278,7 @@ class StayDataset(Dataset):
             "cxr": cxr,
             "has_cxr": torch.from_numpy(has.copy()),
             "cxr_hours": torch.from_numpy(self.cxr_hours[pos]),
+            "static": torch.from_numpy(self.static[pos]),
             "y": torch.from_numpy(self.labels[pos]),
             "stay_id": torch.from_numpy(self.stay_ids[pos]),
         }
@@ -302,7 +349,8 @@ def build_fold(
     if cohort == "matched" and data.cxr is None:
         raise LoadingError(f"{data.root}: the matched cohort needs the X-ray cache cxr.npy, which is missing")
     rows = split_rows(data.cohort, task, fold, cohort)
-    stats = compute_norm_stats(data.ehr, rows["train"])
+    age_mean, age_std = compute_age_stats(data.cohort, rows["train"])
+    stats = replace(compute_norm_stats(data.ehr, rows["train"]), age_mean=age_mean, age_std=age_std)
     rates = {s: 0.0 for s in SPLITS} | dict(cxr_dropout_rates or {})
     unknown = set(rates) - set(SPLITS)
     if unknown:

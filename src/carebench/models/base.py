@@ -15,6 +15,7 @@ key            shape / dtype               meaning
 ``cxr``        ``[B,1,S,S]`` float         normalised grayscale image; zeros where missing
 ``has_cxr``    ``[B]`` bool                per sample: the image is real
 ``cxr_hours``  ``[B]`` float               hours from ICU admission to the image; 0 where missing
+``static``     ``[B,2]`` float             age z-scored (training split's mean, std), gender_male 0/1
 ``y``          task shape                  mortality float ``[B,1]``; phenotype float ``[B,25]``; LOS int64 ``[B]``
 ``stay_id``    ``[B]`` int64               ICU stay id (for predictions on disk)
 =============  ==========================  ==================================================================
