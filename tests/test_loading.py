@@ -11,6 +11,7 @@ from carebench.data import folds
 from carebench.data import loading as L
 from carebench.data.definitions import load_phenotypes
 from carebench.data.store import open_dataset
+from carebench.models import ModelConfigError, create_model
 from fake_dataset import make_fake_dataset
 
 
@@ -284,11 +285,16 @@ def test_static_is_age_z_scored_with_training_stats_and_gender_male(data_dir):
 
 
 def test_static_needs_age_and_gender_columns(data_dir):
+    """A cohort without demographics still loads (no `static` key); only a method that reads them fails."""
     d = open_dataset(data_dir, mmap=False)
     for column in ("age", "gender"):
         broken = type(d)(d.root, d.manifest, d.cohort.drop(columns=column), d.ehr, d.cxr)
-        with pytest.raises(L.LoadingError, match=f"column '{column}' is missing"):
-            L.build_fold(broken, task="mortality", fold=1, image_size=16)
+        fold = L.build_fold(broken, task="mortality", fold=1, image_size=16)
+        batch = fold.train.__getitems__([0, 1, 2, 3])
+        assert "static" not in batch and batch["ehr"].shape[0] == 4
+        umse = create_model("umse", "mortality", batch["ehr"].shape[2], 16, preset="test")
+        with pytest.raises(ModelConfigError, match="columns 'age' and 'gender'"):
+            umse(batch)
     odd = d.cohort.copy()
     odd.loc[odd.index[0], "gender"] = "X"
     with pytest.raises(L.LoadingError, match="'gender' must be 'M' or 'F'"):

@@ -101,39 +101,41 @@ def compute_norm_stats(ehr: np.ndarray, rows: np.ndarray, chunk: int = 2048) -> 
     )
 
 
-def _cohort_column(cohort: Any, column: str) -> np.ndarray:
-    if column not in cohort.columns:
-        raise LoadingError(
-            f"cohort.parquet: column {column!r} is missing (needed for the demographics `static`)"
-        )
-    return cohort[column].to_numpy()
+STATIC_COLUMNS = ("age", "gender")
 
 
 def compute_age_stats(cohort: Any, rows: np.ndarray) -> tuple[float, float]:
     """Mean and sample standard deviation (ddof=1) of `age` over the stays `rows` (the training split).
 
     Guards as for the EHR scale: a std of 0 or undefined (fewer than two ages) becomes 1; no age at all gives mean 0.
+    A cohort without an `age` column gives (NaN, NaN): its batches have no `static` key.
     """
-    age = _cohort_column(cohort, "age").astype(np.float64)[np.asarray(rows, dtype=np.int64)]
+    if "age" not in cohort.columns:
+        return math.nan, math.nan
+    age = cohort["age"].to_numpy().astype(np.float64)[np.asarray(rows, dtype=np.int64)]
     age = age[~np.isnan(age)]
     mean = float(age.mean()) if len(age) else 0.0
     std = float(age.std(ddof=1)) if len(age) > 1 else math.nan
     return mean, std if np.isfinite(std) and std > 0 else 1.0
 
 
-def static_features(cohort: Any, rows: np.ndarray, stats: NormStats) -> np.ndarray:
-    """``[len(rows), 2]`` float32: (age z-scored with the training statistics, gender_male 0/1).
+def static_features(cohort: Any, rows: np.ndarray, stats: NormStats) -> np.ndarray | None:
+    """``[len(rows), 2]`` float32: (age z-scored with the training statistics, gender_male 0/1), or None when the
+    cohort has no `age` or `gender` column (a dataset without demographics; only a method that reads them fails,
+    naming the columns).
 
     A missing age becomes 0 (the training mean). Gender must be "M" or "F" (MIMIC-IV's coding); anything else is
     an error rather than a silent guess.
     """
+    if any(c not in cohort.columns for c in STATIC_COLUMNS):
+        return None
     if not (np.isfinite(stats.age_mean) and np.isfinite(stats.age_std)):
         raise LoadingError(
             "normalisation statistics have no age mean/std: build the datasets with build_fold"
         )
     rows = np.asarray(rows, dtype=np.int64)
-    age = _cohort_column(cohort, "age").astype(np.float64)[rows]
-    gender = _cohort_column(cohort, "gender")[rows]
+    age = cohort["age"].to_numpy().astype(np.float64)[rows]
+    gender = cohort["gender"].to_numpy()[rows]
     bad = sorted({str(g) for g in gender if g not in ("M", "F")})
     if bad:
         raise LoadingError(f"cohort.parquet: column 'gender' must be 'M' or 'F', found {bad[:5]}")
@@ -272,16 +274,18 @@ class StayDataset(Dataset):
             imgs = torch.from_numpy(np.asarray(self.data.cxr[self.cxr_index[pos[has]]]))
             imgs = resize_cxr(imgs[:, None], self.image_size).float() / 255.0
             cxr[torch.from_numpy(has)] = normalise_cxr(imgs)
-        return {
+        batch = {
             "ehr": torch.from_numpy(values),
             "ehr_mask": torch.from_numpy(mask),
             "cxr": cxr,
             "has_cxr": torch.from_numpy(has.copy()),
             "cxr_hours": torch.from_numpy(self.cxr_hours[pos]),
-            "static": torch.from_numpy(self.static[pos]),
             "y": torch.from_numpy(self.labels[pos]),
             "stay_id": torch.from_numpy(self.stay_ids[pos]),
         }
+        if self.static is not None:  # a cohort without age/gender has no demographics
+            batch["static"] = torch.from_numpy(self.static[pos])
+        return batch
 
 
 def collate_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

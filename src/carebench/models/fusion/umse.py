@@ -267,7 +267,10 @@ class UMSE(BaseModel):
     def encode(self, batch: dict[str, Tensor]) -> tuple[Tensor, list[Tensor]]:
         """The EHR CLS output ``[B, d]`` of the last layer, and the bottleneck entering each layer (for tests)."""
         if "static" not in batch:
-            raise ModelConfigError(f"{self._label()}: the batch has no 'static' (demographics) key")
+            raise ModelConfigError(
+                f"{self._label()}: the batch has no 'static' (demographics) key; UMSE needs the dataset's "
+                "cohort.parquet to have the columns 'age' and 'gender'"
+            )
         has = cxr_present(batch)
         rows = has.nonzero(as_tuple=True)[0]
         ehr_tok, valid = self.ehr_tokens(batch)
