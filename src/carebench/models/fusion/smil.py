@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from carebench.models.base import (
     BaseModel,
@@ -341,6 +342,12 @@ class SMIL(BaseModel):
             logits = self.predict(batch)
             loss = masked_mean(per_sample_task_loss(self.task, logits, batch["y"]), present)
             return ModelOutput(logits, aux_losses={"pretrain": loss})
+        # The fused attention kernels (flash / memory-efficient) have no double backward; the math one does.
+        with sdpa_kernel([SDPBackend.MATH]):
+            return self.meta_forward(batch, present)
+
+    def meta_forward(self, batch: dict[str, Tensor], present: Tensor) -> ModelOutput:
+        """A meta-stage training step: inner step on the meta-train stays, outer loss on the meta-val stays."""
         meta_train, meta_val = self.meta_split(present)
         logits = None
         aux: dict[str, Tensor] = {}
