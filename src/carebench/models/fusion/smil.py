@@ -307,7 +307,9 @@ class SMIL(BaseModel):
             logits, _, _ = self._head(ehr, self.reconstruction(ehr), None, recon=True, noise=True)
             loss = per_sample_task_loss(self.task, logits, batch["y"][rows]).mean()
             create = outer_grad and bool(self.hparams["second_order"])
-            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=create, allow_unused=True)
+            grads = torch.autograd.grad(
+                loss, list(theta.values()), create_graph=create, retain_graph=outer_grad, allow_unused=True
+            )
             lr = float(self.hparams["inner_lr"])
             theta_star = {
                 n: p if g is None else p - lr * (g if create else g.detach())
