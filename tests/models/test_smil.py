@@ -97,6 +97,15 @@ def test_priors_are_kmeans_centres_of_the_trained_encoders_features_of_training_
     model.on_train_epoch_end(epoch(1))
     torch.testing.assert_close(model.priors, kmeans(feats, 2))
     assert bool(model.priors_fitted) and model._collected == []
+    # a split without X-rays leaves the priors as they are, and says so
+    model.on_train_epoch_start(epoch(1))
+    with torch.no_grad():
+        model(make_batch("phenotype", seed=6, has_cxr=(False,) * 4))
+    assert model._collected == []
+    fitted = model.priors.clone()
+    with pytest.warns(UserWarning, match="no training stay with an X-ray"):
+        model.on_train_epoch_end(epoch(1))
+    assert torch.equal(model.priors, fitted)
     # the priors are a buffer: checkpoints carry them
     assert "priors" in model.state_dict() and "priors_fitted" in model.state_dict()
 

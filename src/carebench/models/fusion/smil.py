@@ -54,6 +54,7 @@ with StepLR.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -235,11 +236,21 @@ class SMIL(BaseModel):
         self.collecting = False
 
     def fit_priors(self) -> None:
-        """Replace the priors by the k-means centres of the collected X-ray features (kept if none were seen)."""
+        """Replace the priors by the k-means centres of the collected X-ray features.
+
+        A training split without any X-ray gives no features: the priors keep their initial draw (with a warning),
+        the reconstruction is then a learned mixture of fixed random vectors.
+        """
         if self._collected:
             feats = torch.cat(self._collected)
             self.priors.copy_(kmeans(feats, int(self.hparams["n_priors"])).to(self.priors))
             self.priors_fitted.fill_(True)
+        else:
+            warnings.warn(
+                f"{self._label()}: no training stay with an X-ray in the last pretraining epoch; the modality "
+                "priors keep their random initialisation",
+                stacklevel=2,
+            )
         self._collected = []
 
     # ----------------------------------------------------------------------------------------- pieces
@@ -281,7 +292,7 @@ class SMIL(BaseModel):
         every = torch.ones_like(present)
         ehr = self._ehr(batch, every, None)
         cxr = self.cxr_features(batch, present)
-        if self.training and self.collecting:
+        if self.training and self.collecting and bool(present.any()):
             self._collected.append(cxr[present].detach().float().cpu())
         real, _, _ = self._head(ehr, cxr, None, recon=False)
         rec, _, _ = self._head(ehr, self.reconstruction(ehr), None, recon=True)
