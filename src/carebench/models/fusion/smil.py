@@ -40,7 +40,7 @@ Mechanism:
     reconstruction (no noise), never a zero image. No batch statistics in eval.
   * Before the priors are fitted (a fresh model, outside the trainer) they are a fixed standard-normal draw from
     the model's seed, so the reconstruction is defined and trainable; a fresh model is in the meta stage (its
-    final stage).
+    final stage). A training split without any X-ray (the MIMIC-IV demo) leaves them so, with a warning.
 
 Deviations (docs/methods.md): the priors come from the features of the last pretraining epoch's training forwards
 (train mode, augmented images, the encoder as it learns during that epoch) instead of a separate eval pass of
