@@ -110,7 +110,8 @@ def _pairwise(specs):
 
 def test_cross_modal_supported_by_a_strict_majority_after_holm():
     comp = _pairwise([("drfuse", 0.04, 0.01, 0.07, 0.001), ("mmtm", 0.03, 0.005, 0.06, 0.01),
-                      ("utde", 0.01, -0.02, 0.04, 0.5)])  # fmt: skip
+                      ("utde", 0.01, -0.02, 0.04, 0.5), ("lstm", -0.1, -0.15, -0.05, 0.001)])  # fmt: skip
+    # lstm is unimodal: its comparison with latefusion is no vote
     r = F.cross_modal_vs_late(
         comp, board(["lstm", "latefusion", "drfuse", "mmtm", "utde"]), ROLES, "mortality", "base"
     )
@@ -231,7 +232,12 @@ COMP4 = pd.DataFrame([comp_row("medfuse", "lstm", 0.05, 0.01, 0.09, 0.01)])
 
 
 def test_fairness_gap_not_supported_when_the_fusion_gap_is_significantly_smaller():
-    fus = {"race_group": [(0.05, 0.02, 0.08)], "gender": [(0.2, 0.1, 0.3)], "has_cxr": [(0.0, 0.0, 0.01)]}
+    fus = {
+        "race_group": [(0.05, 0.02, 0.08)],
+        "gender": [(0.2, 0.1, 0.3)],
+        "has_cxr": [(0.0, 0.0, 0.01)],
+        "race_group:gender": [(0.0, 0.0, 0.01)],
+    }
     s = pd.DataFrame(summary_rows("lstm", REF_GAPS) + summary_rows("medfuse", fus))
     r = F.fairness_gap(s, COMP4, board(["lstm", "medfuse"]), "mortality", "base")
     assert r["verdict"] == F.NOT_SUPPORTED and "largest gap of lstm: race_group" in r["reason"]
@@ -269,6 +275,32 @@ def test_fairness_gap_uses_the_macro_label_for_multilabel_tasks():
     )  # fmt: skip
     r = F.fairness_gap(s, comp, board(["lstm", "medfuse"], "phenotype", "auprc_macro"), "phenotype", "base")
     assert r["verdict"] == F.NOT_SUPPORTED and r["effect"] == pytest.approx(0.05 - 0.21)
+
+
+# ------------------------------------------------------------------------------------------------ roles
+def test_missing_aware_is_set_on_exactly_the_seven_methods_and_read_by_analyze(tmp_path):
+    from carebench.analysis.analyze import method_roles
+    from carebench.models import list_models
+    from carebench.models.base import BaseModel
+    from carebench.models.registry import get_model_class
+
+    assert BaseModel.missing_aware is False
+    aware = sorted(m for m in list_models() if get_model_class(m).missing_aware)
+    assert aware == ["drfuse", "flexmoe", "healnet", "m3care", "medfuse", "shaspec", "umse"]
+
+    class Rec:
+        def __init__(self, method, modalities):
+            self.method, self.modalities = method, modalities
+
+    roles = method_roles([Rec("medfuse", ["ehr", "cxr"]), Rec("mmtm", ["ehr", "cxr"]), Rec("lstm", ["ehr"]),
+                          Rec("not_registered", ["ehr", "cxr"])])  # fmt: skip
+    assert roles == {
+        "medfuse": F.Role(("ehr", "cxr"), True),
+        "mmtm": F.Role(("ehr", "cxr"), False),
+        "lstm": F.Role(("ehr",), False),
+        "not_registered": F.Role(("ehr", "cxr"), False),
+    }
+    assert roles["lstm"].unimodal and not roles["lstm"].fusion and roles["mmtm"].fusion
 
 
 # ------------------------------------------------------------------------------------------------ the table
