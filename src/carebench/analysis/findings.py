@@ -154,6 +154,14 @@ def _fmt(x: float) -> str:
     return "nan" if pd.isna(x) else f"{x:+.4f}"
 
 
+def _why(p: float, lo: float, alpha: float) -> str:
+    """Why a difference is or is not significant, in words (p < alpha and CI above 0 are both required)."""
+    p_ok, ci_ok = bool(p < alpha), bool(lo > 0)
+    if p_ok and ci_ok:
+        return "p < alpha and CI above 0"
+    return f"p {'<' if p_ok else '>='} alpha, CI {'above 0' if ci_ok else 'not above 0'}"
+
+
 def _best_fusion(comparisons: pd.DataFrame, task: str, cohort: str, metric: str) -> pd.Series | None:
     """The reference-comparison row of the fusion method with the largest difference to the reference on
     `metric` (ties: alphabetical), or None without reference comparisons."""
@@ -216,8 +224,8 @@ def fusion_vs_unimodal(
         metric,
         verdict=SUPPORTED if ok else NOT_SUPPORTED,
         reason=(
-            f"best fusion {best['method_a']} vs best unimodal {ref}: "
-            + ("Holm p < alpha and CI above 0" if ok else "Holm p >= alpha or CI includes 0")
+            f"best fusion {best['method_a']} vs best unimodal {ref} (Holm): "
+            + _why(best["p_holm"], best["ci_low"], alpha)
         ),
         effect=float(best["delta"]),
         ci_low=float(best["ci_low"]),
@@ -387,8 +395,7 @@ def missing_robustness(
         cohort,
         metric,
         verdict=SUPPORTED if ok else NOT_SUPPORTED,
-        reason=f"{len(other)} other vs {len(aware)} missing-aware fusion methods: "
-        + ("p < alpha and CI above 0" if ok else "p >= alpha or CI includes 0"),
+        reason=f"{len(other)} other vs {len(aware)} missing-aware fusion methods: " + _why(p, lo, alpha),
         effect=effect,
         ci_low=lo,
         ci_high=hi,

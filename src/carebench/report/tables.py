@@ -662,6 +662,12 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
 
 # ------------------------------------------------------------------------------------------------ findings
 VERDICT_CSS = {"supported": "sig", "not supported": "worse"}
+# what n_significant of n_tested counts, per finding (finding 3 is one test over methods: no count)
+SIGNIFICANT_UNITS = {
+    1: "fusion methods better",
+    2: "cross-modal methods better",
+    4: "attributes with a smaller fusion gap",
+}
 
 
 def findings(table: pd.DataFrame) -> Table:
@@ -690,10 +696,14 @@ def findings(table: pd.DataFrame) -> Table:
         return out
     for r in table.to_dict("records"):
         compared = r["method_a"] if not r["method_b"] else f"{r['method_a'] or '–'} vs {r['method_b']}"
-        sig = r["labels"] or ""
-        if r["n_tested"]:
-            sig = f"{int(r['n_significant'])} of {int(r['n_tested'])}" + (
-                f": {sig.replace(';', ', ')}" if sig else ""
+        labels = (r["labels"] or "").replace(";", ", ")
+        unit = SIGNIFICANT_UNITS.get(int(r["finding"]))
+        sig = f"{int(r['n_significant'])} of {int(r['n_tested'])} {unit}" if unit and r["n_tested"] else ""
+        if labels:
+            sig += (
+                ("; " if sig else "")
+                + {1: "labels: ", 2: "", 4: "attributes: "}.get(int(r["finding"]), "")
+                + labels
             )
         out.rows.append(
             [
