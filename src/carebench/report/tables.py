@@ -662,6 +662,13 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
 
 # ------------------------------------------------------------------------------------------------ findings
 VERDICT_CSS = {"supported": "sig", "not supported": "worse"}
+
+
+def _text(x: Any) -> str:
+    """A text cell of the findings table ('' for None / NaN, as a CSV round trip gives for empty strings)."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
+
+
 # what n_significant of n_tested counts, per finding (finding 3 is one test over methods: no count)
 SIGNIFICANT_UNITS = {
     1: "fusion methods better",
@@ -695,8 +702,9 @@ def findings(table: pd.DataFrame) -> Table:
     if table is None or table.empty:
         return out
     for r in table.to_dict("records"):
-        compared = r["method_a"] if not r["method_b"] else f"{r['method_a'] or '–'} vs {r['method_b']}"
-        labels = (r["labels"] or "").replace(";", ", ")
+        a, b = _text(r["method_a"]), _text(r["method_b"])
+        compared = a if not b else f"{a or '–'} vs {b}"
+        labels = _text(r["labels"]).replace(";", ", ")
         unit = SIGNIFICANT_UNITS.get(int(r["finding"]))
         sig = f"{int(r['n_significant'])} of {int(r['n_tested'])} {unit}" if unit and r["n_tested"] else ""
         if labels:
@@ -715,13 +723,13 @@ def findings(table: pd.DataFrame) -> Table:
                 Cell(
                     fmt_ci(r["effect"], r["ci_low"], r["ci_high"]),
                     _num(r["effect"]),
-                    title=f"{r['effect_definition']} ({r['metric']}). {r['detail']}".strip(),
+                    title=f"{r['effect_definition']} ({r['metric']}). {_text(r['detail'])}".strip(),
                 ),
-                Cell(fmt_p(r["p_value"]), _num(r["p_value"]), title=r["p_adjustment"] or ""),
+                Cell(fmt_p(r["p_value"]), _num(r["p_value"]), title=_text(r["p_adjustment"])),
                 Cell(compared or "–"),
                 Cell(str(int(r["n_runs"])), float(r["n_runs"])),
                 Cell(sig or "–"),
-                Cell(r["reason"]),
+                Cell(_text(r["reason"])),
             ]
         )
     return out
@@ -746,7 +754,7 @@ def planted_findings(planted_truth: dict[str, Any], table: pd.DataFrame) -> tupl
     if table is None or table.empty:
         return out, 0, 0
     for r in table.to_dict("records"):
-        finding, labels = int(r["finding"]), [x for x in str(r["labels"] or "").split(";") if x]
+        finding, labels = int(r["finding"]), [x for x in _text(r["labels"]).split(";") if x]
         decided = finding == 1 and r["task"] == "phenotype" and "both" in kinds.values()
         observed = r["verdict"] + (f" ({', '.join(labels)})" if finding == 1 and labels else "")
         if not decided:
