@@ -136,6 +136,12 @@ def test_cross_modal_p_values_are_holm_adjusted_over_the_methods():
     assert r["detail"].count("p_holm=0.06") == 2
 
 
+def test_cross_modal_undetermined_without_a_pairwise_comparison():
+    for comp in (pd.DataFrame(), _pairwise([("mmtm", 0.04, 0.01, 0.07, 0.001)])):
+        r = F.cross_modal_vs_late(comp, board(["latefusion", "drfuse"]), ROLES, "mortality", "base")
+        assert r["verdict"] == F.TOO_FEW and "no pairwise comparison" in r["reason"]
+
+
 def test_cross_modal_undetermined_without_latefusion_or_a_cross_modal_method():
     comp = _pairwise([("drfuse", 0.04, 0.01, 0.07, 0.001)])
     for methods in (["lstm", "drfuse", "mmtm"], ["lstm", "latefusion"]):

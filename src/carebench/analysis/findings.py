@@ -268,7 +268,7 @@ def cross_modal_vs_late(
         )
     pw = _select(comparisons, task=task, cohort=cohort, comparison="pairwise", label=task, metric=metric)
     rows = []
-    for m in cross:
+    for m in cross if not pw.empty else []:
         hit = pw[(pw["method_a"] == m) & (pw["method_b"] == LATE_FUSION)]
         flip = hit.empty
         if flip:
