@@ -464,3 +464,60 @@ def test_label_groups_from_planted_json_add_group_rows(tmp_path, data_dir, writt
         ],
     )
     assert cli.exit_code == 2 and "label group 'first': unknown label(s) ['pheno_nonexistent']" in cli.output
+
+
+# ------------------------------------------------------------------------------------------- findings
+def test_findings_follow_the_planted_signal_of_the_written_runs(written):
+    out, res = written
+    f = res.tables["findings"]
+    assert (out / O.ANALYSIS_DIR / "findings.csv").is_file()
+    assert len(pd.read_csv(out / O.ANALYSIS_DIR / "findings.csv")) == len(f) == 8
+    assert list(zip(f.task, f.finding, strict=True)) == [("phenotype", i) for i in (1, 2, 3, 4)] + [
+        ("los", i) for i in (1, 2, 3, 4)
+    ]
+    ph = f[f.task == "phenotype"].set_index("finding")
+    # signal: medfuse 1.6 > latefusion 1.0 > lstm 0.8 > resnet 0.3 on every label
+    assert ph.loc[1, "verdict"] == "supported" and (ph.loc[1, "method_a"], ph.loc[1, "method_b"]) == (
+        "medfuse",
+        "lstm",
+    )
+    comp = res.tables["comparisons"]
+    row = comp[
+        (comp.task == "phenotype")
+        & (comp.comparison == "reference")
+        & (comp.metric == "auprc_macro")
+        & (comp.label == "phenotype")
+        & (comp.method_a == "medfuse")
+    ].iloc[0]
+    assert (ph.loc[1, "effect"], ph.loc[1, "ci_low"], ph.loc[1, "p_value"]) == (
+        row.delta,
+        row.ci_low,
+        row.p_holm,
+    )
+    assert ph.loc[1, "n_runs"] == 8
+    per = comp[(comp.task == "phenotype") & (comp.comparison == "reference") & (comp.metric == "auprc")]
+    sig = per[(per.p_holm < 0.05) & (per.ci_low > 0)]  # 999 permutations, 50 tests: Holm p >= 0.05 here
+    assert ph.loc[1, "labels"] == ";".join(sorted(set(sig.label))) and per.label.nunique() == 25
+    assert ph.loc[2, "verdict"] == "supported" and ph.loc[2, "method_a"] == "medfuse"
+    assert ph.loc[3, "verdict"] == "undetermined (not analysed)"  # written runs have no checkpoint
+    assert ph.loc[4, "verdict"] == "undetermined (not analysed)" and "fairness" in ph.loc[4, "reason"]
+    los = f[f.task == "los"].set_index("finding")
+    assert los.loc[2, "verdict"] == "undetermined (too few runs)"  # no cross-modal method on LOS
+    assert res.summary["tables"]["findings"] == 8 and "medfuse" in res.summary["missing_aware"]
+
+
+def test_findings_of_trained_runs_use_the_fairness_and_missingness_tables(trained):
+    _, _, res = trained
+    f = res.tables["findings"].set_index("finding")
+    assert (f.task == "mortality").all() and len(f) == 4
+    assert f.loc[3, "verdict"] == "undetermined (too few runs)"  # drfuse is the only missing-aware method
+    assert "missing-aware: ['drfuse'], other: ['latefusion']" in f.loc[3, "reason"]
+    assert f.loc[4, "verdict"] in ("supported", "not supported")
+    fs = res.tables["fairness_summary"]
+    ref = f.loc[4, "method_b"]
+    assert ref == res.summary["groups"][0]["reference"]
+    top = f.loc[4, "reason"].split("largest gap of " + ref + ": ")[1].split(";")[0]
+    gaps = fs[(fs.label == "mortality") & (fs.metric == "auroc") & ~fs.attribute.str.contains(":")]
+    gaps = gaps[gaps.attribute != "has_cxr"].groupby(["method", "attribute"]).gap.mean()
+    assert top == gaps[ref].idxmax()
+    assert f.loc[4, "effect"] == pytest.approx(gaps[f.loc[4, "method_a"]][top] - gaps[ref][top])

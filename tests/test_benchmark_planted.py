@@ -134,3 +134,27 @@ def test_the_run_records_are_complete(bench: dict) -> None:
     assert len(runs) == N_RUNS and bench["summary"]["n_runs"] == N_RUNS
     assert set(bench["summary"]["options"]["label_groups"]) == {"ehr", "cxr", "both", "none"}
     assert bench["summary"]["warnings"] == []
+
+
+def test_findings_match_the_planted_truth_where_it_decides_them(bench: dict) -> None:
+    """docs/synthetic.md: the generator decides finding 1 on phenotypes (supported; no `none` phenotype among the
+    labels where fusion is significantly better); the other findings only need a verdict where the runs allow."""
+    from carebench.report.tables import planted_findings
+
+    f = bench["tables"]["findings"]
+    assert list(zip(f["task"], f["finding"], strict=True)) == [
+        (t, i) for t in ("mortality", "phenotype", "los") for i in (1, 2, 3, 4)
+    ]
+    kinds = bench["planted"]["phenotypes"]
+    one = f[(f["task"] == "phenotype") & (f["finding"] == 1)].iloc[0]
+    labels = [x for x in one["labels"].split(";") if x]
+    assert one["verdict"] == "supported", one.to_dict()
+    assert labels and not [x for x in labels if kinds[x] == "none"], labels
+    assert planted_findings(bench["planted"], f)[1:] == (1, 1)
+    # every method on phenotypes: 7 missing-aware and 6 other fusion methods, fairness on -> every rule decides
+    pheno = f[f["task"] == "phenotype"].set_index("finding")["verdict"]
+    assert set(pheno) <= {"supported", "not supported"}, pheno
+    # mortality and LOS have lstm, resnet, medfuse only: no latefusion, one missing-aware method
+    for task in ("mortality", "los"):
+        v = f[f["task"] == task].set_index("finding")["verdict"]
+        assert v[2] == v[3] == "undetermined (too few runs)", v

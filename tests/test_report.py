@@ -32,6 +32,7 @@ from fake_dataset import make_fake_dataset
 torch.set_num_threads(2)
 SECTIONS = [
     "cohort",
+    "findings",
     "leaderboard",
     "fusion-gain",
     "missingness",
@@ -333,6 +334,56 @@ def test_planted_section_of_the_page(bench):
         assert (r[6][0] == "none") == sig.empty and all(m in r[6][0] for m in sig.method_a)
     # the fusion-gain section shows the same table for any label groups, planted or not
     assert tables.tables["label-groups-base"] == tables.tables["planted-groups"]
+
+
+def test_findings_section_shows_the_findings_table(bench):
+    runs, index, _ = bench
+    html = index.read_text()
+    tables = _Tables()
+    tables.feed(html)
+    f = O.load_analysis(runs)[0]["findings"]
+    rows = tables.tables["findings-table"]
+    assert [c[0] for c in rows[0]][:5] == ["#", "task", "cohort", "finding", "verdict"]
+    assert [(r[0][0], r[1][0], r[4][0]) for r in rows[1:]] == [
+        (str(n), t, v) for n, t, v in zip(f.finding, f.task, f.verdict, strict=True)
+    ]
+    assert [r[1][0] for r in rows[1:]] == ["mortality"] * 4 + ["phenotype"] * 4  # task order of the report
+    for r, (_, row) in zip(rows[1:], f.iterrows(), strict=True):
+        if pd.notna(row.effect):
+            assert float(r[5][1]["data-value"]) == pytest.approx(row.effect, abs=1e-11)
+        css = {"supported": "sig", "not supported": "worse"}.get(row.verdict)
+        assert (r[4][1].get("class") == css) if css else "class" not in r[4][1]
+    assert "stay_id" not in " ".join(c[0] + str(c[1]) for r in rows for c in r)  # aggregates only
+    assert 'href="tables/findings.csv"' in html
+    # the planted-truth part: only finding 1 on phenotypes is decided (kinds include "both")
+    planted = tables.tables["planted-findings"][1:]
+    assert len(planted) == len(f)
+    decided = [r for r in planted if not r[3][0].startswith("not decided")]
+    assert [(r[0][0], r[1][0]) for r in decided] == [("1", "phenotype")]
+
+
+def _finding_rows(*rows):
+    cols = {"finding": 1, "task": "phenotype", "cohort": "base", "verdict": "supported", "labels": ""}
+    return pd.DataFrame([{**cols, **r} for r in rows])
+
+
+def test_planted_findings_decides_finding_1_on_phenotypes_only():
+    truth = {"phenotypes": {"pheno_a": "both", "pheno_b": "none", "pheno_c": "ehr"}}
+    t = _finding_rows(
+        {"labels": "pheno_a;pheno_c"},  # agrees
+        {"labels": "pheno_a;pheno_b", "cohort": "matched"},  # a 'none' label: disagrees
+        {"verdict": "not supported", "cohort": "x"},  # disagrees
+        {"verdict": "undetermined (too few runs)", "cohort": "y"},  # not compared
+        {"task": "mortality"},  # not decided
+        {"finding": 2},  # not decided
+    )
+    table, agree, compared = T.planted_findings(truth, t)
+    assert (agree, compared) == (1, 3)
+    assert [r[-1].text for r in table.rows] == ["✓", "✗", "✗", "", "", ""]
+    assert "'none' phenotypes: pheno_b" in table.rows[1][4].text
+    assert table.rows[4][3].text.startswith("not decided") and table.rows[5][3].text == T.NOT_DECIDED[2]
+    no_both = T.planted_findings({"phenotypes": {"pheno_a": "ehr"}}, t)
+    assert no_both[1:] == (0, 0)
 
 
 def test_autoescaping_of_data(bench):

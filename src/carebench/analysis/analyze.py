@@ -22,6 +22,8 @@ What it does (docs/report.md has every table and column):
   makes each stay's prediction independent of the other stays in the batch and of a missing image's pixels
   (tests check it to 1e-6), and it costs two passes per run instead of one per rate.
 - Train/validation missing rates: runs trained with X-rays removed, pooled per method and rate.
+- Findings (`analysis.findings`): the paper's four claims tested on the tables above, with a verdict each
+  (docs/findings.md).
 - Every table gets bootstrap CIs from the same seed; tables are written to `RUNS/analysis/` (parquet + csv)
   with `summary.json`, atomically (a temporary directory renamed into place).
 """
@@ -40,6 +42,7 @@ import pandas as pd
 from carebench import __version__, runs
 from carebench.analysis import comparisons as cmp
 from carebench.analysis.fairness import fairness_tables
+from carebench.analysis.findings import Role, findings_table
 from carebench.analysis.modality import RunPredictor, dropout_runs_table
 from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_options
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
@@ -47,6 +50,7 @@ from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
 from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
+from carebench.errors import UserError
 from carebench.evaluation import statistics as st
 from carebench.evaluation.fairness import MACRO
 from carebench.experiments.plan import read_plan_record
@@ -143,6 +147,21 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def method_roles(records: Sequence[RunRecord]) -> dict[str, Role]:
+    """Per method: the modalities of its runs and its registered class's `missing_aware` (False when the model is
+    not registered in this installation)."""
+    from carebench.models.registry import get_model_class
+
+    out = {}
+    for r in records:
+        try:
+            aware = bool(get_model_class(r.method).missing_aware)
+        except UserError:
+            aware = False
+        out[r.method] = Role(tuple(r.modalities), aware)
+    return out
+
+
 def _names(task: str, frame: pd.DataFrame) -> list[str]:
     return runs.prediction_columns(frame.columns, task)[2]
 
@@ -598,6 +617,15 @@ def analyze(
         else:
             tables["dropout_runs"] = pd.DataFrame()
         timings["modality"] = time.perf_counter() - t
+    roles = method_roles(records)
+    tables["findings"] = findings_table(
+        tables,
+        roles,
+        confidence=opts.confidence,
+        n_resamples=opts.n_bootstrap,
+        n_permutations=opts.n_permutations,
+        seed=opts.seed,
+    )
     for name in TABLES:
         tables.setdefault(name, pd.DataFrame())
     timings["total"] = time.perf_counter() - t0
@@ -613,6 +641,7 @@ def analyze(
         "run_ids": [r.run_id for r in records],
         "groups": group_info,
         "macro_label": MACRO,
+        "missing_aware": sorted(m for m, role in roles.items() if role.missing_aware),
         "tables": {name: len(tables[name]) for name in TABLES},
         "warnings": warnings,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},

@@ -35,6 +35,7 @@ TABLES = (
     "missingness_train",
     "dropout_runs",
     "ablation",
+    "findings",
 )
 
 

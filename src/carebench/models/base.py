@@ -104,6 +104,10 @@ class BaseModel(nn.Module):
       train_task_loss: True (default) if the framework back-propagates the task loss of ``logits``. A method whose
         ``aux_losses`` are its whole objective (AUG trains each modality's classifier on its own loss, never the
         fused prediction) sets False; the task loss is then still computed and logged, but not trained.
+      missing_aware: True if the method was designed for incomplete inputs (its paper models a missing modality
+        explicitly: MedFuse, DrFuse, Flex-MoE, HEALNet, UMSE, ShaSpec, M3Care); False (default) otherwise. Only
+        the analysis reads it: the "Findings" section compares how such methods degrade under missing X-rays
+        with the other fusion methods (docs/findings.md).
 
     Constructor: ``(task, n_features, image_size, **hparams)``; the hyper-parameters are validated against
     ``default_hparams`` (unknown key or wrong type -> ``ModelConfigError``) and stored as ``self.hparams``.
@@ -132,6 +136,7 @@ class BaseModel(nn.Module):
     search_space: ClassVar[dict[str, dict[str, Any]]] = {}
     presets: ClassVar[dict[str, dict[str, Any]]] = {"quick": {}, "full": {}, "test": {}}
     train_task_loss: ClassVar[bool] = True
+    missing_aware: ClassVar[bool] = False
 
     def __init__(self, task: str, n_features: int, image_size: int, **hparams: Any) -> None:
         super().__init__()

@@ -45,6 +45,7 @@ TABLE_NOTES = {
     "missingness_train": "headline metrics of runs trained with train/val X-rays removed",
     "dropout_runs": "test metrics of each run trained with X-ray dropout, with its rates",
     "ablation": "headline metrics with the X-ray or the EHR removed at test time, and per-modality heads",
+    "findings": "the paper's four findings per task: verdict, effect, CI, p, methods compared, reason",
 }
 
 
@@ -91,6 +92,9 @@ class Planted:
     source: str
     subgroup_text: str = ""
     groups: tb.Table | None = None
+    findings: tb.Table | None = None
+    findings_agree: int = 0
+    findings_compared: int = 0
 
 
 @dataclass
@@ -102,6 +106,7 @@ class Page:
     csv: list[tuple[str, str, int]]
     planted: Planted | None = None
     notes: list[str] = field(default_factory=list)
+    findings: tb.Table | None = None
 
 
 def _environment() -> jinja2.Environment:
@@ -234,6 +239,7 @@ def build_page(
             else ""
         )
         base = [g.label_groups for g in groups if g.task == "phenotype" and g.cohort == "base"]
+        f_table, f_agree, f_compared = tb.planted_findings(planted, tables.get("findings", pd.DataFrame()))
         planted_page = Planted(
             table,
             agree,
@@ -242,6 +248,9 @@ def build_page(
             planted_source,
             text,
             groups=base[0] if base else None,
+            findings=f_table,
+            findings_agree=f_agree,
+            findings_compared=f_compared,
         )
     name = summary.get("plan") or Path(summary.get("runs_dir", "runs")).name
     return Page(
@@ -252,6 +261,7 @@ def build_page(
         csv=[(n, TABLE_NOTES.get(n, ""), len(tables[n])) for n in TABLES],
         planted=planted_page,
         notes=list(summary.get("warnings", [])),
+        findings=tb.findings(tables.get("findings", pd.DataFrame())),
     )
 
 

@@ -658,3 +658,123 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
             ]
         )
     return table
+
+
+# ------------------------------------------------------------------------------------------------ findings
+VERDICT_CSS = {"supported": "sig", "not supported": "worse"}
+
+
+def _text(x: Any) -> str:
+    """A text cell of the findings table ('' for None / NaN, as a CSV round trip gives for empty strings)."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
+
+
+# what n_significant of n_tested counts, per finding (finding 3 is one test over methods: no count)
+SIGNIFICANT_UNITS = {
+    1: "fusion methods better",
+    2: "cross-modal methods better",
+    4: "attributes with a smaller fusion gap",
+}
+
+
+def findings(table: pd.DataFrame) -> Table:
+    """The findings table (analysis.findings): one row per finding x task x cohort, verdict first; per-method
+    numbers in the hover text of the effect cell (aggregates only)."""
+    out = Table(
+        [
+            "#",
+            "task",
+            "cohort",
+            "finding",
+            "verdict",
+            "effect [CI]",
+            "p",
+            "compared",
+            "runs",
+            "significant",
+            "why",
+        ],
+        key="findings",
+        caption=f"Rules (docs/findings.md): significant = p < {ALPHA} (Holm-adjusted where several tests) and the "
+        "confidence interval of the difference above 0. Effect definitions and per-method numbers: hover the effect "
+        "or see findings.csv.",
+    )
+    if table is None or table.empty:
+        return out
+    for r in table.to_dict("records"):
+        a, b = _text(r["method_a"]), _text(r["method_b"])
+        compared = a if not b else f"{a or '–'} vs {b}"
+        labels = _text(r["labels"]).replace(";", ", ")
+        unit = SIGNIFICANT_UNITS.get(int(r["finding"]))
+        sig = f"{int(r['n_significant'])} of {int(r['n_tested'])} {unit}" if unit and r["n_tested"] else ""
+        if labels:
+            sig += (
+                ("; " if sig else "")
+                + {1: "labels: ", 2: "", 4: "attributes: "}.get(int(r["finding"]), "")
+                + labels
+            )
+        out.rows.append(
+            [
+                Cell(str(int(r["finding"]))),
+                Cell(r["task"]),
+                Cell(r["cohort"]),
+                Cell(r["statement"]),
+                Cell(r["verdict"], css=VERDICT_CSS.get(r["verdict"], "")),
+                Cell(
+                    fmt_ci(r["effect"], r["ci_low"], r["ci_high"]),
+                    _num(r["effect"]),
+                    title=f"{r['effect_definition']} ({r['metric']}). {_text(r['detail'])}".strip(),
+                ),
+                Cell(fmt_p(r["p_value"]), _num(r["p_value"]), title=_text(r["p_adjustment"])),
+                Cell(compared or "–"),
+                Cell(str(int(r["n_runs"])), float(r["n_runs"])),
+                Cell(sig or "–"),
+                Cell(_text(r["reason"])),
+            ]
+        )
+    return out
+
+
+NOT_DECIDED = {
+    1: "not decided: signal on both sides, but how much fusion gains on this task is not fixed by the generator",
+    2: "not decided: late fusion can learn the additive AND rules; only the one XOR label needs a joint model",
+    3: "not decided: test-time X-ray removal is random; robustness is a property of the methods, not of the data",
+    4: "not decided: the subgroup's EHR is degraded, its X-rays are not; whether fusion narrows the gap depends "
+    "on how a method weighs the two",
+}
+
+
+def planted_findings(planted_truth: dict[str, Any], table: pd.DataFrame) -> tuple[Table, int, int]:
+    """Per finding row: what the planted truth predicts where it decides it (finding 1 on phenotypes: supported,
+    and no `none` phenotype among the labels where fusion is significantly better), the verdict, agreement."""
+    kinds = planted_truth.get("phenotypes", {})
+    out = Table(["#", "task", "cohort", "planted truth predicts", "verdict (significant labels)", "agrees"],
+                key="planted_findings")  # fmt: skip
+    agree = compared = 0
+    if table is None or table.empty:
+        return out, 0, 0
+    for r in table.to_dict("records"):
+        finding, labels = int(r["finding"]), [x for x in _text(r["labels"]).split(";") if x]
+        decided = finding == 1 and r["task"] == "phenotype" and "both" in kinds.values()
+        observed = r["verdict"] + (f" ({', '.join(labels)})" if finding == 1 and labels else "")
+        if not decided:
+            out.rows.append([Cell(str(finding)), Cell(r["task"]), Cell(r["cohort"]), Cell(NOT_DECIDED[finding]),
+                             Cell(observed), Cell("")])  # fmt: skip
+            continue
+        none_hit = sorted(x for x in labels if kinds.get(x) == "none")
+        expect = (
+            "supported: the 'both' phenotypes need the two modalities together; no 'none' phenotype among the "
+            "significant labels"
+        )
+        if r["verdict"].startswith("undetermined"):
+            mark, css = "", ""
+        else:
+            ok = r["verdict"] == "supported" and not none_hit
+            compared += 1
+            agree += int(ok)
+            mark, css = ("✓", "sig") if ok else ("✗", "worse")
+            if none_hit:
+                observed += f"; 'none' phenotypes: {', '.join(none_hit)}"
+        out.rows.append([Cell(str(finding)), Cell(r["task"]), Cell(r["cohort"]), Cell(expect), Cell(observed),
+                         Cell(mark, css=css)])  # fmt: skip
+    return out, agree, compared

@@ -140,6 +140,7 @@ class DrFuse(BaseModel):
     """Shared/distinct encoders per modality, logit-averaged shared feature, disease-wise attention fusion."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "hidden": 256,
         "ehr_heads": 4,

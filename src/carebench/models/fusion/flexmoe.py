@@ -235,6 +235,7 @@ class FlexMoE(BaseModel):
     MoE layers with a noisy top-k gate and the combination-targeted gate loss, warm-up curriculum."""
 
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
+    missing_aware: ClassVar[bool] = True
     train_task_loss: ClassVar[bool] = False  # the method computes the (curriculum-masked) task loss itself
     default_hparams: ClassVar[dict[str, Any]] = {
         "hidden_dim": 128,

@@ -203,6 +203,7 @@ class HEALNet(BaseModel):
     without an X-ray skips the X-ray update."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "depth": 2,
         "num_latents": 17,

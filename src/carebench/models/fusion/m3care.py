@@ -169,6 +169,7 @@ class M3Care(BaseModel):
     training, bank of training stays in eval) -> gated mix -> transformer over modality tokens -> head."""
 
     modalities: ClassVar[tuple[str, ...]] = MODALITIES
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         **TRANSFORMER_RESNET_DEFAULTS,
         "hidden_dim": 256,

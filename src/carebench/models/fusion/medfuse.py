@@ -61,6 +61,7 @@ class MedFuse(BaseModel):
     """EHR LSTM + projected CXR feature -> fusion LSTM over ``[EHR(, CXR)]`` -> linear classifier."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "ehr_hidden": 256,
         "ehr_layers": 2,

@@ -145,6 +145,7 @@ class ShaSpec(BaseModel):
     full-modality phase then random X-ray dropout in training."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         **TRANSFORMER_RESNET_DEFAULTS,
         "hidden_dim": 256,

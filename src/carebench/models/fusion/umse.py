@@ -137,6 +137,7 @@ class UMSE(BaseModel):
     whose bottleneck is averaged over the available modalities only, and a head joining the demographics."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     default_hparams: ClassVar[dict[str, Any]] = {
         "d_model": 256,
         "num_layers": 6,
