@@ -284,7 +284,7 @@ def test_fairness_gap_uses_the_macro_label_for_multilabel_tasks():
 
 
 # ------------------------------------------------------------------------------------------------ roles
-def test_missing_aware_is_set_on_exactly_the_seven_methods_and_read_by_analyze(tmp_path):
+def test_missing_aware_is_set_on_exactly_the_eight_methods_and_read_by_analyze(tmp_path):
     from carebench.analysis.analyze import method_roles
     from carebench.models import list_models
     from carebench.models.base import BaseModel
@@ -292,7 +292,7 @@ def test_missing_aware_is_set_on_exactly_the_seven_methods_and_read_by_analyze(t
 
     assert BaseModel.missing_aware is False
     aware = sorted(m for m in list_models() if get_model_class(m).missing_aware)
-    assert aware == ["drfuse", "flexmoe", "healnet", "m3care", "medfuse", "shaspec", "umse"]
+    assert aware == ["drfuse", "flexmoe", "healnet", "m3care", "medfuse", "shaspec", "smil", "umse"]
 
     class Rec:
         def __init__(self, method, modalities):

@@ -163,6 +163,7 @@ class SMIL(BaseModel):
     """EHR Transformer + ResNet; missing X-ray = weighted k-means priors; Bayesian meta-learning (2nd order)."""
 
     modalities: ClassVar[tuple[str, ...]] = ("ehr", "cxr")
+    missing_aware: ClassVar[bool] = True
     train_task_loss: ClassVar[bool] = False
     default_hparams: ClassVar[dict[str, Any]] = {
         **TRANSFORMER_RESNET_DEFAULTS,
