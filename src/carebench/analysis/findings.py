@@ -162,6 +162,11 @@ def _why(p: float, lo: float, alpha: float) -> str:
     return f"p {'<' if p_ok else '>='} alpha, CI {'above 0' if ci_ok else 'not above 0'}"
 
 
+def _board_methods(board: pd.DataFrame, task: str, cohort: str) -> set[str]:
+    """The methods with a leaderboard row for (task, cohort)."""
+    return set(_select(board, task=task, cohort=cohort)["method"]) if not board.empty else set()
+
+
 def _best_fusion(comparisons: pd.DataFrame, task: str, cohort: str, metric: str) -> pd.Series | None:
     """The reference-comparison row of the fusion method with the largest difference to the reference on
     `metric` (ties: alphabetical), or None without reference comparisons."""
@@ -181,7 +186,7 @@ def fusion_vs_unimodal(
     alpha: float = ALPHA,
 ) -> dict:
     metric = get_task(task).selection_metric
-    methods = set(_select(board, task=task, cohort=cohort)["method"]) if not board.empty else set()
+    methods = _board_methods(board, task, cohort)
     fusion = sorted(m for m in methods if m in roles and roles[m].fusion)
     unimodal = sorted(m for m in methods if m in roles and roles[m].unimodal)
     best = _best_fusion(comparisons, task, cohort, metric)
@@ -253,7 +258,7 @@ def cross_modal_vs_late(
     alpha: float = ALPHA,
 ) -> dict:
     metric = get_task(task).selection_metric
-    methods = set(_select(board, task=task, cohort=cohort)["method"]) if not board.empty else set()
+    methods = _board_methods(board, task, cohort)
     cross = sorted(m for m in methods if m in roles and roles[m].fusion and m != LATE_FUSION)
     if LATE_FUSION not in methods or not cross:
         return _row(
