@@ -408,8 +408,8 @@ def analyze(
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.", **FLAG),
 ) -> None:
-    """Statistics, fairness, missing-modality and modality-contribution tables of every finished run ->
-    RUNS/analysis/ (parquet + csv, summary.json)."""
+    """Statistics, fairness, missing-modality and modality-contribution tables of every finished run, and the
+    paper's four findings with a verdict each -> RUNS/analysis/ (parquet + csv, summary.json)."""
     from carebench.analysis.analyze import analyze as run_analysis
 
     result = run_analysis(
