@@ -433,6 +433,29 @@ def test_a_staged_model_is_selected_and_stopped_on_its_last_stage_only(data_dir,
         )
 
 
+@pytest.mark.parametrize(("epoch", "skipped"), [(0, True), (1, True), (2, False), (3, False)])
+def test_checkpoint_and_early_stopping_ignore_the_epochs_before_the_last_stage(epoch, skipped):
+    """The run-level test above can pass by luck (a later epoch scoring higher); this pins the rule itself: with
+    selection_start_epoch 2, epochs 0 and 1 neither save the checkpoint nor count toward early stopping."""
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from carebench.training.run import StagedCheckpoint, StagedEarlyStopping
+
+    staged = SimpleNamespace(model=SimpleNamespace(selection_start_epoch=2))
+    trainer = SimpleNamespace(
+        current_epoch=epoch,
+        lightning_module=staged,
+        fast_dev_run=False,
+        sanity_checking=False,
+        global_step=100 + epoch,
+        state=SimpleNamespace(fn=TrainerFn.FITTING),
+    )
+    ckpt = StagedCheckpoint(monitor="val/auprc", mode="max")
+    stop = StagedEarlyStopping(monitor="val/auprc", mode="max", patience=1)
+    assert ckpt._should_skip_saving_checkpoint(trainer) is skipped
+    assert stop._should_skip_check(trainer) is skipped
+
+
 @pytest.mark.parametrize(("scale", "lrs"), [(1.0, [1e-2, 0.123]), (0.5, [5e-3, 0.0615])])
 def test_a_new_stage_restores_the_initial_lr_and_resets_the_plateau_scheduler(scale, lrs):
     model = type("_Staged", (_Tiny,), {"last_stage_lr_scale": scale})("mortality", 4, 16)

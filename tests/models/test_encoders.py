@@ -160,6 +160,11 @@ def test_stages_reproduce_forward_and_report_their_channels(arch):
         assert [n for n, _ in enc.stages()] == ["stem", "layer1", "layer2", "layer3", "layer4"]
         torch.testing.assert_close(enc.pool(h), enc(x))
         torch.testing.assert_close(enc.body()(enc.stem()(x)), enc(x))
+        # the feature map of HEALNet's / UMSE's tokens: the stages' output before pooling, or after layer3
+        torch.testing.assert_close(enc.feature_map(x), h)
+        torch.testing.assert_close(
+            enc.feature_map(x, 4), enc.net.layer3(enc.net.layer2(enc.net.layer1(enc.stem()(x))))
+        )
     assert len(list(enc.parameters())) == len(list(enc.net.parameters()))  # views add no parameters
 
 

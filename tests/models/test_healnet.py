@@ -147,7 +147,7 @@ def test_xray_tokens_are_the_cells_of_the_cnn_feature_map_with_2d_positions():
     has = batch["has_cxr"]
     with torch.no_grad():
         tokens = model.cxr_tokens(batch, has)
-        fmap = model.feature_map(batch["cxr"][has])
+        fmap = model.cxr_encoder.feature_map(batch["cxr"][has], model.n_stages)
     assert fmap.shape == (3, 64, 4, 4)
     assert tokens.shape == (3, 16, 64 + 10)
     torch.testing.assert_close(tokens[..., :64], fmap.permute(0, 2, 3, 1).reshape(3, 16, 64))
@@ -170,9 +170,10 @@ def test_attention_softmax_has_temperature_one_half():
         attn.to_kv.weight.copy_(torch.tensor([[1.0], [-1.0]]))  # k = c, v = -c
         attn.to_out[0].weight.fill_(1.0)
         attn.to_out[0].bias.zero_()
-        out = attn(torch.ones(1, 1, 1), torch.tensor([[[0.0], [1.0], [2.0]]]))
+        x, context = torch.ones(1, 1, 1), torch.tensor([[[0.0], [1.0], [2.0]]])
+        out, weights = attn(x, context), attn.weights(x, context)
     w = torch.softmax(torch.tensor([0.0, 2.0, 4.0]), dim=0)
-    torch.testing.assert_close(attn.last_attn.reshape(-1), w)
+    torch.testing.assert_close(weights.reshape(-1), w)
     assert not torch.allclose(w, torch.softmax(torch.tensor([0.0, 1.0, 2.0]), dim=0), atol=1e-2)
     expected = 0.01 * -(w * torch.tensor([0.0, 1.0, 2.0])).sum()  # v = -(0, 1, 2): negative -> slope 0.01
     torch.testing.assert_close(out.reshape(()), expected)

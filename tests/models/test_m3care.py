@@ -94,8 +94,8 @@ def test_similarities_below_sigmoid_theta_give_zero_edges():
     model = build().train()
     with torch.no_grad():
         model.theta.fill_(8.0)
-        model(make_batch("phenotype"))
-    sim = model.last_state["similarity"]
+        _, st = model.forward_with_state(make_batch("phenotype"))
+    sim = st["similarity"]
     assert torch.equal(sim, torch.diag(torch.diagonal(sim))) and bool((torch.diagonal(sim) == 1).all())
 
 
@@ -108,8 +108,7 @@ def test_present_stays_get_the_gated_mix_and_missing_stays_the_gcn_output():
     fill_bank(model, make_batch("phenotype", seed=1))
     with torch.no_grad():
         hs, _ = model.embed(batch)
-        model(batch)
-    st = model.last_state
+        _, st = model.forward_with_state(batch)
     for m in (EHR, CXR):
         g, final, w = st["gcn"][m], st["final"][m], st["w"][m]
         s1 = torch.sigmoid(model.gate_imputed[m](g))
@@ -185,10 +184,10 @@ def test_a_missing_xray_is_imputed_from_the_training_bank_not_from_eval_batch_ma
     mates1 = make_batch("phenotype", seed=5)
     mates2 = make_batch("phenotype", seed=6, has_cxr=(False, True, False, True))
     with torch.no_grad():
-        out1 = model(cat(sub(query, [3]), mates1))
-        g1 = model.last_state["gcn"][CXR][0].clone()
-        out2 = model(cat(mates2, sub(query, [3])))
-        g2 = model.last_state["gcn"][CXR][4].clone()
+        out1, st1 = model.forward_with_state(cat(sub(query, [3]), mates1))
+        g1 = st1["gcn"][CXR][0]
+        out2, st2 = model.forward_with_state(cat(mates2, sub(query, [3])))
+        g2 = st2["gcn"][CXR][4]
     torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out1.logits[0], out2.logits[4], rtol=1e-5, atol=1e-6)
     other = build()
@@ -196,8 +195,7 @@ def test_a_missing_xray_is_imputed_from_the_training_bank_not_from_eval_batch_ma
     fill_bank(other, make_batch("phenotype", seed=7))
     fill_bank(other, make_batch("phenotype", seed=8))  # replaces only part of the bank
     with torch.no_grad():
-        other(sub(query, [3]))
-        g3 = other.last_state["gcn"][CXR][0]
+        g3 = other.forward_with_state(sub(query, [3]))[1]["gcn"][CXR][0]
     assert (g3 - g1).abs().max() > 1e-4
 
 
@@ -211,15 +209,15 @@ def test_the_eval_row_is_the_thresholded_kernel_against_the_bank_weighted_by_bat
     n = int(model.bank_count)
     query = make_batch("phenotype", seed=3)
     with torch.no_grad():
-        model(query)
+        _, st = model.forward_with_state(query)
         hq = model.embed(query)[0][EHR]
         k_q, _ = model.modality_kernel(
             EHR, model.kernel_inputs(EHR, hq), model.kernel_inputs(EHR, model.bank_h[EHR, :n])
         )
         want = threshold_similarity(k_q, model.theta) * (int(model.bank_batch) - 1) / n
     assert n == 8
-    torch.testing.assert_close(model.last_state["adj"][EHR], want)
-    assert torch.equal(model.last_state["adj"][CXR], torch.zeros(4, n))  # no bank stay has an X-ray
+    torch.testing.assert_close(st["adj"][EHR], want)
+    assert torch.equal(st["adj"][CXR], torch.zeros(4, n))  # no bank stay has an X-ray
 
 
 def test_a_missing_xray_aggregates_only_bank_stays_that_have_one():
@@ -233,17 +231,15 @@ def test_a_missing_xray_aggregates_only_bank_stays_that_have_one():
     fill_bank(model, make_batch("phenotype", seed=1, has_cxr=(True, False, True, False)))
     query = sub(make_batch("phenotype", seed=4), [3])  # no X-ray
     with torch.no_grad():
-        model(query)
-        adj_cxr, adj_ehr = model.last_state["adj"][CXR][0], model.last_state["adj"][EHR][0]
-        g = model.last_state["gcn"][CXR][0].clone()
+        _, st = model.forward_with_state(query)
+        adj_cxr, adj_ehr = st["adj"][CXR][0], st["adj"][EHR][0]
+        g = st["gcn"][CXR][0]
         assert torch.equal(adj_cxr[[1, 3]], torch.zeros(2)) and bool((adj_cxr[[0, 2]] > 0).all())
         assert bool((adj_ehr > 0).all())
         model.bank_h[CXR, 1] = torch.randn(model.d) * 50
-        model(query)
-        assert torch.equal(model.last_state["gcn"][CXR][0], g)
+        assert torch.equal(model.forward_with_state(query)[1]["gcn"][CXR][0], g)
         model.bank_h[CXR, 0] += 1.0
-        model(query)
-        assert (model.last_state["gcn"][CXR][0] - g).abs().max() > 1e-4
+        assert (model.forward_with_state(query)[1]["gcn"][CXR][0] - g).abs().max() > 1e-4
         assert (g - tf.selu(model.gcn2[CXR].bias)).abs().max() > 1e-4  # not the bias-only "imputation"
 
 
@@ -257,11 +253,9 @@ def test_in_training_a_missing_xray_borrows_from_batch_mates_with_one():
     other = dict(batch, cxr=batch["cxr"].clone())
     other["cxr"][0] = torch.randn_like(other["cxr"][0])
     with torch.no_grad():
-        model(batch)
-        g = model.last_state["gcn"][CXR][3].clone()
-        adj = model.last_state["adj"][CXR][3]
-        model(other)
-        g2 = model.last_state["gcn"][CXR][3]
+        _, st = model.forward_with_state(batch)
+        g, adj = st["gcn"][CXR][3], st["adj"][CXR][3]
+        g2 = model.forward_with_state(other)[1]["gcn"][CXR][3]
     assert adj[3] == 0 and bool((adj[:3] > 0).all())
     assert (g2 - g).abs().max() > 1e-4
 
@@ -272,9 +266,8 @@ def test_with_an_empty_bank_a_stay_only_has_its_self_loop():
     model = build()
     batch = make_batch("phenotype")
     with torch.no_grad():
-        model(batch)
+        _, st = model.forward_with_state(batch)
         hs, _ = model.embed(batch)
-        st = model.last_state
         for m in (EHR, CXR):
             gcn1, gcn2 = model.gcn1[m], model.gcn2[m]
             alone = tf.selu(tf.selu(hs[m] @ gcn1.weight + gcn1.bias) @ gcn2.weight + gcn2.bias)

@@ -250,6 +250,14 @@ def cxr_present(batch: dict[str, Tensor]) -> Tensor:
     return has if has.dtype == torch.bool else has > 0.5
 
 
+def hide_xrays(present: Tensor, rate: float) -> Tensor:
+    """``present`` with each True entry set False with probability ``rate`` (one draw per stay): the training-time
+    X-ray dropout of DrFuse and ShaSpec. A hidden X-ray is then treated exactly like a missing one."""
+    if rate <= 0:
+        return present
+    return present & (torch.rand(present.shape, device=present.device) >= rate)
+
+
 def per_sample_task_loss(task: TaskSpec, logits: Tensor, y: Tensor) -> Tensor:
     """Task loss per sample ``[B]`` from logits: BCE (mean over labels) or cross-entropy.
 

@@ -368,6 +368,14 @@ class ResNetEncoder(nn.Module):
     def pool(self, fmap: Tensor) -> Tensor:
         return torch.flatten(self.net.avgpool(fmap), 1)
 
+    def feature_map(self, x: Tensor, n_stages: int = 5) -> Tensor:
+        """The feature map ``[n, C, H', W']`` after the first ``n_stages`` of ``stages()`` (5: layer4, before
+        pooling), for methods whose X-ray tokens are its cells (HEALNet, UMSE)."""
+        with batchnorm_safe(self, x):
+            for _, stage in self.stages()[:n_stages]:
+                x = stage(x)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
         with batchnorm_safe(self, x):
             return self.net(x)

@@ -40,6 +40,7 @@ from carebench.models.base import (
     ModelOutput,
     TaskSpec,
     cxr_present,
+    hide_xrays,
     masked_mean,
     per_sample_task_loss,
 )
@@ -218,9 +219,8 @@ class DrFuse(BaseModel):
     def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """All intermediate quantities (features, attention ``[B,C,3]``, head logits); ``forward`` uses this."""
         present = cxr_present(batch)
-        ratio = self.hparams["aug_missing_ratio"]
-        if self.training and ratio > 0:  # the paper's training-time augmentation: hide some present images
-            present = present & (torch.rand(present.shape, device=present.device) >= ratio)
+        if self.training:  # the paper's training-time augmentation: hide some present images
+            present = hide_xrays(present, self.hparams["aug_missing_ratio"])
         d = self.hparams["hidden"]
         ehr_shared, ehr_distinct = self.ehr_encoder(ehr_input(batch), batch.get("ehr_lengths"))
         cxr_shared, cxr_distinct = self._encode_cxr(batch["cxr"], present, d)

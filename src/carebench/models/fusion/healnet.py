@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
-from carebench.models.encoders import CXR_QUICK, CXR_TEST, RESNET_ARCHS, ResNetEncoder, batchnorm_safe
+from carebench.models.encoders import CXR_QUICK, CXR_TEST, RESNET_ARCHS, ResNetEncoder
 from carebench.models.registry import register
 
 SOFTMAX_TEMPERATURE = 0.5  # the authors' cross- and self-attention both divide the logits by 0.5
@@ -116,19 +116,29 @@ class Attention(nn.Module):
         self.to_kv = nn.Linear(context_dim, 2 * inner, bias=False)
         self.dropout = nn.Dropout(dropout)
         self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.LeakyReLU(LEAKY_SLOPE))
-        self.last_attn: Tensor | None = None  # [B, heads, Nq, Nk] of the last call (for tests)
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+    def _qkv(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries ``[B, heads, Nq, d_head]`` from ``x``; keys and values ``[B, heads, Nk, d_head]`` from ``context``."""
         context = x if context is None else context
         b, n, _ = x.shape
         q = self.to_q(x).reshape(b, n, self.heads, -1).transpose(1, 2)
         k, v = self.to_kv(context).chunk(2, dim=-1)
         k = k.reshape(b, context.size(1), self.heads, -1).transpose(1, 2)
         v = v.reshape(b, context.size(1), self.heads, -1).transpose(1, 2)
-        sim = q @ k.transpose(-1, -2) * self.scale
-        attn = torch.softmax(sim / self.temperature, dim=-1)
-        self.last_attn = attn.detach()
-        out = (self.dropout(attn) @ v).transpose(1, 2).reshape(b, n, -1)
+        return q, k, v
+
+    def _softmax(self, q: Tensor, k: Tensor) -> Tensor:
+        return torch.softmax(q @ k.transpose(-1, -2) * self.scale / self.temperature, dim=-1)
+
+    def weights(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """The attention weights ``[B, heads, Nq, Nk]`` that ``forward`` applies."""
+        q, k, _ = self._qkv(x, context)
+        return self._softmax(q, k)
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        q, k, v = self._qkv(x, context)
+        attn = self._softmax(q, k)
+        out = (self.dropout(attn) @ v).transpose(1, 2).reshape(x.size(0), x.size(1), -1)
         return self.to_out(out)
 
 
@@ -319,17 +329,9 @@ class HEALNet(BaseModel):
         x = torch.cat([batch["ehr"], batch["ehr_mask"].to(batch["ehr"].dtype)], dim=-1)
         return with_fourier(x, self.hparams["max_freq"], self.hparams["num_freq_bands"])
 
-    def feature_map(self, images: Tensor) -> Tensor:
-        """The encoder's last feature map before pooling, ``[n, C, H', W']``."""
-        h = images
-        with batchnorm_safe(self.cxr_encoder, images):
-            for _, stage in self.cxr_encoder.stages()[: self.n_stages]:
-                h = stage(h)
-        return h
-
     def cxr_tokens(self, batch: dict[str, Tensor], present: Tensor) -> Tensor:
         """``[n_present, H' * W', C + 2 * (2 * nfb + 1)]``: feature-map cells of the present images only."""
-        fmap = self.feature_map(batch["cxr"][present])
+        fmap = self.cxr_encoder.feature_map(batch["cxr"][present], self.n_stages)
         return with_fourier(
             fmap.permute(0, 2, 3, 1), self.hparams["max_freq"], self.hparams["num_freq_bands"]
         )

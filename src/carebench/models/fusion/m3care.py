@@ -239,7 +239,6 @@ class M3Care(BaseModel):
         self.register_buffer("bank_next", torch.zeros((), dtype=torch.long))
         # the size of the last training batch: how many batch-mates the bank stands in for
         self.register_buffer("bank_batch", torch.zeros((), dtype=torch.long))
-        self.last_state: dict[str, Any] = {}  # detached intermediates of the last forward (tests, inspection)
 
     # -------------------------------------------------------------------------------------- embeddings
     def embed(self, batch: dict[str, Tensor]) -> tuple[list[Tensor], list[Tensor]]:
@@ -338,8 +337,9 @@ class M3Care(BaseModel):
         return self_s, s_q, s_k, bank_h, bank_av
 
     # -------------------------------------------------------------------------------------- imputation
-    def impute(self, hs: list[Tensor], avail: list[Tensor]) -> list[Tensor]:
-        """GCN imputation and gated mix for every modality; records the adjacencies, GCN outputs and gates."""
+    def impute(self, hs: list[Tensor], avail: list[Tensor]) -> tuple[list[Tensor], dict[str, Any]]:
+        """GCN imputation and gated mix for every modality, and the detached intermediates (similarity, and per
+        modality the adjacency, GCN output, gate and final embedding) for inspection."""
         state: dict[str, Any] = {"gcn": [], "w": [], "adj": [], "final": []}
         finals = []
         if self.training:
@@ -363,8 +363,7 @@ class M3Care(BaseModel):
             finals.append(final)
             for key, value in (("gcn", g), ("w", w), ("adj", adj), ("final", final)):
                 state[key].append(value.detach())
-        self.last_state = state
-        return finals
+        return finals, state
 
     @torch.no_grad()
     def _push_bank(self, hs: list[Tensor], avail: list[Tensor]) -> None:
@@ -391,8 +390,12 @@ class M3Care(BaseModel):
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
+        return self.forward_with_state(batch)[0]
+
+    def forward_with_state(self, batch: dict[str, Tensor]) -> tuple[ModelOutput, dict[str, Any]]:
+        """``forward``, and the imputation's intermediates of this very call (``impute``)."""
         hs, avail = self.embed(batch)
-        finals = self.impute(hs, avail)
+        finals, state = self.impute(hs, avail)
         if self.training:
             self._push_bank(hs, avail)
         types = self.type_embed.weight.to(finals[0].dtype)
@@ -401,4 +404,4 @@ class M3Care(BaseModel):
             z = block(z)
         logits = self.head(z.flatten(1))
         aux = {"stability": self.hparams["stability_weight"] * self.stability_loss(hs, avail)}
-        return ModelOutput(logits, aux_losses=aux)
+        return ModelOutput(logits, aux_losses=aux), state

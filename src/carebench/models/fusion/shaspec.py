@@ -63,7 +63,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present, masked_mean
+from carebench.models.base import (
+    BaseModel,
+    ModelConfigError,
+    ModelOutput,
+    cxr_present,
+    hide_xrays,
+    masked_mean,
+)
 from carebench.models.encoders import (
     CXR_QUICK,
     CXR_TEST,
@@ -200,9 +207,8 @@ class ShaSpec(BaseModel):
         """``[B]`` bool: stays whose X-ray is used. In training during the random-dropout phase each present
         X-ray is hidden with probability ``cxr_drop_rate``; otherwise this is ``has_cxr``."""
         present = cxr_present(batch)
-        rate = self.hparams["cxr_drop_rate"]
-        if self.training and self.dropout_active and rate > 0:
-            present = present & (torch.rand(present.shape, device=present.device) >= rate)
+        if self.training and self.dropout_active:
+            present = hide_xrays(present, self.hparams["cxr_drop_rate"])
         return present
 
     def features(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:

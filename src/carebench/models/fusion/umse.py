@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from carebench.models.base import BaseModel, ModelConfigError, ModelOutput, cxr_present
-from carebench.models.encoders import CXR_QUICK, CXR_TEST, RESNET_ARCHS, ResNetEncoder, batchnorm_safe
+from carebench.models.encoders import CXR_QUICK, CXR_TEST, RESNET_ARCHS, ResNetEncoder
 from carebench.models.registry import register
 
 
@@ -232,7 +232,6 @@ class UMSE(BaseModel):
         self.fc1 = nn.Linear(2 * d, d)
         self.bn = nn.BatchNorm1d(d)
         self.fc2 = nn.Linear(d, self.num_outputs)
-        self.share_bottleneck = True  # tests switch it off: each stream then keeps its own bottleneck
 
     # ------------------------------------------------------------------------------------------ tokens
     def ehr_tokens(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
@@ -247,10 +246,7 @@ class UMSE(BaseModel):
 
     def cxr_tokens(self, images: Tensor, hours: Tensor) -> Tensor:
         """``[N, P, d]`` for the present images only: projected feature-map cells + time + type embeddings."""
-        x = images
-        with batchnorm_safe(self.cxr_encoder, images):
-            for _, stage in self.cxr_encoder.stages():
-                x = stage(x)
+        x = self.cxr_encoder.feature_map(images)
         g = self.hparams["cxr_grid"]
         if x.size(-1) > g or x.size(-2) > g:
             x = F.adaptive_avg_pool2d(x, (min(g, x.size(-2)), min(g, x.size(-1))))
@@ -293,7 +289,7 @@ class UMSE(BaseModel):
             if cxr_x is not None:
                 out = streams[1](torch.cat([bn[rows], cxr_x], dim=1), None)
                 cxr_bn, cxr_x = out[:, :k], out[:, k:]
-            bn = fuse_bottleneck(ehr_bn, cxr_bn, rows) if self.share_bottleneck else bn
+            bn = fuse_bottleneck(ehr_bn, cxr_bn, rows)
             entering.append(bn)
         return ehr_x[:, 0], entering
 
