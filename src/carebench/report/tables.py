@@ -92,6 +92,11 @@ def _num(x: Any) -> float | None:
     return None if x is None or pd.isna(x) else float(x)
 
 
+def _text(x: Any) -> str:
+    """A text cell ('' for None / NaN, as a CSV round trip gives for empty strings)."""
+    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
+
+
 def groups_of(table: pd.DataFrame) -> list[tuple[str, str]]:
     """(task, cohort) pairs of a table, in task order mortality, phenotype, los, then cohort base, matched."""
     if table.empty:
@@ -238,7 +243,7 @@ def simple(
             elif kind == "int":
                 cells.append(Cell("–" if pd.isna(v) else str(int(v)), _num(v)))
             else:
-                cells.append(Cell("" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)))
+                cells.append(Cell(_text(v)))
         table.rows.append(cells)
     return table
 
@@ -662,11 +667,6 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
 
 # ------------------------------------------------------------------------------------------------ findings
 VERDICT_CSS = {"supported": "sig", "not supported": "worse"}
-
-
-def _text(x: Any) -> str:
-    """A text cell of the findings table ('' for None / NaN, as a CSV round trip gives for empty strings)."""
-    return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
 # what n_significant of n_tested counts, per finding (finding 3 is one test over methods: no count)
