@@ -14,8 +14,7 @@ Mechanism:
     centres of the X-ray features of the *trained* encoder over the training stays that have an X-ray. They are
     computed in the run (``fit_priors``): during the last pretraining epoch every training forward stores the
     detached ``f_cxr`` of its stays with an X-ray (never of a stay without one); at the end of that epoch
-    ``kmeans`` (plain torch, k-means++ initialisation from a generator seeded with 0, Lloyd iterations until the
-    assignment is stable, at most 100) replaces the buffer.
+    ``kmeans`` (scikit-learn's ``KMeans(n_priors, random_state=0)``, as the authors) replaces the buffer.
   * **Reconstruction.** ``w = softplus(fc0(f_ehr))`` ``[n_priors]`` and ``recon = sum_k w_k c_k / sum_k w_k``
     (the authors' normalised weighted sum).
   * **Regularisation network** (the authors' "inference net"). On the reconstruction path the fused vector and
@@ -84,37 +83,21 @@ from carebench.models.registry import register
 KMEANS_SEED = 0  # the authors' KMeans(random_state=0)
 
 
-def kmeans(x: Tensor, k: int, max_iter: int = 100, seed: int = KMEANS_SEED) -> Tensor:
-    """``[k, D]`` k-means centres of the rows of ``x [N, D]`` (k-means++ initialisation, Lloyd iterations).
+def kmeans(x: Tensor, k: int, seed: int = KMEANS_SEED) -> Tensor:
+    """``[k, D]`` k-means centres of the rows of ``x [N, D]``: scikit-learn's ``KMeans(k, random_state=seed)``, as
+    the authors (k-means++ initialisation, Lloyd iterations; deterministic for a seed).
 
-    Deterministic for a given ``seed`` (own generator, the global RNG is untouched). With fewer distinct points
-    than ``k`` the extra centres repeat points (k-means++ draws uniformly once every point is a centre); a cluster
-    that loses all its points keeps its previous centre.
+    With fewer points than ``k`` every point is a centre and the extra centres repeat points in order.
     """
+    from sklearn.cluster import KMeans  # imported here: only the end of SMIL's pretraining needs it
+
     if x.dim() != 2 or x.size(0) == 0:
         raise ValueError(f"kmeans needs a non-empty [N, D] tensor, got shape {tuple(x.shape)}")
-    x = x.detach().double()
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    n = x.size(0)
-    chosen = [int(torch.randint(n, (1,), generator=g))]
-    d2 = ((x - x[chosen[0]]) ** 2).sum(1)
-    for _ in range(1, k):
-        total = float(d2.sum())
-        probs = d2 / total if total > 0 else torch.full_like(d2, 1.0 / n)
-        chosen.append(int(torch.multinomial(probs.cpu(), 1, generator=g)))
-        d2 = torch.minimum(d2, ((x - x[chosen[-1]]) ** 2).sum(1))
-    centres = x[chosen].clone()
-    assign = None
-    for _ in range(max_iter):
-        new = torch.cdist(x, centres).argmin(dim=1)
-        if assign is not None and torch.equal(new, assign):
-            break
-        assign = new
-        for j in range(k):
-            members = assign == j
-            if bool(members.any()):
-                centres[j] = x[members].mean(0)
-    return centres.float()
+    points = x.detach().double().cpu().numpy()
+    if len(points) <= k:
+        return x.detach().float()[torch.arange(k) % len(points)].to(x.device)
+    centres = KMeans(n_clusters=k, random_state=seed, n_init="auto").fit(points).cluster_centers_
+    return torch.from_numpy(centres).float().to(x.device)
 
 
 def reconstruct(weights_logits: Tensor, priors: Tensor) -> Tensor:
