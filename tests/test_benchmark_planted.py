@@ -30,13 +30,14 @@ from carebench.analysis.analyze import analyze
 from carebench.data.mimic.pipeline import prepare
 from carebench.data.synthetic.simulator import synthesize
 from carebench.experiments import load_plan, run_benchmark
-from carebench.models import list_models
+from carebench.models import get_model_class, list_models
 
 pytestmark = pytest.mark.slow
 
 ALPHA = 0.05
-# every registered method on phenotypes + lstm/resnet/medfuse on mortality and LOS + medfuse at 50 % missing X-rays
-N_RUNS = len(list_models()) + 6 + 1
+# every registered method on phenotypes + lstm/resnet/medfuse on mortality and LOS + every X-ray method at 50 %
+# missing training/validation X-rays
+N_RUNS = len(list_models()) + 6 + sum("cxr" in get_model_class(m).modalities for m in list_models())
 
 
 @pytest.fixture(scope="module")

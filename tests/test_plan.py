@@ -222,7 +222,14 @@ def test_quick_profile_covers_every_method_on_phenotype(data_dir):
     assert pheno == set(list_models())
     assert {r.preset for r in runs} == {"quick"} and {r.max_epochs for r in runs} == {20}  # the quick preset
     assert quick.statistics["n_bootstrap"] >= 1000 and quick.statistics["n_permutations"] == 10000
-    assert len(runs) == len(list_models()) + 3 * 2 + 1
+    xray = [m for m in list_models() if "cxr" in get_model_class(m).modalities]
+    assert len(runs) == len(list_models()) + 3 * 2 + len(xray)
+    # the missing-X-ray training grid: every method that reads the X-ray, once, at train = val rate 0.5
+    dropped = sorted(r.model for r in runs if r.cxr_dropout_train > 0)
+    assert dropped == sorted(xray) and len(xray) == 15
+    assert {(r.task, r.cxr_dropout_train, r.cxr_dropout_val) for r in runs if r.cxr_dropout_train > 0} == {
+        ("phenotype", 0.5, 0.5)
+    }
     assert {r.task for r in runs} == {"mortality", "phenotype", "los"}
     assert any(r.cxr_dropout_train > 0 for r in runs) and quick.missingness.test_rates
 

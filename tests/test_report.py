@@ -25,6 +25,7 @@ from carebench.analysis import outputs as O
 from carebench.cli import app
 from carebench.data.definitions import load_phenotypes
 from carebench.report import browser, build_report
+from carebench.report import figures as fg
 from carebench.report import html as H
 from carebench.report import tables as T
 from fake_dataset import make_fake_dataset
@@ -198,11 +199,13 @@ def test_every_section_and_figure_is_there(bench):
         "ablation-mortality-base",
         "planted-table",
         "planted-subgroup",
+        "degradation-mortality-base",
     ):
         assert tid in tables.tables and len(tables.tables[tid]) > 1, tid
     for alt in (
         "Fusion gain heatmap, Phenotype, base cohort",
         "Missingness curves, Mortality, base cohort",
+        "Degradation per method, Mortality, base cohort",
         "Fairness gaps, Mortality, base cohort",
         "Modality ablation, Mortality, base cohort",
     ):
@@ -460,3 +463,43 @@ def test_a_stale_analysis_is_noted(bench):
     new, gone = H.stale_notes(runs, older)
     assert "1 run(s) finished after the analysis" in new and summary["run_ids"][0] in new
     assert "lstm_mortality_f9_s0_000000000000" in gone
+
+
+def _curves_frame() -> pd.DataFrame:
+    """Known test-time missingness curves: lstm (EHR only, flat), two X-ray methods at two train rates."""
+    rows = []
+    values = {
+        ("lstm", 0.0): [0.70, 0.70, 0.70],
+        ("zeta", 0.0): [0.80, 0.74, 0.68],  # missing-aware: degradation 0.80 - 0.71 = 0.09
+        ("zeta", 0.5): [0.78, 0.76, 0.74],  # 0.78 - 0.75 = 0.03
+        ("alpha", 0.0): [0.82, 0.70, 0.58],  # other: 0.82 - 0.64 = 0.18
+    }
+    for (method, tr), vs in values.items():
+        for rate, v in zip((0.0, 0.5, 0.9), vs, strict=True):
+            rows.append({"task": "phenotype", "cohort": "base", "method": method, "uses_cxr": method != "lstm",
+                         "train_rate": tr, "rate": rate, "metric": "auroc_macro", "value": v,
+                         "ci_low": v - 0.02, "ci_high": v + 0.02})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_degradation_table_and_per_method_panels_mark_the_missing_aware_methods():
+    curves = _curves_frame()
+    # panel order: missing-aware first, then the others; EHR-only methods get no panel
+    assert fg.method_panels(curves, ["zeta"]) == ["zeta", "alpha"]
+    assert fg.method_panels(curves, []) == ["alpha", "zeta"]
+    table = T.degradation(curves, "phenotype", "base", "auroc_macro", ["zeta"])
+    cells = [[c.text for c in row] for row in table.rows]
+    assert [row[:3] for row in cells] == [
+        ["zeta", "yes", "0% missing"],
+        ["alpha", "no", "0% missing"],
+        ["zeta", "yes", "50% missing"],
+    ]
+    drops = [row[-1].value for row in table.rows]
+    np.testing.assert_allclose(drops, [0.09, 0.18, 0.03], atol=1e-12)
+    assert [row[4].value for row in table.rows] == [0.68, 0.58, 0.74]  # at the largest test rate (90 %)
+    png = fg.method_missingness_curves(curves, "phenotype", "base", "auroc_macro", ["zeta"])
+    img = Image.open(io.BytesIO(base64.b64decode(png.split(",", 1)[1])))
+    assert img.format == "PNG" and img.size[0] > img.size[1]
+    only_ehr = curves[curves["method"] == "lstm"]
+    assert fg.method_missingness_curves(only_ehr, "phenotype", "base", "auroc_macro", []) is None
+    assert T.degradation(only_ehr, "phenotype", "base", "auroc_macro").rows == []

@@ -317,12 +317,15 @@ def cross_modal_vs_late(
 
 
 # ------------------------------------------------------------------------------------------------ finding 3
-def degradation(curves: pd.DataFrame, task: str, cohort: str, metric: str) -> pd.Series:
-    """Per method (main runs, train rate 0): M at test missing rate 0 minus the mean of M over the rates > 0."""
+def degradation(
+    curves: pd.DataFrame, task: str, cohort: str, metric: str, train_rate: float = 0.0
+) -> pd.Series:
+    """Per method, runs trained at `train_rate` (default 0, the main runs): M at test missing rate 0 minus the mean
+    of M over the rates > 0."""
     c = _select(curves, task=task, cohort=cohort, metric=metric)
     if c.empty:
         return pd.Series(dtype=float)
-    c = c[c["train_rate"] == 0.0]
+    c = c[c["train_rate"] == train_rate]
     out = {}
     for method, g in c.groupby("method", sort=True):
         at0, later = g.loc[g["rate"] == 0.0, "value"], g.loc[g["rate"] > 0.0, "value"]

@@ -267,6 +267,89 @@ def ablation_chart(abl: pd.DataFrame, task: str, cohort: str, metric: str) -> st
     return _uri(fig)
 
 
+def method_panels(curves: pd.DataFrame, missing_aware: Sequence[str] = ()) -> list[str]:
+    """The X-ray methods of `curves` in panel order: missing-aware methods first, then the others, each by name."""
+    methods = sorted(str(m) for m in curves.loc[curves["uses_cxr"].astype(bool), "method"].unique())
+    aware = set(missing_aware)
+    return [m for m in methods if m in aware] + [m for m in methods if m not in aware]
+
+
+@_styled
+def method_missingness_curves(
+    curves: pd.DataFrame,
+    task: str,
+    cohort: str,
+    metric: str,
+    missing_aware: Sequence[str] = (),
+    columns: int = 5,
+) -> str | None:
+    """One panel per method that reads the X-ray: metric vs test-time missing rate, one line per train/val missing
+    rate (95% CI band). Missing-aware methods come first, titled and framed as such; the dotted line is the best
+    EHR-only method at test rate 0 (its curve is flat: it never reads the X-ray)."""
+    t = curves[(curves["task"] == task) & (curves["cohort"] == cohort) & (curves["metric"] == metric)]
+    methods = method_panels(t, missing_aware) if not t.empty else []
+    if not methods:
+        return None
+    aware = set(missing_aware)
+    train = sorted(t["train_rate"].unique())
+    rate_col = {tr: PALETTE[i % len(PALETTE)] for i, tr in enumerate(train)}
+    ehr = t[~t["uses_cxr"].astype(bool) & (t["rate"] == 0.0) & (t["train_rate"] == 0.0)]
+    best_ehr = ehr.loc[ehr["value"].idxmax()] if len(ehr) and ehr["value"].notna().any() else None
+    ncol = min(columns, len(methods))
+    nrow = -(-len(methods) // ncol)
+    fig, axes = _subplots(
+        (2.6 * ncol + 0.6, 2.3 * nrow + 0.9), nrow, ncol, squeeze=False, sharex=True, sharey=True
+    )
+    for k, ax in enumerate(axes.flat):
+        if k >= len(methods):
+            ax.set_visible(False)
+            continue
+        method = methods[k]
+        part = t[t["method"] == method]
+        for tr in train:
+            g = part[part["train_rate"] == tr].sort_values("rate")
+            if g.empty:
+                continue
+            label = f"trained at {tr:g} missing"
+            ax.plot(g["rate"], g["value"], "-", marker="o", ms=2.5, color=rate_col[tr], label=label)
+            ax.fill_between(g["rate"], g["ci_low"], g["ci_high"], color=rate_col[tr], alpha=0.15, lw=0)
+        if best_ehr is not None:
+            ax.axhline(
+                float(best_ehr["value"]),
+                ls=":",
+                color="#555",
+                lw=1,
+                label=f"best EHR-only ({best_ehr['method']})",
+            )
+        if method in aware:
+            ax.set_title(f"{method} · missing-aware", fontsize=9, color="#B00020")
+            for side in ("left", "bottom", "top", "right"):
+                ax.spines[side].set_visible(True)
+                ax.spines[side].set_color("#B00020")
+                ax.spines[side].set_linewidth(1.4)
+        else:
+            ax.set_title(method, fontsize=9, fontweight="normal")
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("share of test X-rays removed")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(metric_name(metric))
+    handles: dict = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(
+        handles.values(), handles.keys(), loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, 0.0)
+    )
+    fig.suptitle(
+        f"{task}, {cohort} cohort: degradation per method (red frame: missing-aware methods)",
+        fontsize=10,
+        fontweight="bold",
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    return _uri(fig)
+
+
 @_styled
 def train_rate_curves(
     tr: pd.DataFrame, task: str, cohort: str, metric: str, palette: dict[str, str] | None = None

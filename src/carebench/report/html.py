@@ -65,6 +65,8 @@ class Group:
     pairwise: tb.Table
     heatmap: str | None = None
     curves: str | None = None
+    method_curves: str | None = None
+    degradation: tb.Table | None = None
     natural: tb.Table | None = None
     train_table: tb.Table | None = None
     train_figure: str | None = None
@@ -169,6 +171,10 @@ def build_page(
         mt = tables["missingness_test"]
         if not mt.empty:
             g.curves = fg.missingness_curves(mt, task, cohort, metric, palette)
+            aware = summary.get("missing_aware") or []
+            g.method_curves = fg.method_missingness_curves(mt, task, cohort, metric, aware)
+            deg = tb.degradation(mt, task, cohort, metric, aware)
+            g.degradation = deg if deg.rows else None
         nat = tables["missingness_natural"]
         if not nat.empty and ((nat["task"] == task) & (nat["cohort"] == cohort)).any():
             g.natural = tb.natural(nat, task, cohort)

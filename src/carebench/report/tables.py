@@ -9,11 +9,14 @@ the HTML (`data-value` attributes) can check the page against the analysis table
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from carebench.analysis.findings import degradation as mean_drop  # finding 3's definition, one home
 
 ALPHA = 0.05
 BETTER, WORSE = "★", "▼"
@@ -249,6 +252,39 @@ def simple(
 
 
 # ------------------------------------------------------------------------------------------------ missingness
+def degradation(
+    curves: pd.DataFrame, task: str, cohort: str, metric: str, missing_aware: Sequence[str] = ()
+) -> Table:
+    """Per method that reads the X-ray and train/val missing rate: the metric with all test X-rays, with all
+    removed (the largest test rate) and the degradation of finding 3 (rate 0 minus the mean over rates > 0)."""
+    t = curves[(curves["task"] == task) & (curves["cohort"] == cohort) & (curves["metric"] == metric)]
+    t = t[t["uses_cxr"].astype(bool)]
+    top = float(t["rate"].max()) if len(t) else 0.0
+    table = Table(
+        ["method", "missing-aware", "trained at", f"{metric_name(metric)}, all X-rays",
+         f"removed {100 * top:.0f}%", "degradation"],
+        key="degradation",
+    )  # fmt: skip
+    aware = set(missing_aware)
+    order = {m: i for i, m in enumerate(sorted(t["method"].unique(), key=lambda m: (m not in aware, m)))}
+    for tr in sorted(t["train_rate"].unique()):
+        drop = mean_drop(t, task, cohort, metric, train_rate=float(tr))
+        for method in sorted(drop.index, key=order.__getitem__):
+            g = t[(t["method"] == method) & (t["train_rate"] == tr)]
+            at0, last = g.loc[g["rate"] == 0.0, "value"], g.loc[g["rate"] == top, "value"]
+            table.rows.append(
+                [
+                    Cell(method),
+                    Cell("yes" if method in aware else "no"),
+                    Cell(f"{100 * tr:.0f}% missing"),
+                    Cell(fmt(at0.iloc[0]) if len(at0) else "–", _num(at0.iloc[0]) if len(at0) else None),
+                    Cell(fmt(last.iloc[0]) if len(last) else "–", _num(last.iloc[0]) if len(last) else None),
+                    Cell(fmt(drop[method]), _num(drop[method])),
+                ]
+            )
+    return table
+
+
 def natural(nat: pd.DataFrame, task: str, cohort: str) -> Table:
     """Per method and headline metric: all stays, stays with and without an X-ray, and their difference."""
     t = nat[(nat["task"] == task) & (nat["cohort"] == cohort)]
