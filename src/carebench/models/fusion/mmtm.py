@@ -116,7 +116,8 @@ class MMTM(BaseModel):
         "lambda_stream": {"type": "float", "low": 0.0, "high": 2.0},
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "quick": {"ehr_hidden": 64, **CXR_QUICK},
+        # one EHR layer in the 20-epoch quick budget: chosen on validation (docs/methods.md, MMTM)
+        "quick": {"ehr_hidden": 64, "ehr_layers": 1, **CXR_QUICK},
         "full": {},
         "test": {"ehr_hidden": 8, **CXR_TEST},
     }
