@@ -82,9 +82,10 @@ class MedFuse(BaseModel):
     }
     presets: ClassVar[dict[str, dict[str, Any]]] = {
         "quick": {
-            # One EHR layer (a 2-layer stack learns too slowly in 20 epochs) and the paper's rule that the fusion
-            # LSTM is as wide as the image feature (resnet_small: 128): both chosen on validation (docs/methods.md).
+            # One EHR layer (a 2-layer stack learns too slowly in 20 epochs), no dropout, and the paper's rule that
+            # the fusion LSTM is as wide as the image feature (resnet_small: 128): chosen on validation (methods.md).
             "ehr_layers": 1,
+            "dropout": 0.0,
             **CXR_QUICK,
             "fusion_hidden": 128,
             "pretrain_epochs": 6,
