@@ -28,6 +28,7 @@ from carebench.report import browser, build_report
 from carebench.report import figures as fg
 from carebench.report import html as H
 from carebench.report import tables as T
+from carebench.tasks import get_task
 from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)
@@ -223,7 +224,7 @@ def test_leaderboard_cells_equal_the_analysis_and_marks_follow_holm(bench):
     for task in ("mortality", "phenotype"):
         rows = tables.tables[f"leaderboard-{task}-base"]
         header = [c for c, _ in rows[0]]
-        metrics = T.LEADERBOARD_METRICS[task]
+        metrics = get_task(task).reported  # the task's reported metrics, in order
         assert header == ["method", "modalities", "runs (seeds)", *[T.metric_name(m) for m in metrics]]
         b = board[(board.task == task) & (board.label == task)].set_index(["method", "metric"])
         assert len(rows) - 1 == b.index.get_level_values(0).nunique()
@@ -380,12 +381,12 @@ def test_planted_findings_decides_finding_1_on_phenotypes_only():
         {"task": "mortality"},  # not decided
         {"finding": 2},  # not decided
     )
-    table, agree, compared = T.planted_findings(truth, t)
+    table, agree, compared = T.planted_findings(truth, t, "phenotype")
     assert (agree, compared) == (1, 3)
     assert [r[-1].text for r in table.rows] == ["✓", "✗", "✗", "", "", ""]
     assert "'none' phenotypes: pheno_b" in table.rows[1][4].text
     assert table.rows[4][3].text.startswith("not decided") and table.rows[5][3].text == T.NOT_DECIDED[2]
-    no_both = T.planted_findings({"phenotypes": {"pheno_a": "ehr"}}, t)
+    no_both = T.planted_findings({"phenotypes": {"pheno_a": "ehr"}}, t, "phenotype")
     assert no_both[1:] == (0, 0)
 
 

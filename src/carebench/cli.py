@@ -192,7 +192,13 @@ def train(
     model: str = typer.Option(
         ..., "--model", help="Registered model name (see `carebench.models.list_models()`)."
     ),
-    task: str = typer.Option(..., "--task", help=" | ".join(TASK_NAMES) + "."),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="A task the dataset declares (its manifest): the built-in "
+        + ", ".join(TASK_NAMES)
+        + " or its own.",
+    ),
     out: str = typer.Option(..., "--out", help="Runs directory; the run is written to OUT/<run_id>/."),
     cohort: str = typer.Option(
         TrainConfig.cohort, "--cohort", help="base (all stays) | matched (stays with an X-ray)."
