@@ -30,6 +30,7 @@ from carebench.report import html as H
 from carebench.report import tables as T
 from carebench.tasks import get_task
 from fake_dataset import make_fake_dataset
+from html_tables import Tables as _Tables
 
 torch.set_num_threads(2)
 SECTIONS = [
@@ -112,38 +113,6 @@ def _parse(text: str) -> _Strict:
     p.feed(text)
     p.close()
     return p
-
-
-class _Tables(HTMLParser):
-    """Tables by id: rows of (text, attributes) cells."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
-        self.current: str | None = None
-        self.cell: list[str] | None = None
-        self.attrs: dict = {}
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self.current = a.get("id", f"anon{len(self.tables)}")
-            self.tables[self.current] = []
-        elif tag == "tr" and self.current:
-            self.tables[self.current].append([])
-        elif tag in ("td", "th") and self.current:
-            self.cell, self.attrs = [], a
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self.cell is not None:
-            self.tables[self.current][-1].append(("".join(self.cell).strip(), self.attrs))
-            self.cell = None
-        elif tag == "table":
-            self.current = None
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell.append(data)
 
 
 def test_files_and_csv_tables(bench):

@@ -178,7 +178,7 @@ GROUP_LABEL = "group:"  # label column of a label-group row: "group:<name>"
 
 
 def _split_key(task: str, key: str) -> tuple[str, str]:
-    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); a group key 'auroc_macro@both'
+    """(label, metric): a per-label key 'auroc/label_x' -> ('label_x', 'auroc'); a group key 'auroc_macro@both'
     -> ('group:both', 'auroc_macro'); overall keys -> (task, key)."""
     metric, _, label = key.partition("/")
     if label:

@@ -682,7 +682,8 @@ def _check_folds(cohort: pd.DataFrame) -> None:
     if len(split):
         s = split.index[0]
         raise DatasetError(
-            f"cohort: subject {s} has stays in folds {sorted(cohort.loc[cohort['subject_id'] == s, 'fold'].unique())} "
+            f"cohort: subject {s} has stays in folds "
+            f"{sorted(cohort.loc[cohort['subject_id'] == s, 'fold'].unique().tolist())} "
             f"({len(split)} subject(s) split across folds; folds must be subject-disjoint)"
         )
     empty = [k for k in range(1, N_FOLDS + 1) if not (fold == k).any()]
