@@ -406,7 +406,7 @@ def analyze(
     label_groups: str | None = typer.Option(
         None,
         "--label-groups",
-        help="Phenotype label groups for group-macro "
+        help="Label groups of a multilabel task for group-macro "
         "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
         "planted.json of `carebench synth` (grouped by planted kind). "
         "[default: the plan's statistics.label_groups, else none]",
