@@ -25,7 +25,7 @@ from carebench.data.store import atomic_output_dir
 from carebench.errors import UserError
 from carebench.report import figures as fg
 from carebench.report import tables as tb
-from carebench.tasks import TaskSpec, get_task, spec_from_record
+from carebench.tasks import TaskSpec, declare_tasks, get_task, spec_from_record
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -160,6 +160,7 @@ def summary_tasks(summary: dict[str, Any], board: pd.DataFrame) -> dict[str, Tas
         out[spec.name] = TaskInfo(
             spec, dict(zip(t.get("outputs", []), t.get("output_names", []), strict=False))
         )
+    declare_tasks(info.spec for info in out.values())  # a dataset's own tasks, for this process
     for task in [] if board.empty else board["task"].unique():
         if task not in out:
             try:
