@@ -144,7 +144,7 @@ def throughput_worker(spec: dict) -> None:
     warm, steps = spec["warmup"], spec["steps"]
     if len(loader) < warm + steps:
         raise SystemExit(f"{len(loader)} training batches, need {warm + steps}")
-    module = build_module(cfg, build_model(cfg, len(fold.features)))
+    module = build_module(cfg, build_model(cfg, len(fold.features)), fold.outputs)
     times: list[float] = []
 
     class Clock(pl.Callback):

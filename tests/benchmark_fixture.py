@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from carebench.data.folds import fold_roles, label_columns, output_names
+from carebench.data.folds import fold_roles
+from carebench.data.store import open_dataset
 from carebench.training import resolve_config, train_run
 
 PHENO_SIGNAL = {"lstm": 0.8, "resnet": 0.3, "latefusion": 1.0, "medfuse": 1.6}
@@ -64,8 +65,9 @@ def write_run(
         options={"progress": False, "fold": fold, "seed": seed},
         overrides=overrides,
     )
-    cohort = pd.read_parquet(data_dir / "cohort.parquet")
-    names = output_names(task)
+    ds = open_dataset(data_dir)
+    cohort, decl = ds.cohort, ds.task(task)
+    names = decl.output_names
     rng = np.random.default_rng([fold, seed, sum(map(ord, model)), sum(map(ord, task))])
     run = out / cfg.run_id
     run.mkdir(parents=True)
@@ -74,11 +76,11 @@ def write_run(
     for split, fname in (("test", "predictions.parquet"), ("val", "predictions_val.parquet")):
         part = cohort[cohort["fold"].isin(roles[split])].sort_values("stay_id")
         frame = {"stay_id": part["stay_id"].to_numpy(), "cxr_input": part["has_cxr"].to_numpy(bool)}
-        y = part[label_columns(task)].to_numpy()
-        if task == "los":  # softmax(signal * onehot(y) + N(0, 1))
+        y = part[list(decl.labels)].to_numpy()
+        if decl.spec.kind == "multiclass":  # softmax(signal * onehot(y) + N(0, 1))
             z = signal * (y[:, :1] == np.arange(len(names))) + rng.normal(0.0, 1.0, (len(y), len(names)))
             p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
-            frame["y_los"] = y[:, 0].astype(np.int64)
+            frame[f"y_{task}"] = y[:, 0].astype(np.int64)
         else:
             p = _probabilities(y, signal, rng)
             for j, name in enumerate(names):

@@ -31,7 +31,7 @@ from fake_dataset import make_fake_dataset
 
 torch.set_num_threads(2)
 PHENO = ("latefusion", "lstm", "medfuse", "resnet")
-N_PHENO_METRICS = 6 + 2 * 25  # macro/weighted/micro AUROC/AUPRC + per-label AUROC and AUPRC
+N_PHENO_METRICS = 7 + 2 * 25  # macro/weighted/micro AUROC/AUPRC, macro F1 + per-label AUROC and AUPRC
 N_COMPARE_KEYS = 2 + 2 * 25  # auroc_macro, auprc_macro + per-label auroc/auprc
 
 

@@ -134,3 +134,53 @@ def test_fusion_modules_are_discovered_not_listed():
     assert files <= registered  # every file registers its method
     init = (SRC / "models" / "fusion" / "__init__.py").read_text()
     assert [f for f in files if f in init] == []  # and none is named by hand
+
+
+# The MIMIC producer (data/mimic), the data files it reads (data/definitions) and the simulator that writes raw
+# MIMIC-shaped tables (data/synthetic) may name MIMIC tables and columns; nothing else may, not even in a docstring
+# or an example: everything after `prepare` reads only what a dataset's manifest declares (docs/dataset.md).
+MIMIC_NAMES = (
+    "hadm_id",
+    "pheno_",
+    "icustays",
+    "chartevents",
+    "labevents",
+    "outputevents",
+    "diagnoses_icd",
+    "label_mortality",
+    "label_los",
+    "los_days",
+    "race_group",
+    "admission_type",
+    "deathtime",
+    "dischtime",
+    "anchor_age",
+    "itemid",
+    "cxr_dicom_id",
+    "cxr_view",
+)
+MIMIC_HOMES = ("data/mimic", "data/definitions", "data/synthetic")
+
+
+def _generic_sources() -> list[Path]:
+    files = [*SRC.rglob("*.py"), *SRC.rglob("*.j2"), *SRC.rglob("*.yaml")]
+    return [p for p in files if not str(p.relative_to(SRC)).startswith(MIMIC_HOMES)]
+
+
+def test_no_module_outside_the_mimic_producer_names_a_mimic_table_or_column():
+    files = _generic_sources()
+    assert any(p.name == "store.py" for p in files) and any(p.name == "analyze.py" for p in files)
+    hits = [
+        f"{p.relative_to(SRC)}:{i}: {name}"
+        for p in files
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        for name in MIMIC_NAMES
+        if name in line
+    ]
+    assert hits == []
+
+
+def test_the_mimic_names_check_sees_what_it_should():
+    """The list is real: the MIMIC producer names them (so the test above cannot pass by checking nothing)."""
+    mimic = "\n".join(p.read_text() for p in (SRC / "data" / "mimic").rglob("*.py"))
+    assert [n for n in MIMIC_NAMES if n not in mimic] == []

@@ -21,6 +21,7 @@ from scipy import stats
 from sklearn import metrics as skm
 
 from carebench.analysis.fairness import analyze_fairness
+from carebench.data.store import FairnessAttribute
 from carebench.evaluation import fairness as F
 from carebench.evaluation.metrics import expected_calibration_error
 from carebench.evaluation.statistics import bootstrap_ci
@@ -105,16 +106,22 @@ def test_choose_threshold_matches_brute_force_and_rules():
         F.choose_threshold(y, p, 1.5)
 
 
+AGE_BAND = FairnessAttribute("age_band", "age", (0.0, 40.0, 60.0, 80.0), ("0-40", "40-60", "60-80", "80+"))
+
+
 def _frames(y, p, groups, seed):
+    """Predictions and the groups of their stays as `ProcessedDataset.groups()` derives them from a cohort: the
+    declared attributes (age banded from age) and has_cxr."""
     stay = np.arange(len(y)) + 1000 * seed
     preds = pd.DataFrame(
         {"stay_id": stay, "cxr_input": groups["has_cxr"].to_numpy(), "y_mortality": y, "p_mortality": p}
     )
     rng = np.random.default_rng(seed)
-    cohort = pd.DataFrame(
+    cohort = pd.DataFrame({"stay_id": stay, "age": rng.uniform(18, 95, len(y))})
+    by_stay = pd.DataFrame(
         {
             "stay_id": stay,
-            "age": rng.uniform(18, 95, len(y)),
+            "age_band": AGE_BAND.groups(cohort).to_numpy(),
             "gender": groups["gender"],
             "race_group": groups["race_group"],
             "admission_type": groups["admission_type"],
@@ -122,7 +129,8 @@ def _frames(y, p, groups, seed):
             "has_cxr": groups["has_cxr"],
         }
     )
-    return preds, cohort
+    by_stay.attrs["age"] = cohort["age"]
+    return preds, by_stay
 
 
 def test_threshold_is_chosen_on_validation_not_test():
@@ -436,18 +444,20 @@ def test_bootstrap_is_seeded_and_covers_point_estimates():
         F.bootstrap_fairness(y, p, g, 0.5, n_resamples=0)
 
 
-def test_analyze_fairness_joins_cohort_and_adds_cis():
+def test_analyze_fairness_joins_groups_and_adds_cis():
     y, p, g = _data(400, seed=12)
     preds, cohort = _frames(y, p, g, 12)
     rep = analyze_fairness(preds, cohort, "mortality", threshold=0.5, n_resamples=50, seed=1)
-    bands = F.age_bands(cohort["age"]).astype(str)
+    # a declared numeric attribute with bins gives the same left-closed bands as the kernels' age_bands
+    bands = F.age_bands(cohort.attrs["age"]).astype(str)
+    assert cohort["age_band"].astype(str).tolist() == bands.tolist()
     got = rep.groups[rep.groups.attribute == "age_band"].set_index("group")["n"]
     assert got.to_dict() == bands.value_counts().to_dict()
     assert {"auroc_low", "auroc_high", "tpr_low", "tpr_high"} <= set(rep.groups.columns)
     assert {"gap_low", "gap_high", "n_resamples_valid"} <= set(rep.summary.columns)
     ok = rep.groups.dropna(subset=["auroc"])
     assert ((ok.auroc_low <= ok.auroc) & (ok.auroc <= ok.auroc_high)).all()
-    with pytest.raises(F.FairnessInputError, match="not in cohort"):
+    with pytest.raises(F.FairnessInputError, match="not in the dataset's cohort"):
         analyze_fairness(preds, cohort.iloc[5:], "mortality", threshold=0.5, n_resamples=5)
     with pytest.raises(RunsError, match="missing columns"):
         analyze_fairness(preds.drop(columns="p_mortality"), cohort, "mortality", threshold=0.5)

@@ -315,11 +315,13 @@ def test_findings_table_has_four_rows_per_task_and_cohort_and_only_known_verdict
         "leaderboard": pd.concat([board(["lstm", "medfuse"]), board(["lstm"], "los", "auroc_ovr_macro")]),
         "comparisons": COMP4,
     }
-    t = F.findings_table(tables, ROLES)
+    t = F.findings_table(tables, ROLES, tasks=["mortality", "phenotype", "los"])  # the dataset's task order
     assert list(t.columns) == F.COLUMNS
     assert list(zip(t.task, t.finding, strict=True)) == [("mortality", i) for i in (1, 2, 3, 4)] + [
         ("los", i) for i in (1, 2, 3, 4)
     ]
+    by_name = F.findings_table(tables, ROLES)  # tasks the order does not name: by name
+    assert list(dict.fromkeys(by_name.task)) == ["los", "mortality"]
     assert set(t.verdict) <= set(F.VERDICTS)
     assert t.verdict.tolist() == [F.SUPPORTED, F.TOO_FEW, F.NOT_ANALYSED, F.NOT_ANALYSED,
                                   F.TOO_FEW, F.TOO_FEW, F.NOT_ANALYSED, F.NOT_ANALYSED]  # fmt: skip

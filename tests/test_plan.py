@@ -7,7 +7,7 @@ import itertools
 import pytest
 import yaml
 
-from carebench.evaluation.options import ATTRIBUTES, FairnessOptions, StatisticsOptions
+from carebench.evaluation.options import FairnessOptions, StatisticsOptions
 from carebench.experiments import PlanError, expand_plan, load_plan, parse_plan, profiles
 from carebench.models import get_model_class, list_models
 from carebench.training import resolve_config
@@ -42,7 +42,7 @@ def plan(**changes):
         ({"modles": ["lstm"]}, "unknown key 'modles'"),
         ({"models": ["lstm", "nosuchnet"]}, "key 'models': unknown value 'nosuchnet'"),
         ({"models": None}, "missing key 'models'"),
-        ({"tasks": ["mortality", "sepsis"]}, "key 'tasks': unknown value 'sepsis'"),
+        ({"tasks": ["mortality", "Sepsis!"]}, "key 'tasks': task name 'Sepsis!'"),
         ({"tasks": []}, "key 'tasks': expected a non-empty list"),
         ({"cohorts": ["full"]}, "key 'cohorts': unknown value 'full'"),
         ({"folds": [0, 1]}, "key 'folds': expected integers 1..5, got 0"),
@@ -67,7 +67,10 @@ def plan(**changes):
         ({"missingness": {"train_rate": [0.5]}}, "unknown key 'missingness.train_rate'"),
         ({"missingness": {"train_rates": [0.5], "models": ["lstm"]}}, "'lstm' does not use the X-ray"),
         ({"models": ["lstm"], "missingness": {"train_rates": [0.5]}}, "no model of the plan uses the X-ray"),
-        ({"fairness": {"attributes": ["race"]}}, "key 'fairness.attributes': unknown value 'race'"),
+        (
+            {"fairness": {"attributes": ["auroc"]}},
+            "key 'fairness.attributes': 'auroc' is not an attribute name",
+        ),
         ({"fairness": {"enabled": "yes"}}, "key 'fairness.enabled'"),
         ({"statistics": {"n_bootstrap": 0}}, "key 'statistics.n_bootstrap': expected an integer >= 1"),
         ({"statistics": {"confidence": 95}}, "key 'statistics.confidence'"),
@@ -99,6 +102,14 @@ def test_override_errors_are_reported_at_expansion_with_the_run(data_dir):
         expand_plan(p, data_dir)
     with pytest.raises(PlanError, match="option 'max_epochs' must be an integer"):
         expand_plan(plan(overrides={"max_epochs": "many"}), data_dir)
+
+
+def test_tasks_are_checked_against_the_dataset_at_expansion(data_dir):
+    """A plan names tasks; which exist is the dataset's business (its manifest declares them)."""
+    with pytest.raises(
+        PlanError, match=r"task 'sepsis'.*declares no such task; it declares mortality, phenotype, los"
+    ):
+        expand_plan(plan(tasks=["mortality", "sepsis"]), data_dir)
 
 
 # ---------------------------------------------------------------------------------------------- expansion
@@ -203,7 +214,7 @@ def test_profiles_exist_and_paper_has_the_paper_grid(data_dir):
     )
     assert {r.cxr_dropout_train for r in runs} == {0.0, 0.5, 0.9}
     assert paper.missingness.test_rates == tuple(round(0.1 * i, 1) for i in range(10))
-    assert paper.fairness == {"enabled": True, "attributes": list(ATTRIBUTES)}
+    assert paper.fairness == {"enabled": True, "attributes": []}  # every attribute the dataset declares
     assert paper.statistics["n_bootstrap"] == 1000
 
 

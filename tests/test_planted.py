@@ -73,7 +73,7 @@ def test_describe_and_required_ranges(prepared: ProcessedDataset, synth_raw: Pat
     assert 0.15 <= c["has_cxr"].mean() <= 0.60
     res = CliRunner().invoke(app, ["describe", str(prepared.root)])
     assert res.exit_code == 0, res.output
-    assert f"{len(c)} ICU stays" in res.output
+    assert f"{len(c)} stays of {c['subject_id'].nunique()}" in res.output
 
 
 def test_prepare_recovers_the_planted_truth_stay_by_stay(

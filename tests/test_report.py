@@ -28,7 +28,9 @@ from carebench.report import browser, build_report
 from carebench.report import figures as fg
 from carebench.report import html as H
 from carebench.report import tables as T
+from carebench.tasks import get_task
 from fake_dataset import make_fake_dataset
+from html_tables import Tables as _Tables
 
 torch.set_num_threads(2)
 SECTIONS = [
@@ -113,38 +115,6 @@ def _parse(text: str) -> _Strict:
     return p
 
 
-class _Tables(HTMLParser):
-    """Tables by id: rows of (text, attributes) cells."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tables: dict[str, list[list[tuple[str, dict]]]] = {}
-        self.current: str | None = None
-        self.cell: list[str] | None = None
-        self.attrs: dict = {}
-
-    def handle_starttag(self, tag, attrs):
-        a = dict(attrs)
-        if tag == "table":
-            self.current = a.get("id", f"anon{len(self.tables)}")
-            self.tables[self.current] = []
-        elif tag == "tr" and self.current:
-            self.tables[self.current].append([])
-        elif tag in ("td", "th") and self.current:
-            self.cell, self.attrs = [], a
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self.cell is not None:
-            self.tables[self.current][-1].append(("".join(self.cell).strip(), self.attrs))
-            self.cell = None
-        elif tag == "table":
-            self.current = None
-
-    def handle_data(self, data):
-        if self.cell is not None:
-            self.cell.append(data)
-
-
 def test_files_and_csv_tables(bench):
     runs, index, _ = bench
     assert index == runs / "report" / "index.html" and index.is_file()
@@ -223,7 +193,7 @@ def test_leaderboard_cells_equal_the_analysis_and_marks_follow_holm(bench):
     for task in ("mortality", "phenotype"):
         rows = tables.tables[f"leaderboard-{task}-base"]
         header = [c for c, _ in rows[0]]
-        metrics = T.LEADERBOARD_METRICS[task]
+        metrics = get_task(task).reported  # the task's reported metrics, in order
         assert header == ["method", "modalities", "runs (seeds)", *[T.metric_name(m) for m in metrics]]
         b = board[(board.task == task) & (board.label == task)].set_index(["method", "metric"])
         assert len(rows) - 1 == b.index.get_level_values(0).nunique()
@@ -380,12 +350,12 @@ def test_planted_findings_decides_finding_1_on_phenotypes_only():
         {"task": "mortality"},  # not decided
         {"finding": 2},  # not decided
     )
-    table, agree, compared = T.planted_findings(truth, t)
+    table, agree, compared = T.planted_findings(truth, t, "phenotype")
     assert (agree, compared) == (1, 3)
     assert [r[-1].text for r in table.rows] == ["✓", "✗", "✗", "", "", ""]
     assert "'none' phenotypes: pheno_b" in table.rows[1][4].text
     assert table.rows[4][3].text.startswith("not decided") and table.rows[5][3].text == T.NOT_DECIDED[2]
-    no_both = T.planted_findings({"phenotypes": {"pheno_a": "ehr"}}, t)
+    no_both = T.planted_findings({"phenotypes": {"pheno_a": "ehr"}}, t, "phenotype")
     assert no_both[1:] == (0, 0)
 
 

@@ -192,7 +192,13 @@ def train(
     model: str = typer.Option(
         ..., "--model", help="Registered model name (see `carebench.models.list_models()`)."
     ),
-    task: str = typer.Option(..., "--task", help=" | ".join(TASK_NAMES) + "."),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="A task the dataset declares (its manifest): the built-in "
+        + ", ".join(TASK_NAMES)
+        + " or its own.",
+    ),
     out: str = typer.Option(..., "--out", help="Runs directory; the run is written to OUT/<run_id>/."),
     cohort: str = typer.Option(
         TrainConfig.cohort, "--cohort", help="base (all stays) | matched (stays with an X-ray)."
@@ -400,7 +406,7 @@ def analyze(
     label_groups: str | None = typer.Option(
         None,
         "--label-groups",
-        help="Phenotype label groups for group-macro "
+        help="Label groups of a multilabel task for group-macro "
         "metrics and tests: a JSON/YAML file {group: [labels]}, or the "
         "planted.json of `carebench synth` (grouped by planted kind). "
         "[default: the plan's statistics.label_groups, else none]",

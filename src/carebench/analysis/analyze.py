@@ -48,7 +48,7 @@ from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_o
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
 from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
-from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
+from carebench.data.describe import fold_table, label_counts
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.errors import UserError
 from carebench.evaluation import statistics as st
@@ -84,46 +84,46 @@ class AnalysisResult:
 
 # ------------------------------------------------------------------------------------------------ cohort
 def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
-    """The report's cohort summary, computed from cohort.parquet and manifest.json of the analysed dataset."""
+    """The report's cohort summary, computed from cohort.parquet and what manifest.json declares (the tasks and
+    their label columns), for any dataset."""
     c = ds.cohort
     has = c["has_cxr"].astype(bool)
     n = len(c)
+    folds = fold_table(ds)
+    folds["with_cxr"] = c.assign(with_cxr=has).groupby("fold")["with_cxr"].sum().to_numpy()
+    folds = folds.rename(columns={"subjects": "patients"})
+    binary = [t for t in ds.tasks if ds.task(t).spec.kind == "binary"]
     overview = pd.DataFrame(
         [
-            ("ICU stays", f"{n}"),
+            ("stays", f"{n}"),
             ("patients", f"{c['subject_id'].nunique()}"),
             ("stays with a chest X-ray", f"{int(has.sum())} ({has.mean():.1%})" if n else "0"),
-            (
-                "in-ICU deaths",
-                f"{int(c['label_mortality'].sum())} ({c['label_mortality'].mean():.1%})" if n else "0",
-            ),
+            *((f"{t}: {ds.task(t).display_names[0]}", _count_share(c[ds.task(t).labels[0]])) for t in binary),
+            ("tasks", ", ".join(ds.tasks)),
             ("folds (patient-disjoint)", ", ".join(str(f) for f in sorted(c["fold"].unique()))),
-            ("EHR features x hours", f"{len(ds.features)} x {ds.manifest.get('hours', 48)}"),
+            (
+                "EHR features x time steps",
+                f"{len(ds.features)} x {ds.declarations.steps} ({ds.declarations.step_hours:g} h each)",
+            ),
             ("dataset", str(ds.root)),
         ],
         columns=["item", "value"],
     )
     steps = pd.DataFrame(ds.manifest.get("cohort_steps", []), columns=["step", "rule", "stays"])
-    folds = (
-        c.assign(with_cxr=has)
-        .groupby("fold")
-        .agg(
-            stays=("stay_id", "size"),
-            patients=("subject_id", "nunique"),
-            deaths=("label_mortality", "sum"),
-            with_cxr=("with_cxr", "sum"),
-        )
-        .reset_index()
-    )
     rows = []
-
-    def add(task: str, label: str, name: str, y: pd.Series) -> None:
+    for r in label_counts(ds).to_dict("records"):
+        decl = ds.task(r["task"])
+        if decl.spec.kind == "multiclass":
+            k = decl.output_names.index(r["label"])
+            y = (c[decl.labels[0]] == k).astype(float).where(c[decl.labels[0]].notna())
+        else:
+            y = c[decl.labels[decl.output_names.index(r["label"])]].astype(float)
         ok = y.notna()
         rows.append(
             {
-                "task": task,
-                "label": label,
-                "name": name,
+                "task": r["task"],
+                "label": r["label"],
+                "name": r["name"],
                 "stays": int(ok.sum()),
                 "positives": int(y[ok].sum()),
                 "prevalence": float(y[ok].mean()) if ok.any() else np.nan,
@@ -131,13 +131,6 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
                 "prevalence_without_cxr": float(y[ok & ~has].mean()) if (ok & ~has).any() else np.nan,
             }
         )
-
-    add("mortality", "mortality", "in-ICU death", c["label_mortality"].astype(float))
-    los = c["label_los"].astype(float)
-    for k, name in enumerate(LOS_CLASS_NAMES):
-        add("los", f"los_{k}", name, (los == k).astype(float).where(los.notna()))
-    for ph in load_phenotypes():
-        add("phenotype", ph.column, ph.name, c[ph.column].astype(float))
     return {
         "cohort_overview": overview,
         "cohort_steps": steps,
@@ -146,7 +139,31 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
     }
 
 
+def _count_share(y: pd.Series) -> str:
+    ok = y.notna()
+    return f"{int(y[ok].sum())} ({y[ok].mean():.1%})" if ok.any() else "0"
+
+
 # ------------------------------------------------------------------------------------------------ helpers
+def task_order(tasks: Sequence[str]) -> Callable[[str, str], tuple]:
+    """Sort key of (task, cohort): the dataset's declaration order of tasks, then base before matched."""
+    rank = {t: i for i, t in enumerate(tasks)}
+    return lambda task, cohort: (rank.get(task, len(rank)), task, cohort != "base", cohort)
+
+
+def fairness_attributes(ds: ProcessedDataset, requested: Sequence[str]) -> list[str]:
+    """The attributes to analyse: the requested ones (checked against the dataset), or every one it declares."""
+    if not requested:
+        return ds.attributes
+    unknown = [a for a in requested if a not in ds.attributes]
+    if unknown:
+        raise AnalysisError(
+            f"fairness attributes {unknown}: not declared by the dataset {ds.root}; it declares "
+            f"{', '.join(ds.attributes)}"
+        )
+    return list(requested)
+
+
 def method_roles(records: Sequence[RunRecord]) -> dict[str, Role]:
     """Per method: the modalities of its runs and its registered class's `missing_aware` (False when the model is
     not registered in this installation)."""
@@ -186,16 +203,22 @@ def _resampling(task: str, names: list[str], opts: AnalysisOptions) -> dict[str,
             "groups": _groups(task, opts)}  # fmt: skip
 
 
+def _pool(long: pd.DataFrame, task: str, metrics: Sequence[str], val: pd.DataFrame | None):
+    """`comparisons.pool_predictions`, with validation thresholds when a metric needs them."""
+    return cmp.pool_predictions(long, task, val if cmp.needs_thresholds(task, metrics) else None)
+
+
 def _pooled_cis(
-    long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions
+    long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions, val: pd.DataFrame | None
 ) -> dict[str, tuple[cmp.PooledPredictions, dict[str, st.BootstrapResult]]]:
-    """Per method: seed-pooled predictions and bootstrap CIs of `metrics`."""
-    pooled = cmp.pool_predictions(long, task)
+    """Per method: seed-pooled predictions and bootstrap CIs of `metrics` (thresholded ones at the validation
+    thresholds of `val`)."""
+    pooled = _pool(long, task, metrics, val)
     names = _names(task, long)
     return {
         m: (
             pp,
-            st.bootstrap_cis(pp.y, pp.p, metrics, **_resampling(task, names, opts)),
+            st.bootstrap_cis(pp.y, pp.p, metrics, thresholds=pp.thresholds, **_resampling(task, names, opts)),
         )
         for m, pp in pooled.items()
     }
@@ -218,7 +241,12 @@ def _concat(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 
 # ------------------------------------------------------------------------------------------------ stages
 def _statistics(
-    task: str, cohort: str, members: list[RunRecord], test: pd.DataFrame, opts: AnalysisOptions
+    task: str,
+    cohort: str,
+    members: list[RunRecord],
+    test: pd.DataFrame,
+    val: pd.DataFrame,
+    opts: AnalysisOptions,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
     unimodal = sorted({r.method for r in members if r.unimodal})
     board = cmp.method_metrics(
@@ -228,6 +256,7 @@ def _statistics(
         ci=opts.confidence,
         seed=opts.seed,
         label_groups=_groups(task, opts),
+        val=val,
     )
     mods = {r.method: "+".join(r.modalities) for r in members}
     n_runs = {m: sum(1 for r in members if r.method == m) for m in mods}
@@ -245,6 +274,7 @@ def _statistics(
             ci=opts.confidence,
             seed=opts.seed,
             label_groups=_groups(task, opts),
+            val=val,
         )
         reference = comp.attrs.get("reference")
         comp.attrs = {}
@@ -255,7 +285,7 @@ def _statistics(
 
 
 def _natural(
-    task: str, cohort: str, test: pd.DataFrame, has_cxr: pd.Series, opts: AnalysisOptions
+    task: str, cohort: str, test: pd.DataFrame, val: pd.DataFrame, has_cxr: pd.Series, opts: AnalysisOptions
 ) -> pd.DataFrame:
     """Headline metrics on all test stays, those with and those without a linked X-ray (dataset's has_cxr)."""
     avail = test["stay_id"].map(has_cxr).astype(bool)
@@ -265,7 +295,7 @@ def _natural(
     for subset, part in (("all", test), ("with_cxr", test[avail]), ("without_cxr", test[~avail])):
         if part.empty:
             continue
-        for method, (pp, cis) in _pooled_cis(part, task, metrics, opts).items():
+        for method, (pp, cis) in _pooled_cis(part, task, metrics, opts, val).items():
             for metric, res in cis.items():
                 if subset == "all":
                     base[(method, metric)] = res.estimate
@@ -329,25 +359,35 @@ def controlled_predictions(r: RunRecord, root: Path, opts: AnalysisOptions, abla
 
 
 def _ablation_rows(
-    task: str, cohort: str, members: list[RunRecord], frames: dict[str, RunFrames], opts: AnalysisOptions
+    task: str,
+    cohort: str,
+    members: list[RunRecord],
+    frames: dict[str, RunFrames],
+    val_of: Callable[[RunRecord], pd.DataFrame],
+    opts: AnalysisOptions,
 ) -> list[dict]:
-    """Per method: metric under full / drop_cxr / drop_ehr / head:<name>, CI, and paired-bootstrap delta vs full."""
+    """Per method: metric under full / drop_cxr / drop_ehr / head:<name>, CI, and paired-bootstrap delta vs full.
+    Thresholded metrics are decided at the model's validation thresholds (a head's at its own)."""
     metrics = _headline(task, opts)
     full_long = long_predictions((r, frames[r.run_id].full) for r in members)
-    conditions: dict[str, pd.DataFrame] = {
-        "drop_cxr": long_predictions((r, frames[r.run_id].drop_cxr) for r in members),
-        "drop_ehr": long_predictions((r, frames[r.run_id].drop_ehr) for r in members),
+    val_long = long_predictions((r, val_of(r)) for r in members)
+    conditions: dict[str, tuple[pd.DataFrame, pd.DataFrame]] = {
+        "drop_cxr": (long_predictions((r, frames[r.run_id].drop_cxr) for r in members), val_long),
+        "drop_ehr": (long_predictions((r, frames[r.run_id].drop_ehr) for r in members), val_long),
     }
     for head in runs.prediction_heads(full_long):
         with_head = [r for r in members if head in runs.prediction_heads(frames[r.run_id].full)]
-        conditions[f"head:{head}"] = long_predictions(
-            (r, runs.head_frame(frames[r.run_id].full, head, task)) for r in with_head
+        conditions[f"head:{head}"] = (
+            long_predictions((r, runs.head_frame(frames[r.run_id].full, head, task)) for r in with_head),
+            long_predictions((r, runs.head_frame(val_of(r), head, task)) for r in with_head),
         )
     names = _names(task, full_long)
-    full_pool = cmp.pool_predictions(full_long, task)
+    full_pool = _pool(full_long, task, metrics, val_long)
     rows = []
     for method, pp in full_pool.items():
-        cis = st.bootstrap_cis(pp.y, pp.p, metrics, **_resampling(task, names, opts))
+        cis = st.bootstrap_cis(
+            pp.y, pp.p, metrics, thresholds=pp.thresholds, **_resampling(task, names, opts)
+        )
         base = {"task": task, "cohort": cohort, "method": method, "n_stays": len(pp.y), "n_seeds": pp.n_seeds}
         for metric, res in cis.items():
             rows.append(
@@ -362,15 +402,20 @@ def _ablation_rows(
                     "n_cxr_input": _n_cxr(full_long, method),
                 }
             )
-        for cond, long in conditions.items():
+        for cond, (long, val) in conditions.items():
             part = long.loc[long["method"] == method]
             if part.empty:
                 continue
-            other = cmp.pool_predictions(part, task)[method]
+            other = _pool(part, task, metrics, val)[method]
             if not np.array_equal(other.stay_id, pp.stay_id):
                 raise AnalysisError(f"method {method!r}: condition {cond} predicts other stays than full")
-            own = st.bootstrap_cis(other.y, other.p, metrics, **_resampling(task, names, opts))
-            delta = st.paired_bootstrap_cis(pp.y, other.p, pp.p, metrics, **_resampling(task, names, opts))
+            own = st.bootstrap_cis(
+                other.y, other.p, metrics, thresholds=other.thresholds, **_resampling(task, names, opts)
+            )
+            delta = st.paired_bootstrap_cis(
+                pp.y, other.p, pp.p, metrics, thresholds_a=other.thresholds, thresholds_b=pp.thresholds,
+                **_resampling(task, names, opts),
+            )  # fmt: skip
             for metric in metrics:
                 rows.append(
                     {
@@ -393,15 +438,17 @@ def _curve_rows(
     train_rate: float,
     members: list[RunRecord],
     frames: dict[str, RunFrames],
+    val_of: Callable[[RunRecord], pd.DataFrame],
     opts: AnalysisOptions,
 ) -> list[dict]:
     """Per method and test-time missing rate: headline metrics of the seed-pooled predictions, CI, delta."""
     metrics = _headline(task, opts)
     rows = []
     first: dict[tuple[str, str], float] = {}
+    val = long_predictions((r, val_of(r)) for r in members) if cmp.needs_thresholds(task, metrics) else None
     for rate in opts.test_rates:
         long = long_predictions((r, frames[r.run_id].at_rate[rate]) for r in members)
-        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts).items():
+        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val).items():
             uses_cxr = any(r.uses_cxr for r in members if r.method == method)
             for metric, res in cis.items():
                 first.setdefault((method, metric), res.estimate)
@@ -424,7 +471,9 @@ def _curve_rows(
     return rows
 
 
-def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
+def _train_rate_rows(
+    grouped: dict, val_of: Callable[[RunRecord], pd.DataFrame], opts: AnalysisOptions
+) -> list[dict]:
     """Per (task, cohort, method) with runs trained at X-ray dropout r > 0: test metrics at every train rate."""
     rows = []
     dropout_methods = {
@@ -442,7 +491,11 @@ def _train_rate_rows(grouped: dict, opts: AnalysisOptions) -> list[dict]:
         if not chosen:
             continue
         long = long_predictions((r, runs.read_predictions(r)) for r in chosen)
-        for method, (pp, cis) in _pooled_cis(long, task, _headline(task, opts), opts).items():
+        metrics = _headline(task, opts)
+        val = (
+            long_predictions((r, val_of(r)) for r in chosen) if cmp.needs_thresholds(task, metrics) else None
+        )
+        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val).items():
             for metric, res in cis.items():
                 rows.append(
                     {
@@ -516,9 +569,26 @@ def analyze(
         raise AnalysisError(f"{root}: dataset of the runs not found (pass --data DIR if it moved)")
     runs.check_dataset(fingerprint, root, dataset_fingerprint(root))
     ds = open_dataset(root, mmap=True)
+    undeclared = sorted({r.task for r in records} - set(ds.tasks))
+    if undeclared:
+        raise AnalysisError(
+            f"{root}: runs of task(s) {undeclared} that the dataset does not declare ({ds.tasks})"
+        )
     has_cxr = ds.cohort.set_index("stay_id")["has_cxr"].astype(bool)
     grouped = run_groups(records)
     main = {k[:2]: v for k, v in grouped.items() if k[2] == (0.0, 0.0, 0.0)}
+    order = task_order(ds.tasks)
+    val_cache: dict[str, pd.DataFrame] = {}
+
+    def val_of(r: RunRecord) -> pd.DataFrame:
+        """A run's validation predictions (recorded, or re-predicted from the checkpoint for an older record)."""
+        if r.run_id not in val_cache:
+            frame = runs.read_predictions(r, "val")
+            if frame is None:
+                frame = RunPredictor(r.path, root, device=opts.device).predict(split="val")
+            val_cache[r.run_id] = frame
+        return val_cache[r.run_id]
+
     warnings: list[str] = []
     timings: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {"runs": runs.runs_table(records), **cohort_tables(ds)}
@@ -527,13 +597,14 @@ def analyze(
         t = time.perf_counter()
         tick = progress.stage("statistics (leaderboard, comparisons)", len(main))
         boards, comps, natural = [], [], []
-        for (task, cohort), members in sorted(main.items()):
+        for (task, cohort), members in sorted(main.items(), key=lambda kv: order(*kv[0])):
             test = recorded_predictions(members)
-            board, comp, reference = _statistics(task, cohort, members, test, opts)
+            val = long_predictions((r, val_of(r)) for r in members)
+            board, comp, reference = _statistics(task, cohort, members, test, val, opts)
             boards.append(board)
             comps.append(comp)
             if opts.missingness and cohort == "base":
-                natural.append(_natural(task, cohort, test, has_cxr, opts))
+                natural.append(_natural(task, cohort, test, val, has_cxr, opts))
             group_info.append(
                 {
                     "task": task,
@@ -542,6 +613,7 @@ def analyze(
                     "unimodal": sorted({r.method for r in members if r.unimodal}),
                     "reference": reference,
                     "selection_metric": get_task(task).selection_metric,
+                    "threshold_rule": get_task(task).threshold,
                     "n_runs": len(members),
                     "n_stays": int(test["stay_id"].nunique()),
                 }
@@ -553,18 +625,20 @@ def analyze(
         timings["statistics"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        main_runs = [r for mem in main.values() for r in mem]
+        main_runs = [r for _, mem in sorted(main.items(), key=lambda kv: order(*kv[0])) for r in mem]
+        attributes = fairness_attributes(ds, opts.fairness_attributes)
         if opts.fairness:
             tick = progress.stage("fairness", len(main_runs))
             tables.update(
                 fairness_tables(
                     main_runs,
-                    ds.cohort,
-                    attributes=opts.fairness_attributes,
+                    ds.groups(),
+                    attributes=attributes,
+                    intersections=[i for i in ds.intersections if set(i) <= set(attributes)],
                     n_resamples=opts.n_bootstrap,
                     seed=opts.seed,
                     confidence=opts.confidence,
-                    validation=lambda r: RunPredictor(r.path, root, device=opts.device).predict(split="val"),
+                    validation=val_of,
                     warn=warnings.append,
                     tick=tick,
                 )
@@ -596,18 +670,20 @@ def analyze(
                     f"{len(no_checkpoint)} run(s) without a checkpoint left out of the test-time "
                     f"missingness and ablation tables: {', '.join(no_checkpoint)}"
                 )
-            for (task, cohort, rates), all_members in sorted(curve_groups.items()):
+            for (task, cohort, rates), all_members in sorted(
+                curve_groups.items(), key=lambda kv: (*order(*kv[0][:2]), kv[0][2])
+            ):
                 members = [r for r in all_members if r.run_id in frames]
                 if not members:
                     continue
                 if opts.ablation and rates == (0.0, 0.0, 0.0):
-                    ablation_rows += _ablation_rows(task, cohort, members, frames, opts)
+                    ablation_rows += _ablation_rows(task, cohort, members, frames, val_of, opts)
                 if opts.missingness:
-                    curve_rows += _curve_rows(task, cohort, rates[0], members, frames, opts)
+                    curve_rows += _curve_rows(task, cohort, rates[0], members, frames, val_of, opts)
         tables["ablation"] = pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS if ablation_rows else None)
         tables["missingness_test"] = pd.DataFrame(curve_rows)
         tables["missingness_train"] = pd.DataFrame(
-            _train_rate_rows(grouped, opts) if opts.missingness else []
+            _train_rate_rows(grouped, val_of, opts) if opts.missingness else []
         )
         dropout = [r for r in records if not r.main]
         if dropout and opts.missingness:
@@ -621,6 +697,7 @@ def analyze(
     tables["findings"] = findings_table(
         tables,
         roles,
+        tasks=ds.tasks,
         confidence=opts.confidence,
         n_resamples=opts.n_bootstrap,
         n_permutations=opts.n_permutations,
@@ -635,6 +712,16 @@ def analyze(
         "runs_dir": str(runs_dir.absolute()),
         "plan": (plan or {}).get("name"),
         "dataset": {"path": str(root.absolute()), "fingerprint": fingerprint},
+        # the dataset's tasks in declaration order, as the report needs them (it never opens the dataset)
+        "tasks": [
+            {
+                **ds.task(t).spec.to_dict(),
+                "outputs": ds.output_names(t),
+                "output_names": ds.task(t).display_names,
+            }
+            for t in ds.tasks
+        ],
+        "fairness_attributes": attributes,
         "options": asdict(opts),
         "n_runs": len(records),
         "n_main_runs": len(main_runs),

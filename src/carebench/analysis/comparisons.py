@@ -4,6 +4,12 @@ The input is a long table of test predictions (one row per method, seed and stay
 it from the run records); every number comes from the kernels (`evaluation.statistics`,
 `evaluation.multiplicity`), so a comparison equals what the kernels give on the same arrays. docs/statistics.md
 describes the pooling rules, the families of tests and the reference method.
+
+Thresholded metrics (F1, sensitivity, specificity, ...) are decided at thresholds chosen on VALIDATION
+predictions by the task's rule (`TaskSpec.threshold`), never at 0.5 on test: with the long table of the runs'
+validation predictions (`val`), the seed ensemble of each method and fold (the validation probabilities of its
+seeds averaged per stay, as its test probabilities are) gets its thresholds on its fold's validation split, and
+every test stay is decided at the thresholds of the fold that tested it.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import pandas as pd
 
 from carebench import runs
 from carebench.errors import UserError
+from carebench.evaluation.metrics import task_thresholds
 from carebench.evaluation.multiplicity import benjamini_hochberg, holm
 from carebench.evaluation.options import DEFAULTS, GROUP_SEP
 from carebench.evaluation.statistics import (
@@ -50,16 +57,65 @@ class PooledPredictions:
     y: np.ndarray
     p: np.ndarray
     n_seeds: int
+    thresholds: np.ndarray | None = None  # per stay (and output): chosen on validation; None = not needed
 
 
-def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredictions]:
+def _seed_mean(
+    g: pd.DataFrame, y_cols: list[str], p_cols: list[str]
+) -> tuple[np.ndarray, np.ndarray, pd.Index]:
+    per_stay = g.groupby("stay_id", sort=True)
+    return (
+        per_stay[y_cols].first().to_numpy(),
+        per_stay[p_cols].mean().to_numpy(np.float64),
+        per_stay.size().index,
+    )
+
+
+def fold_thresholds(val: pd.DataFrame, task: str, method: str) -> dict[int, np.ndarray]:
+    """Per fold: the decision thresholds of a method's seed ensemble, chosen by the task's rule on the fold's
+    validation predictions (`val`: long, one row per method, seed, fold and validation stay)."""
+    y_cols, p_cols, _ = runs.prediction_columns(val.columns, task)
+    part = val.loc[val["method"] == method]
+    out = {}
+    for fold, g in part.groupby("fold", sort=True):
+        y, p, _ = _seed_mean(g, y_cols, p_cols)
+        out[int(fold)] = task_thresholds(task, y, p)
+    return out
+
+
+def _stay_thresholds(g: pd.DataFrame, val: pd.DataFrame, task: str, method: str) -> np.ndarray:
+    """[stays, outputs] thresholds of a method's pooled test stays (sorted by stay): those of the fold that
+    tested each stay."""
+    if "fold" not in g.columns:
+        raise StatisticsInputError(
+            "predictions: column 'fold' is needed to pick each stay's validation thresholds"
+        )
+    by_fold = fold_thresholds(val, task, method)
+    fold_of = g.groupby("stay_id", sort=True)["fold"].first()
+    missing = sorted(set(fold_of.astype(int)) - set(by_fold))
+    if missing:
+        raise StatisticsInputError(
+            f"method {method!r}: no validation predictions for fold(s) {missing} to choose thresholds on"
+        )
+    return np.stack([by_fold[int(f)] for f in fold_of.to_numpy()])
+
+
+def needs_thresholds(task: str, keys: Sequence[str]) -> bool:
+    """Whether any of the metric keys is decided at a threshold (so validation thresholds are needed)."""
+    return any(k in get_task(task).thresholded for k in keys)
+
+
+def pool_predictions(
+    preds: pd.DataFrame, task: str, val: pd.DataFrame | None = None
+) -> dict[str, PooledPredictions]:
     """Per method: the test predictions of every stay, seeds averaged.
 
     `preds` is long: one row per (method, seed, stay) with `method`, `seed`, `stay_id` (and optionally `fold`),
     the task's `y_*` and `p_*` columns. Each stay must be tested exactly once per (method, seed) - the five
     folds' test sets partition the cohort - and every seed of a method must cover the same stays. Probabilities
     are averaged over seeds per stay (a seed ensemble: it removes seed noise from the comparison, and LOS rows
-    still sum to 1).
+    still sum to 1). With `val` (the same long table of the runs' validation predictions), each stay also gets
+    the decision thresholds of its fold's seed ensemble (module docstring); multiclass tasks have none.
     """
     y_cols, p_cols, names = runs.prediction_columns(preds.columns, task)
     need = ["method", "seed", "stay_id", *y_cols, *p_cols]
@@ -81,11 +137,9 @@ def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredicti
                 f"predictions: the seeds of method {method!r} cover different stays "
                 f"({ {s: len(v) for s, v in stays_by_seed.items()} } stays per seed)"
             )
-        per_stay = g.groupby("stay_id", sort=True)
-        if (per_stay[y_cols].nunique() > 1).to_numpy().any():
+        if (g.groupby("stay_id", sort=True)[y_cols].nunique() > 1).to_numpy().any():
             raise StatisticsInputError(f"predictions: labels of method {method!r} differ between seeds")
-        y = per_stay[y_cols].first().to_numpy()
-        p = per_stay[p_cols].mean().to_numpy(dtype=np.float64)
+        y, p, stays = _seed_mean(g, y_cols, p_cols)
         kind = get_task(task).kind
         y = y[:, 0] if kind != "multilabel" else y
         p = p[:, 0] if kind == "binary" else p
@@ -93,8 +147,12 @@ def pool_predictions(preds: pd.DataFrame, task: str) -> dict[str, PooledPredicti
             prepare_predictions(y, p, names)
         except UserError as err:
             raise StatisticsInputError(f"predictions of method {method!r}: {err}") from err
+        thr = None
+        if val is not None and kind != "multiclass":
+            thr = _stay_thresholds(g, val, task, str(method))
+            thr = thr[:, 0] if kind == "binary" else thr
         out[str(method)] = PooledPredictions(
-            stay_id=np.asarray(per_stay.size().index), y=y.astype(np.int64), p=p, n_seeds=len(stays_by_seed)
+            stay_id=np.asarray(stays), y=y.astype(np.int64), p=p, n_seeds=len(stays_by_seed), thresholds=thr
         )
     return out
 
@@ -120,7 +178,7 @@ GROUP_LABEL = "group:"  # label column of a label-group row: "group:<name>"
 
 
 def _split_key(task: str, key: str) -> tuple[str, str]:
-    """(label, metric): a per-label key 'auroc/pheno_x' -> ('pheno_x', 'auroc'); a group key 'auroc_macro@both'
+    """(label, metric): a per-label key 'auroc/label_x' -> ('label_x', 'auroc'); a group key 'auroc_macro@both'
     -> ('group:both', 'auroc_macro'); overall keys -> (task, key)."""
     metric, _, label = key.partition("/")
     if label:
@@ -135,7 +193,7 @@ def _scope(key: str) -> str:
 
 def _align(
     a: PooledPredictions, b: PooledPredictions, names: list[str], method_a: str, method_b: str
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     common, ia, ib = np.intersect1d(a.stay_id, b.stay_id, return_indices=True)
     if len(common) < 2:
         raise StatisticsInputError(
@@ -147,7 +205,9 @@ def _align(
         raise StatisticsInputError(
             f"labels of stay {bad} differ between methods {method_a!r} and {method_b!r}"
         )
-    return a.y[ia], a.p[ia], b.p[ib]
+    ta = None if a.thresholds is None else a.thresholds[ia]
+    tb = None if b.thresholds is None else b.thresholds[ib]
+    return a.y[ia], a.p[ia], b.p[ib], ta, tb
 
 
 def _best_method(
@@ -158,7 +218,7 @@ def _best_method(
     group: str | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
 ) -> str:
-    selection = get_task(task).selection_metric
+    selection = get_task(task).selection_metric  # threshold-free (tasks.task_from_mapping checks it)
     metric = selection if group is None else group_key(selection, group)
     scores = {
         m: metric_values(pooled[m].y, pooled[m].p, [metric], names=names, groups=groups)[metric][0]
@@ -183,6 +243,7 @@ def compare_methods(
     alternative: str = "two-sided",
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
+    val: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
@@ -193,16 +254,22 @@ def compare_methods(
     `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
     without an explicit `reference`, each group's reference is the unimodal method best on the group's macro
     selection metric. p-values are adjusted within each `family` = task x comparison x metric x
-    (overall | per_label | group). `stratify` (mortality, LOS) resamples the bootstrap within classes.
-    Details: docs/statistics.md.
+    (overall | per_label | group). `stratify` (binary, multiclass) resamples the bootstrap within classes.
+    `val`: the runs' validation predictions (long), needed when a compared metric is thresholded (each model's
+    predictions are decided at its own validation thresholds). Details: docs/statistics.md.
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
     check_test_options(alternative, n_permutations)
-    pooled = pool_predictions(preds, task)
     names = runs.prediction_columns(preds.columns, task)[2]
     groups = check_label_groups(label_groups, names) if get_task(task).kind == "multilabel" else {}
-    methods = sorted(pooled)
     keys = _expand_keys(task, metrics, names, groups)
+    if needs_thresholds(task, keys) and val is None:
+        raise StatisticsInputError(
+            f"metrics {[k for k in keys if needs_thresholds(task, [k])]} are decided at validation thresholds: "
+            "pass the runs' validation predictions (val)"
+        )
+    pooled = pool_predictions(preds, task, val if needs_thresholds(task, keys) else None)
+    methods = sorted(pooled)
     unknown_methods = sorted({*unimodal, *([reference] if reference else [])} - set(methods))
     if unknown_methods:
         raise StatisticsInputError(f"method(s) {unknown_methods} have no predictions; methods: {methods}")
@@ -228,8 +295,11 @@ def compare_methods(
     rows = []
     for comparison, a, b, row_keys in pairs:
         if (a, b) not in done:
-            y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
-            point = [metric_values(y, p, keys, names=names, groups=groups) for p in (pa, pb)]
+            y, pa, pb, ta, tb = _align(pooled[a], pooled[b], names, a, b)
+            point = [
+                metric_values(y, p, keys, names=names, groups=groups, thresholds=t)
+                for p, t in ((pa, ta), (pb, tb))
+            ]
             boot = paired_bootstrap_cis(
                 y,
                 pa,
@@ -242,6 +312,8 @@ def compare_methods(
                 method=ci_method,
                 stratify=stratify,
                 groups=groups,
+                thresholds_a=ta,
+                thresholds_b=tb,
             )
             perm = paired_permutation_tests(
                 y,
@@ -253,6 +325,8 @@ def compare_methods(
                 seed=seed,
                 alternative=alternative,
                 groups=groups,
+                thresholds_a=ta,
+                thresholds_b=tb,
             )
             done[(a, b)] = (point, boot, perm, len(y))
         point, boot, perm, n = done[(a, b)]
@@ -333,18 +407,24 @@ def method_metrics(
     ci_method: str = "percentile",
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
+    val: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
 
     `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
     NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
+    Thresholded metrics are decided at the validation thresholds of `val` (the runs' validation predictions,
+    long): the ensemble's per fold, and each seed's own for the per-seed values. Without `val` they are left out.
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
-    pooled = pool_predictions(preds, task)
     names = runs.prediction_columns(preds.columns, task)[2]
     kind = get_task(task).kind
     groups = check_label_groups(label_groups, names) if kind == "multilabel" else {}
     keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
+    if val is None:
+        keys = [k for k in keys if not needs_thresholds(task, [k])]
+    use_val = val if needs_thresholds(task, keys) else None
+    pooled = pool_predictions(preds, task, use_val)
     rows = []
     for method, pp in pooled.items():
         boot = bootstrap_cis(
@@ -358,11 +438,15 @@ def method_metrics(
             method=ci_method,
             stratify=stratify,
             groups=groups,
+            thresholds=pp.thresholds,
         )
         per_seed = []
-        for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
-            one = pool_predictions(g, task)[method]
-            per_seed.append(metric_values(one.y, one.p, keys, names=names, groups=groups))
+        for seed_value, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
+            v = None if use_val is None else use_val.loc[use_val["seed"] == seed_value]
+            one = pool_predictions(g, task, v)[method]
+            per_seed.append(
+                metric_values(one.y, one.p, keys, names=names, groups=groups, thresholds=one.thresholds)
+            )
         for key in keys:
             label, metric = _split_key(task, key)
             seed_vals = np.array([v[key][0] for v in per_seed])

@@ -1,8 +1,10 @@
-"""Fairness of finished runs: the fairness kernels applied to a run's predictions and its cohort's groups.
+"""Fairness of finished runs: the fairness kernels applied to a run's predictions and its dataset's groups.
 
-`analyze_fairness` takes one run's test (and validation) predictions frames and cohort.parquet; `fairness_tables`
-does it for every main run of a benchmark, with run key columns, as `carebench analyze` writes them. Decision
-thresholds are chosen on each run's validation predictions, never on test. docs/fairness.md has the definitions.
+`analyze_fairness` takes one run's test (and validation) predictions frames and the groups of every stay (one
+row per stay: `stay_id` and one column per attribute, as `ProcessedDataset.groups()` derives them from the
+attributes the manifest declares); `fairness_tables` does it for every main run of a benchmark, with run key
+columns, as `carebench analyze` writes them. Decision thresholds are chosen on each run's validation predictions,
+never on test. docs/fairness.md has the definitions.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ import pandas as pd
 from carebench import runs
 from carebench.errors import UserError
 from carebench.evaluation.fairness import (
-    ATTRIBUTES,
-    INTERSECTIONS,
     FairnessInputError,
     bootstrap_fairness,
     choose_threshold,
-    cohort_groups,
     fairness_summary,
     group_metrics,
 )
@@ -41,7 +40,7 @@ class FairnessReport:
 
 def analyze_fairness(
     test_predictions: pd.DataFrame,
-    cohort: pd.DataFrame,
+    groups: pd.DataFrame,
     task: str,
     *,
     val_predictions: pd.DataFrame | None = None,
@@ -49,19 +48,26 @@ def analyze_fairness(
     n_resamples: int = DEFAULTS.n_bootstrap,
     seed: int = DEFAULTS.seed,
     confidence: float = DEFAULTS.confidence,
-    attributes: Iterable[str] = ATTRIBUTES,
-    intersections: Iterable[Sequence[str]] = INTERSECTIONS,
+    attributes: Iterable[str] | None = None,
+    intersections: Iterable[Sequence[str]] = (),
     min_group_size: int = 10,
     n_bins: int = 10,
 ) -> FairnessReport:
     """Fairness of one run: thresholds chosen on its validation predictions, metrics on its test predictions.
 
-    Stays join cohort.parquet by `stay_id` for their attributes (`cohort_groups`); the missing-X-ray rate of a
-    group counts the stays whose model input had no X-ray (`cxr_input` of the predictions when present, else
-    the cohort's `has_cxr`). `threshold` is a rule ("youden", "f1"; needs `val_predictions`) or a fixed number.
-    LOS decides by the argmax class and needs no threshold. The other options are those of `group_metrics`
-    and `bootstrap_fairness`.
+    Stays join `groups` (one row per stay: `stay_id` and the attribute columns, e.g. `ProcessedDataset.groups()`)
+    by `stay_id`; `attributes` None = every attribute column of `groups`. The missing-X-ray rate of a group
+    counts the stays whose model input had no X-ray (`cxr_input` of the predictions when present, else the
+    groups' `has_cxr`). `threshold` is a rule ("youden", "f1"; needs `val_predictions`) or a fixed number. A
+    multiclass task decides by the argmax class and needs no threshold. The other options are those of
+    `group_metrics` and `bootstrap_fairness`.
     """
+    if "stay_id" not in groups.columns:
+        raise FairnessInputError(
+            "groups: column 'stay_id' missing (one row per stay with its attribute columns)"
+        )
+    if attributes is None:
+        attributes = [c for c in groups.columns if c != "stay_id"]
     options = {
         "attributes": list(attributes),
         "intersections": [tuple(i) for i in intersections],
@@ -69,18 +75,21 @@ def analyze_fairness(
         "n_bins": n_bins,
     }
     y, p, names = runs.prediction_arrays(test_predictions, task)
-    groups_all = cohort_groups(cohort)
     joined = test_predictions[["stay_id"]].merge(
-        groups_all, on="stay_id", how="left", validate="one_to_one", indicator=True
+        groups, on="stay_id", how="left", validate="one_to_one", indicator=True
     )
     if (joined["_merge"] != "both").any():
         n_miss = int((joined["_merge"] != "both").sum())
-        raise FairnessInputError(f"cohort: {n_miss} stay_id(s) of the predictions are not in cohort.parquet")
+        raise FairnessInputError(
+            f"groups: {n_miss} stay_id(s) of the predictions are not in the dataset's cohort"
+        )
     groups = joined.drop(columns=["_merge", "stay_id"])
     cxr = (
         test_predictions["cxr_input"].astype(bool).to_numpy()
         if "cxr_input" in test_predictions.columns
         else groups["has_cxr"].to_numpy()
+        if "has_cxr" in groups.columns
+        else None
     )
     thr = None
     if get_task(task).kind != "multiclass":
@@ -112,9 +121,10 @@ def analyze_fairness(
 
 def fairness_tables(
     records: Sequence[RunRecord],
-    cohort: pd.DataFrame,
+    groups: pd.DataFrame,
     *,
     attributes: Sequence[str],
+    intersections: Sequence[Sequence[str]] = (),
     n_resamples: int,
     seed: int,
     confidence: float,
@@ -126,7 +136,7 @@ def fairness_tables(
     fairness_summary, fairness_thresholds. `validation(record)` gives a run's validation predictions when its
     record predates `predictions_val.parquet` (re-predicted from the checkpoint); a run whose fairness cannot be
     computed is reported through `warn` and left out."""
-    inter = [i for i in INTERSECTIONS if set(i) <= set(attributes)]
+    inter = [tuple(i) for i in intersections]
     g_parts, s_parts, t_parts = [], [], []
     for r in records:
         test = runs.read_predictions(r)
@@ -136,7 +146,7 @@ def fairness_tables(
         try:
             rep = analyze_fairness(
                 test,
-                cohort,
+                groups,
                 r.task,
                 val_predictions=val,
                 n_resamples=n_resamples,

@@ -5,7 +5,8 @@ benchmark wants the four claims of the paper checked on *their* data, each with 
 re-computed. Every number here comes from a table `carebench analyze` already computed (comparisons,
 missingness_test, fairness_summary, leaderboard), so `findings_table` is a function of tables and is unit-tested
 on constructed ones. docs/findings.md states every rule; in short, per task x cohort, on the task's selection
-metric M (mortality AUPRC, phenotype macro AUPRC, LOS OvR macro AUROC):
+metric M (`TaskSpec.selection_metric`: AUPRC for a binary task, macro AUPRC for a multilabel one, macro one-vs-rest
+AUROC for a multiclass one, unless the task declares otherwise):
 
 1. `fusion_vs_unimodal`: the best fusion method vs the reference (best unimodal method): supported iff its
    Holm-adjusted permutation p < alpha and the CI of the difference lies above 0. `labels`: the labels on which
@@ -416,8 +417,8 @@ def missing_robustness(
 
 # ------------------------------------------------------------------------------------------------ finding 4
 def method_gaps(summary: pd.DataFrame, task: str, cohort: str, method: str) -> pd.DataFrame:
-    """Per single attribute (not has_cxr): a method's AUROC gap on the task (mortality) or macro label, the mean
-    over its runs, with the mean of the runs' bootstrap CI bounds."""
+    """Per single attribute (not has_cxr): a method's AUROC gap on the task's label (binary) or the macro label,
+    the mean over its runs, with the mean of the runs' bootstrap CI bounds."""
     label = task if get_task(task).kind == "binary" else "macro"
     s = _select(summary, task=task, cohort=cohort, method=method, label=label, metric=FAIRNESS_METRIC)
     if s.empty:
@@ -496,9 +497,11 @@ def findings_table(
     n_resamples: int = DEFAULTS.n_bootstrap,
     n_permutations: int = DEFAULTS.n_permutations,
     seed: int = DEFAULTS.seed,
+    tasks: Sequence[str] = (),
 ) -> pd.DataFrame:
     """Four rows (findings 1-4) per task x cohort of the leaderboard, from the analysis tables `leaderboard`,
-    `comparisons`, `missingness_test` and `fairness_summary` (an absent table = not analysed)."""
+    `comparisons`, `missingness_test` and `fairness_summary` (an absent table = not analysed). Tasks in the
+    order of `tasks` (the dataset's declaration order; others after them, by name), base cohort first."""
     board = tables.get("leaderboard", pd.DataFrame())
     comp = tables.get("comparisons", pd.DataFrame())
     curves = tables.get("missingness_test", pd.DataFrame())
@@ -506,10 +509,10 @@ def findings_table(
     rows = []
     if board.empty:
         return pd.DataFrame(columns=COLUMNS)
-    order = {"mortality": 0, "phenotype": 1, "los": 2}
+    order = {t: i for i, t in enumerate(tasks)}
     groups = sorted(
         board[["task", "cohort"]].drop_duplicates().itertuples(index=False, name=None),
-        key=lambda tc: (order.get(tc[0], 9), tc[1] != "base", tc[1]),
+        key=lambda tc: (order.get(tc[0], len(order)), tc[0], tc[1] != "base", tc[1]),
     )
     for task, cohort in groups:
         rows.append(fusion_vs_unimodal(comp, board, roles, task, cohort, alpha))

@@ -18,6 +18,8 @@ train/validation (its test set kept every image) and had no test-time ablation. 
 - Evaluation runs in float32 with the model in eval mode (no dropout, batch-norm running statistics). Every
   condition and rate is computed by the same code, so deltas compare like with like.
 - Unimodal heads (`p_<name>__<head>` columns, e.g. DrFuse's) are scored from the `full` predictions.
+- Thresholded metrics are decided at the run's validation thresholds (`RunPredictor.thresholds`: the task's rule
+  on the run's validation predictions, a head's on its own), whatever the condition or rate.
 """
 
 from __future__ import annotations
@@ -95,6 +97,17 @@ class RunPredictor:
         return self.cfg.model
 
     @property
+    def thresholds(self) -> dict[str, np.ndarray | None]:
+        """The run's decision thresholds, chosen on its validation predictions (the recorded ones, else predicted
+        again) by its task's rule: "" = the model, then each head (`runs.validation_thresholds`)."""
+        if not hasattr(self, "_thresholds"):
+            val = runs.read_predictions(runs.read_run(self.run_dir), "val")
+            self._thresholds = runs.validation_thresholds(
+                val if val is not None else self.predict(split="val"), self.cfg.task
+            )
+        return self._thresholds
+
+    @property
     def run_id(self) -> str:
         return self.run_dir.name
 
@@ -138,17 +151,24 @@ class RunPredictor:
             self.model,
             loader,
             self.cfg.task,
+            names=self.fold.outputs,
             seed=self.cfg.seed,
             transform=lambda b: ablate_batch(b, condition),
         )
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def prediction_metrics(predictions: pd.DataFrame, task: str, head: str | None = None) -> dict[str, float]:
-    """Overall metrics (`metrics.compute_metrics`, scalars only) of a predictions frame or one of its heads."""
+def prediction_metrics(
+    predictions: pd.DataFrame,
+    task: str,
+    head: str | None = None,
+    thresholds: dict[str, np.ndarray | None] | None = None,
+) -> dict[str, float]:
+    """Overall metrics (`metrics.compute_metrics`, scalars only) of a predictions frame or one of its heads, the
+    thresholded ones at `thresholds` (per predictor, as `RunPredictor.thresholds`; None: at 0.5)."""
     frame = predictions if head is None else runs.head_frame(predictions, head, task)
     y, p, names = runs.prediction_arrays(frame, task)
-    out = compute_metrics(task, y, p, names)
+    out = compute_metrics(task, y, p, names, (thresholds or {}).get(head or ""))
     return {k: float(v) for k, v in out.items() if "/" not in k and k not in _NOT_METRICS}
 
 
@@ -166,6 +186,7 @@ def ablation_table(
     method: str,
     conditions: Sequence[str] = CONDITIONS,
     heads: bool = True,
+    thresholds: dict[str, np.ndarray | None] | None = None,
 ) -> pd.DataFrame:
     """Test-time modality ablation: one row per (condition, metric) with `delta` = value - value under `full`.
 
@@ -180,7 +201,7 @@ def ablation_table(
             f"conditions: expected a subset of {CONDITIONS} that includes 'full', got {conditions}"
         )
     preds = {c: predict(c) for c in conditions}
-    full = prediction_metrics(preds["full"], task)
+    full = prediction_metrics(preds["full"], task, thresholds=thresholds)
     rows: list[dict] = []
     for c in conditions:
         frame = preds[c]
@@ -194,7 +215,7 @@ def ablation_table(
                 "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1,
             }
         )
-        _long(rows, full if c == "full" else prediction_metrics(frame, task), full)
+        _long(rows, full if c == "full" else prediction_metrics(frame, task, thresholds=thresholds), full)
     for head in runs.prediction_heads(preds["full"]) if heads else []:
         frame = preds["full"]
         rows.append(
@@ -205,7 +226,7 @@ def ablation_table(
                 "n_cxr_input": int(frame["cxr_input"].sum()) if "cxr_input" in frame else -1,
             }
         )
-        _long(rows, prediction_metrics(frame, task, head=head), full)
+        _long(rows, prediction_metrics(frame, task, head=head, thresholds=thresholds), full)
     return pd.DataFrame(rows, columns=["method", "condition", "n", "n_cxr_input", "metric", "value", "delta"])
 
 
@@ -215,6 +236,7 @@ def missingness_curve(
     *,
     method: str,
     rates: Iterable[float] = DEFAULT_TEST_RATES,
+    thresholds: dict[str, np.ndarray | None] | None = None,
 ) -> pd.DataFrame:
     """Metrics of one trained model as the test-time X-ray missing rate grows.
 
@@ -228,7 +250,7 @@ def missingness_curve(
     first = None
     for r in rates:
         frame = predict_at(r)
-        m = prediction_metrics(frame, task)
+        m = prediction_metrics(frame, task, thresholds=thresholds)
         first = m if first is None else first
         rows.append(
             {
@@ -242,7 +264,13 @@ def missingness_curve(
     return pd.DataFrame(rows, columns=["method", "rate", "n", "n_cxr_input", "metric", "value", "delta"])
 
 
-def natural_missingness(predictions: pd.DataFrame, task: str, *, method: str) -> pd.DataFrame:
+def natural_missingness(
+    predictions: pd.DataFrame,
+    task: str,
+    *,
+    method: str,
+    thresholds: dict[str, np.ndarray | None] | None = None,
+) -> pd.DataFrame:
     """Metrics of the base cohort's test predictions split by natural X-ray availability (`cxr_input`).
 
     Rows for subset all / with_cxr / without_cxr (a subset without stays is left out): method, subset, n,
@@ -251,7 +279,7 @@ def natural_missingness(predictions: pd.DataFrame, task: str, *, method: str) ->
     if "cxr_input" not in predictions.columns:
         raise ModalityError("predictions: column 'cxr_input' (X-ray given to the model) is missing")
     has = predictions["cxr_input"].astype(bool)
-    everything = prediction_metrics(predictions, task)
+    everything = prediction_metrics(predictions, task, thresholds=thresholds)
     rows: list[dict] = []
     for subset, frame in (
         ("all", predictions),
@@ -261,7 +289,11 @@ def natural_missingness(predictions: pd.DataFrame, task: str, *, method: str) ->
         if len(frame) == 0:
             continue
         rows.append({"method": method, "subset": subset, "n": len(frame)})
-        _long(rows, everything if subset == "all" else prediction_metrics(frame, task), everything)
+        _long(
+            rows,
+            everything if subset == "all" else prediction_metrics(frame, task, thresholds=thresholds),
+            everything,
+        )
     return pd.DataFrame(rows, columns=["method", "subset", "n", "metric", "value", "delta"])
 
 
@@ -276,7 +308,11 @@ def run_ablation(
     """`ablation_table` of a finished run (test split at the run's own test dropout), with its run_id."""
     pred = RunPredictor(run_dir, data_root, device=device)
     table = ablation_table(
-        lambda c: pred.predict(condition=c), pred.cfg.task, method=pred.method, conditions=conditions
+        lambda c: pred.predict(condition=c),
+        pred.cfg.task,
+        method=pred.method,
+        conditions=conditions,
+        thresholds=pred.thresholds,
     )
     table.insert(1, "run_id", pred.run_id)
     return table
@@ -293,7 +329,11 @@ def run_missingness_curve(
     """`missingness_curve` of a finished run: test X-rays removed at each rate (seed: the run's dropout seed)."""
     pred = RunPredictor(run_dir, data_root, device=device)
     table = missingness_curve(
-        lambda r: pred.predict(cxr_missing_rate=r, seed=seed), pred.cfg.task, method=pred.method, rates=rates
+        lambda r: pred.predict(cxr_missing_rate=r, seed=seed),
+        pred.cfg.task,
+        method=pred.method,
+        rates=rates,
+        thresholds=pred.thresholds,
     )
     table.insert(1, "run_id", pred.run_id)
     return table

@@ -77,7 +77,7 @@ def read_label_groups(
     # the labels themselves are checked against the runs' label columns by the statistics
     if problem := label_groups_problem(data):
         raise AnalysisError(
-            f"{what} {source}: {problem} (e.g. {{cardiac: [pheno_congestive_heart_failure, ...]}}, or a planted.json)"
+            f"{what} {source}: {problem} (e.g. {{cardiac: [label_a, label_b, ...]}}, or a planted.json)"
         )
     return {str(g): list(dict.fromkeys(v)) for g, v in data.items()}
 

@@ -11,7 +11,7 @@ pooled as if they were seeds (an error names both run ids).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
@@ -82,6 +82,21 @@ def long_predictions(frames: Iterable[tuple[RunRecord, pd.DataFrame]]) -> pd.Dat
     return pd.concat(parts, ignore_index=True)
 
 
-def recorded_predictions(records: Iterable[RunRecord]) -> pd.DataFrame:
-    """The long table of the recorded test predictions of `records`."""
-    return long_predictions((r, runs.read_predictions(r)) for r in records)
+def recorded_predictions(
+    records: Iterable[RunRecord],
+    split: str = "test",
+    predict: Callable[[RunRecord], pd.DataFrame] | None = None,
+) -> pd.DataFrame:
+    """The long table of the recorded predictions of `records` on `split` ("test" or "val"). A record that
+    predates its validation predictions gets them from `predict(record)` (re-predicted from its checkpoint);
+    without `predict` that is an error naming the run."""
+
+    def frame(r: RunRecord) -> pd.DataFrame:
+        f = runs.read_predictions(r, split)
+        if f is None:
+            if predict is None:
+                raise runs.RunsError(f"{r.path / runs.VAL_PREDICTIONS}: missing (the run predates it)")
+            f = predict(r)
+        return f
+
+    return long_predictions((r, frame(r)) for r in records)

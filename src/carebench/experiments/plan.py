@@ -32,7 +32,7 @@ from carebench import runs
 from carebench.data.folds import COHORTS, N_FOLDS
 from carebench.errors import OptionError, UserError
 from carebench.evaluation.options import FairnessOptions, StatisticsOptions
-from carebench.tasks import TASK_NAMES
+from carebench.tasks import TaskError, check_task_name
 from carebench.training.config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve_config
 
 GRID_KEYS = ("models", "tasks", "cohorts", "folds", "seeds", "overrides", "model_overrides")
@@ -269,6 +269,17 @@ def _choices(raw: Any, key: str, where: str, allowed: tuple[str, ...] | list[str
     return tuple(values)
 
 
+def _task_names(raw: Any, key: str, where: str) -> tuple[str, ...]:
+    """Task names (checked against the dataset's declared tasks when the plan is expanded on it)."""
+    values = _list(raw, key, where)
+    for v in values:
+        try:
+            check_task_name(v)
+        except TaskError as e:
+            raise PlanError(f"{where}: key '{key}': {e}") from None
+    return tuple(values)
+
+
 def _number(value: Any) -> Any:
     """YAML 1.1 reads `1e-4` as a string: read string values the way `key=value` overrides are read."""
     if isinstance(value, str):
@@ -318,7 +329,7 @@ def _grid(
     else:
         vals["models"] = _choices(spec, f"{prefix}models", where, models)
     vals["tasks"] = (
-        _choices(raw["tasks"], f"{prefix}tasks", where, TASK_NAMES)
+        _task_names(raw["tasks"], f"{prefix}tasks", where)
         if "tasks" in raw
         else parent.tasks
         if parent

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import ParamSpec
 
 import matplotlib
@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from carebench.report.tables import ALPHA, fairness_rows, metric_name
+from carebench.report.tables import ALPHA, fairness_rows, metric_name, task_label
 
 P = ParamSpec("P")
 DPI = 110
@@ -76,21 +76,29 @@ def colors(methods: Sequence[str]) -> dict[str, str]:
 
 
 def short_label(label: str, width: int = 30) -> str:
-    text = label.removeprefix("pheno_").replace("_", " ")
+    text = label.replace("_", " ")
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
 @_styled
-def fusion_gain_heatmap(comparisons: pd.DataFrame, cohort: str, metric: str = "auroc") -> str | None:
-    """Methods x phenotypes: delta of `metric` vs the best unimodal method; significant cells (Holm) marked."""
+def fusion_gain_heatmap(
+    comparisons: pd.DataFrame,
+    task: str,
+    cohort: str,
+    metric: str = "auroc",
+    names: Mapping[str, str] | None = None,
+) -> str | None:
+    """Methods x labels of a multilabel task: delta of `metric` vs the best unimodal method; significant cells
+    (Holm) marked. `names`: display names of the labels (the dataset's label names)."""
     if comparisons.empty:
         return None
     c = comparisons[
-        (comparisons["task"] == "phenotype")
+        (comparisons["task"] == task)
         & (comparisons["cohort"] == cohort)
         & (comparisons["comparison"] == "reference")
         & (comparisons["metric"] == metric)
-        & (comparisons["label"] != "phenotype")
+        & (comparisons["label"] != task)
+        & ~comparisons["label"].astype(str).str.startswith("group:")
     ]
     if c.empty:
         return None
@@ -102,7 +110,8 @@ def fusion_gain_heatmap(comparisons: pd.DataFrame, cohort: str, metric: str = "a
     lim = max(0.02, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 0.02)
     fig, ax = _subplots((max(7.0, 0.34 * len(labels) + 2.5), 0.45 * len(methods) + 2.6))
     im = ax.imshow(values, cmap="RdBu", vmin=-lim, vmax=lim, aspect="auto")
-    ax.set_xticks(range(len(labels)), [short_label(x) for x in labels], rotation=60, ha="right")
+    names = names or {}
+    ax.set_xticks(range(len(labels)), [short_label(names.get(x, x)) for x in labels], rotation=60, ha="right")
     ax.set_yticks(range(len(methods)), methods)
     for i in range(len(methods)):
         for j in range(len(labels)):
@@ -121,7 +130,7 @@ def fusion_gain_heatmap(comparisons: pd.DataFrame, cohort: str, metric: str = "a
     ax.spines[:].set_visible(False)
     ref = c["method_b"].iloc[0]
     ax.set_title(
-        f"Per-phenotype fusion gain: Δ{metric_name(metric)} vs best unimodal ({ref}); ★ Holm p < {ALPHA}"
+        f"Per-label fusion gain ({task}): Δ{metric_name(metric)} vs best unimodal ({ref}); ★ Holm p < {ALPHA}"
     )
     fig.colorbar(im, ax=ax, fraction=0.025, pad=0.01, label=f"Δ {metric_name(metric)}")
     return _uri(fig)
@@ -218,7 +227,7 @@ def fairness_gaps(
         ax.grid(axis="x", alpha=0.3)
     for ax in axes[-1]:
         ax.set_xlabel(f"{metric_name(metric)} gap between groups (max − min)")
-    what = task if task == "mortality" else f"{task} (macro average over labels)"
+    what = task if task_label(summary, task) == task else f"{task} (macro average over labels)"
     fig.suptitle(
         f"{what}, {cohort} cohort: {metric_name(metric)} gaps between groups", fontsize=10, fontweight="bold"
     )

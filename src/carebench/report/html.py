@@ -25,7 +25,7 @@ from carebench.data.store import atomic_output_dir
 from carebench.errors import UserError
 from carebench.report import figures as fg
 from carebench.report import tables as tb
-from carebench.tasks import get_task
+from carebench.tasks import TaskSpec, declare_tasks, get_task, spec_from_record
 
 REPORT_DIR = "report"
 INDEX = "index.html"
@@ -33,7 +33,7 @@ TABLE_NOTES = {
     "runs": "every finished run analysed (model, task, cohort, fold, seed, X-ray dropout rates, modalities)",
     "cohort_overview": "dataset summary",
     "cohort_steps": "cohort selection steps and stays left after each (from the dataset manifest)",
-    "cohort_folds": "stays, patients, deaths and stays with an X-ray per fold",
+    "cohort_folds": "stays, patients, positives of each binary task and stays with an X-ray per fold",
     "cohort_labels": "label prevalence overall, with and without an X-ray",
     "leaderboard": "every metric of every method with 95% bootstrap CI, seed mean and sd",
     "comparisons": "paired comparisons (vs best unimodal and all pairs), per label: delta, CI, p, Holm, BH",
@@ -140,6 +140,38 @@ def read_planted(path: str | Path) -> dict[str, Any]:
     return raw
 
 
+@dataclass(frozen=True)
+class TaskInfo:
+    """A task as the analysis recorded it (summary.json `tasks`): its spec and its outputs' display names."""
+
+    spec: TaskSpec
+    names: dict[str, str]  # output name -> display name
+
+
+def summary_tasks(summary: dict[str, Any], board: pd.DataFrame) -> dict[str, TaskInfo]:
+    """The analysed dataset's tasks in declaration order, from summary.json (the report never opens the dataset);
+    an analysis without them (an older carebench) falls back to the built-in tasks of its leaderboard."""
+    out = {}
+    for t in summary.get("tasks") or []:
+        try:
+            spec = spec_from_record(t)
+        except UserError as e:
+            raise ReportError(f"analysis summary.json: task {t.get('name')!r}: {e}") from None
+        out[spec.name] = TaskInfo(
+            spec, dict(zip(t.get("outputs", []), t.get("output_names", []), strict=False))
+        )
+    declare_tasks(info.spec for info in out.values())  # a dataset's own tasks, for this process
+    for task in [] if board.empty else board["task"].unique():
+        if task not in out:
+            try:
+                out[task] = TaskInfo(get_task(task), {})
+            except UserError:
+                raise ReportError(
+                    f"analysis: task {task!r} is not described in summary.json (re-run `carebench analyze`)"
+                ) from None
+    return out
+
+
 def build_page(
     tables: dict[str, pd.DataFrame],
     summary: dict[str, Any],
@@ -149,24 +181,26 @@ def build_page(
     """The page's content (tables and figures) from the analysis; no file is written."""
     info = {(g["task"], g["cohort"]): g for g in summary.get("groups", [])}
     board, comp = tables["leaderboard"], tables["comparisons"]
+    tasks = summary_tasks(summary, board)
     palette = fg.colors(tables["runs"]["model"].unique()) if len(tables["runs"]) else {}
     groups = []
-    for task, cohort in tb.groups_of(board):
+    for task, cohort in tb.groups_of(board, list(tasks)):
         meta = info.get((task, cohort), {})
-        metric = get_task(task).headline[0]
+        spec = tasks[task].spec
+        metric = spec.headline[0]
         ref, sel = meta.get("reference"), meta.get("selection_metric", metric)
         g = Group(
             task,
             cohort,
             ref,
             sel,
-            tb.leaderboard(board, comp, task, cohort, ref, sel),
+            tb.leaderboard(board, comp, task, cohort, ref, sel, spec.reported, spec.threshold),
             tb.pairwise(comp, task, cohort) if not comp.empty else tb.Table([]),
         )
-        if get_task(task).kind == "multilabel":
-            g.heatmap = fg.fusion_gain_heatmap(comp, cohort)
+        if spec.kind == "multilabel":
+            g.heatmap = fg.fusion_gain_heatmap(comp, task, cohort, names=tasks[task].names)
             g.label_groups = tb.label_groups(
-                board, comp, tables["runs"], (summary.get("options") or {}).get("label_groups"), cohort
+                board, comp, tables["runs"], (summary.get("options") or {}).get("label_groups"), cohort, task
             )
         mt = tables["missingness_test"]
         if not mt.empty:
@@ -197,13 +231,10 @@ def build_page(
         "folds": tb.simple(
             tables["cohort_folds"],
             {
-                "fold": "fold",
-                "stays": "stays",
-                "patients": "patients",
-                "deaths": "in-ICU deaths",
-                "with_cxr": "with X-ray",
+                c: (f"{c} positives" if c in tasks else c.replace("_cxr", " X-ray").replace("_", " "))
+                for c in tables["cohort_folds"].columns
             },
-            {"stays": "int", "patients": "int", "deaths": "int", "with_cxr": "int"},
+            {c: "int" for c in tables["cohort_folds"].columns if c != "fold"},
             key="folds",
         ),
         "labels": tb.simple(
@@ -235,7 +266,8 @@ def build_page(
         )
     planted_page = None
     if planted is not None:
-        observed = tb.planted_kinds(board, comp, tables["runs"])
+        ptask = tb.per_label_task(board, list(planted.get("phenotypes", {})))
+        observed = tb.planted_kinds(board, comp, tables["runs"], task=ptask)
         table, agree, compared = tb.planted(planted, observed)
         sub = planted.get("subgroup") or {}
         text = (
@@ -244,8 +276,10 @@ def build_page(
             if sub
             else ""
         )
-        base = [g.label_groups for g in groups if g.task == "phenotype" and g.cohort == "base"]
-        f_table, f_agree, f_compared = tb.planted_findings(planted, tables.get("findings", pd.DataFrame()))
+        base = [g.label_groups for g in groups if g.task == ptask and g.cohort == "base"]
+        f_table, f_agree, f_compared = tb.planted_findings(
+            planted, tables.get("findings", pd.DataFrame()), ptask
+        )
         planted_page = Planted(
             table,
             agree,

@@ -20,17 +20,15 @@ from carebench.analysis.findings import degradation as mean_drop  # finding 3's 
 
 ALPHA = 0.05
 BETTER, WORSE = "★", "▼"
-# Leaderboard columns per task (all are in the leaderboard table; comparisons exist for the first two).
-LEADERBOARD_METRICS = {
-    "mortality": ("auroc", "auprc", "f1", "brier", "ece"),
-    "phenotype": ("auroc_macro", "auprc_macro", "auroc_micro", "auprc_micro"),
-    "los": ("auroc_ovr_macro", "accuracy", "kappa_linear", "f1_macro"),
-}
+# The leaderboard's columns are each task's `reported` metrics (carebench.tasks); the table holds every metric.
 LOWER_IS_BETTER = {"brier", "ece"}
 METRIC_NAMES = {
     "auroc": "AUROC",
     "auprc": "AUPRC",
     "f1": "F1",
+    "recall": "Sensitivity",
+    "specificity": "Specificity",
+    "precision": "Precision",
     "brier": "Brier",
     "ece": "ECE",
     "auroc_macro": "AUROC macro",
@@ -100,13 +98,23 @@ def _text(x: Any) -> str:
     return "" if x is None or (isinstance(x, float) and math.isnan(x)) else str(x)
 
 
-def groups_of(table: pd.DataFrame) -> list[tuple[str, str]]:
-    """(task, cohort) pairs of a table, in task order mortality, phenotype, los, then cohort base, matched."""
+def groups_of(table: pd.DataFrame, tasks: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(task, cohort) pairs of a table, tasks in the order of `tasks` (the dataset's declaration order; others
+    after them, by name), then cohort base, matched."""
     if table.empty:
         return []
-    order = {"mortality": 0, "phenotype": 1, "los": 2}
+    order = {t: i for i, t in enumerate(tasks)}
     pairs = table[["task", "cohort"]].drop_duplicates().itertuples(index=False, name=None)
-    return sorted(pairs, key=lambda tc: (order.get(tc[0], 9), tc[1] != "base", tc[1]))
+    return sorted(pairs, key=lambda tc: (order.get(tc[0], len(order)), tc[0], tc[1] != "base", tc[1]))
+
+
+def task_label(table: pd.DataFrame, task: str) -> str:
+    """The label of a task's overall rows in a per-label table (fairness): the task's own name for a binary task
+    (its one output), else the macro average over its labels or classes."""
+    return task if ((table["task"] == task) & (table["label"] == task)).any() else MACRO_LABEL
+
+
+MACRO_LABEL = "macro"
 
 
 # ------------------------------------------------------------------------------------------------ leaderboard
@@ -141,10 +149,13 @@ def leaderboard(
     cohort: str,
     reference: str | None,
     selection: str,
+    reported: Sequence[str] = (),
+    threshold_rule: str = "",
 ) -> Table:
-    """One row per method (best selection metric first): modalities, runs, each metric with its CI and mark."""
+    """One row per method (best selection metric first): modalities, runs, each of the task's `reported` metrics
+    (default: every overall metric of the table) with its CI and mark."""
     b = board[(board["task"] == task) & (board["cohort"] == cohort) & (board["label"] == task)]
-    metrics = [m for m in LEADERBOARD_METRICS.get(task, ()) if m in set(b["metric"])]
+    metrics = [m for m in (reported or dict.fromkeys(b["metric"])) if m in set(b["metric"])]
     sig = significance(comparisons, task, cohort)
     order = (
         b[b["metric"] == selection]
@@ -190,10 +201,17 @@ def leaderboard(
             )
         table.rows.append(cells)
     n = int(b["n_stays"].max()) if len(b) else 0
+    rule = {"f1": "the validation score maximising F1", "youden": "the validation score maximising TPR − FPR"}
+    thresholds = (
+        f" Thresholded metrics at each output's decision threshold chosen on the validation split "
+        f"({rule[threshold_rule]}), never at 0.5."
+        if threshold_rule in rule
+        else ""
+    )
     table.caption = (
         f"{task}, {cohort} cohort: {n} test stays. Estimate [95% bootstrap CI]; seeds averaged per "
         f"stay, folds concatenated. {BETTER}/{WORSE}: significantly better/worse than the reference "
-        f"{reference or '(none)'} (paired permutation test, Holm-adjusted p < {ALPHA})."
+        f"{reference or '(none)'} (paired permutation test, Holm-adjusted p < {ALPHA}).{thresholds}"
     )
     return table
 
@@ -339,11 +357,11 @@ def train_rates(tr: pd.DataFrame, task: str, cohort: str) -> Table:
 
 # ------------------------------------------------------------------------------------------------ fairness
 def fairness_rows(summary: pd.DataFrame, task: str, cohort: str, metric: str = "auroc") -> pd.DataFrame:
-    """Single-attribute rows of the fairness summary for the task's label (mortality) or macro average,
+    """Single-attribute rows of the fairness summary for the task's label (binary) or macro average,
     aggregated per (attribute, method): mean gap over runs, CI (one run) or range over runs, worst group."""
     if summary.empty:
         return pd.DataFrame()
-    label = task if task == "mortality" else "macro"
+    label = task_label(summary, task)
     s = summary[
         (summary["task"] == task)
         & (summary["cohort"] == cohort)
@@ -375,7 +393,7 @@ def fairness_rows(summary: pd.DataFrame, task: str, cohort: str, metric: str = "
 def fairness(summary: pd.DataFrame, task: str, cohort: str) -> Table:
     """Per attribute and method: AUROC gap (max − min over groups) with CI, worst group, equalized-odds gap."""
     rows = fairness_rows(summary, task, cohort)
-    label = task if task == "mortality" else "macro"
+    label = task_label(summary, task) if not summary.empty else MACRO_LABEL
     eo = (
         summary[
             (summary["task"] == task)
@@ -458,32 +476,50 @@ def ablation(abl: pd.DataFrame, task: str, cohort: str) -> Table:
 
 
 # ------------------------------------------------------------------------------------------------ planted truth
+def per_label_task(board: pd.DataFrame, labels: Sequence[str] = ()) -> str | None:
+    """The task whose per-label leaderboard rows hold the most of `labels` (all of its labels count when `labels`
+    is empty): the multilabel task a planted truth or a label grouping is about."""
+    rows = board[(board["label"] != board["task"]) & ~board["label"].astype(str).str.startswith("group:")]
+    if labels:
+        rows = rows[rows["label"].isin(list(labels))]
+    if rows.empty:
+        return None
+    counts = rows.groupby("task", sort=True)["label"].nunique()
+    return str(counts.idxmax())
+
+
 def planted_kinds(
-    board: pd.DataFrame, comparisons: pd.DataFrame, runs: pd.DataFrame, cohort: str = "base"
+    board: pd.DataFrame,
+    comparisons: pd.DataFrame,
+    runs: pd.DataFrame,
+    cohort: str = "base",
+    task: str | None = None,
 ) -> pd.DataFrame:
-    """Per phenotype, what the benchmark concludes about where its signal is:
+    """Per label of the planted task (`task`, default the one with the most per-label rows), what the benchmark
+    concludes about where its signal is:
 
     ehr_signal: some EHR-only method's AUROC has a CI above 0.5; cxr_signal: the same for an X-ray-only method;
     fusion_gain: some fusion method beats the best unimodal method (Holm p < 0.05, delta > 0). Observed kind:
     'both' if fusion gains or both modalities carry signal, else 'ehr' / 'cxr' for the one that does, else 'none';
     'n/a' when a modality has no unimodal method in the runs.
     """
+    task = task or per_label_task(board)
     b = board[
-        (board["task"] == "phenotype")
+        (board["task"] == task)
         & (board["cohort"] == cohort)
         & (board["metric"] == "auroc")
-        & (board["label"] != "phenotype")
+        & (board["label"] != task)
     ]
     mods = runs.drop_duplicates("model").set_index("model")["modalities"].to_dict()
     ehr_only = [m for m, v in mods.items() if v == "ehr"]
     cxr_only = [m for m, v in mods.items() if v == "cxr"]
     c = (
         comparisons[
-            (comparisons["task"] == "phenotype")
+            (comparisons["task"] == task)
             & (comparisons["cohort"] == cohort)
             & (comparisons["comparison"] == "reference")
             & (comparisons["metric"] == "auroc")
-            & (comparisons["label"] != "phenotype")
+            & (comparisons["label"] != task)
         ]
         if not comparisons.empty
         else pd.DataFrame()
@@ -529,7 +565,8 @@ def planted_kinds(
 
 
 def planted(planted_truth: dict[str, Any], observed: pd.DataFrame) -> tuple[Table, int, int]:
-    """Planted kind vs observed kind per phenotype; returns the table, agreements and phenotypes compared."""
+    """Planted kind vs observed kind per label (planted.json's `phenotypes`: label -> kind); returns the table,
+    agreements and labels compared."""
     kinds = planted_truth.get("phenotypes", {})
     obs = observed.set_index("label") if len(observed) else pd.DataFrame()
     table = Table(
@@ -594,12 +631,15 @@ def label_groups(
     runs: pd.DataFrame,
     groups: dict[str, list[str]] | None = None,
     cohort: str = "base",
+    task: str | None = None,
 ) -> Table | None:
-    """Per label group (analyze --label-groups): best EHR-only, X-ray-only and fusion macro AUROC with CIs, and the
-    fusion methods significantly better than the group's best unimodal method (Holm p < ALPHA, delta > 0)."""
+    """Per label group (analyze --label-groups) of a multilabel task (`task`, default the one with the most
+    per-label rows): best EHR-only, X-ray-only and fusion macro AUROC with CIs, and the fusion methods
+    significantly better than the group's best unimodal method (Holm p < ALPHA, delta > 0)."""
+    task = task or per_label_task(board) if len(board) else task
     b = (
         board[
-            (board["task"] == "phenotype")
+            (board["task"] == task)
             & (board["cohort"] == cohort)
             & (board["metric"] == "auroc_macro")
             & board["label"].astype(str).str.startswith("group:")
@@ -612,9 +652,9 @@ def label_groups(
     mods = runs.drop_duplicates("model").set_index("model")["modalities"].to_dict()
     c = (
         comparisons[
-            (comparisons["task"] == "phenotype")
+            (comparisons["task"] == task)
             & (comparisons["cohort"] == cohort)
-            & (comparisons["family"] == "phenotype:reference:auroc_macro:group")
+            & (comparisons["family"] == f"{task}:reference:auroc_macro:group")
         ]
         if len(comparisons)
         else pd.DataFrame(columns=["label"])
@@ -680,7 +720,7 @@ def planted_subgroup(planted_truth: dict[str, Any], summary: pd.DataFrame) -> Ta
     s = summary[
         (summary["attribute"] == attribute)
         & (summary["metric"] == "auroc")
-        & summary["label"].isin(["mortality", "macro"])
+        & ((summary["label"] == summary["task"]) | (summary["label"] == MACRO_LABEL))
     ]
     table = Table(
         ["task", "cohort", "method", f"worst {attribute} group (AUROC)", "is the planted group"],
@@ -780,9 +820,12 @@ NOT_DECIDED = {
 }
 
 
-def planted_findings(planted_truth: dict[str, Any], table: pd.DataFrame) -> tuple[Table, int, int]:
-    """Per finding row: what the planted truth predicts where it decides it (finding 1 on phenotypes: supported,
-    and no `none` phenotype among the labels where fusion is significantly better), the verdict, agreement."""
+def planted_findings(
+    planted_truth: dict[str, Any], table: pd.DataFrame, task: str | None
+) -> tuple[Table, int, int]:
+    """Per finding row: what the planted truth predicts where it decides it (finding 1 on the planted task `task`:
+    supported, and no `none` label among the labels where fusion is significantly better), the verdict,
+    agreement."""
     kinds = planted_truth.get("phenotypes", {})
     out = Table(["#", "task", "cohort", "planted truth predicts", "verdict (significant labels)", "agrees"],
                 key="planted_findings")  # fmt: skip
@@ -791,7 +834,7 @@ def planted_findings(planted_truth: dict[str, Any], table: pd.DataFrame) -> tupl
         return out, 0, 0
     for r in table.to_dict("records"):
         finding, labels = int(r["finding"]), [x for x in _text(r["labels"]).split(";") if x]
-        decided = finding == 1 and r["task"] == "phenotype" and "both" in kinds.values()
+        decided = finding == 1 and r["task"] == task and "both" in kinds.values()
         observed = r["verdict"] + (f" ({', '.join(labels)})" if finding == 1 and labels else "")
         if not decided:
             out.rows.append([Cell(str(finding)), Cell(r["task"]), Cell(r["cohort"]), Cell(NOT_DECIDED[finding]),
