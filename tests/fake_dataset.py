@@ -1,21 +1,23 @@
-"""A small processed dataset written with store.py's file names, for tests of loading, training and analysis.
+"""A small MIMIC-shaped processed dataset written through `write_dataset`, for tests of loading, training and
+analysis.
 
 Why: training tests must not wait for (or depend on) the full `prepare` pipeline, yet they should read exactly
-what `prepare` writes: manifest.json, cohort.parquet (every contract column, 25 pheno_* columns, folds 1-5
-that are patient-disjoint), ehr.npy float32 [N, 48, F] with NaN where unobserved, cxr.npy uint8 [M, S, S].
-Labels depend on the inputs (a planted signal), so a trained model can beat chance.
+what `prepare` writes: the same writer, the same declarations (the MIMIC tasks, fairness attributes and
+intersections), cohort.parquet with the MIMIC columns (25 pheno_* columns, folds 1-5 that are patient-disjoint),
+ehr.npy float32 [N, 48, F] with NaN where unobserved, cxr.npy uint8 [M, S, S]. Labels depend on the inputs (a
+planted signal), so a trained model can beat chance.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from carebench.data import store
+from carebench.data import write_dataset
 from carebench.data.definitions import load_phenotypes
+from carebench.data.mimic.pipeline import MIMIC_FAIRNESS, MIMIC_INTERSECTIONS, mimic_tasks
 
 HOURS = 48
 
@@ -40,7 +42,8 @@ def make_fake_dataset(
     """
     rng = np.random.default_rng(seed)
     root = Path(tmp_path) / name
-    root.mkdir(parents=True, exist_ok=False)
+    if root.exists():
+        raise FileExistsError(root)
     features = [f"feat_{i}" for i in range(n_features)]
 
     base = rng.normal(0.0, 1.0, size=(n, 1, n_features))
@@ -95,18 +98,14 @@ def make_fake_dataset(
     cohort["cxr_view"] = np.where(has_cxr, "AP", None)
     cohort["cxr_index"] = cxr_index
 
-    cohort.to_parquet(root / store.COHORT, index=False)
-    np.save(root / store.EHR, ehr)
-    if with_cxr:
-        np.save(root / store.CXR, cxr)
-    manifest = {
-        "format_version": store.FORMAT_VERSION,
-        "features": features,
-        "hours": HOURS,
-        "source": "tests/fake_dataset.py",
-        "seed": seed,
-        "image_size": image_size,
-    }
-    with open(root / store.MANIFEST, "w") as fh:
-        json.dump(manifest, fh)
-    return root
+    return write_dataset(
+        root,
+        cohort=cohort,
+        ehr=ehr,
+        features=features,
+        tasks=mimic_tasks(),
+        images=cxr if with_cxr else None,
+        fairness=MIMIC_FAIRNESS,
+        intersections=MIMIC_INTERSECTIONS,
+        producer={"name": "tests/fake_dataset.py", "options": {"seed": seed, "image_size": image_size}},
+    )

@@ -35,22 +35,22 @@ def test_fold_roles():
 def test_split_rows_base_and_matched(data):
     c = data.cohort
     for fold in (1, 3):
-        base = folds.split_rows(c, "mortality", fold, "base")
+        base = folds.split_rows(c, ["label_mortality"], fold, "base")
         allrows = np.concatenate(list(base.values()))
         assert sorted(allrows) == list(range(len(c)))  # a partition of every stay
         assert set(c.fold.iloc[base["test"]]) == {fold}
         assert set(c.fold.iloc[base["val"]]) == {fold % 5 + 1}
-        matched = folds.split_rows(c, "mortality", fold, "matched")
+        matched = folds.split_rows(c, ["label_mortality"], fold, "matched")
         for split in folds.SPLITS:
             expect = [r for r in base[split] if c.has_cxr.iloc[r]]
             assert list(matched[split]) == expect
     with pytest.raises(L.LoadingError, match="--cohort"):
-        folds.split_rows(c, "mortality", 1, "full")
+        folds.split_rows(c, ["label_mortality"], 1, "full")
 
 
 def test_stats_use_training_stays_only(data_dir, tmp_path):
     d = open_dataset(data_dir, mmap=False)
-    rows = folds.split_rows(d.cohort, "mortality", 2, "base")
+    rows = folds.split_rows(d.cohort, ["label_mortality"], 2, "base")
     stats = L.compute_norm_stats(d.ehr, rows["train"], chunk=7)  # several chunks
     train = d.ehr[rows["train"]].astype(np.float64).reshape(-1, d.ehr.shape[2])
     q25, q50, q75 = np.nanpercentile(train, [25, 50, 75], axis=0)
@@ -250,7 +250,7 @@ def test_static_is_age_z_scored_with_training_stats_and_gender_male(data_dir):
     """`static` = ((age - mean_train) / std_train, 1 if gender == "M" else 0), with mean and std (ddof=1) of the
     training split only: changing the ages of the validation and test stays changes no statistic."""
     d = open_dataset(data_dir, mmap=False)
-    rows = folds.split_rows(d.cohort, "mortality", 2, "base")
+    rows = folds.split_rows(d.cohort, ["label_mortality"], 2, "base")
     train_age = d.cohort.age.to_numpy(dtype=np.float64)[rows["train"]]
     mean, std = train_age.mean(), train_age.std(ddof=1)
     fold = L.build_fold(d, task="mortality", fold=2, image_size=16)

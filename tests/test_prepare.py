@@ -22,7 +22,7 @@ from carebench.cli import app
 from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
 from carebench.data.describe import summarize
-from carebench.data.mimic.pipeline import HASH_MAX_BYTES, prepare
+from carebench.data.mimic.pipeline import COHORT_COLUMNS, HASH_MAX_BYTES, prepare
 from carebench.data.store import dataset_fingerprint
 from test_cohort import expected_demo_cohort
 
@@ -44,7 +44,13 @@ def _bytes(path: Path) -> bytes:
 def test_dataset_contract(prepared_demo):
     ds = store.open_dataset(prepared_demo)
     features = load_features()
-    assert list(ds.cohort.columns) == list(store.COHORT_COLUMNS) + PHENO
+    assert list(ds.cohort.columns) == list(COHORT_COLUMNS) + PHENO
+    assert set(store.REQUIRED_COLUMNS) <= set(COHORT_COLUMNS)
+    # the declarations: the three tasks with their label columns, in order; the fairness attributes
+    assert ds.tasks == ["mortality", "phenotype", "los"]
+    assert ds.label_columns("mortality") == ["label_mortality"] and ds.label_columns("los") == ["label_los"]
+    assert ds.label_columns("phenotype") == PHENO
+    assert ds.attributes == ["age_band", "gender", "race_group", "admission_type", "insurance", "has_cxr"]
     assert ds.ehr.dtype == np.float32
     assert ds.ehr.shape == (74, features.hours, len(features.names)) == (74, 48, len(features.names))
     assert ds.features == features.names
@@ -96,10 +102,11 @@ def test_manifest(prepared_demo, demo_root):
     assert [s["step"] for s in m["cohort_steps"]] == list(steps)
     assert [s["stays"] for s in m["cohort_steps"]] == list(steps.values())
     assert all(s["rule"] for s in m["cohort_steps"])
-    assert (
-        m["options"]["seed"] == 0 and m["options"]["threads"] == 2 and m["options"]["memory_limit"] == "2GB"
-    )
-    assert m["options"]["mimic_iv"] == str(demo_root.absolute()) and m["options"]["mimic_cxr"] is None
+    opts = m["producer"]["options"]
+    assert m["producer"]["name"] == "mimic"
+    assert opts["seed"] == 0 and opts["threads"] == 2 and opts["memory_limit"] == "2GB"
+    assert opts["mimic_iv"] == str(demo_root.absolute()) and opts["mimic_cxr"] is None
+    assert m["time_grid"] == {"steps": 48, "step_hours": 1.0, "hours": 48.0} and m["images"] is None
     assert m["cohort"]["stays"] == 74 and m["cohort"]["subjects"] == len(
         set(pd.read_parquet(prepared_demo / store.COHORT)["subject_id"])
     )
@@ -170,6 +177,9 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     # the fingerprint of runs is the content: another build of the same data (other path, time, threads) keeps it
     content = json.loads((out / store.MANIFEST).read_text())["content_sha256"]
     assert content == {n: hashlib.sha256(_bytes(out / n)).hexdigest() for n in (store.COHORT, store.EHR)}
+    assert json.loads((out / store.MANIFEST).read_text())["declarations_sha256"] == json.loads(
+        (prepared_demo / store.MANIFEST).read_text()
+    )["declarations_sha256"]
     assert dataset_fingerprint(out) == dataset_fingerprint(prepared_demo)
     first = dataset_fingerprint(out)
 
@@ -201,7 +211,7 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     pd.testing.assert_frame_equal(a.drop(columns="fold"), b.drop(columns="fold"))
     assert _bytes(out / store.EHR) == _bytes(prepared_demo / store.EHR)
     m = json.loads((out / store.MANIFEST).read_text())
-    assert m["options"]["seed"] == 1 and m["options"]["overwrite"] is True
+    assert m["producer"]["options"]["seed"] == 1 and m["producer"]["options"]["overwrite"] is True
     assert dataset_fingerprint(out) != first  # other folds: other data
     assert [p.name for p in tmp_path.iterdir()] == ["again"]  # no temp or old dirs left beside it
 
@@ -304,11 +314,12 @@ def test_prepare_with_cxr(prepared_demo, demo_root, cxr_open_root, tmp_path):
     xcols = ["has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index"]
     pd.testing.assert_frame_equal(c.drop(columns=xcols), base.drop(columns=xcols))
     m = ds.manifest
-    assert m["cxr"]["stays_with_image"] == 1 and m["options"]["image_size"] == 64
+    assert m["cxr"]["stays_with_image"] == 1 and m["producer"]["options"]["image_size"] == 64
+    assert m["images"] == {"file": store.CXR, "count": 1, "size": 64}
     meta = tmp_path / "cxr" / "mimic-cxr-2.0.0-metadata.csv.gz"
     assert m["sources"]["mimic_cxr"]["metadata"]["sha256"] == hashlib.sha256(meta.read_bytes()).hexdigest()
     assert "timeseries" in m["timings_s"] and "cxr" in m["timings_s"]
     # describe reports the linked image
     items = dict(zip(*[summarize(ds).cxr[c] for c in ("item", "value")], strict=True))
     assert items["stays with an X-ray"] == "1 / 74 (1.4%)"
-    assert items["images in cache"] == "1" and items["image size"] == "64 x 64" and items["view AP"] == "1"
+    assert items["images in cache"] == "1" and items["image size"] == "64 x 64"

@@ -513,3 +513,47 @@ def head_frame(frame: pd.DataFrame, head: str, task: str) -> pd.DataFrame:
         raise RunsError(f"predictions: no head {head!r} (missing columns {missing[:3]})")
     keep = [c for c in frame.columns if not c.startswith("p_")]
     return pd.concat([frame[keep], frame[list(rename)].rename(columns=rename)], axis=1)
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+def validation_thresholds(val: pd.DataFrame, task: str) -> dict[str, np.ndarray | None]:
+    """Decision thresholds chosen on a run's VALIDATION predictions by its task's rule (`TaskSpec.threshold`),
+    per predictor: "" = the model, then each per-modality head. [outputs] arrays (NaN for an output whose
+    validation labels have one class), None for a multiclass task (argmax)."""
+    from carebench.evaluation.metrics import task_thresholds  # scikit-learn only where thresholds are chosen
+
+    out: dict[str, np.ndarray | None] = {}
+    for head in ["", *prediction_heads(val)]:
+        y, p, _ = prediction_arrays(val if not head else head_frame(val, head, task), task)
+        out[head] = task_thresholds(task, y, p)
+    return out
+
+
+def thresholds_record(task: str, names: Sequence[str], thresholds: Mapping[str, np.ndarray | None]) -> dict:
+    """What metrics.json records of the thresholds: the rule, the split they were chosen on, one per output."""
+
+    def per_output(t: np.ndarray | None) -> dict[str, float | None] | None:
+        return None if t is None else {n: json_safe(float(v)) for n, v in zip(names, t, strict=True)}
+
+    return {
+        "rule": get_task(task).threshold,
+        "chosen_on": "validation",
+        "outputs": per_output(thresholds.get("")),
+        "heads": {h: per_output(t) for h, t in thresholds.items() if h},
+    }
+
+
+def frame_metrics(
+    frame: pd.DataFrame, task: str, thresholds: Mapping[str, np.ndarray | None] | None = None
+) -> dict[str, Any]:
+    """Test metrics of a predictions frame (`evaluation.metrics.compute_metrics`) at the given thresholds (the
+    run's validation thresholds, `validation_thresholds`), with `head:<name>` entries for per-modality heads."""
+    from carebench.evaluation.metrics import compute_metrics
+
+    thresholds = thresholds or {}
+    y, p, names = prediction_arrays(frame, task)
+    out: dict[str, Any] = compute_metrics(task, y, p, names, thresholds.get(""))
+    for head in prediction_heads(frame):
+        hy, hp, _ = prediction_arrays(head_frame(frame, head, task), task)
+        out[f"head:{head}"] = compute_metrics(task, hy, hp, names, thresholds.get(head))
+    return out

@@ -48,7 +48,7 @@ from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_o
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
 from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
-from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
+from carebench.data.describe import fold_table, label_counts
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.errors import UserError
 from carebench.evaluation import statistics as st
@@ -84,46 +84,46 @@ class AnalysisResult:
 
 # ------------------------------------------------------------------------------------------------ cohort
 def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
-    """The report's cohort summary, computed from cohort.parquet and manifest.json of the analysed dataset."""
+    """The report's cohort summary, computed from cohort.parquet and what manifest.json declares (the tasks and
+    their label columns), for any dataset."""
     c = ds.cohort
     has = c["has_cxr"].astype(bool)
     n = len(c)
+    folds = fold_table(ds)
+    folds["with_cxr"] = c.assign(with_cxr=has).groupby("fold")["with_cxr"].sum().to_numpy()
+    folds = folds.rename(columns={"subjects": "patients"})
+    binary = [t for t in ds.tasks if ds.task(t).spec.kind == "binary"]
     overview = pd.DataFrame(
         [
-            ("ICU stays", f"{n}"),
+            ("stays", f"{n}"),
             ("patients", f"{c['subject_id'].nunique()}"),
             ("stays with a chest X-ray", f"{int(has.sum())} ({has.mean():.1%})" if n else "0"),
-            (
-                "in-ICU deaths",
-                f"{int(c['label_mortality'].sum())} ({c['label_mortality'].mean():.1%})" if n else "0",
-            ),
+            *((f"{t}: {ds.task(t).display_names[0]}", _count_share(c[ds.task(t).labels[0]])) for t in binary),
+            ("tasks", ", ".join(ds.tasks)),
             ("folds (patient-disjoint)", ", ".join(str(f) for f in sorted(c["fold"].unique()))),
-            ("EHR features x hours", f"{len(ds.features)} x {ds.manifest.get('hours', 48)}"),
+            (
+                "EHR features x time steps",
+                f"{len(ds.features)} x {ds.declarations.steps} ({ds.declarations.step_hours:g} h each)",
+            ),
             ("dataset", str(ds.root)),
         ],
         columns=["item", "value"],
     )
     steps = pd.DataFrame(ds.manifest.get("cohort_steps", []), columns=["step", "rule", "stays"])
-    folds = (
-        c.assign(with_cxr=has)
-        .groupby("fold")
-        .agg(
-            stays=("stay_id", "size"),
-            patients=("subject_id", "nunique"),
-            deaths=("label_mortality", "sum"),
-            with_cxr=("with_cxr", "sum"),
-        )
-        .reset_index()
-    )
     rows = []
-
-    def add(task: str, label: str, name: str, y: pd.Series) -> None:
+    for r in label_counts(ds).to_dict("records"):
+        decl = ds.task(r["task"])
+        if decl.spec.kind == "multiclass":
+            k = decl.output_names.index(r["label"])
+            y = (c[decl.labels[0]] == k).astype(float).where(c[decl.labels[0]].notna())
+        else:
+            y = c[decl.labels[decl.output_names.index(r["label"])]].astype(float)
         ok = y.notna()
         rows.append(
             {
-                "task": task,
-                "label": label,
-                "name": name,
+                "task": r["task"],
+                "label": r["label"],
+                "name": r["name"],
                 "stays": int(ok.sum()),
                 "positives": int(y[ok].sum()),
                 "prevalence": float(y[ok].mean()) if ok.any() else np.nan,
@@ -131,19 +131,17 @@ def cohort_tables(ds: ProcessedDataset) -> dict[str, pd.DataFrame]:
                 "prevalence_without_cxr": float(y[ok & ~has].mean()) if (ok & ~has).any() else np.nan,
             }
         )
-
-    add("mortality", "mortality", "in-ICU death", c["label_mortality"].astype(float))
-    los = c["label_los"].astype(float)
-    for k, name in enumerate(LOS_CLASS_NAMES):
-        add("los", f"los_{k}", name, (los == k).astype(float).where(los.notna()))
-    for ph in load_phenotypes():
-        add("phenotype", ph.column, ph.name, c[ph.column].astype(float))
     return {
         "cohort_overview": overview,
         "cohort_steps": steps,
         "cohort_folds": folds,
         "cohort_labels": pd.DataFrame(rows),
     }
+
+
+def _count_share(y: pd.Series) -> str:
+    ok = y.notna()
+    return f"{int(y[ok].sum())} ({y[ok].mean():.1%})" if ok.any() else "0"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

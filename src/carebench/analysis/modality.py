@@ -138,6 +138,7 @@ class RunPredictor:
             self.model,
             loader,
             self.cfg.task,
+            names=self.fold.outputs,
             seed=self.cfg.seed,
             transform=lambda b: ablate_batch(b, condition),
         )

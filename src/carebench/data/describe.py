@@ -1,8 +1,8 @@
 """`carebench describe`: what is in a processed dataset, as tidy tables (computed) and Rich tables (printed).
 
-Everything is computed from the dataset itself (cohort.parquet, ehr.npy) except the cohort steps, which only
-the manifest knows. `summarize` returns plain DataFrames so tests and notebooks can use the numbers;
-`print_summary` only formats them.
+Everything is computed from the dataset itself (cohort.parquet, ehr.npy) and what its manifest declares (the
+tasks and their label columns), except the cohort steps, which only the producer knows. `summarize` returns plain
+DataFrames so tests and notebooks can use the numbers; `print_summary` only formats them.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from carebench.data.definitions import LOS_CLASS_NAMES, load_phenotypes
 from carebench.data.store import ProcessedDataset
 
 _CHUNK_STAYS = 2048  # stays per block when scanning ehr.npy, so a memory-mapped array is never fully loaded
@@ -23,8 +22,8 @@ _CHUNK_STAYS = 2048  # stays per block when scanning ehr.npy, so a memory-mapped
 @dataclass
 class DatasetSummary:
     steps: pd.DataFrame  # step, rule, stays, excluded
-    folds: pd.DataFrame  # fold, stays, subjects, deaths
-    labels: pd.DataFrame  # task, label, positives, prevalence (mortality, LOS classes, phenotypes)
+    folds: pd.DataFrame  # fold, stays, subjects, then positives per binary task (column = task name)
+    labels: pd.DataFrame  # task, label, name, positives, prevalence: every output of every declared task
     cxr: pd.DataFrame  # item, value
     coverage: pd.DataFrame  # feature, unit, observed_hours, stays_observed, coverage
     n_stays: int
@@ -51,15 +50,34 @@ def feature_coverage(ehr: np.ndarray, features: list[str]) -> pd.DataFrame:
     )
 
 
-def _label_table(cohort: pd.DataFrame) -> pd.DataFrame:
-    n = len(cohort)
-    rows = [("mortality", "in-ICU death", int(cohort["label_mortality"].sum()))]
-    counts = cohort["label_los"].value_counts()
-    rows += [("los", f"class {k}: {name}", int(counts.get(k, 0))) for k, name in enumerate(LOS_CLASS_NAMES)]
-    rows += [("phenotype", p.name, int(cohort[p.column].sum())) for p in load_phenotypes()]
-    df = pd.DataFrame(rows, columns=["task", "label", "positives"])
-    df["prevalence"] = df["positives"] / n if n else 0.0
+def label_counts(ds: ProcessedDataset) -> pd.DataFrame:
+    """Per output of every declared task (declaration order): task, label (output name), name (display name),
+    stays with a label, positives (binary, multilabel) or stays of the class (multiclass)."""
+    rows = []
+    c = ds.cohort
+    for task in ds.tasks:
+        decl = ds.task(task)
+        names = decl.display_names
+        if decl.spec.kind == "multiclass":
+            y = c[decl.labels[0]]
+            for k, (out, name) in enumerate(zip(decl.output_names, names, strict=True)):
+                rows.append((task, out, f"class {k}: {name}", int(y.notna().sum()), int((y == k).sum())))
+        else:
+            for col, out, name in zip(decl.labels, decl.output_names, names, strict=True):
+                y = c[col]
+                rows.append((task, out, name, int(y.notna().sum()), int(y.fillna(0).astype(float).sum())))
+    df = pd.DataFrame(rows, columns=["task", "label", "name", "stays", "positives"])
+    df["prevalence"] = (df["positives"] / df["stays"].where(df["stays"] > 0)).fillna(0.0)
     return df
+
+
+def fold_table(ds: ProcessedDataset) -> pd.DataFrame:
+    """Per fold: stays, subjects, and the positives of every binary task (a column named after the task)."""
+    c = ds.cohort
+    binary = {t: ds.task(t).labels[0] for t in ds.tasks if ds.task(t).spec.kind == "binary"}
+    agg = {"stays": ("stay_id", "size"), "subjects": ("subject_id", "nunique")}
+    agg |= {t: (col, "sum") for t, col in binary.items() if t not in agg}
+    return c.groupby("fold").agg(**agg).reset_index()
 
 
 def _cxr_table(ds: ProcessedDataset) -> pd.DataFrame:
@@ -67,22 +85,16 @@ def _cxr_table(ds: ProcessedDataset) -> pd.DataFrame:
     n = len(c)
     with_img = int(c["has_cxr"].sum())
     rows: list[tuple[str, str]] = [
-        (
-            "X-ray source",
-            ds.manifest.get("options", {}).get("mimic_cxr") or "none (prepared without --mimic-cxr)",
-        ),
         ("stays with an X-ray", f"{with_img} / {n} ({with_img / n:.1%})" if n else "0"),
         ("images in cache", str(0 if ds.cxr is None else ds.cxr.shape[0])),
     ]
     if ds.cxr is not None and ds.cxr.ndim == 3:
         rows.append(("image size", f"{ds.cxr.shape[1]} x {ds.cxr.shape[2]}"))
     if with_img:
-        for view, k in c.loc[c["has_cxr"], "cxr_view"].value_counts().sort_index().items():
-            rows.append((f"view {view}", str(int(k))))
         hours = c.loc[c["has_cxr"], "cxr_hours"]
         rows.append(
             (
-                "hours from ICU admission (median [min, max])",
+                "hours from the window start (median [min, max])",
                 f"{hours.median():.1f} [{hours.min():.1f}, {hours.max():.1f}]",
             )
         )
@@ -94,18 +106,14 @@ def summarize(ds: ProcessedDataset) -> DatasetSummary:
     c = ds.cohort
     steps = pd.DataFrame(ds.manifest.get("cohort_steps", []), columns=["step", "rule", "stays"])
     steps["excluded"] = (steps["stays"].shift(1) - steps["stays"]).fillna(0).astype(int)
-    folds = (
-        c.groupby("fold")
-        .agg(stays=("stay_id", "size"), subjects=("subject_id", "nunique"), deaths=("label_mortality", "sum"))
-        .reset_index()
-    )
+    folds = fold_table(ds)
     coverage = feature_coverage(ds.ehr, ds.features)
     units = ds.manifest.get("feature_units", {})
     coverage.insert(1, "unit", [units.get(f, "") for f in ds.features])
     return DatasetSummary(
         steps=steps,
         folds=folds,
-        labels=_label_table(c),
+        labels=label_counts(ds),
         cxr=_cxr_table(ds),
         coverage=coverage,
         n_stays=len(c),
@@ -130,7 +138,7 @@ def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) 
 
 
 def print_summary(s: DatasetSummary, console: Console, root: str = "") -> None:
-    console.print(f"[bold]{root}[/]: {s.n_stays} ICU stays of {s.n_subjects} patients")
+    console.print(f"[bold]{root}[/]: {s.n_stays} stays of {s.n_subjects} patients")
     console.print(_table("Cohort steps", s.steps))
     console.print(_table("Folds (patient-disjoint)", s.folds))
     console.print(_table("Label prevalence", s.labels, {"prevalence": ".1%"}))

@@ -1,7 +1,13 @@
-"""Which stays a run sees: the five patient-disjoint folds, the cohorts, the label columns of a task and the
-controlled X-ray dropout (torch-free; `data.loading` turns the chosen stays into tensors).
+"""Which stays a run sees: the five patient-disjoint folds, the cohorts and the controlled X-ray dropout
+(torch-free; `data.loading` turns the chosen stays into tensors).
 
-- Folds: test = k, validation = (k mod 5) + 1, train = the other three (`fold_roles`).
+- Fold assignment (`assign_folds`): all stays of a subject share a fold, so a model is never tested on a patient it
+  saw in training. Optionally stratified: a subject's stratum is the maximum of its stays' strata, and subjects
+  are dealt round-robin to folds within each stratum, continuing the deal across strata, so every fold gets the
+  same number of subjects (+-1) overall and per stratum. The dealing order is the SHA-256 of "<seed>:<subject>",
+  not a pseudo-random generator, so the folds depend only on the seed, the subjects and their strata (not on row
+  order, NumPy version or platform).
+- Fold roles: test = k, validation = (k mod 5) + 1, train = the other three (`fold_roles`).
 - Cohorts: `base` keeps every stay (a missing X-ray is handled per stay), `matched` the stays with an X-ray.
 - X-ray dropout removes an exact number of a split's X-rays, chosen from a per-stay hash of (seed, stay_id), so it
   is deterministic per stay and nested across rates (the stays dropped at r are dropped at every r' > r).
@@ -9,14 +15,14 @@ controlled X-ray dropout (torch-free; `data.loading` turns the chosen stays into
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
-from carebench.data.definitions import load_phenotypes
 from carebench.errors import UserError
-from carebench.tasks import get_task
 
 N_FOLDS = 5
 COHORTS = ("base", "matched")
@@ -39,44 +45,58 @@ def fold_roles(fold: int) -> dict[str, tuple[int, ...]]:
     }
 
 
-def label_columns(task: str) -> list[str]:
-    """The cohort.parquet columns holding a task's labels (one per output of a multilabel task, one otherwise)."""
-    spec = get_task(task)
-    if task == "mortality":
-        return ["label_mortality"]
-    if task == "phenotype":
-        return [p.column for p in load_phenotypes()]
-    if task == "los":
-        return ["label_los"]
-    raise LoadingError(f"task {spec.name!r}: the dataset declares no label columns for it")
+def _deal_key(seed: int, subject: int) -> bytes:
+    return hashlib.sha256(f"{seed}:{subject}".encode()).digest()
 
 
-def output_names(task: str) -> list[str]:
-    """Names of a task's outputs (prediction columns `p_<name>`): the task's own name (binary), each label column
-    (multilabel), or `<task>_0` ... `<task>_<K-1>` (multiclass)."""
-    spec = get_task(task)
-    if spec.kind == "binary":
-        return [task]
-    if spec.kind == "multilabel":
-        return label_columns(task)
-    return [f"{task}_{k}" for k in range(spec.num_outputs)]
+def assign_folds(
+    subject_id: pd.Series, seed: int, n_folds: int = N_FOLDS, strata: pd.Series | None = None
+) -> pd.Series:
+    """Fold 1..n_folds for each row of `subject_id` (same index), equal for all rows of a subject."""
+    if n_folds < 2:
+        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
+    subject_id = pd.Series(subject_id)
+    if subject_id.isna().any():
+        raise ValueError("subject_id has missing values")
+    subjects = subject_id.to_numpy(dtype=np.int64)
+    if strata is None:
+        stratum = np.zeros(len(subjects), dtype=np.int64)
+    else:
+        if len(strata) != len(subjects):
+            raise ValueError(f"strata has {len(strata)} rows, subject_id has {len(subjects)}")
+        stratum = pd.Series(strata).to_numpy(dtype=np.int64)
+    per_subject = (
+        pd.DataFrame({"subject": subjects, "stratum": stratum}).groupby("subject", sort=True)["stratum"].max()
+    )
+    table = pd.DataFrame(
+        {
+            "subject": per_subject.index.to_numpy(),
+            "stratum": per_subject.to_numpy(),
+            "key": [_deal_key(int(seed), int(s)) for s in per_subject.index],
+        }
+    )
+    table = table.sort_values(["stratum", "key"], kind="stable").reset_index(drop=True)
+    table["fold"] = (np.arange(len(table)) % n_folds + 1).astype(np.int8)
+    fold_of = dict(zip(table["subject"].to_numpy(), table["fold"].to_numpy(), strict=True))
+    return pd.Series([fold_of[s] for s in subjects], index=subject_id.index, dtype=np.int8, name="fold")
 
 
 def split_rows(
-    cohort: pd.DataFrame, task: str, fold: int, cohort_name: str = "base"
+    cohort: pd.DataFrame, labels: Sequence[str], fold: int, cohort_name: str = "base"
 ) -> dict[str, np.ndarray]:
     """Row indices (into the dataset arrays) of the train / val / test stays of a fold and cohort.
 
-    `base` keeps every stay (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray.
-    Stays whose task label is missing are left out.
+    `labels`: the cohort columns holding the task's labels (the dataset declares them). `base` keeps every stay
+    (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray. Stays whose label is
+    missing are left out.
     """
     if cohort_name not in COHORTS:
         raise LoadingError(f"--cohort must be one of {COHORTS}, got {cohort_name!r}")
     roles = fold_roles(fold)
-    cols = label_columns(task)
+    cols = [labels] if isinstance(labels, str) else list(labels)
     missing = [c for c in cols if c not in cohort.columns]
     if missing:
-        raise LoadingError(f"cohort.parquet: missing label columns {missing} for task {task!r}")
+        raise LoadingError(f"cohort.parquet: missing label columns {missing}")
     keep = cohort[cols].notna().all(axis=1).to_numpy()
     if cohort_name == "matched":
         keep = keep & cohort["has_cxr"].to_numpy(dtype=bool)
@@ -87,7 +107,7 @@ def split_rows(
         if len(rows) == 0:
             raise LoadingError(
                 f"cohort.parquet: the {split} split of fold {fold} ({cohort_name} cohort, "
-                f"task {task}) is empty (folds {list(fs)})"
+                f"labels {cols}) is empty (folds {list(fs)})"
             )
         out[split] = rows
     return out

@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from carebench.data.folds import SPLITS, LoadingError, cxr_dropout, label_columns, split_rows
-from carebench.data.store import ProcessedDataset
+from carebench.data.folds import SPLITS, LoadingError, cxr_dropout, split_rows
+from carebench.data.store import DatasetError, ProcessedDataset
 
 # ImageNet statistics averaged over the three channels: our images are single-channel grayscale.
 CXR_MEAN = (0.485 + 0.456 + 0.406) / 3
@@ -241,10 +241,18 @@ class StayDataset(Dataset):
         self.image_size = int(image_size)
         cohort = data.cohort
         self.stay_ids = cohort["stay_id"].to_numpy(dtype=np.int64)[self.rows]
-        labels = cohort[label_columns(task)].to_numpy()[self.rows]
-        self.labels = labels[:, 0].astype(np.int64) if task == "los" else labels.astype(np.float32)
-        if task == "los" and (self.labels.min() < 0 or self.labels.max() > 6):
-            raise LoadingError("cohort.parquet: label_los must be a class 0..6")
+        declared = _declared(data, task)
+        spec = declared.spec
+        labels = cohort[list(declared.labels)].to_numpy(dtype=np.float64)[self.rows]
+        if spec.kind == "multiclass":
+            k = spec.num_outputs
+            if len(labels) and (np.isnan(labels).any() or labels.min() < 0 or labels.max() > k - 1):
+                raise LoadingError(
+                    f"cohort.parquet: column {declared.labels[0]!r} (task {task!r}) must be a class 0..{k - 1}"
+                )
+            self.labels = labels[:, 0].astype(np.int64)
+        else:
+            self.labels = labels.astype(np.float32)
         has = cohort["has_cxr"].to_numpy(dtype=bool)[self.rows]
         if data.cxr is None:
             has = np.zeros_like(has)
@@ -317,6 +325,14 @@ def make_loader(
 
 
 # ------------------------------------------------------------------------------------------------- a fold
+def _declared(data: ProcessedDataset, task: str):
+    """The dataset's declaration of `task` (a `LoadingError` naming the declared tasks otherwise)."""
+    try:
+        return data.task(task)
+    except DatasetError as e:
+        raise LoadingError(str(e)) from None
+
+
 @dataclass
 class FoldData:
     """The three datasets of one fold plus what a run records about them."""
@@ -326,6 +342,7 @@ class FoldData:
     test: StayDataset
     stats: NormStats
     features: list[str]
+    outputs: list[str]  # the task's output names (prediction columns p_<name>)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -352,7 +369,8 @@ def build_fold(
     """Split a processed dataset for one fold, compute training statistics, and apply X-ray dropout."""
     if cohort == "matched" and data.cxr is None:
         raise LoadingError(f"{data.root}: the matched cohort needs the X-ray cache cxr.npy, which is missing")
-    rows = split_rows(data.cohort, task, fold, cohort)
+    declared = _declared(data, task)
+    rows = split_rows(data.cohort, declared.labels, fold, cohort)
     age_mean, age_std = compute_age_stats(data.cohort, rows["train"])
     stats = replace(compute_norm_stats(data.ehr, rows["train"]), age_mean=age_mean, age_std=age_std)
     rates = {s: 0.0 for s in SPLITS} | dict(cxr_dropout_rates or {})
@@ -369,5 +387,10 @@ def build_fold(
         dropped = cxr_dropout(stay_ids[r], has[r], rates[split], cxr_dropout_seed)
         sets[split] = StayDataset(data, r, task, stats, image_size, dropped=dropped, load_cxr=load_cxr)
     return FoldData(
-        train=sets["train"], val=sets["val"], test=sets["test"], stats=stats, features=list(data.features)
+        train=sets["train"],
+        val=sets["val"],
+        test=sets["test"],
+        stats=stats,
+        features=list(data.features),
+        outputs=declared.output_names,
     )

@@ -33,18 +33,13 @@ from fairlearn.metrics import MetricFrame, count, false_positive_rate, selection
 from sklearn import metrics as skm
 
 from carebench.errors import UserError
-from carebench.evaluation.metrics import expected_calibration_error
-from carebench.evaluation.options import ATTRIBUTES, DEFAULTS
+from carebench.evaluation.metrics import MetricInputError, expected_calibration_error
+from carebench.evaluation.metrics import choose_threshold as _choose_threshold
+from carebench.evaluation.options import DEFAULTS, RESERVED_ATTRIBUTE_NAMES
 from carebench.evaluation.statistics import bootstrap_weights, weighted_rank_metrics
 
 AGE_EDGES = (0.0, 40.0, 60.0, 80.0, math.inf)
 AGE_LABELS = ("0-40", "40-60", "60-80", "80+")
-INTERSECTIONS = (
-    ("race_group", "gender"),
-    ("age_band", "race_group"),
-    ("age_band", "gender"),
-    ("race_group", "insurance"),
-)
 METRICS = ("auroc", "auprc", "tpr", "fpr", "ece", "positive_rate")
 # Which direction is better, for "worst group": None = no direction (a selection rate is neither good nor bad).
 HIGHER_IS_BETTER = {
@@ -61,18 +56,7 @@ MACRO = "macro"
 JOIN = " & "  # display label of an intersection; the attribute columns hold the exact values
 MIN_CORRELATION_GROUPS = 3  # with two groups a Pearson correlation is always +-1
 THRESHOLD_RULES = ("youden", "f1")
-_RESERVED = {
-    "label",
-    "attribute",
-    "group",
-    "n",
-    "n_pos",
-    "threshold",
-    "missing_cxr_rate",
-    "suppressed",
-    "prevalence",
-    *METRICS,
-}
+_RESERVED = RESERVED_ATTRIBUTE_NAMES | set(METRICS)
 
 
 class FairnessInputError(UserError, ValueError):
@@ -97,18 +81,6 @@ def age_bands(age: Sequence[float] | pd.Series | np.ndarray) -> pd.Series:
     return pd.Series(bands, index=index, name="age_band")
 
 
-def cohort_groups(cohort: pd.DataFrame) -> pd.DataFrame:
-    """The group attributes of each stay from cohort.parquet columns: age -> age_band, the others as they are."""
-    need = ["stay_id", "age", "gender", "race_group", "admission_type", "insurance", "has_cxr"]
-    missing = [c for c in need if c not in cohort.columns]
-    if missing:
-        raise FairnessInputError(f"cohort.parquet: missing columns {missing} (needed for fairness groups)")
-    out = cohort[need].drop(columns="age").copy()
-    out.insert(1, "age_band", age_bands(cohort["age"]).to_numpy())
-    out["has_cxr"] = cohort["has_cxr"].astype(bool).to_numpy()
-    return out.reset_index(drop=True)
-
-
 def _as_labels(col: pd.Series) -> pd.Series:
     """Group values as strings; missing -> "Unknown" (bool -> "True"/"False", categories by their label)."""
     s = col.astype(object)
@@ -116,9 +88,12 @@ def _as_labels(col: pd.Series) -> pd.Series:
 
 
 def _specs(
-    groups: pd.DataFrame, attributes: Iterable[str], intersections: Iterable[Sequence[str]]
+    groups: pd.DataFrame, attributes: Iterable[str] | None, intersections: Iterable[Sequence[str]]
 ) -> list[tuple[str, tuple[str, ...]]]:
-    """(attribute name, columns) for the overall row, each attribute and each intersection; validated."""
+    """(attribute name, columns) for the overall row, each attribute and each intersection; validated.
+    `attributes` None = every column of `groups`."""
+    if attributes is None:
+        attributes = list(groups.columns)
     attributes = [attributes] if isinstance(attributes, str) else list(attributes)
     inter = [tuple(i) for i in intersections]
     for cols in inter:
@@ -233,49 +208,13 @@ def _prepare(y_true, p, threshold, labels, n_groups: int) -> _Problem:
 
 # ------------------------------------------------------------------------------------------------ thresholds
 def choose_threshold(y_val, p_val, rule: str | float = "youden") -> float | np.ndarray:
-    """Decision threshold(s) from VALIDATION predictions (never the test set); decisions are `p >= threshold`.
-
-    rule "youden": the score maximising TPR - FPR; "f1": the score maximising F1; a number in [0, 1]: that
-    number. Ties go to the highest threshold (fewest positive decisions). The chosen value is one of the scores.
-    `y_val` [n] gives a float (an error if the validation labels have one class); [n, L] gives one threshold
-    per label, NaN for a label with one class in validation: its TPR, FPR and positive rate are then reported
-    as undefined (NaN) rather than blocking the other labels.
-    """
-    if not isinstance(rule, str):
-        if isinstance(rule, bool) or not isinstance(rule, int | float) or not 0.0 <= rule <= 1.0:
-            raise FairnessInputError(
-                f"threshold rule: expected 'youden', 'f1' or a number in [0, 1], got {rule!r}"
-            )
-        return float(rule)
-    if rule not in THRESHOLD_RULES:
-        raise FairnessInputError(
-            f"threshold rule: expected one of {THRESHOLD_RULES} or a number, got {rule!r}"
-        )
-    y = np.asarray(y_val)
-    s = np.asarray(p_val, dtype=np.float64)
-    if y.shape != s.shape or y.ndim not in (1, 2):
-        raise FairnessInputError(f"choose_threshold: validation labels {y.shape} and scores {s.shape} differ")
-    if y.ndim == 2:
-        return np.array(
-            [
-                choose_threshold(y[:, j], s[:, j], rule) if _both(y[:, j]) else np.nan
-                for j in range(y.shape[1])
-            ]
-        )
-    if not (np.any(y == 1) and np.any(y == 0)):
-        raise FairnessInputError(
-            f"choose_threshold: the validation labels have one class only; rule {rule!r} "
-            "needs both (pass a fixed threshold)"
-        )
-    if rule == "youden":
-        fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
-        j = (tpr - fpr)[1:]  # thresholds decrease; index 0 is +inf (no positive decision)
-        return float(thr[1:][int(np.argmax(j))])  # first maximum = highest threshold
-    prec, rec, thr = skm.precision_recall_curve(y, s)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.nan_to_num(2 * prec[:-1] * rec[:-1] / (prec[:-1] + rec[:-1]))
-    best = np.flatnonzero(f1 == f1.max())
-    return float(thr[best[-1]])  # thresholds increase: last maximum = highest threshold
+    """`metrics.choose_threshold` (thresholds from VALIDATION predictions, never the test set): "youden" maximises
+    TPR - FPR, "f1" maximises F1, a number is used as it is; per label for [n, L] inputs, NaN for a label with
+    one class in validation (its TPR, FPR and positive rate are then reported as undefined)."""
+    try:
+        return _choose_threshold(y_val, p_val, rule)
+    except MetricInputError as e:
+        raise FairnessInputError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------------ kernels
@@ -488,8 +427,8 @@ def group_metrics(
     threshold: float | Sequence[float] | None = None,
     *,
     labels: Sequence[str] | None = None,
-    attributes: Iterable[str] = ATTRIBUTES,
-    intersections: Iterable[Sequence[str]] = INTERSECTIONS,
+    attributes: Iterable[str] | None = None,
+    intersections: Iterable[Sequence[str]] = (),
     min_group_size: int = 10,
     cxr_available=None,
     n_bins: int = 10,
@@ -759,8 +698,8 @@ def bootstrap_fairness(
     threshold: float | Sequence[float] | None = None,
     *,
     labels: Sequence[str] | None = None,
-    attributes: Iterable[str] = ATTRIBUTES,
-    intersections: Iterable[Sequence[str]] = INTERSECTIONS,
+    attributes: Iterable[str] | None = None,
+    intersections: Iterable[Sequence[str]] = (),
     min_group_size: int = 10,
     n_bins: int = 10,
     n_resamples: int = DEFAULTS.n_bootstrap,

@@ -7,7 +7,11 @@ sklearn's), and defines the degenerate cases:
 
 - A rank metric (AUROC, AUPRC) of a label with only one class in `y_true` is NaN; macro / weighted averages are
   taken over the labels where it is defined (with every label defined they equal sklearn's averages).
-- Threshold metrics use `p >= threshold` (0.5, i.e. logit >= 0) and sklearn's `zero_division=0`.
+- Threshold metrics (binary accuracy, F1, precision, recall = sensitivity, specificity; multilabel macro F1) use
+  `p >= threshold` and sklearn's `zero_division=0`. The threshold is an argument: a run chooses it on its
+  VALIDATION predictions by its task's rule (`choose_threshold`, `task_thresholds`: max F1 or Youden per output)
+  and passes it; without one the functions fall back to 0.5 (logit >= 0), the kernels' neutral default. A label
+  whose threshold is NaN (one class in validation) has no thresholded metric.
 - ECE: 10 equal-width bins [i/10, (i+1)/10), the last one closed so p = 1 counts; sum over bins of
   (bin size / n) x |mean p - mean y|.
 
@@ -20,7 +24,7 @@ import numpy as np
 from sklearn import metrics as skm
 
 from carebench.errors import UserError
-from carebench.tasks import get_task
+from carebench.tasks import THRESHOLD_RULES, get_task
 
 
 class MetricInputError(UserError, ValueError):
@@ -55,35 +59,110 @@ def expected_calibration_error(y_true: np.ndarray, p: np.ndarray, n_bins: int = 
     return float(np.sum(np.abs(sum_p[nz] - sum_y[nz])) / len(y))
 
 
+def choose_threshold(y_val, p_val, rule: str | float = "youden") -> float | np.ndarray:
+    """Decision threshold(s) from VALIDATION predictions (never the test set); decisions are `p >= threshold`.
+
+    rule "youden": the score maximising TPR - FPR; "f1": the score maximising F1; a number in [0, 1]: that
+    number. Ties go to the highest threshold (fewest positive decisions). The chosen value is one of the scores.
+    `y_val` [n] gives a float (an error if the validation labels have one class); [n, L] gives one threshold
+    per label, NaN for a label with one class in validation.
+    """
+    if not isinstance(rule, str):
+        if isinstance(rule, bool) or not isinstance(rule, int | float) or not 0.0 <= rule <= 1.0:
+            raise MetricInputError(
+                f"threshold rule: expected 'youden', 'f1' or a number in [0, 1], got {rule!r}"
+            )
+        return float(rule)
+    if rule not in ("youden", "f1"):
+        raise MetricInputError(f"threshold rule: expected one of ('youden', 'f1') or a number, got {rule!r}")
+    y = np.asarray(y_val)
+    s = np.asarray(p_val, dtype=np.float64)
+    if y.shape != s.shape or y.ndim not in (1, 2):
+        raise MetricInputError(f"choose_threshold: validation labels {y.shape} and scores {s.shape} differ")
+    if y.ndim == 2:
+        return np.array(
+            [
+                choose_threshold(y[:, j], s[:, j], rule) if _both_classes(y[:, j]) else np.nan
+                for j in range(y.shape[1])
+            ]
+        )
+    if not _both_classes(y):
+        raise MetricInputError(
+            f"choose_threshold: the validation labels have one class only; rule {rule!r} "
+            "needs both (pass a fixed threshold)"
+        )
+    if rule == "youden":
+        fpr, tpr, thr = skm.roc_curve(y, s, drop_intermediate=False)
+        j = (tpr - fpr)[1:]  # thresholds decrease; index 0 is +inf (no positive decision)
+        return float(thr[1:][int(np.argmax(j))])  # first maximum = highest threshold
+    prec, rec, thr = skm.precision_recall_curve(y, s)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * prec[:-1] * rec[:-1] / (prec[:-1] + rec[:-1]))
+    best = np.flatnonzero(f1 == f1.max())
+    return float(thr[best[-1]])  # thresholds increase: last maximum = highest threshold
+
+
+def task_thresholds(task: str, y_val: np.ndarray, p_val: np.ndarray) -> np.ndarray | None:
+    """The decision thresholds of a task's outputs by its rule (`TaskSpec.threshold`), chosen on VALIDATION
+    predictions: [outputs] (NaN for an output whose validation labels have one class), or None for a multiclass
+    task (decided by the argmax class)."""
+    spec = get_task(task)
+    if spec.threshold not in THRESHOLD_RULES[spec.kind]:
+        raise MetricInputError(
+            f"task {task!r}: threshold rule {spec.threshold!r} does not fit a {spec.kind} task"
+        )
+    if spec.kind == "multiclass":
+        return None
+    y = np.asarray(y_val).reshape(len(y_val), -1)
+    p = np.asarray(p_val, dtype=np.float64).reshape(len(p_val), -1)
+    return np.asarray(choose_threshold(y, p, spec.threshold), dtype=np.float64)
+
+
 def binary_metrics(y_true: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
-    """AUROC, AUPRC (average precision), accuracy, F1, precision, recall, specificity, Brier, ECE."""
+    """AUROC, AUPRC (average precision), and at `threshold` accuracy, F1, precision, recall (= sensitivity),
+    specificity; Brier, ECE. A NaN threshold (undefined on validation) leaves the thresholded metrics NaN."""
     y = np.asarray(y_true).ravel().astype(np.int64)
     p = _check_probs(p, "binary metrics").ravel()
     if y.shape != p.shape:
         raise MetricInputError(f"binary metrics: {len(y)} labels but {len(p)} scores")
-    pred = (p >= threshold).astype(np.int64)
     ranked = _both_classes(y)
-    return {
+    out = {
         "auroc": float(skm.roc_auc_score(y, p)) if ranked else float("nan"),
         "auprc": float(skm.average_precision_score(y, p)) if ranked else float("nan"),
-        "accuracy": float(skm.accuracy_score(y, pred)),
-        "f1": float(skm.f1_score(y, pred, zero_division=0)),
-        "precision": float(skm.precision_score(y, pred, zero_division=0)),
-        "recall": float(skm.recall_score(y, pred, zero_division=0)),
-        "specificity": float(skm.recall_score(y, pred, pos_label=0, zero_division=0)),
+        "accuracy": float("nan"),
+        "f1": float("nan"),
+        "precision": float("nan"),
+        "recall": float("nan"),
+        "specificity": float("nan"),
         "brier": float(skm.brier_score_loss(y, p, labels=[0, 1])),
         "ece": expected_calibration_error(y, p),
         "prevalence": float(y.mean()) if len(y) else float("nan"),
         "n": len(y),
     }
+    if not np.isnan(threshold):
+        pred = (p >= threshold).astype(np.int64)
+        out.update(
+            accuracy=float(skm.accuracy_score(y, pred)),
+            f1=float(skm.f1_score(y, pred, zero_division=0)),
+            precision=float(skm.precision_score(y, pred, zero_division=0)),
+            recall=float(skm.recall_score(y, pred, zero_division=0)),
+            specificity=float(skm.recall_score(y, pred, pos_label=0, zero_division=0)),
+        )
+    return out
 
 
-def multilabel_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, float]:
-    """Per label AUROC / AUPRC / prevalence, and their macro, micro and (positive-support) weighted averages."""
+def multilabel_metrics(
+    y_true: np.ndarray, p: np.ndarray, names: list[str], thresholds: np.ndarray | float | None = None
+) -> dict[str, float]:
+    """Per label AUROC / AUPRC / prevalence, and their macro, micro and (positive-support) weighted averages; the
+    macro F1 at the per-label `thresholds` (default 0.5), over the labels whose threshold is defined."""
     y = np.asarray(y_true).astype(np.int64)
     p = _check_probs(p, "multilabel metrics")
     if y.shape != p.shape or y.ndim != 2 or y.shape[1] != len(names):
         raise MetricInputError(f"multilabel metrics: labels {y.shape}, scores {p.shape}, {len(names)} names")
+    thr = np.broadcast_to(
+        np.asarray(0.5 if thresholds is None else thresholds, dtype=np.float64), (len(names),)
+    )
     out: dict[str, float] = {}
     auroc = np.full(len(names), np.nan)
     auprc = np.full(len(names), np.nan)
@@ -107,6 +186,12 @@ def multilabel_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str]) -> d
     out["auprc_micro"] = (
         float(skm.average_precision_score(y, p, average="micro")) if flat_ok else float("nan")
     )
+    decided = ~np.isnan(thr)
+    f1 = [
+        skm.f1_score(y[:, j], (p[:, j] >= thr[j]).astype(np.int64), zero_division=0)
+        for j in np.flatnonzero(decided)
+    ]
+    out["f1_macro"] = float(np.mean(f1)) if f1 else float("nan")
     out["n_labels_defined"] = int(ok.sum())
     out["n"] = len(y)
     return out
@@ -151,11 +236,22 @@ def multiclass_metrics(y_true: np.ndarray, p: np.ndarray, names: list[str] | Non
     return out
 
 
-def compute_metrics(task: str, y_true: np.ndarray, p: np.ndarray, names: list[str]) -> dict[str, float]:
-    """Metrics of a task's probabilities, by the task's kind (`tasks`): binary, multilabel or multiclass."""
+def compute_metrics(
+    task: str,
+    y_true: np.ndarray,
+    p: np.ndarray,
+    names: list[str],
+    thresholds: np.ndarray | float | None = None,
+) -> dict[str, float]:
+    """Metrics of a task's probabilities, by the task's kind (`tasks`): binary, multilabel or multiclass.
+
+    `thresholds`: the decision thresholds of the outputs, chosen on validation (`task_thresholds`); without them
+    the thresholded metrics are at 0.5. Multiclass decides by the argmax class (no threshold).
+    """
     kind = get_task(task).kind
     if kind == "binary":
-        return binary_metrics(y_true, p)
+        t = 0.5 if thresholds is None else float(np.asarray(thresholds, dtype=np.float64).reshape(-1)[0])
+        return binary_metrics(y_true, p, threshold=t)
     if kind == "multilabel":
-        return multilabel_metrics(y_true, p, names)
+        return multilabel_metrics(y_true, p, names, thresholds)
     return multiclass_metrics(y_true, p, names)

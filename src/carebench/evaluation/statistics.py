@@ -19,6 +19,12 @@ as wt [items, R] (R weightings side by side, so a step over the items adds conti
 - every other metric is a function of weighted sums of per-stay quantities (confusion-matrix cells, squared
   errors, calibration-bin sums), i.e. one matrix product.
 
+Thresholded metrics (binary accuracy/F1/precision/recall/specificity, multilabel macro F1) decide `p >= t` with
+the `thresholds` given: one per output, or one per stay and output, as the analysis passes them (each stay's
+threshold chosen on the validation split of the run that predicted it; in a paired test each prediction keeps its
+own model's threshold). Without thresholds the decision is at 0.5; a NaN threshold makes the output undecided
+(its thresholded metrics NaN).
+
 Degenerate resamples: a rank metric is undefined (NaN) on a resample without both classes; an average over
 labels or classes (macro, weighted) is undefined when any label or class defined on the full data lost a class,
 so every resample averages the same labels. Such resamples are skipped and counted (`n_valid`). Details and the
@@ -36,6 +42,7 @@ from scipy.special import ndtr, ndtri
 from carebench.errors import UserError
 from carebench.evaluation.metrics import _check_probs
 from carebench.evaluation.options import DEFAULTS, GROUP_SEP, label_groups_problem
+from carebench.tasks import OVERALL_METRICS, THRESHOLDED_METRICS
 
 # Working memory of one rank-kernel call (bytes); the kernel splits the rows of W to stay below it.
 CHUNK_BYTES = 32 * 2**20
@@ -46,16 +53,9 @@ MAX_EXACT_STAYS = 20
 # Null statistics within this distance of the observed one count as "as extreme" (floating-point ties).
 TIE_TOLERANCE = 1e-12
 
-_BINARY_METRICS = ("auroc", "auprc", "accuracy", "f1", "precision", "recall", "specificity", "brier", "ece")
-_MULTILABEL_AGG = (
-    "auroc_macro",
-    "auprc_macro",
-    "auroc_weighted",
-    "auprc_weighted",
-    "auroc_micro",
-    "auprc_micro",
-)
-_MULTICLASS_METRICS = ("accuracy", "f1_macro", "f1_weighted", "kappa", "kappa_linear", "auroc_ovr_macro")
+_BINARY_METRICS = OVERALL_METRICS["binary"]
+_MULTILABEL_AGG = OVERALL_METRICS["multilabel"]
+_MULTICLASS_METRICS = OVERALL_METRICS["multiclass"]
 ALTERNATIVES = ("two-sided", "greater", "less")
 CI_METHODS = ("percentile", "bca")
 
@@ -378,8 +378,10 @@ class _MetricSet:
         keys: Sequence[str],
         paired: bool = False,
         groups: Mapping[str, Sequence[str]] | None = None,
+        thresholds: np.ndarray | None = None,
     ):
         self.kind = task_kind(y, p)
+        self.thresholds = _item_thresholds(thresholds, p, self.kind)
         self.paired = paired
         self.names = list(names)
         self.groups = check_label_groups(groups, self.names) if self.kind == "multilabel" else {}
@@ -400,10 +402,11 @@ class _MetricSet:
 
     def _setup_binary(self, y: np.ndarray, p: np.ndarray) -> None:
         y = _binary_labels(y, "labels").astype(np.float64)
+        self.undecided = bool(np.isnan(self.thresholds).any())
         if {"auroc", "auprc"} & set(self.keys):
             self.channels["score"] = _rank_channel(p, y, paired=self.paired)
         if self._needs_additive(("auroc", "auprc")):
-            pred = (p >= 0.5).astype(np.float64)
+            pred = (p >= self.thresholds).astype(np.float64)
             b = np.minimum((p * 10).astype(np.int64), 9)
             onehot = np.eye(10)[b]
             self.features = np.column_stack(
@@ -438,8 +441,15 @@ class _MetricSet:
         if "auroc_micro" in self.keys or "auprc_micro" in self.keys:
             items = np.repeat(np.arange(len(y)), y.shape[1])
             self.channels["__micro__"] = _rank_channel(p.ravel(), y.ravel(), items, paired=self.paired)
+        parts = []
         if any(k.endswith("_weighted") for k in self.keys):
-            self.features = y.astype(np.float64)  # weighted positive support of every label
+            parts.append(y.astype(np.float64))  # weighted positive support of every label
+        self.decided = np.flatnonzero(~np.isnan(self.thresholds).any(axis=0))  # labels with a threshold
+        if "f1_macro" in self.keys:
+            yf = y.astype(np.float64)
+            pred = (p >= self.thresholds).astype(np.float64)
+            parts += [yf * pred, (1 - yf) * pred, yf * (1 - pred)]  # tp, fp, fn of every label
+        self.features = np.concatenate(parts, axis=1) if parts else None
 
     def _setup_multiclass(self, y: np.ndarray, p: np.ndarray) -> None:
         k = p.shape[1]
@@ -501,6 +511,9 @@ class _MetricSet:
                 brier=sq / total,
                 ece=np.abs(sums[:, 5:15] - sums[:, 15:25]).sum(axis=1) / total,
             )
+            if self.undecided:
+                for k in THRESHOLDED_METRICS["binary"]:
+                    out[k] = np.full(len(total), np.nan)
         return out
 
     def _finish_multilabel(self, ranks, sums, total) -> dict[str, np.ndarray]:
@@ -511,6 +524,13 @@ class _MetricSet:
         if "__micro__" in ranks:
             out["auroc_micro"], out["auprc_micro"] = ranks["__micro__"]
         r = len(total)
+        n_labels = len(self.names)
+        weighted_cols = n_labels if any(k.endswith("_weighted") for k in self.keys) else 0
+        if "f1_macro" in self.keys:
+            cells = sums[:, weighted_cols:].reshape(r, 3, n_labels)[:, :, self.decided]
+            tp, fp, fn = cells[:, 0], cells[:, 1], cells[:, 2]
+            f1 = self._ratio(2 * tp, 2 * tp + fp + fn)
+            out["f1_macro"] = f1.mean(axis=1) if len(self.decided) else np.full(r, np.nan)
         for i, metric in enumerate(("auroc", "auprc")):
             if not self.defined:
                 out[f"{metric}_macro"] = out[f"{metric}_weighted"] = np.full(r, np.nan)
@@ -520,7 +540,7 @@ class _MetricSet:
                 continue
             vals = np.column_stack([ranks[nm][i] for nm in keys])
             out[f"{metric}_macro"] = vals.mean(axis=1)  # NaN if any defined label lost a class
-            if sums is not None:
+            if weighted_cols:
                 support = sums[:, self.defined]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     out[f"{metric}_weighted"] = (vals * support).sum(axis=1) / support.sum(axis=1)
@@ -569,6 +589,28 @@ class _MetricSet:
         return out
 
 
+def _item_thresholds(thresholds, p: np.ndarray, kind: str) -> np.ndarray:
+    """Decision thresholds broadcast to the scores' shape ([n] binary, [n, L] multilabel): 0.5 by default; one
+    per output, or one per stay (and output). Not used by multiclass (argmax)."""
+    if kind == "multiclass" or thresholds is None:
+        return np.full(p.shape, 0.5)
+    t = np.asarray(thresholds, dtype=np.float64)
+    if kind == "multilabel" and t.ndim == 1 and t.shape[0] == p.shape[1]:
+        t = t[None, :]
+    elif kind == "binary" and t.ndim == 2 and t.shape[1] == 1:
+        t = t[:, 0]
+    try:
+        t = np.broadcast_to(t, p.shape)
+    except ValueError:
+        raise StatisticsInputError(
+            f"thresholds of shape {np.shape(thresholds)} do not fit scores of shape {p.shape} (one per output, or "
+            "one per stay and output)"
+        ) from None
+    if np.any((t < 0) | (t > 1)):
+        raise StatisticsInputError("thresholds must be in [0, 1] (NaN = undecided)")
+    return t
+
+
 def prepare_predictions(y, p, names: Sequence[str] | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Validated arrays and label / class names (default "0", "1", ...)."""
     try:
@@ -598,11 +640,12 @@ def metric_values(
     names: Sequence[str] | None = None,
     weights: np.ndarray | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The vectorised metrics for integer weightings [R, n] of the stays (default: one row of ones)."""
     y, p, names = prepare_predictions(y_true, p, names)
     wt = np.ones((len(y), 1), dtype=np.int32) if weights is None else _weights_t(weights, len(y))
-    return _MetricSet(y, p, names, metrics, groups=groups).evaluate(wt)
+    return _MetricSet(y, p, names, metrics, groups=groups, thresholds=thresholds).evaluate(wt)
 
 
 # ------------------------------------------------------------------------------------------ bootstrap
@@ -754,6 +797,7 @@ def bootstrap_ci(
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> BootstrapResult:
     """Bootstrap confidence interval of one metric (stays resampled with replacement).
 
@@ -771,6 +815,7 @@ def bootstrap_ci(
         method=method,
         stratify=stratify,
         groups=groups,
+        thresholds=thresholds,
     )[metric]
 
 
@@ -786,11 +831,12 @@ def bootstrap_cis(
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds: np.ndarray | None = None,
 ) -> dict[str, BootstrapResult]:
     """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
     y, p, names = prepare_predictions(y_true, p, names)
     check_ci_options(ci, method, n_resamples, "n_resamples")
-    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups)]
+    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups, thresholds=thresholds)]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
 
@@ -807,6 +853,8 @@ def paired_bootstrap_ci(
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds_a: np.ndarray | None = None,
+    thresholds_b: np.ndarray | None = None,
 ) -> BootstrapResult:
     """Bootstrap confidence interval of metric(a) - metric(b) on the same stays (one resample serves both)."""
     return paired_bootstrap_cis(
@@ -821,6 +869,8 @@ def paired_bootstrap_ci(
         method=method,
         stratify=stratify,
         groups=groups,
+        thresholds_a=thresholds_a,
+        thresholds_b=thresholds_b,
     )[metric]
 
 
@@ -837,14 +887,20 @@ def paired_bootstrap_cis(
     method: str = "percentile",
     stratify: bool = False,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds_a: np.ndarray | None = None,
+    thresholds_b: np.ndarray | None = None,
 ) -> dict[str, BootstrapResult]:
-    """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass."""
+    """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass (each model's predictions
+    decided at its own thresholds)."""
     y, p_a, names = prepare_predictions(y_true, p_a, names)
     _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
     check_ci_options(ci, method, n_resamples, "n_resamples")
     keys = list(dict.fromkeys(metrics))
-    sets = [_MetricSet(y, p_a, names, keys, groups=groups), _MetricSet(y, p_b, names, keys, groups=groups)]
+    sets = [
+        _MetricSet(y, p_a, names, keys, groups=groups, thresholds=thresholds_a),
+        _MetricSet(y, p_b, names, keys, groups=groups, thresholds=thresholds_b),
+    ]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
 
 
@@ -912,10 +968,22 @@ def _permutation_many(
     seed: int,
     alternative: str,
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds_a: np.ndarray | None = None,
+    thresholds_b: np.ndarray | None = None,
 ) -> dict[str, PermutationResult]:
     n = len(y)
+    kind = task_kind(y, p_a)
+    thr = np.concatenate(
+        [_item_thresholds(thresholds_a, p_a, kind), _item_thresholds(thresholds_b, p_b, kind)]
+    )
     pooled = _MetricSet(
-        np.concatenate([y, y]), np.concatenate([p_a, p_b]), names, keys, paired=True, groups=groups
+        np.concatenate([y, y]),
+        np.concatenate([p_a, p_b]),
+        names,
+        keys,
+        paired=True,
+        groups=groups,
+        thresholds=thr,
     )
     identity = np.concatenate([np.ones(n), np.zeros(n)]).astype(np.uint8)[:, None]
     obs_a, obs_b = pooled.evaluate_swapped(identity)
@@ -959,6 +1027,8 @@ def paired_permutation_test(
     seed: int = DEFAULTS.seed,
     alternative: str = "two-sided",
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds_a: np.ndarray | None = None,
+    thresholds_b: np.ndarray | None = None,
 ) -> PermutationResult:
     """Paired permutation test of T = metric(a) - metric(b) on the same stays.
 
@@ -977,6 +1047,8 @@ def paired_permutation_test(
         seed=seed,
         alternative=alternative,
         groups=groups,
+        thresholds_a=thresholds_a,
+        thresholds_b=thresholds_b,
     )[metric]
 
 
@@ -991,12 +1063,16 @@ def paired_permutation_tests(
     seed: int = DEFAULTS.seed,
     alternative: str = "two-sided",
     groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds_a: np.ndarray | None = None,
+    thresholds_b: np.ndarray | None = None,
 ) -> dict[str, PermutationResult]:
-    """`paired_permutation_test` of several metrics (e.g. every phenotype) on the same permutations, in one pass."""
+    """`paired_permutation_test` of several metrics (e.g. every label) on the same permutations, in one pass. A
+    swapped stay carries its model's threshold with its score (the decision belongs to the prediction)."""
     y, p_a, names = prepare_predictions(y_true, p_a, names)
     _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
     check_test_options(alternative, n_permutations)
     return _permutation_many(
-        y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative, groups
-    )
+        y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative, groups,
+        thresholds_a, thresholds_b,
+    )  # fmt: skip

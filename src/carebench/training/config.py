@@ -22,9 +22,8 @@ import yaml
 
 from carebench import runs
 from carebench.data.folds import COHORTS, N_FOLDS
-from carebench.data.store import dataset_fingerprint
+from carebench.data.store import DatasetError, dataset_declarations, dataset_fingerprint
 from carebench.errors import UserError
-from carebench.tasks import get_task
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-friendly: 64 px images, small encoders (model presets: resnet_small, 64-wide EHR encoders), batch 32,
@@ -221,7 +220,14 @@ def resolve_config(
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    get_task(task)
+    try:
+        declared = dataset_declarations(data).tasks
+    except DatasetError as e:
+        raise ConfigError(f"--data: {e}") from None
+    if task not in declared:
+        raise ConfigError(
+            f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
+        )
     cls = get_model_class(model)
     values: dict[str, Any] = dict(PRESETS[preset])
     model_over: dict[str, Any] = {}

@@ -23,11 +23,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from carebench import runs
-from carebench.data.folds import output_names
 from carebench.data.loading import augment_cxr
 from carebench.evaluation.metrics import compute_metrics
 from carebench.models.base import BaseModel, ModelOutput
-from carebench.tasks import get_task
+from carebench.tasks import default_output_names, get_task
 from carebench.training.predict import probabilities
 
 
@@ -49,13 +48,14 @@ class CareBenchModule(pl.LightningModule):
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
         augment: bool = True,
+        names: list[str] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.task = task
         self.spec = get_task(task)
         self.kind = self.spec.kind
-        self.names = output_names(task)
+        self.names = list(names) if names is not None else default_output_names(self.spec)
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
         self.augment = augment and "cxr" in getattr(model, "modalities", ("cxr",))
@@ -196,6 +196,8 @@ class CareBenchModule(pl.LightningModule):
         self.log(f"val/{self.selection}", self.val_metrics[self.selection], prog_bar=True)
 
     def on_test_epoch_end(self) -> None:
+        """Test metrics and predictions. The thresholded metrics here are at 0.5: a run records them at its
+        validation thresholds instead (`runs.frame_metrics`, called by training.run on these predictions)."""
         arr = self._collect()
         if not arr:
             return

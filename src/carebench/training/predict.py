@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from carebench import runs
-from carebench.data.folds import output_names
 from carebench.data.loading import FoldData, build_fold
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.models import BaseModel, create_model, get_model_class
@@ -61,12 +60,13 @@ def predict_frame(
     batches: Iterable[Batch],
     task: str,
     *,
+    names: list[str],
     seed: int,
     transform: Callable[[Batch], Batch] | None = None,
 ) -> pd.DataFrame:
-    """The model's predictions of every batch (optionally `transform`ed first), as a predictions frame."""
+    """The model's predictions of every batch (optionally `transform`ed first), as a predictions frame whose
+    output columns are `names` (the dataset's output names of the task, `FoldData.outputs`)."""
     kind = get_task(task).kind
-    names = output_names(task)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -63,10 +63,11 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def build_module(cfg: TrainConfig, model: BaseModel) -> CareBenchModule:
+def build_module(cfg: TrainConfig, model: BaseModel, names: list[str]) -> CareBenchModule:
     return CareBenchModule(
         model,
         cfg.task,
+        names=names,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,
         plateau_patience=cfg.plateau_patience,
@@ -142,7 +143,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     t0 = time.perf_counter()
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     fold = load_fold(cfg, data)
-    module = build_module(cfg, build_model(cfg, len(fold.features)))
+    module = build_module(cfg, build_model(cfg, len(fold.features)), fold.outputs)
     if module.model.selection_start_epoch >= cfg.max_epochs:
         raise ModelConfigError(
             f"model {cfg.model!r}: its last training stage starts at epoch {module.model.selection_start_epoch} "
@@ -180,8 +181,10 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     module.test_predictions.to_parquet(work / runs.PREDICTIONS, index=False)
     # Decision thresholds (fairness, thresholded metrics) are chosen on validation, never on test: keep them.
-    val = predict_frame(module.model, val_loader, cfg.task, seed=cfg.seed)
+    val = predict_frame(module.model, val_loader, cfg.task, names=fold.outputs, seed=cfg.seed)
     val.to_parquet(work / runs.VAL_PREDICTIONS, index=False)
+    thresholds = runs.validation_thresholds(val, cfg.task)
+    test_metrics = runs.frame_metrics(module.test_predictions, cfg.task, thresholds)
     metrics = {
         "run_id": run_id,
         "model": cfg.model,
@@ -193,7 +196,8 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
         "best_epoch": int(best["epoch"]),
         "epochs_trained": int(trainer.current_epoch),  # completed epochs
         "val_best": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
-        "test": module.test_metrics,
+        "thresholds": runs.thresholds_record(cfg.task, fold.outputs, thresholds),
+        "test": test_metrics,
         "splits": fold.summary(),
         "n_parameters": sum(p.numel() for p in module.model.parameters()),
         "timing_s": {"fit": round(t_fit, 3), "test": round(t_test, 3)},
@@ -219,7 +223,7 @@ def evaluate_run(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg, run.model)
+    module = build_module(cfg, run.model, run.fold.outputs)
     trainer = pl.Trainer(
         accelerator=accelerator,
         devices=1,
@@ -231,4 +235,10 @@ def evaluate_run(
         deterministic="warn" if cfg.deterministic else False,
     )
     trainer.test(module, dataloaders=make_loader(run.fold.test, cfg.batch_size, shuffle=False), verbose=False)
-    return runs.json_safe(module.test_metrics)
+    # the thresholded metrics at the run's validation thresholds, chosen again by the same code
+    val = predict_frame(
+        run.model, make_loader(run.fold.val, cfg.batch_size, shuffle=False), cfg.task, names=run.fold.outputs,
+        seed=cfg.seed,
+    )  # fmt: skip
+    thresholds = runs.validation_thresholds(val, cfg.task)
+    return runs.json_safe(runs.frame_metrics(module.test_predictions, cfg.task, thresholds))

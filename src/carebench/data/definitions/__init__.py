@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from carebench.errors import UserError
+from carebench.tasks import TASKS
 
 AGGREGATIONS = ("mean", "sum", "min", "max", "last")
 CONVERSIONS = ("fahrenheit_to_celsius", "fraction_to_percent")
@@ -193,7 +194,7 @@ LOS_BINS_DAYS = (
     7,
     14,
 )  # class k = [LOS_BINS_DAYS[k], LOS_BINS_DAYS[k+1]); class 6 = [14, inf)
-LOS_CLASS_NAMES = ("2-3d", "3-4d", "4-5d", "5-6d", "6-7d", "7-14d", "14+d")
+LOS_CLASS_NAMES = TASKS["los"].class_names  # the class names are part of the task (carebench.tasks)
 
 
 # Feature specs for `prepare --meds` shipped with carebench, by the name `--feature-spec` accepts.

@@ -7,12 +7,16 @@ Stages (each a function of one DuckDB connection; see the modules named):
   phenotypes  25 phenotype labels from the admission's ICD codes          (phenotypes.phenotype_labels)
   timeseries  float32 [N, 48, F] hourly grid                              (timeseries.extract_timeseries)
   cxr         last AP/PA image before the prediction time + image cache   (cxr.prepare_cxr, with --mimic-cxr)
-  write       cohort.parquet, ehr.npy, manifest.json
+  write       through the one validated writer (store.DatasetWriter): cohort.parquet, ehr.npy, manifest.json
 
-Everything is written into a temporary directory next to the output and renamed into place only when complete
-(store.atomic_output_dir), DuckDB spills into that temporary directory, and any failure removes it: a failed
-run leaves nothing behind. The manifest records what went in (paths, sizes, hashes), every option, the cohort
-counts, per-stage timings and the peak memory (docs/cohort.md, "Manifest").
+The dataset declares what the rest of carebench reads (`MIMIC_TASKS`, `MIMIC_FAIRNESS`): the three tasks and the
+cohort columns holding their labels, the fairness attributes and their columns. Every other column (hadm_id,
+times, race, ...) is kept for the producer's own use.
+
+Everything is written into the writer's temporary directory next to the output and renamed into place only when
+complete, DuckDB spills into that temporary directory, and any failure removes it: a failed run leaves nothing
+behind. The manifest records what went in (paths, sizes, hashes), every option, the cohort counts, per-stage
+timings and the peak memory (docs/cohort.md, "Manifest").
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -58,6 +61,49 @@ N_FOLDS = 5
 HASH_MAX_BYTES = 64 * 1024 * 1024  # files up to this size get a sha256 in the manifest; larger: size + mtime
 _MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 _CXR_COLUMNS = ("has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index")
+# The columns of the MIMIC cohort.parquet, in order (then the 25 phenotype columns of load_phenotypes()).
+COHORT_COLUMNS = (
+    "stay_id",
+    "subject_id",
+    "hadm_id",
+    "intime",
+    "outtime",
+    "los_days",
+    "age",
+    "gender",
+    "race",
+    "race_group",
+    "admission_type",
+    "insurance",
+    "fold",
+    "label_mortality",
+    "label_los",
+    *_CXR_COLUMNS,
+)
+# Fairness attributes of the MIMIC dataset (docs/fairness.md): age in left-closed bands, the others as they are.
+MIMIC_FAIRNESS: dict[str, dict[str, Any]] = {
+    "age_band": {"column": "age", "bins": [0, 40, 60, 80], "labels": ["0-40", "40-60", "60-80", "80+"]},
+    "gender": {"column": "gender"},
+    "race_group": {"column": "race_group"},
+    "admission_type": {"column": "admission_type"},
+    "insurance": {"column": "insurance"},
+}
+MIMIC_INTERSECTIONS = (
+    ("race_group", "gender"),
+    ("age_band", "race_group"),
+    ("age_band", "gender"),
+    ("race_group", "insurance"),
+)
+
+
+def mimic_tasks() -> dict[str, dict[str, Any]]:
+    """The tasks of the MIMIC dataset and the cohort columns holding their labels (in the order reports list them)."""
+    phenotypes = load_phenotypes()
+    return {
+        "mortality": {"labels": ["label_mortality"]},
+        "phenotype": {"labels": [p.column for p in phenotypes], "label_names": [p.name for p in phenotypes]},
+        "los": {"labels": ["label_los"]},
+    }
 
 
 class OptionError(UserError, ValueError):
@@ -106,14 +152,6 @@ def _check_options(
     for name, src in (("--mimic-iv", mimic_iv), ("--mimic-cxr", mimic_cxr)):
         if src is not None and (resolved_out == src.resolve() or resolved_out in src.resolve().parents):
             raise OptionError(f"--out {out}: must not be or contain the input {name} {src}")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _file_record(path: Path) -> dict[str, Any]:
@@ -166,21 +204,6 @@ def _empty_cxr_columns(n: int) -> pd.DataFrame:
             "cxr_index": np.full(n, -1, dtype=np.int32),
         }
     )
-
-
-def _write_parquet(df: pd.DataFrame, path: Path) -> None:
-    """Write with a schema fixed by the data, not by pandas' in-memory dtypes: text columns are `string` even
-    when all values are missing, and the pandas metadata is dropped, so identical content gives identical
-    bytes whichever stage (or pandas version) produced the frame."""
-    table = pa.Table.from_pandas(df, preserve_index=False)
-    fields = [
-        pa.field(
-            f.name, pa.string() if (pa.types.is_null(f.type) or pa.types.is_large_string(f.type)) else f.type
-        )
-        for f in table.schema
-    ]
-    table = table.cast(pa.schema(fields)).replace_schema_metadata(None)
-    pq.write_table(table, path, compression="zstd", write_statistics=True)
 
 
 class _Stages:
@@ -237,10 +260,8 @@ def prepare(
     warnings: list[str] = []
 
     stage = _Stages(console)
-    with stage.progress, store.atomic_output_dir(out, overwrite=overwrite) as tmp:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the dataset gets normal permissions
+    with stage.progress, store.DatasetWriter(out, overwrite=overwrite) as writer:
+        tmp = writer.path
         spill = tmp / ".duckdb-tmp"
         con = duckdb.connect(":memory:")
         try:
@@ -325,77 +346,79 @@ def prepare(
                 frame = pd.concat(
                     [cohort.drop(columns=["row_idx"]), pheno.reset_index(drop=True), cxr_cols], axis=1
                 )
-                frame = frame[list(store.COHORT_COLUMNS) + pheno_cols]
-                _write_parquet(frame, tmp / store.COHORT)
-                np.save(tmp / store.EHR, np.ascontiguousarray(ts.values, dtype=np.float32))
+                frame = frame[list(COHORT_COLUMNS) + pheno_cols]
+                images = None
+                if (tmp / store.CXR).is_file():
+                    images = np.load(tmp / store.CXR, mmap_mode="r")  # validated in place, not copied
+                    if images.shape[0] == 0:  # no stay linked to an image: a dataset without X-rays
+                        del images
+                        images = None
+                        (tmp / store.CXR).unlink()
+                frame = writer.write(
+                    cohort=frame,
+                    ehr=ts.values,
+                    features=features.names,
+                    tasks=mimic_tasks(),
+                    images=images,
+                    fairness=MIMIC_FAIRNESS,
+                    intersections=MIMIC_INTERSECTIONS,
+                    step_hours=1.0,
+                )
+                del images
                 note["detail"] = f"{n} stays"
         finally:
             con.close()
         shutil.rmtree(spill, ignore_errors=True)
 
-        folds = frame.groupby("fold").agg(
-            stays=("stay_id", "size"), subjects=("subject_id", "nunique"), deaths=("label_mortality", "sum")
-        )
         rules = step_rules(MIN_AGE, MIN_LOS_HOURS)
         stage.timings["total"] = round(time.perf_counter() - t_start, 3)
-        manifest = {
-            "format_version": store.FORMAT_VERSION,
-            "carebench_version": __version__,
-            "created_utc": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-            "software": {
-                "python": platform.python_version(),
-                "duckdb": duckdb.__version__,
-                "numpy": np.__version__,
-                "pandas": pd.__version__,
-                "pyarrow": pa.__version__,
-            },
-            "options": {
-                "mimic_iv": str(mimic_iv),
-                "mimic_cxr": str(mimic_cxr) if mimic_cxr else None,
-                "out": str(out),
-                "image_size": image_size,
-                "threads": threads,
-                "memory_limit": memory_limit,
-                "cxr_lookback_hours": cxr_lookback_hours,
-                "seed": seed,
-                "overwrite": overwrite,
-                "min_age": MIN_AGE,
-                "min_los_hours": MIN_LOS_HOURS,
-                "n_folds": N_FOLDS,
-                "hours": features.hours,
-                "features_file": features.source,
-            },
-            "sources": {
-                "mimic_iv": sources,
-                "mimic_cxr": (
-                    {"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
-                    if mimic_cxr and cxr_stats
-                    else None
-                ),
-                "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
-            },
-            "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
-            "cohort": {
-                "stays": n,
-                "subjects": int(frame["subject_id"].nunique()),
-                "admissions": int(frame["hadm_id"].nunique()),
-                "folds": {str(k): {c: int(v) for c, v in row.items()} for k, row in folds.iterrows()},
-            },
-            "features": list(features.names),
-            "feature_units": {f.name: f.unit for f in features.features},
-            "feature_stats": ts.stats,
-            "phenotype_stats": pheno_stats,
-            "cxr": cxr_stats,
-            "timings_s": stage.timings,
-            "peak_rss_mib": _peak_rss_mib(),
-            "warnings": warnings,
-            # what the data is, independent of when, where and how fast it was built: the outputs are
-            # byte-for-byte deterministic, so re-preparing the same inputs gives the same digests
-            "content_sha256": {
-                name: _sha256(tmp / name)
-                for name in (store.COHORT, store.EHR, store.CXR)
-                if (tmp / name).is_file()
-            },
+        options = {
+            "mimic_iv": str(mimic_iv),
+            "mimic_cxr": str(mimic_cxr) if mimic_cxr else None,
+            "out": str(out),
+            "image_size": image_size,
+            "threads": threads,
+            "memory_limit": memory_limit,
+            "cxr_lookback_hours": cxr_lookback_hours,
+            "seed": seed,
+            "overwrite": overwrite,
+            "min_age": MIN_AGE,
+            "min_los_hours": MIN_LOS_HOURS,
+            "n_folds": N_FOLDS,
+            "hours": features.hours,
+            "features_file": features.source,
         }
-        store.write_json_atomic(tmp / store.MANIFEST, manifest)
+        writer.finish(
+            producer={"name": "mimic", "version": __version__, "options": options},
+            extra_manifest={
+                "software": {
+                    "python": platform.python_version(),
+                    "duckdb": duckdb.__version__,
+                    "numpy": np.__version__,
+                    "pandas": pd.__version__,
+                    "pyarrow": pa.__version__,
+                },
+                "sources": {
+                    "mimic_iv": sources,
+                    "mimic_cxr": (
+                        {"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
+                        if mimic_cxr and cxr_stats
+                        else None
+                    ),
+                    "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
+                },
+                "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
+                "admissions": int(frame["hadm_id"].nunique()),
+                "deaths_per_fold": {
+                    str(k): int(v) for k, v in frame.groupby("fold")["label_mortality"].sum().items()
+                },
+                "feature_units": {f.name: f.unit for f in features.features},
+                "feature_stats": ts.stats,
+                "phenotype_stats": pheno_stats,
+                "cxr": cxr_stats,
+                "timings_s": stage.timings,
+                "peak_rss_mib": _peak_rss_mib(),
+                "warnings": warnings,
+            },
+        )
     return out
