@@ -139,8 +139,11 @@ def storetime_root(demo: Path, dest: Path) -> None:
 def shift_labels(src: Path, dst: Path, microseconds: int) -> None:
     t = pq.read_table(src)
     pt = t.column("prediction_time").cast(pa.int64()).to_numpy() - microseconds
-    t = t.set_column(t.schema.get_field_index("prediction_time"), "prediction_time",
-                     pa.array(pt, pa.int64()).cast(pa.timestamp("us")))  # fmt: skip
+    t = t.set_column(
+        t.schema.get_field_index("prediction_time"),
+        "prediction_time",
+        pa.array(pt, pa.int64()).cast(pa.timestamp("us")),
+    )
     pq.write_table(t, dst)
 
 
@@ -173,8 +176,12 @@ def compare(mimic_dir: Path, meds_dir: Path, shift_us: int) -> dict:
         "age_agree": int((both["age_mimic"] == both["age_meds"]).sum()),
         "gender_agree": int((both["gender_mimic"] == both["gender_meds"]).sum()),
         "age_mismatches": [
-            {"subject_id": int(r.subject_id), "intime": str(r.intime), "age_mimic": int(r.age_mimic),
-             "age_meds": int(r.age_meds)}  # fmt: skip
+            {
+                "subject_id": int(r.subject_id),
+                "intime": str(r.intime),
+                "age_mimic": int(r.age_mimic),
+                "age_meds": int(r.age_meds),
+            }
             for r in both[both["age_mimic"] != both["age_meds"]].itertuples()
         ],
     }
@@ -244,17 +251,30 @@ def main() -> None:
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     meds_root = out / "meds"
     timings["etl"] = run(
-        [str(bin_dir / "meds-extract-run"), "spec=MIMIC-IV", f"output_dir={meds_root}", "do_download=false",
-         f"input_dir={out / 'raw-input'}", "dataset_key=demo"],  # fmt: skip
+        [
+            str(bin_dir / "meds-extract-run"),
+            "spec=MIMIC-IV",
+            f"output_dir={meds_root}",
+            "do_download=false",
+            f"input_dir={out / 'raw-input'}",
+            "dataset_key=demo",
+        ],
         logs / "etl.log",
         env,
     )
     labels = out / "labels"
     labels.mkdir()
     timings["aces"] = run(
-        [str(bin_dir / "aces-cli"), f"data.path={meds_root / 'data'}", "data.standard=meds",
-         f"cohort_dir={HERE}", f"cohort_name={TASK}", f"output_filepath={labels / 'mortality.parquet'}",
-         f"log_dir={logs / 'aces'}", f"hydra.run.dir={logs / 'aces'}"],  # fmt: skip
+        [
+            str(bin_dir / "aces-cli"),
+            f"data.path={meds_root / 'data'}",
+            "data.standard=meds",
+            f"cohort_dir={HERE}",
+            f"cohort_name={TASK}",
+            f"output_filepath={labels / 'mortality.parquet'}",
+            f"log_dir={logs / 'aces'}",
+            f"hydra.run.dir={logs / 'aces'}",
+        ],
         logs / "aces.log",
         env,
     )
@@ -263,8 +283,18 @@ def main() -> None:
 
     common = ["--threads", "2", "--memory-limit", "2GB"]
     timings["prepare_meds"] = carebench(
-        ["prepare", "--meds", str(meds_root), "--labels", f"mortality={labels / 'mortality.parquet'}",
-         "--feature-spec", "mimic-iv", "--out", str(out / "data-meds"), *common],  # fmt: skip
+        [
+            "prepare",
+            "--meds",
+            str(meds_root),
+            "--labels",
+            f"mortality={labels / 'mortality.parquet'}",
+            "--feature-spec",
+            "mimic-iv",
+            "--out",
+            str(out / "data-meds"),
+            *common,
+        ],
         logs / "prepare-meds.log",
     )
     timings["prepare_mimic"] = carebench(
@@ -272,12 +302,29 @@ def main() -> None:
         logs / "prepare-mimic.log",
     )
     carebench(
-        ["prepare", "--meds", str(meds_root), "--labels", f"mortality={labels / 'mortality_minus_1us.parquet'}",
-         "--feature-spec", "mimic-iv", "--out", str(out / "data-meds-minus-1us"), *common],  # fmt: skip
+        [
+            "prepare",
+            "--meds",
+            str(meds_root),
+            "--labels",
+            f"mortality={labels / 'mortality_minus_1us.parquet'}",
+            "--feature-spec",
+            "mimic-iv",
+            "--out",
+            str(out / "data-meds-minus-1us"),
+            *common,
+        ],
         logs / "prepare-meds-shifted.log",
     )
     carebench(
-        ["prepare", "--mimic-iv", str(out / "mimic-storetime"), "--out", str(out / "data-mimic-storetime"), *common],
+        [
+            "prepare",
+            "--mimic-iv",
+            str(out / "mimic-storetime"),
+            "--out",
+            str(out / "data-mimic-storetime"),
+            *common,
+        ],
         logs / "prepare-mimic-storetime.log",
     )
     meds_files = sorted((meds_root / "data").rglob("*.parquet"))
@@ -293,7 +340,9 @@ def main() -> None:
         },
         "labels": {
             "rows": pq.ParquetFile(labels / "mortality.parquet").metadata.num_rows,
-            "positive": int(pq.read_table(labels / "mortality.parquet").column("boolean_value").to_numpy().sum()),
+            "positive": int(
+                pq.read_table(labels / "mortality.parquet").column("boolean_value").to_numpy().sum()
+            ),
         },
         "as_is": compare(out / "data-mimic", out / "data-meds", 0),
         "differences_removed": compare(out / "data-mimic-storetime", out / "data-meds-minus-1us", 1),
@@ -302,8 +351,10 @@ def main() -> None:
     (out / "crosscheck.json").write_text(json.dumps(result, indent=2) + "\n")
     for name in ("as_is", "differences_removed"):
         r = result[name]
-        print(f"\n## {name}: {r['matched']} stays matched of {r['stays_mimic']} (MIMIC) / {r['rows_meds']} (MEDS); "
-              f"labels agree {r['labels_agree']}/{r['matched']}; age {r['age_agree']}, gender {r['gender_agree']}")  # fmt: skip
+        print(
+            f"\n## {name}: {r['matched']} stays matched of {r['stays_mimic']} (MIMIC) / {r['rows_meds']} (MEDS); "
+            f"labels agree {r['labels_agree']}/{r['matched']}; age {r['age_agree']}, gender {r['gender_agree']}"
+        )
         print(table(r))
     print(f"\n{out / 'crosscheck.json'}")
 

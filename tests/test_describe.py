@@ -29,7 +29,9 @@ def test_summary_numbers(prepared_demo):
     # every output of every declared task, in declaration order (mortality, phenotype, los)
     assert list(dict.fromkeys(s.labels["task"])) == ["mortality", "phenotype", "los"]
     labels = s.labels.set_index("name")
-    assert labels.loc["in-ICU death after the first 48 h", "positives"] == cohort["label_mortality"].sum() == 9
+    assert (
+        labels.loc["in-ICU death after the first 48 h", "positives"] == cohort["label_mortality"].sum() == 9
+    )
     for k, name in enumerate(LOS_CLASS_NAMES):
         assert labels.loc[f"class {k}: {name}", "positives"] == (cohort["label_los"] == k).sum()
     for p in load_phenotypes():

@@ -204,3 +204,88 @@ def test_spec_errors(inputs):
     spec.write_text(text.replace("aggregation: last", "aggregation: median"))
     with pytest.raises(Exception, match=r"feature 'potassium': 'aggregation' must be one of"):
         _build(inputs)
+
+
+def _prepare(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    from carebench.cli import app
+
+    res = CliRunner().invoke(app, ["prepare", *args])
+    assert res.exit_code == 0, (res.stderr, res.exception)
+
+
+def test_prepare_meds_writes_the_dataset(inputs, tmp_path):
+    from carebench.data import open_dataset
+
+    write_image(tmp_path / "images" / "b.png", 77)
+    write_image(tmp_path / "images" / "d.png", 150, size=(64, 32))
+    table = write_image_table(
+        tmp_path, [(1, "2100-01-03 11:00:00", "b.png"), (2, "2100-01-03 12:00:00", "d.png")]
+    )
+    args = ["--meds", str(inputs["meds"]), "--labels", f"mortality={inputs['labels']}", "--feature-spec",
+            str(inputs["spec"]), "--images", str(table), "--image-size", "16", "--threads", "1"]  # fmt: skip
+    _prepare([*args, "--out", str(tmp_path / "data")])
+    ds = open_dataset(tmp_path / "data", mmap=False)
+    m = ds.manifest
+    assert m["producer"]["name"] == "meds" and m["producer"]["options"]["fold_mode"] == "splits"
+    assert m["features"] == ["hr", "temp", "urine", "potassium"]
+    assert m["time_grid"] == {"steps": 4, "step_hours": 1.0, "hours": 4.0}
+    assert m["tasks"] == [{"name": "mortality", "labels": ["label_mortality"]}]
+    assert [a["name"] for a in m["fairness"]["attributes"]] == ["sex", "ward"]
+    assert m["images"] == {"file": "cxr.npy", "count": 2, "size": 16}
+    assert m["warnings"] == [] and m["cohort_steps"][0]["stays"] == 6
+    assert m["counts"]["labels"] == {"label_mortality": {"labelled": 6, "positive": 2}}
+    assert m["counts"]["data"] == {"events": 33, "subjects": 6, "static_events": 6, "numeric_events": 18,
+                                   "shards": 3}  # fmt: skip
+    assert len(m["sources"]["data"]) == 3 and all("sha256" in r for r in m["sources"]["data"])
+    assert m["meds_dataset"]["dataset_name"] == "toy"
+    assert ds.ehr.shape == (6, 4, 4) and ds.ehr[0, 0, 0] == 95.0 and ds.ehr[0, 3, 0] == 120.0
+    assert ds.cxr.shape == (2, 16, 16) and (ds.cxr[0] == 77).all() and (ds.cxr[1] == 150).all()
+    c = ds.cohort
+    assert list(c["cxr_index"]) == [0, 1, -1, -1, -1, -1] and list(c["fold"])[4:] == [2, 1]
+    assert list(c["sex"]) == ["F", "M", "F", "M", "F", "M"] and c["age"].iloc[0] == 100
+    # the same inputs give the same bytes
+    _prepare([*args, "--out", str(tmp_path / "again")])
+    assert open_dataset(tmp_path / "again").manifest["content_sha256"] == m["content_sha256"]
+
+
+def test_unmatched_matcher_warning_reaches_the_manifest(inputs, tmp_path):
+    from carebench.data import open_dataset
+
+    inputs["spec"].write_text(inputs["spec"].read_text().replace('["K"]', '["K", "K_ARTERIAL"]'))
+    _prepare(["--meds", str(inputs["meds"]), "--labels", f"mortality={inputs['labels']}", "--feature-spec",
+              str(inputs["spec"]), "--out", str(tmp_path / "data")])  # fmt: skip
+    m = open_dataset(tmp_path / "data").manifest
+    assert m["warnings"] == [
+        "feature spec: feature 'potassium': code 'K_ARTERIAL' matches no code of the MEDS data"
+    ]
+    assert m["feature_codes"]["potassium"] == [{"code": "K", "events": 3, "numeric_events": 3}]
+
+
+def test_shipped_mimic_spec_mirrors_the_mimic_features():
+    """`--feature-spec mimic-iv` is features.yaml with each itemid turned into the ETL's code prefix."""
+    from carebench.data.definitions import load_features, meds_feature_spec
+    from carebench.data.meds.spec import load_spec
+
+    prefix = {
+        "chartevents": "LAB//{}//",
+        "labevents": "LAB//RESULT//{}//",
+        "outputevents": "SUBJECT_FLUID_OUTPUT//{}//",
+    }
+    mimic, meds_spec = load_features(), load_spec(meds_feature_spec("mimic-iv"))
+    assert meds_spec.hours == mimic.hours and meds_spec.step_hours == 1
+    assert meds_spec.names == mimic.names
+    for f, g in zip(mimic.features, meds_spec.features, strict=True):
+        assert (g.unit, g.aggregation, g.valid_range) == (f.unit, f.aggregation, f.valid_range), f.name
+        want = [(prefix[t].format(i), f.convert.get(i, "none")) for t, ids in f.itemids.items() for i in ids]
+        assert [(m.pattern, m.conversion.name) for m in g.matchers] == want, f.name
+        assert all(m.kind == "prefix" for m in g.matchers)
+
+
+def test_meds_defaults_match_the_shared_prepare_options():
+    from carebench.data.meds.options import MEDS
+    from carebench.data.mimic.options import PREPARE
+
+    for name in ("image_size", "threads", "memory_limit", "seed"):
+        assert getattr(MEDS, name) == getattr(PREPARE, name), name

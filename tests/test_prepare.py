@@ -177,9 +177,10 @@ def test_rerun_is_byte_identical_and_seed_changes_only_folds(prepared_demo, demo
     # the fingerprint of runs is the content: another build of the same data (other path, time, threads) keeps it
     content = json.loads((out / store.MANIFEST).read_text())["content_sha256"]
     assert content == {n: hashlib.sha256(_bytes(out / n)).hexdigest() for n in (store.COHORT, store.EHR)}
-    assert json.loads((out / store.MANIFEST).read_text())["declarations_sha256"] == json.loads(
-        (prepared_demo / store.MANIFEST).read_text()
-    )["declarations_sha256"]
+    assert (
+        json.loads((out / store.MANIFEST).read_text())["declarations_sha256"]
+        == json.loads((prepared_demo / store.MANIFEST).read_text())["declarations_sha256"]
+    )
     assert dataset_fingerprint(out) == dataset_fingerprint(prepared_demo)
     first = dataset_fingerprint(out)
 

@@ -1,10 +1,10 @@
 """`carebench prepare --meds`: MEDS data + label files (+ image table) + feature spec -> processed dataset.
 
 Every input is read and checked before anything is written: the schemas (with the `meds` package), the time
-order, the labels and their subjects, the spec against the data's codes, the image files. Only then are the
-images decoded (into a temporary file beside the output, removed whatever happens) and the dataset written by
-the one validated writer, `carebench.data.write_dataset`, which builds it in a temporary directory and renames
-it into place. A failure at any point leaves nothing behind.
+order, the labels and their subjects, the spec against the data's codes, the image files. Only then is the dataset
+written, by the one validated writer (`store.DatasetWriter`, which `carebench.data.write_dataset` wraps): the
+images are decoded straight into its temporary directory, it validates and writes the rest there and renames the
+directory into place. A failure at any point leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import os
 import re
 import resource
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,8 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from carebench import __version__
+from carebench.data import store
 from carebench.data.definitions import meds_feature_spec
 from carebench.data.meds import attributes as attrs_mod
 from carebench.data.meds import images as images_mod
@@ -279,14 +280,42 @@ def prepare_meds(
     source = parts["source"]
     links = parts["links"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{out.name}.images-", dir=out.parent) as tmp:
+    with store.DatasetWriter(out, overwrite=overwrite) as writer:
         cache = None
         if links is not None and links.paths:
-            with timer("images"):
-                cache_path = Path(tmp) / "images.npy"
-                images_mod.build_cache(links, cache_path, image_size, threads, images_path)
-                cache = np.load(cache_path, mmap_mode="r")
+            with timer("images"):  # decoded straight into the writer's directory, validated there in place
+                images_mod.build_cache(links, writer.path / store.CXR, image_size, threads, images_path)
+                cache = np.load(writer.path / store.CXR, mmap_mode="r")
+        with timer("write"):
+            written = writer.write(
+                cohort=cohort,
+                ehr=parts["ehr"],
+                features=spec.names,
+                tasks={t.name: t.declaration() for t in tasks},
+                images=cache,
+                fairness={name: {"column": name} for name in spec.fairness},
+                step_hours=float(spec.step_hours),
+            )
+        del cache
+        timer.timings["total"] = round(time.perf_counter() - t_start, 3)
+        options = {
+            "meds": str(root),
+            "out": str(out),
+            "labels": [o.option.removeprefix("--labels ") for o in parts["label_options"]],
+            "feature_spec": str(spec_path),
+            "images": str(images_path) if images_path else None,
+            "image_size": image_size,
+            "image_lookback_hours": parts["lookback"],
+            "folds": folds,
+            "fold_mode": parts["fold_mode"],
+            "seed": seed,
+            "threads": threads,
+            "memory_limit": memory_limit,
+            "overwrite": overwrite,
+            "hours": spec.hours,
+            "step_hours": spec.step_hours,
+            "window": "(prediction_time - hours, prediction_time]",
+        }
         sources: dict[str, Any] = {
             "meds_root": str(root),
             "data": [file_record(p) for p in source.shards],
@@ -300,10 +329,9 @@ def prepare_meds(
                 if p is not None
             },
             "labels": {
-                o.column: [file_record(Path(f)) for f in t.files[o.column]["files"]]
+                col: [file_record(Path(f)) for f in stats["files"]]
                 for t in tasks
-                for o in parts["label_options"]
-                if o.column in t.columns
+                for col, stats in t.files.items()
             },
             "images": file_record(images_path) if images_path is not None else None,
             "feature_spec": file_record(spec_path),
@@ -311,76 +339,45 @@ def prepare_meds(
         }
         counts = {
             "data": parts["data_counts"],
-            "rows": len(cohort),
-            "subjects": int(cohort["subject_id"].nunique()),
+            "rows": len(written),
+            "subjects": int(written["subject_id"].nunique()),
             "labels": {
                 c: {
-                    "labelled": int(cohort[c].notna().sum()),
-                    **({"positive": int(np.nansum(cohort[c]))} if t.kind in ("binary", "multilabel") else {}),
+                    "labelled": int(written[c].notna().sum()),
+                    **(
+                        {"positive": int(np.nansum(written[c]))} if t.kind in ("binary", "multilabel") else {}
+                    ),
                 }
                 for t in tasks
                 for c in t.columns
             },
-            "folds": {
-                str(k): {
-                    "rows": int((cohort["fold"] == k).sum()),
-                    "subjects": int(cohort.loc[cohort["fold"] == k, "subject_id"].nunique()),
-                }
-                for k in range(1, splits_mod.N_FOLDS + 1)
-            },
-            "rows_with_image": int(cohort["has_cxr"].sum()),
+            "rows_with_image": int(written["has_cxr"].sum()),
         }
-        timer.timings["total"] = round(time.perf_counter() - t_start, 3)
-        extra = {
-            "options": {
-                "meds": str(root),
-                "out": str(out),
-                "labels": [o.option.removeprefix("--labels ") for o in parts["label_options"]],
-                "feature_spec": str(spec_path),
-                "images": str(images_path) if images_path else None,
-                "image_size": image_size,
-                "image_lookback_hours": parts["lookback"],
-                "folds": folds,
-                "fold_mode": parts["fold_mode"],
-                "seed": seed,
-                "threads": threads,
-                "memory_limit": memory_limit,
-                "overwrite": overwrite,
-                "hours": spec.hours,
-                "step_hours": spec.step_hours,
-                "window": "(prediction_time - hours, prediction_time]",
+        writer.finish(
+            producer={"name": PRODUCER, "version": __version__, "options": options},
+            extra_manifest={
+                "cohort_steps": [
+                    {
+                        "step": "labelled",
+                        "rule": "distinct (subject_id, prediction_time) of the --labels files",
+                        "stays": len(written),
+                    }
+                ],
+                "sources": sources,
+                "meds_dataset": source.dataset_metadata,
+                "counts": counts,
+                "feature_units": {f.name: f.unit for f in spec.features},
+                "feature_stats": parts["feature_stats"],
+                "feature_codes": parts["code_map"].matched,
+                "demographics": parts["demographics"],
+                "image_links": parts["image_stats"],
+                "label_files": {c: s for t in tasks for c, s in t.files.items()},
+                "timings_s": timer.timings,
+                "peak_rss_mib": _peak_rss_mib(),
+                "warnings": warnings,
+                "software": {"duckdb": duckdb.__version__, "meds": _meds_version()},
             },
-            "sources": sources,
-            "meds_dataset": source.dataset_metadata,
-            "counts": counts,
-            "feature_units": {f.name: f.unit for f in spec.features},
-            "feature_stats": parts["feature_stats"],
-            "feature_codes": parts["code_map"].matched,
-            "demographics": parts["demographics"],
-            "images": parts["image_stats"],
-            "label_files": {c: s for t in tasks for c, s in t.files.items()},
-            "timings_s": timer.timings,
-            "peak_rss_mib": _peak_rss_mib(),
-            "warnings": warnings,
-            "software": {"duckdb": duckdb.__version__, "meds": _meds_version()},
-        }
-        from carebench.data import write_dataset  # the one validated writer of processed datasets
-
-        fairness = {name: {"column": name} for name in spec.fairness}
-        write_dataset(
-            out,
-            cohort=cohort,
-            ehr=parts["ehr"],
-            features=spec.names,
-            tasks={t.name: t.declaration() for t in tasks},
-            images=cache,
-            fairness=fairness,
-            step_hours=spec.step_hours,
-            producer=PRODUCER,
-            extra_manifest=extra,
-            overwrite=overwrite,
         )
-        del cache
     return out
 
 

@@ -17,8 +17,8 @@ import meds
 import numpy as np
 import pandas as pd
 
+from carebench.data.folds import assign_folds
 from carebench.data.meds.source import MAX_LISTED, MedsInputError, sql_str
-from carebench.data.mimic.splits import assign_folds
 
 N_FOLDS = 5
 FOLD_MODES = ("auto", "splits", "hash")
