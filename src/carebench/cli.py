@@ -222,6 +222,16 @@ def prepare(
             memory_limit=memory_limit,
             overwrite=overwrite,
         )
+        from carebench.data.store import read_manifest
+
+        m = read_manifest(path)
+        c = m["counts"]
+        err_console.print(
+            f"{c['rows']} rows of {c['subjects']} subjects, {len(m['features'])} features x "
+            f"{m['time_grid']['steps']} steps, {c['rows_with_image']} with an image, "
+            f"{len(m['warnings'])} warning(s) ({m['timings_s']['total']:.1f} s)",
+            highlight=False,
+        )
         print(path)
         return
     given = [
