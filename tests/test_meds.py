@@ -289,3 +289,12 @@ def test_meds_defaults_match_the_shared_prepare_options():
 
     for name in ("image_size", "threads", "memory_limit", "seed"):
         assert getattr(MEDS, name) == getattr(PREPARE, name), name
+
+
+def test_image_table_as_csv(inputs, tmp_path):
+    write_image(tmp_path / "images" / "b.png", 77)
+    table = tmp_path / "images" / "images.csv"
+    table.write_text("subject_id,time,path\n1,2100-01-03 11:00:00,b.png\n1,2100-01-03 12:30:00,b.png\n")
+    parts = _build(inputs, images=table)[0]
+    assert list(parts["cohort"]["cxr_index"]) == [0, -1, -1, -1, -1, -1]
+    assert parts["cohort"]["cxr_hours"].iloc[0] == 3.0 and parts["image_stats"]["rows"] == 2
