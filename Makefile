@@ -43,4 +43,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks docs/make_contact_sheet.py
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache
+	rm -rf $(VENV) .venv-meds-etl $(DEMO_DIR) .pytest_cache

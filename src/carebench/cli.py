@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from carebench import __version__
+from carebench.data.meds.options import MEDS as MEDS_OPTIONS
 from carebench.data.mimic.options import PREPARE
 from carebench.data.synthetic.options import SYNTH
 from carebench.errors import UserError
@@ -122,14 +123,52 @@ def synth(
 @app.command()
 @user_errors
 def prepare(
-    mimic_iv: str = typer.Option(
-        ..., "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."
+    mimic_iv: str | None = typer.Option(
+        None, "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."
+    ),
+    meds: str | None = typer.Option(
+        None,
+        "--meds",
+        help="Instead of --mimic-iv: a MEDS root (data/**/*.parquet, metadata/); needs --labels and "
+        "--feature-spec (docs/dataset.md, MEDS).",
     ),
     out: str = typer.Option(
         ..., "--out", help="Output directory for the processed dataset (written atomically)."
     ),
     mimic_cxr: str | None = typer.Option(
-        None, "--mimic-cxr", help="MIMIC-CXR-JPG root; without it no stay has an X-ray."
+        None, "--mimic-cxr", help="MIMIC-CXR-JPG root; without it no stay has an X-ray. MIMIC only."
+    ),
+    labels: list[str] | None = typer.Option(  # noqa: B008
+        None,
+        "--labels",
+        help="MEDS only, repeatable: NAME=PATH, a task and its MEDS label file or directory (subject_id, "
+        "prediction_time, one of boolean/integer/categorical_value; what ACES writes). Each labelled "
+        "(subject, prediction_time) is one row; NAME:LABEL=PATH files sharing NAME form a multilabel task.",
+    ),
+    feature_spec: str | None = typer.Option(
+        None,
+        "--feature-spec",
+        help="MEDS only: YAML mapping codes (exact, prefix or regex) to features with unit, range and "
+        "aggregation, plus the window hours, age and fairness attributes; 'mimic-iv' names the shipped spec "
+        "for MIMIC-IV converted by the MEDS ETL.",
+    ),
+    images: str | None = typer.Option(
+        None,
+        "--images",
+        help="MEDS only: image table (.parquet or .csv: subject_id, time, path); a row gets the last image "
+        "before its prediction time within --image-lookback-hours. Without it no row has an X-ray.",
+    ),
+    image_lookback_hours: float | None = typer.Option(
+        MEDS_OPTIONS.image_lookback_hours,
+        "--image-lookback-hours",
+        help="MEDS only: how far before the prediction time an image may be taken (default: the spec's "
+        "window hours).",
+    ),
+    folds: str = typer.Option(
+        MEDS_OPTIONS.folds,
+        "--folds",
+        help="MEDS only: auto | splits (held_out = fold 1, tuning = fold 2, train dealt to folds 3-5) | hash "
+        "(5 subject-disjoint folds from --seed); auto = splits when metadata/subject_splits.parquet exists.",
     ),
     image_size: int = typer.Option(
         PREPARE.image_size, "--image-size", help="Side of the square grayscale X-ray cache, in pixels."
@@ -143,14 +182,71 @@ def prepare(
     cxr_lookback_hours: float = typer.Option(
         PREPARE.cxr_lookback_hours,
         "--cxr-lookback-hours",
-        help="Also accept X-rays taken up to this many hours before ICU admission.",
+        help="MIMIC only: also accept X-rays taken up to this many hours before ICU admission.",
     ),
     seed: int = typer.Option(PREPARE.seed, "--seed", help="Seed of the patient-disjoint fold assignment."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset at --out.", **FLAG
     ),
 ) -> None:
-    """Raw MIMIC-IV (+ MIMIC-CXR-JPG) -> processed benchmark dataset (cohort, labels, folds, EHR arrays, X-rays)."""
+    """Raw MIMIC-IV (+ MIMIC-CXR-JPG), or a MEDS dataset with label files, -> processed benchmark dataset
+    (cohort, labels, folds, EHR arrays, X-rays)."""
+    if (mimic_iv is None) == (meds is None):
+        raise UserError("prepare: give exactly one of --mimic-iv ROOT or --meds ROOT")
+    if meds is not None:
+        given = [
+            name
+            for name, v, default in (
+                ("--mimic-cxr", mimic_cxr, None),
+                ("--cxr-lookback-hours", cxr_lookback_hours, PREPARE.cxr_lookback_hours),
+            )
+            if v != default
+        ]
+        if given:
+            raise UserError(f"{given[0]}: a MIMIC option; with --meds use --images / --image-lookback-hours")
+        if feature_spec is None:
+            raise UserError("--feature-spec: required with --meds (a YAML spec, or 'mimic-iv')")
+        from carebench.data.meds.pipeline import prepare_meds
+
+        path = prepare_meds(
+            meds,
+            out,
+            labels=list(labels or []),
+            feature_spec=feature_spec,
+            images=images,
+            image_size=image_size,
+            image_lookback_hours=image_lookback_hours,
+            folds=folds,
+            seed=seed,
+            threads=threads,
+            memory_limit=memory_limit,
+            overwrite=overwrite,
+        )
+        from carebench.data.store import read_manifest
+
+        m = read_manifest(path)
+        c = m["counts"]
+        err_console.print(
+            f"{c['rows']} rows of {c['subjects']} subjects, {len(m['features'])} features x "
+            f"{m['time_grid']['steps']} steps, {c['rows_with_image']} with an image, "
+            f"{len(m['warnings'])} warning(s) ({m['timings_s']['total']:.1f} s)",
+            highlight=False,
+        )
+        print(path)
+        return
+    given = [
+        name
+        for name, v, default in (
+            ("--labels", labels, None),
+            ("--feature-spec", feature_spec, None),
+            ("--images", images, None),
+            ("--image-lookback-hours", image_lookback_hours, MEDS_OPTIONS.image_lookback_hours),
+            ("--folds", folds, MEDS_OPTIONS.folds),
+        )
+        if v not in (default, [])
+    ]
+    if given:
+        raise UserError(f"{given[0]}: a MEDS option; it needs --meds ROOT instead of --mimic-iv")
     from carebench.data.mimic.pipeline import prepare as run_prepare
 
     path = run_prepare(

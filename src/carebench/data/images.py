@@ -103,3 +103,36 @@ def load_square_gray(source: str | Path | BinaryIO, size: int, *, draft: bool = 
             img.draft("L", (REDUCING_GAP * size, REDUCING_GAP * size))
         img.load()
         return resize_center_crop(img, size, original_size=original)
+
+
+class ImageDecodeError(Exception):
+    """An image file could not be decoded; `path` names it, `cause` is the decoder's error."""
+
+    def __init__(self, path: Path, cause: BaseException) -> None:
+        super().__init__(f"{path}: cannot be decoded as an image ({type(cause).__name__}: {cause})")
+        self.path, self.cause = path, cause
+
+
+def write_image_cache(paths: list[Path], out_npy: Path, size: int, threads: int = 2) -> None:
+    """Decode `paths` in order into a uint8 [len(paths), size, size] .npy at `out_npy` (memory-mapped, so the
+    cache never has to fit in memory). Decoding runs in a thread pool (Pillow releases the GIL) with a bounded
+    look-ahead. The first unreadable file raises ImageDecodeError; the caller owns `out_npy` and removes it on
+    failure."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = np.lib.format.open_memmap(out_npy, mode="w+", dtype=np.uint8, shape=(len(paths), size, size))
+
+    def decode(p: Path) -> np.ndarray:
+        try:
+            return load_square_gray(p, size)
+        except Exception as e:  # any decoder failure is "unreadable file"
+            raise ImageDecodeError(p, e) from e
+
+    window = max(4, 8 * threads)
+    with ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="image-decode") as pool:
+        for start in range(0, len(paths), window):
+            chunk = paths[start : start + window]
+            for k, pixels in enumerate(pool.map(decode, chunk)):
+                cache[start + k] = pixels
+    cache.flush()
+    del cache

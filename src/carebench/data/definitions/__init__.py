@@ -195,3 +195,14 @@ LOS_BINS_DAYS = (
     14,
 )  # class k = [LOS_BINS_DAYS[k], LOS_BINS_DAYS[k+1]); class 6 = [14, inf)
 LOS_CLASS_NAMES = TASKS["los"].class_names  # the class names are part of the task (carebench.tasks)
+
+
+# Feature specs for `prepare --meds` shipped with carebench, by the name `--feature-spec` accepts.
+MEDS_FEATURE_SPECS = {"mimic-iv": "meds_mimic_iv.yaml"}
+
+
+def meds_feature_spec(value: str | Path) -> Path:
+    """The feature spec a `--feature-spec` value names: a shipped spec (MEDS_FEATURE_SPECS) or a file path."""
+    if str(value) in MEDS_FEATURE_SPECS:
+        return _definition_path(MEDS_FEATURE_SPECS[str(value)])
+    return Path(value)
