@@ -15,10 +15,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from carebench import atomic
 from carebench.errors import UserError
 
 FORMAT_VERSION = 1
@@ -77,35 +74,14 @@ class ProcessedDataset:
         return list(self.manifest["features"])
 
 
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success rename it to `out`, on failure delete it."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary directory next to `out`; on success rename it to `out`, on failure delete it
+    (`carebench.atomic.output_dir`: also removes what a killed earlier run of ours left next to `out`)."""
+    return atomic.output_dir(out, overwrite=overwrite)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
@@ -116,18 +92,30 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
     for name in (MANIFEST, COHORT, EHR):
         if not (root / name).is_file():
             raise DatasetError(f"{root / name}: missing (expected a dataset written by `carebench prepare`)")
-    with open(root / MANIFEST) as fh:
-        manifest = json.load(fh)
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise DatasetError(
+            f"{root / MANIFEST}: unreadable ({_reason(e)}); expected the JSON manifest of a dataset "
+            "written by `carebench prepare` (re-run prepare)"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("features"), list):
+        raise DatasetError(f"{root / MANIFEST}: expected a mapping with a 'features' list (re-run prepare)")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DatasetError(
             f"{root / MANIFEST}: format_version {manifest.get('format_version')!r}, "
             f"this carebench reads {FORMAT_VERSION}"
         )
-    cohort = pd.read_parquet(root / COHORT)
+    try:
+        cohort = pd.read_parquet(root / COHORT)
+    except (OSError, ValueError) as e:
+        raise DatasetError(
+            f"{root / COHORT}: unreadable ({_reason(e)}); expected a Parquet file (re-run prepare)"
+        ) from None
     missing = [c for c in COHORT_COLUMNS if c not in cohort.columns]
     if missing:
         raise DatasetError(f"{root / COHORT}: missing columns {missing}")
-    ehr = np.load(root / EHR, mmap_mode="r" if mmap else None)
+    ehr = _load_npy(root / EHR, mmap)
     if ehr.ndim != 3 or ehr.shape[0] != len(cohort) or ehr.shape[2] != len(manifest["features"]):
         raise DatasetError(
             f"{root / EHR}: shape {ehr.shape} does not match {len(cohort)} stays x "
@@ -135,11 +123,25 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
         )
     cxr = None
     if (root / CXR).is_file():
-        cxr = np.load(root / CXR, mmap_mode="r" if mmap else None)
+        cxr = _load_npy(root / CXR, mmap)
         n_img = int(cohort["has_cxr"].sum())
         if cxr.ndim != 3 or cxr.shape[0] != n_img:
             raise DatasetError(f"{root / CXR}: shape {cxr.shape} does not match {n_img} stays with an X-ray")
     return ProcessedDataset(root=root, manifest=manifest, cohort=cohort, ehr=ehr, cxr=cxr)
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """A .npy array (never pickled objects); an unreadable or truncated file is a DatasetError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(
+            f"{path}: unreadable ({_reason(e)}); expected a NumPy .npy array (re-run prepare)"
+        ) from None
 
 
 def dataset_fingerprint(root: str | Path) -> str:
