@@ -374,12 +374,12 @@ def evaluate(
     """Recompute a run's test metrics from its checkpoint and print the overall ones."""
     import json
 
+    from carebench import atomic
     from carebench.training import evaluate_run
 
     metrics = evaluate_run(run_dir, data)
     if out:
-        with open(out, "w") as fh:
-            json.dump(metrics, fh, indent=2)
+        atomic.write_text(out, json.dumps(metrics, indent=2))
     for key, value in metrics.items():
         if "/" not in key and not isinstance(value, dict):
             print(f"{key}\t{value}")
@@ -416,9 +416,11 @@ def benchmark(
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
     from carebench.experiments import load_plan, print_summary, run_benchmark
     from carebench.training import parse_overrides
+    from carebench.training.config import data_fingerprint
 
     p = load_plan(plan, parse_overrides(overrides))
     if dry_run:
+        data_fingerprint(data)
         from carebench import runs
         from carebench.experiments.plan import expand_plan
 
