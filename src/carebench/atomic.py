@@ -186,6 +186,8 @@ def output_dir(
     one is complete. Stale temporaries of dead carebench processes are removed first (`clean_stale`).
     """
     out = Path(out).absolute()
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out}: exists and is not a directory (expected an output directory)")
     if out.exists() and not overwrite:
         raise FileExistsError(f"output directory {out} already exists (pass --overwrite to replace it)")
     clean_stale(out, log)

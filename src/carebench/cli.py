@@ -327,8 +327,12 @@ def train(
     ),
 ) -> None:
     """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
+    from pathlib import Path
+
     from carebench.training import parse_overrides, resolve_config, train_run
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory (expected a runs directory)")
     options = {
         "cohort": cohort,
         "fold": fold,
@@ -373,10 +377,13 @@ def evaluate(
 ) -> None:
     """Recompute a run's test metrics from its checkpoint and print the overall ones."""
     import json
+    from pathlib import Path
 
     from carebench import atomic
     from carebench.training import evaluate_run
 
+    if out and not Path(out).absolute().parent.is_dir():
+        raise UserError(f"--out {out}: its folder {Path(out).absolute().parent} does not exist")
     metrics = evaluate_run(run_dir, data)
     if out:
         atomic.write_text(out, json.dumps(metrics, indent=2))

@@ -222,8 +222,14 @@ def resolve_config(
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     fingerprint = data_fingerprint(data)
-    get_task(task)
-    cls = get_model_class(model)
+    try:
+        get_task(task)
+    except UserError as e:
+        raise ConfigError(f"--task {task}: {e}") from None
+    try:
+        cls = get_model_class(model)
+    except UserError as e:
+        raise ConfigError(f"--model {model}: {e}") from None
     values: dict[str, Any] = dict(PRESETS[preset])
     model_over: dict[str, Any] = {}
     for source in (options or {}, overrides or {}):

@@ -175,10 +175,13 @@ def _raw_read_error(e: duckdb.Error, option: str, root: Path) -> RawDataError:
     m = re.search(r"^\s*file = (.+)$", msg, re.MULTILINE)
     if m and m.group(1).strip() not in text:
         text = f"{m.group(1).strip()}: {text}"
-    return RawDataError(
-        f"reading the raw tables under {option} {root} failed: {text} (expected complete "
-        f"files whose values have the MIMIC-IV types)"
-    )
+    expected = "complete files whose values have the MIMIC-IV types"
+    if "to 'TIMESTAMP'" in text:
+        expected = (
+            "times written YYYY-MM-DD HH:MM:SS as MIMIC-IV distributes them; a spreadsheet that re-saved the "
+            "file may have re-formatted them"
+        )
+    return RawDataError(f"reading the raw tables under {option} {root} failed: {text} (expected {expected})")
 
 
 def _empty_cxr_columns(n: int) -> pd.DataFrame:
