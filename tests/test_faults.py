@@ -804,3 +804,22 @@ def test_the_payloads_are_live():
         target.unlink()
         pickle.loads(pickle.dumps(_Payload(target)))
         assert target.exists()
+
+
+def test_no_unsafe_loading_in_the_source():
+    """Configuration with safe YAML only, checkpoints with weights_only, arrays without pickles, no pickle.load."""
+    src = Path(__file__).resolve().parents[1] / "src" / "carebench"
+    hits = []
+    for path in src.rglob("*.py"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            bad = (
+                ("yaml.load(" in code or "yaml.unsafe_load" in code or "yaml.full_load" in code)
+                or ("torch.load(" in code and "weights_only=True" not in code)
+                or "allow_pickle=True" in code
+                or "pickle.load" in code
+            )
+            if bad:
+                hits.append(f"{path.relative_to(src)}:{n}: {line.strip()}")
+    assert hits == []
+    assert sum("torch.load(" in p.read_text() for p in src.rglob("*.py")) >= 3  # the check sees the loads
