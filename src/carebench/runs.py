@@ -182,7 +182,8 @@ def start_run(runs_dir: str | Path, config: Mapping[str, Any]) -> Path:
         os.close(fd)
     created = [p for p in (work.parent, *work.parent.parents) if not p.exists()][::-1]
     work.mkdir(parents=True)
-    _WRITING[work] = (_lock_folder(work) or -1, created)
+    fd = _lock_folder(work)
+    _WRITING[work] = (-1 if fd is None else fd, created)
     try:
         (work / CONFIG).write_text(config_yaml(config))
     except BaseException:
@@ -401,6 +402,9 @@ def find_runs(runs_dir: str | Path, broken: dict[str, str] | None = None) -> lis
             if broken is None:
                 raise
             broken[done.parent.name] = str(e)
+    if not records and broken:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(broken.items())[:3])
+        raise RunsError(f"{root}: no usable finished run ({len(broken)} unusable: {shown})")
     if not records:
         raise RunsError(
             f"{root}: no finished runs (no <run_id>/{DONE} with {CONFIG}); run `carebench benchmark --out RUNS` first"
