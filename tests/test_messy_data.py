@@ -200,7 +200,20 @@ def test_itemids_missing_from_the_release_dictionary_are_named(demo_root, tmp_pa
         "labevents": "hosp/d_labitems.csv.gz",
         "outputevents": "icu/d_items.csv.gz",
     }
-    assert any(w.startswith("feature heart_rate: itemid(s) {'chartevents': [220045]}") for w in m["warnings"])
+    assert [w for w in m["warnings"] if w.startswith("feature ")] == [
+        "feature heart_rate: none of its itemids {'chartevents': [220045]} is in this release's item dictionary "
+        "(hosp/d_labitems.csv.gz, icu/d_items.csv.gz); renumbered or dropped by the release?"
+    ]
+
+
+def test_itemids_partly_missing_are_recorded_without_a_warning(demo_root, tmp_path):
+    raw = tmp_path / "mimic-iv"
+    _link_all(demo_root, raw)
+    items = _read(demo_root, "icu", "d_items")
+    items[items["itemid"] != "220050"].to_csv(raw / "icu" / "d_items.csv.gz", index=False)  # sbp keeps 220179
+    m = _prepare(raw, tmp_path / "out")
+    assert m["release"]["item_check"]["missing"] == {"sbp": {"chartevents": [220050]}}
+    assert m["warnings"] == []
 
 
 @pytest.mark.parametrize(

@@ -307,9 +307,12 @@ def prepare(
                         {f.name: {k: list(v) for k, v in f.itemids.items()} for f in features.features},
                     )
                     for feat, per_source in release["item_check"]["missing"].items():
+                        used = next(f for f in features.features if f.name == feat).itemids
+                        if any(len(ids) < len(used[src]) for src, ids in per_source.items()):
+                            continue  # some of its itemids are defined: recorded in the manifest only
                         warnings.append(
-                            f"feature {feat}: itemid(s) {per_source} are not in this release's item dictionary "
-                            f"({', '.join(v for v in release['item_check']['dictionaries'].values() if v)}); "
+                            f"feature {feat}: none of its itemids {per_source} is in this release's item "
+                            f"dictionary ({', '.join(sorted({v for v in release['item_check']['dictionaries'].values() if v}))}); "
                             "renumbered or dropped by the release?"
                         )
                     warnings.extend(f"MIMIC-IV release: {n_}" for n_ in release["notes"])
