@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "carebench"
 TESTS = Path(__file__).resolve().parent
 
 # data -> models -> training -> experiments -> analysis -> report -> cli; the leaves anyone may use.
-LEAVES = {"errors", "tasks", "runs", "evaluation", "__init__"}
+LEAVES = {"errors", "atomic", "tasks", "runs", "evaluation", "__init__"}
 RANK = {"data": 1, "models": 2, "training": 3, "experiments": 4, "analysis": 5, "report": 6, "cli": 7}
 
 

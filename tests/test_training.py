@@ -580,4 +580,4 @@ def test_cli_train_evaluate_and_errors(data_dir, tmp_path):
             str(tmp_path),
         ],
     )
-    assert bad.exit_code == 2 and "manifest.json" in bad.output
+    assert bad.exit_code == 2 and "--data" in bad.output and "nope: does not exist" in bad.output

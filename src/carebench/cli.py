@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import functools
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
+
+try:  # recent typer vendors click; its exceptions are those the command line raises
+    from typer._click import exceptions as click_exc
+except ImportError:  # pragma: no cover - typer that uses click itself
+    from click import exceptions as click_exc
 
 from carebench import __version__
 from carebench.data.meds.options import MEDS as MEDS_OPTIONS
@@ -26,6 +33,35 @@ from carebench.evaluation.options import DEFAULTS as STATS
 from carebench.tasks import TASK_NAMES
 from carebench.training.config import PRESETS, TrainConfig
 
+DEBUG = {"on": False}  # set by `carebench --debug`: errors also print their traceback
+
+
+class _Group(TyperGroup):
+    """The command group: a usage error (unknown verb or option, missing or ill-typed value) is one line
+    `error: ...` naming the command and the option, exit status 2, like every other bad input."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:  # fmt: skip
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_exc.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(0)
+        except click_exc.UsageError as e:
+            where = e.ctx.command_path if e.ctx is not None else "carebench"
+            _error(f"{where}: {e.format_message()} (see `{where} --help`)")
+            sys.exit(e.exit_code)
+        except click_exc.ClickException as e:
+            _error(e.format_message())
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            _error("aborted")
+            sys.exit(1)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
 app = typer.Typer(
     name="carebench",
     help="Benchmark multimodal fusion of ICU EHR (MIMIC-IV) and chest X-rays (MIMIC-CXR-JPG).",
@@ -33,21 +69,51 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
+    cls=_Group,
 )
 err_console = Console(stderr=True)
 FLAG = {"metavar": ""}  # a boolean flag takes no value: no "<bool>" in --help
 
 
+def _error(message: str) -> None:
+    err_console.print(
+        f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True
+    )
+
+
+def _failure(e: Exception) -> tuple[int, str]:
+    """(exit status, one-line message) of an exception that ended a verb (see `user_errors`)."""
+    if isinstance(e, UserError | FileExistsError | FileNotFoundError | NotADirectoryError):
+        return getattr(e, "exit_code", 2), str(e)
+    if isinstance(e, OSError):
+        return 1, (f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {e}")
+    first = (str(e).strip().splitlines() or [""])[0]
+    return 1, (
+        f"internal error ({type(e).__name__}: {first}); nothing was kept of this command's output. "
+        "Re-run with `carebench --debug ...` for the traceback and report it"
+    )
+
+
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a UserError (or a missing/existing path) into one line on stderr and exit code 2."""
+    """Every failure of a verb is one line `error: ...` on stderr (docs/troubleshooting.md), never a traceback
+    (unless `carebench --debug`):
+
+    - exit 2: bad input, a `UserError` (the message names the file, column or option and what was expected), or an
+      existing/missing path;
+    - exit 1: the environment failed: a write that found the disk full (`atomic.OutputError`), any other error of
+      the operating system (it names the file), or an unexpected internal error (a bug: re-run with --debug).
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, FileExistsError, FileNotFoundError) as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
-            sys.exit(2)
+        except Exception as e:
+            code, message = _failure(e)
+            if DEBUG["on"]:
+                sys.stderr.write(traceback.format_exc())
+        _error(message)
+        sys.exit(code)
 
     return wrapper
 
@@ -63,8 +129,12 @@ def main(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit.", **FLAG
     ),
+    debug: bool = typer.Option(
+        False, "--debug", help="On an error, also print the Python traceback (for bug reports).", **FLAG
+    ),
 ) -> None:
     """carebench: EHR + chest X-ray fusion benchmark."""
+    DEBUG["on"] = debug
 
 
 @app.command()
@@ -124,7 +194,10 @@ def synth(
 @user_errors
 def prepare(
     mimic_iv: str | None = typer.Option(
-        None, "--mimic-iv", help="MIMIC-IV root holding hosp/ and icu/ (.csv.gz, .csv or .parquet)."
+        None,
+        "--mimic-iv",
+        help="MIMIC-IV release folder holding hosp/ and icu/ (v2.x, v3.x) or core/, hosp/, icu/ (v1.0); tables as "
+        ".csv.gz, .csv or .parquet.",
     ),
     meds: str | None = typer.Option(
         None,
@@ -187,6 +260,13 @@ def prepare(
     seed: int = typer.Option(PREPARE.seed, "--seed", help="Seed of the patient-disjoint fold assignment."),
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an existing dataset at --out.", **FLAG
+    ),
+    allow_empty_features: bool = typer.Option(
+        False,
+        "--allow-empty-features",
+        help="Build the dataset even if a whole feature group (vital signs, labs, urine output, X-rays) has no "
+        "value for any stay: a loud warning, recorded in the manifest, instead of an error.",
+        **FLAG,
     ),
 ) -> None:
     """Raw MIMIC-IV (+ MIMIC-CXR-JPG), or a MEDS dataset with label files, -> processed benchmark dataset
@@ -259,6 +339,7 @@ def prepare(
         cxr_lookback_hours=cxr_lookback_hours,
         seed=seed,
         overwrite=overwrite,
+        allow_empty_features=allow_empty_features,
         console=err_console,
     )
     print(path)
@@ -348,8 +429,12 @@ def train(
     ),
 ) -> None:
     """Train one model on one fold, select on validation, test the best checkpoint; write OUT/<run_id>/."""
+    from pathlib import Path
+
     from carebench.training import parse_overrides, resolve_config, train_run
 
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory (expected a runs directory)")
     options = {
         "cohort": cohort,
         "fold": fold,
@@ -394,13 +479,16 @@ def evaluate(
 ) -> None:
     """Recompute a run's test metrics from its checkpoint and print the overall ones."""
     import json
+    from pathlib import Path
 
+    from carebench import atomic
     from carebench.training import evaluate_run
 
+    if out and not Path(out).absolute().parent.is_dir():
+        raise UserError(f"--out {out}: its folder {Path(out).absolute().parent} does not exist")
     metrics = evaluate_run(run_dir, data)
     if out:
-        with open(out, "w") as fh:
-            json.dump(metrics, fh, indent=2)
+        atomic.write_text(out, json.dumps(metrics, indent=2))
     for key, value in metrics.items():
         if "/" not in key and not isinstance(value, dict):
             print(f"{key}\t{value}")
@@ -437,9 +525,11 @@ def benchmark(
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
     from carebench.experiments import load_plan, print_summary, run_benchmark
     from carebench.training import parse_overrides
+    from carebench.training.config import data_fingerprint
 
     p = load_plan(plan, parse_overrides(overrides))
     if dry_run:
+        data_fingerprint(data)
         from carebench import runs
         from carebench.experiments.plan import expand_plan
 

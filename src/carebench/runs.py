@@ -152,13 +152,61 @@ def write_json(path: str | Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+# Partial run folders this process is writing -> (descriptor holding the folder's flock, directories created for
+# it). The flock tells `clean_partials` (another benchmark, or this one at start) that the folder is alive.
+_WRITING: dict[Path, tuple[int, list[Path]]] = {}
+
+
+def _lock_folder(path: Path) -> int | None:
+    """An exclusive flock on the folder itself (its descriptor), or None when another process holds it."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def start_run(runs_dir: str | Path, config: Mapping[str, Any]) -> Path:
-    """A fresh ``RUNS/.<run_id>.partial/`` holding ``config.yaml`` (a leftover one is deleted first)."""
-    work = partial_dir(runs_dir, run_id(config))
-    shutil.rmtree(work, ignore_errors=True)
+    """A fresh ``RUNS/.<run_id>.partial/`` holding ``config.yaml``, locked by this process until `finish_run` or
+    `abandon_run`. A leftover partial folder of a dead process is deleted first; one that a live process is
+    writing is an error."""
+    rid = run_id(config)
+    work = partial_dir(runs_dir, rid)
+    if work.is_dir():
+        fd = _lock_folder(work)
+        if fd is None:
+            raise RunsError(f"{work}: run {rid} is being written by another process (wait for it to finish)")
+        shutil.rmtree(work)
+        os.close(fd)
+    created = [p for p in (work.parent, *work.parent.parents) if not p.exists()][::-1]
     work.mkdir(parents=True)
-    (work / CONFIG).write_text(config_yaml(config))
+    fd = _lock_folder(work)
+    _WRITING[work] = (-1 if fd is None else fd, created)
+    try:
+        (work / CONFIG).write_text(config_yaml(config))
+    except BaseException:
+        abandon_run(work)
+        raise
     return work
+
+
+def _release(work: Path) -> list[Path]:
+    fd, created = _WRITING.pop(work, (-1, []))
+    if fd >= 0:
+        os.close(fd)
+    return created
+
+
+def abandon_run(work: str | Path) -> None:
+    """A run that failed: delete its partial folder, and the runs directory (and parents) if `start_run` created
+    them and they are empty, so a failed `carebench train` leaves nothing behind."""
+    work = Path(work)
+    shutil.rmtree(work, ignore_errors=True)
+    for d in reversed(_release(work)):
+        with contextlib.suppress(OSError):
+            d.rmdir()
 
 
 def finish_run(work: str | Path) -> Path:
@@ -175,6 +223,7 @@ def finish_run(work: str | Path) -> Path:
     if final.exists():
         shutil.rmtree(final)
     os.rename(work, final)
+    _release(work)
     return final
 
 
@@ -200,15 +249,22 @@ def run_lock(runs_dir: str | Path, name: str, *, blocking: bool = True) -> Itera
 
 
 def clean_partials(runs_dir: str | Path) -> list[str]:
-    """Delete ``.<run_id>.partial`` folders that no live process is writing (their lock is free); return their
-    run ids. A partial folder is never a finished run, so nothing of value is lost."""
+    """Delete ``.<run_id>.partial`` folders that no live process is writing (their run lock and the folder's own
+    lock are free); return their run ids. A partial folder is never a finished run, so nothing of value is lost."""
     removed = []
     for p in sorted(Path(runs_dir).glob(f".*{PARTIAL_SUFFIX}")):
         rid = p.name[1 : -len(PARTIAL_SUFFIX)]
         with run_lock(runs_dir, rid, blocking=False) as free:
-            if free and p.is_dir():
+            if not free or not p.is_dir() or p in _WRITING:
+                continue
+            fd = _lock_folder(p)  # a `carebench train` writing this run holds the folder's own lock
+            if fd is None:
+                continue
+            try:
                 shutil.rmtree(p)
-                removed.append(rid)
+            finally:
+                os.close(fd)
+            removed.append(rid)
     return removed
 
 
@@ -324,20 +380,31 @@ def finished_run_ids(runs_dir: str | Path) -> list[str]:
     )
 
 
-def find_runs(runs_dir: str | Path) -> list[RunRecord]:
+def find_runs(runs_dir: str | Path, broken: dict[str, str] | None = None) -> list[RunRecord]:
     """Every finished run directly under `runs_dir`, in a fixed order (task, cohort, model, fold, seed, dropout
-    rates, run id). Folders without ``DONE`` (killed or failed runs, partial folders) are not runs."""
+    rates, run id). Folders without ``DONE`` (killed or failed runs, partial folders) are not runs.
+
+    A finished run whose record is malformed is an error naming the file; with `broken` (a dict), it is recorded
+    there instead (run folder name -> the problem) and left out."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise RunsError(
             f"{root}: not a directory (expected a runs directory written by `carebench benchmark` or "
             "`carebench train --out`)"
         )
-    records = [
-        read_run(done.parent)
-        for done in sorted(root.glob(f"*/{DONE}"))
-        if not done.parent.name.startswith(".")
-    ]
+    records = []
+    for done in sorted(root.glob(f"*/{DONE}")):
+        if done.parent.name.startswith("."):
+            continue
+        try:
+            records.append(read_run(done.parent))
+        except RunsError as e:
+            if broken is None:
+                raise
+            broken[done.parent.name] = str(e)
+    if not records and broken:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(broken.items())[:3])
+        raise RunsError(f"{root}: no usable finished run ({len(broken)} unusable: {shown})")
     if not records:
         raise RunsError(
             f"{root}: no finished runs (no <run_id>/{DONE} with {CONFIG}); run `carebench benchmark --out RUNS` first"
@@ -397,8 +464,42 @@ def read_predictions(record: RunRecord, split: str = "test") -> pd.DataFrame | N
         return None
     try:
         return pd.read_parquet(path)
-    except (OSError, ValueError) as e:
-        raise RunsError(f"{path}: unreadable ({e})") from None
+    except Exception as e:  # OSError, ValueError, ArrowInvalid ...: a truncated or overwritten file
+        raise RunsError(f"{path}: unreadable ({_first_line(e)})") from None
+
+
+def run_problem(record: RunRecord) -> str | None:
+    """What makes a finished run unusable for analysis, or None: unreadable or truncated predictions (test or
+    validation), predictions without the task's columns, repeated stays, probabilities that are not numbers in
+    [0, 1], an unreadable ``metrics.json``. The message names the file."""
+    try:
+        frame = read_predictions(record)
+        read_predictions(record, "val")
+        metrics = read_metrics(record)
+    except RunsError as e:
+        return str(e)
+    except Exception as e:  # a file that parses into something unexpected
+        return f"{record.path}: unreadable ({type(e).__name__}: {e})"
+    where = record.path / PREDICTIONS
+    if not isinstance(metrics, dict):
+        return f"{record.path / METRICS}: expected a JSON object, got {type(metrics).__name__}"
+    try:
+        ycols, pcols, names = prediction_columns(frame.columns, record.task)
+    except UserError as e:
+        return f"{record.path / CONFIG}: {e}"
+    missing = [c for c in ["stay_id", *ycols, *pcols] if c not in frame.columns]
+    if missing or not names:
+        return f"{where}: missing columns {missing or ['y_*', 'p_*']} for task {record.task!r}"
+    if frame.empty:
+        return f"{where}: no rows (expected one row per test stay)"
+    if frame["stay_id"].duplicated().any():
+        return f"{where}: stay_id {frame.loc[frame['stay_id'].duplicated(), 'stay_id'].iloc[0]} appears twice"
+    p = frame[pcols].to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~(np.isfinite(p) & (p >= 0) & (p <= 1))
+    if bad.any():
+        col = pcols[int(np.argwhere(bad)[0][1])]
+        return f"{where}: column {col} has {int(bad.sum())} value(s) that are not probabilities in [0, 1]"
+    return None
 
 
 def read_metrics(record_or_path: RunRecord | str | Path) -> dict[str, Any]:
@@ -408,7 +509,11 @@ def read_metrics(record_or_path: RunRecord | str | Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise RunsError(f"{path}: unreadable ({e})") from None
+        raise RunsError(f"{path}: unreadable ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 # ------------------------------------------------------------------------------------------ the dataset

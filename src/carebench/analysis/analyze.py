@@ -560,7 +560,8 @@ def analyze(
     """
     t0 = time.perf_counter()
     runs_dir = Path(runs_dir)
-    records = load_runs(runs_dir)
+    excluded: dict[str, str] = {}
+    records = load_runs(runs_dir, excluded)
     plan = read_plan_record(runs_dir)
     opts = resolve_options(plan, **options)
     data_path, fingerprint = runs.common_dataset(records)
@@ -589,7 +590,9 @@ def analyze(
             val_cache[r.run_id] = frame
         return val_cache[r.run_id]
 
-    warnings: list[str] = []
+    warnings: list[str] = [
+        f"run {rid} left out of the analysis: {problem}" for rid, problem in sorted(excluded.items())
+    ]
     timings: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {"runs": runs.runs_table(records), **cohort_tables(ds)}
     group_info = []
@@ -726,6 +729,7 @@ def analyze(
         "n_runs": len(records),
         "n_main_runs": len(main_runs),
         "run_ids": [r.run_id for r in records],
+        "excluded_runs": dict(sorted(excluded.items())),
         "groups": group_info,
         "macro_label": MACRO,
         "missing_aware": sorted(m for m, role in roles.items() if role.missing_aware),

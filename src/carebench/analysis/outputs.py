@@ -63,11 +63,24 @@ def load_analysis(runs_dir: str | Path) -> tuple[dict[str, pd.DataFrame], dict[s
     path = Path(runs_dir) / ANALYSIS_DIR
     if not (path / SUMMARY).is_file():
         raise AnalysisError(f"{path}: no analysis found; run `carebench analyze {runs_dir}` first")
-    summary = json.loads((path / SUMMARY).read_text())
+    again = f"re-run `carebench analyze {runs_dir}`"
+    try:
+        summary = json.loads((path / SUMMARY).read_text())
+    except (OSError, ValueError) as e:
+        raise AnalysisError(f"{path / SUMMARY}: unreadable ({_first_line(e)}); {again}") from None
+    if not isinstance(summary, dict):
+        raise AnalysisError(f"{path / SUMMARY}: expected a JSON object; {again}")
     tables = {}
     for name in TABLES:
         f = path / f"{name}.parquet"
         if not f.is_file():
-            raise AnalysisError(f"{f}: missing (re-run `carebench analyze {runs_dir}`)")
-        tables[name] = pd.read_parquet(f)
+            raise AnalysisError(f"{f}: missing ({again})")
+        try:
+            tables[name] = pd.read_parquet(f)
+        except Exception as e:  # a truncated or overwritten file (ArrowInvalid, OSError, ...)
+            raise AnalysisError(f"{f}: unreadable ({_first_line(e)}); {again}") from None
     return tables, summary
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -24,10 +24,29 @@ KEY_COLUMNS = ["method", "run_id", "fold", "seed"]
 GroupKey = tuple[str, str, tuple[float, float, float]]  # (task, cohort, (train, val, test) X-ray dropout)
 
 
-def load_runs(runs_dir: str | Path) -> list[RunRecord]:
+def load_runs(runs_dir: str | Path, excluded: dict[str, str] | None = None) -> list[RunRecord]:
     """`runs.find_runs`, with the modalities of records that predate their being recorded filled in from the
-    model registry (an unregistered model is then an error naming the run)."""
-    records = runs.find_runs(runs_dir)
+    model registry (an unregistered model is then an error naming the run).
+
+    With `excluded` (a dict), a finished run whose record is unusable (`runs.run_problem`: corrupted predictions
+    or metrics, malformed config) is left out and recorded there (run id -> the problem, naming the file) instead
+    of stopping the analysis; so are the runs that would then pool unequal folds (`balance_folds`)."""
+    if excluded is None:
+        records = runs.find_runs(runs_dir)
+    else:
+        records = []
+        for r in runs.find_runs(runs_dir, broken=excluded):
+            problem = runs.run_problem(r)
+            if problem is None:
+                records.append(r)
+            else:
+                excluded[r.run_id] = problem
+        records = balance_folds(records, excluded)
+        if not records:
+            raise runs.RunsError(
+                f"{runs_dir}: no usable finished run ({len(excluded)} unusable: "
+                f"{'; '.join(f'{k}: {v}' for k, v in list(excluded.items())[:3])})"
+            )
     if all(r.modalities for r in records):
         return records
     from carebench.models import get_model_class  # only for old records: the registry imports torch
@@ -43,6 +62,34 @@ def load_runs(runs_dir: str | Path) -> list[RunRecord]:
                 ) from None
         out.append(r)
     return out
+
+
+def balance_folds(records: list[RunRecord], excluded: dict[str, str]) -> list[RunRecord]:
+    """After unusable runs are left out, keep per (task, cohort, dropout, method) only the folds every seed still
+    has, so seeds keep covering the same stays (`comparisons.pool_predictions` requires it); a run left out for
+    this is recorded in `excluded` with the reason."""
+    if not excluded:
+        return records
+    by_method: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        by_method.setdefault((r.task, r.cohort, r.dropout, r.method), []).append(r)
+    keep = []
+    for members in by_method.values():
+        folds_by_seed: dict[int, set[int]] = {}
+        for r in members:
+            folds_by_seed.setdefault(r.seed, set()).add(r.fold)
+        common = set.intersection(*folds_by_seed.values())
+        for r in members:
+            if r.fold in common:
+                keep.append(r)
+            else:
+                gone = sorted(s for s, f in folds_by_seed.items() if r.fold not in f)
+                excluded[r.run_id] = (
+                    f"left out so that every seed of {r.method!r} covers the same stays: no usable run of fold "
+                    f"{r.fold} for seed(s) {gone}"
+                )
+    order = {id(r): k for k, r in enumerate(records)}
+    return sorted(keep, key=lambda r: order[id(r)])
 
 
 def groups(records: Iterable[RunRecord]) -> dict[GroupKey, list[RunRecord]]:

@@ -1,7 +1,8 @@
 """`carebench describe`: what is in a processed dataset, as tidy tables (computed) and Rich tables (printed).
 
 Everything is computed from the dataset itself (cohort.parquet, ehr.npy) and what its manifest declares (the
-tasks and their label columns), except the cohort steps, which only the producer knows. `summarize` returns plain
+tasks and their label columns), except what only the producer knows: the cohort steps, the rows it dropped or
+repaired by reason (`data_issues`), the source release it read and its warnings. `summarize` returns plain
 DataFrames so tests and notebooks can use the numbers; `print_summary` only formats them.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from carebench.data.store import ProcessedDataset
@@ -28,6 +30,9 @@ class DatasetSummary:
     coverage: pd.DataFrame  # feature, unit, observed_hours, stays_observed, coverage
     n_stays: int
     n_subjects: int
+    issues: pd.DataFrame | None = None  # stage, table, reason, action, count, unit (None: not recorded)
+    release: dict | None = None  # the manifest's `release` (None: not recorded)
+    warnings: list[str] | None = None
 
 
 def feature_coverage(ehr: np.ndarray, features: list[str]) -> pd.DataFrame:
@@ -118,7 +123,22 @@ def summarize(ds: ProcessedDataset) -> DatasetSummary:
         coverage=coverage,
         n_stays=len(c),
         n_subjects=int(c["subject_id"].nunique()),
+        issues=issue_table(ds.manifest),
+        release=ds.manifest.get("release"),
+        warnings=list(ds.manifest.get("warnings") or []),
     )
+
+
+ISSUE_COLUMNS = ["stage", "table", "reason", "action", "count", "unit"]
+
+
+def issue_table(manifest: dict) -> pd.DataFrame | None:
+    """The manifest's `data_issues` (every row the ETL dropped or repaired, by reason), or None for a dataset
+    prepared before they were recorded."""
+    rows = manifest.get("data_issues")
+    if rows is None:
+        return None
+    return pd.DataFrame(rows, columns=ISSUE_COLUMNS).astype({"count": "int64"})
 
 
 def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) -> Table:
@@ -139,10 +159,24 @@ def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) 
 
 def print_summary(s: DatasetSummary, console: Console, root: str = "") -> None:
     console.print(f"[bold]{root}[/]: {s.n_stays} stays of {s.n_subjects} patients")
+    if s.release:
+        # whatever the producer recorded about the source it read (e.g. a release and its folder layout)
+        flat = {k: v for k, v in s.release.items() if isinstance(v, str | int | float)}
+        console.print("Source: " + ", ".join(f"{k} {v}" for k, v in flat.items()), highlight=False)
     console.print(_table("Cohort steps", s.steps))
+    if s.issues is None:
+        console.print(
+            "Rows dropped or repaired by the ETL: not recorded (dataset prepared by an older carebench)"
+        )
+    else:
+        found = s.issues[s.issues["count"] > 0]
+        title = f"Rows dropped or repaired by the ETL, by reason ({len(s.issues) - len(found)} other checks: 0 rows)"
+        console.print(_table(title, found.reset_index(drop=True)))
     console.print(_table("Folds (patient-disjoint)", s.folds))
     console.print(_table("Label prevalence", s.labels, {"prevalence": ".1%"}))
     console.print(_table("Chest X-rays", s.cxr))
     console.print(
         _table("Feature coverage (fraction of stay-hours observed)", s.coverage, {"coverage": ".1%"})
     )
+    for w in s.warnings or []:
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)

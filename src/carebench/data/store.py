@@ -31,9 +31,7 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from carebench import __version__
+from carebench import __version__, atomic
 from carebench.data.folds import N_FOLDS, assign_folds
 from carebench.errors import UserError
 from carebench.evaluation.options import RESERVED_ATTRIBUTE_NAMES
@@ -420,8 +418,11 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(path.read_text())
-    except ValueError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except (OSError, ValueError) as e:
+        raise DatasetError(
+            f"{path}: unreadable ({_reason(e)}); expected the JSON manifest of a dataset written by "
+            "`carebench prepare` (re-run prepare)"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
         raise _version_error(path, manifest.get("format_version") if isinstance(manifest, dict) else None)
     return manifest
@@ -445,14 +446,19 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
             raise DatasetError(f"{root / name}: missing (expected a dataset written by `carebench prepare`)")
     manifest = read_manifest(root)
     decl = parse_declarations(manifest, str(root / MANIFEST))
-    cohort = pd.read_parquet(root / COHORT)
+    try:
+        cohort = pd.read_parquet(root / COHORT)
+    except (OSError, ValueError) as e:
+        raise DatasetError(
+            f"{root / COHORT}: unreadable ({_reason(e)}); expected a Parquet file (re-run prepare)"
+        ) from None
     need = [*REQUIRED_COLUMNS]
     need += [c for t in decl.tasks.values() for c in t.labels]
     need += [a.column for a in decl.attributes.values()]
     missing = [c for c in dict.fromkeys(need) if c not in cohort.columns]
     if missing:
         raise DatasetError(f"{root / COHORT}: missing columns {missing} (required or declared in {MANIFEST})")
-    ehr = np.load(root / EHR, mmap_mode="r" if mmap else None)
+    ehr = _load_npy(root / EHR, mmap)
     want = (len(cohort), decl.steps, len(decl.features))
     if ehr.ndim != 3 or tuple(ehr.shape) != want:
         raise DatasetError(
@@ -464,13 +470,27 @@ def open_dataset(root: str | Path, mmap: bool = True) -> ProcessedDataset:
     if images:
         if not (root / CXR).is_file():
             raise DatasetError(f"{root / CXR}: missing ({MANIFEST} declares an image cache)")
-        cxr = np.load(root / CXR, mmap_mode="r" if mmap else None)
+        cxr = _load_npy(root / CXR, mmap)
         if cxr.ndim != 3 or cxr.shape[0] != images.get("count"):
             raise DatasetError(f"{root / CXR}: shape {cxr.shape} does not match {images.get('count')} images")
         top = int(cohort["cxr_index"].max()) if len(cohort) else -1
         if top >= cxr.shape[0]:
             raise DatasetError(f"{root / COHORT}: cxr_index {top} is beyond the {cxr.shape[0]} cached images")
     return ProcessedDataset(root=root, manifest=manifest, cohort=cohort, ehr=ehr, cxr=cxr)
+
+
+def _reason(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    """A .npy array (never pickled objects); an unreadable or truncated file is a DatasetError naming it."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise DatasetError(
+            f"{path}: unreadable ({_reason(e)}); expected a NumPy .npy array (re-run prepare)"
+        ) from None
 
 
 def dataset_fingerprint(root: str | Path) -> str:
@@ -492,35 +512,14 @@ def dataset_fingerprint(root: str | Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory next to `out`; on success rename it to `out`, on failure delete it."""
-    out = Path(out).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+def atomic_output_dir(out: str | Path, overwrite: bool = False) -> contextlib.AbstractContextManager[Path]:
+    """Yield a temporary directory next to `out`; on success rename it to `out`, on failure delete it
+    (`carebench.atomic.output_dir`: also removes what a killed earlier run of ours left next to `out`)."""
+    return atomic.output_dir(out, overwrite=overwrite)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> None:

@@ -17,6 +17,7 @@ Why it is shaped this way (docs/benchmark.md, "Resume"):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -41,11 +42,11 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from carebench import runs
+from carebench import atomic, runs
 from carebench.errors import UserError
 from carebench.experiments.executors import LOGS, Event, Outcome, Started, make_executor
 from carebench.experiments.plan import Plan, expand_plan, plan_record
-from carebench.training.config import TrainConfig
+from carebench.training.config import TrainConfig, data_fingerprint
 
 INDEX_COLUMNS = (
     "run_id",
@@ -88,9 +89,7 @@ class BenchmarkSummary:
 
 # ------------------------------------------------------------------------------------------------ files
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)  # a temporary sibling renamed into place; a full disk keeps the old file
 
 
 def write_index(
@@ -206,10 +205,13 @@ def run_benchmark(
     the dataset, the executor (e.g. Ray installed), and that no other benchmark uses `out`.
     """
     console = console or Console(stderr=True)
+    runs_dir = Path(out).absolute()
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory (expected a runs directory)")
+    data_fingerprint(data)  # an error naming --data before the plan is expanded run by run
     configs = expand_plan(plan, data)
     ex = make_executor(executor, jobs, threads, address)
-    runs_dir = Path(out).absolute()
-    runs_dir.mkdir(parents=True, exist_ok=True)
+    atomic.make_parents(runs_dir / runs.INDEX, "--out")
     t0 = time.perf_counter()
     with runs.run_lock(runs_dir, "benchmark", blocking=False) as free:
         if not free:
@@ -281,7 +283,10 @@ def run_benchmark(
         finally:
             events.close()  # stops the workers (and so releases their runs' locks)
             runs.clean_partials(runs_dir)  # runs cut short by an interrupt
-            write_index(runs_dir, configs, status, errors)
+            with contextlib.suppress(
+                atomic.OutputError
+            ):  # a full disk: the error that got here is the one to show
+                write_index(runs_dir, configs, status, errors)
         summary.not_run = sum(1 for s in status.values() if s == "pending")
         summary.seconds = time.perf_counter() - t0
         logs = runs_dir / LOGS

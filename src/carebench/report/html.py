@@ -307,7 +307,7 @@ def build_page(
 
 def stale_notes(runs_dir: Path, summary: dict[str, Any]) -> list[str]:
     """A note when runs finished or disappeared after the analysis (the page would not show them)."""
-    now = set(runs.finished_run_ids(runs_dir))
+    now = set(runs.finished_run_ids(runs_dir)) - set(summary.get("excluded_runs") or {})
     then = set(summary.get("run_ids", []))
     new, gone = sorted(now - then), sorted(then - now)
     out = []

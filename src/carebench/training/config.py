@@ -220,15 +220,19 @@ def resolve_config(
 
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    fingerprint = data_fingerprint(data)
     try:
         declared = dataset_declarations(data).tasks
     except DatasetError as e:
-        raise ConfigError(f"--data: {e}") from None
+        raise ConfigError(f"--data {data}: {e}") from None
     if task not in declared:
         raise ConfigError(
             f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
         )
-    cls = get_model_class(model)
+    try:
+        cls = get_model_class(model)
+    except UserError as e:
+        raise ConfigError(f"--model {model}: {e}") from None
     values: dict[str, Any] = dict(PRESETS[preset])
     model_over: dict[str, Any] = {}
     for source in (options or {}, overrides or {}):
@@ -252,7 +256,7 @@ def resolve_config(
         model=model,
         task=task,
         data=str(Path(data).absolute()),
-        data_fingerprint=dataset_fingerprint(data),
+        data_fingerprint=fingerprint,
         preset=preset,
         model_args=cls.resolve_hparams(model_over, preset=preset),
         modalities=list(cls.modalities),
@@ -260,6 +264,20 @@ def resolve_config(
     )
     _validate(cfg)
     return cfg
+
+
+def data_fingerprint(data: str | Path) -> str:
+    """The fingerprint of the dataset at `--data`; a path that is not a dataset is an error naming the option."""
+    root = Path(data)
+    if not root.is_dir():
+        what = "does not exist" if not root.exists() else "is not a directory"
+        raise ConfigError(
+            f"--data {data}: {what} (expected a dataset directory written by `carebench prepare`)"
+        )
+    try:
+        return dataset_fingerprint(root)
+    except UserError as e:
+        raise ConfigError(f"--data {data}: not a dataset ({e})") from None
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -9,6 +9,7 @@ still deterministic), and written in the run record's predictions format (`runs.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -123,7 +124,22 @@ class LoadedRun:
 
 
 def checkpoint_state(path: Path) -> dict[str, Tensor]:
-    """The model's weights in a run's checkpoint (the LightningModule's state without its ``model.`` prefix)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    """The model's weights in a run's checkpoint (the LightningModule's state without its ``model.`` prefix).
+
+    Loaded with ``weights_only=True``: a checkpoint is a file anyone could have put in a runs directory, and a
+    pickle that is more than tensors and plain containers could run code when unpickled; such a file is refused.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise runs.RunsError(
+            f"{path}: not a loadable checkpoint ({type(e).__name__}: {reason}); expected the tensors-only "
+            "checkpoint written by `carebench train` (checkpoints are loaded with weights_only, so a file that "
+            "needs arbitrary code to unpickle is refused)"
+        ) from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
+        raise runs.RunsError(f"{path}: not a carebench checkpoint (expected a mapping with a 'state_dict')")
+    state = ckpt["state_dict"]
     prefix = "model."
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
-from carebench import __version__, runs
+from carebench import __version__, atomic, runs
 from carebench.data.loading import make_loader
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.models import BaseModel, ModelConfigError
@@ -135,6 +135,18 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     work = runs.partial_dir(runs_dir, run_id)
     if rank_zero_only.rank == 0:  # DDP re-launches this function in each process; only rank 0 writes
         runs.start_run(runs_dir, cfg.to_dict())
+    try:
+        return _fit_and_record(cfg, data, work, final)
+    except BaseException as e:
+        if rank_zero_only.rank == 0:
+            runs.abandon_run(work)  # a failed run leaves no partial folder behind
+        if isinstance(e, OSError) and e.errno in atomic.WRITE_ERRNOS:
+            raise atomic.write_failure(e, final, previous=False) from None
+        raise
+
+
+def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final: Path) -> RunResult:
+    run_id = cfg.run_id
     _filter_warnings()
     if not cfg.progress:
         _quiet()
@@ -171,12 +183,12 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     trainer = _trainer(cfg, work, callbacks, logger, len(train_loader))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     t_fit = time.perf_counter() - t0
-    trainer.test(module, dataloaders=test_loader, ckpt_path="best", verbose=False)
+    trainer.test(module, dataloaders=test_loader, ckpt_path="best", verbose=False, weights_only=True)
     t_test = time.perf_counter() - t0 - t_fit
     if not trainer.is_global_zero:
         return RunResult(run_id, final, False, {})
 
-    best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=False)
+    best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
     shutil.copyfile(ckpt.best_model_path, work / runs.CHECKPOINT)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
     module.test_predictions.to_parquet(work / runs.PREDICTIONS, index=False)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import math
 import os
@@ -41,17 +42,27 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from carebench import __version__
+from carebench import __version__, atomic
 from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
+from carebench.data.mimic import quality
 from carebench.data.mimic.cohort import CohortError, build_cohort, step_rules
+from carebench.data.mimic.cohort import exclusions as cohort_exclusions
 from carebench.data.mimic.cxr import prepare_cxr
 from carebench.data.mimic.options import PREPARE
 from carebench.data.mimic.phenotypes import phenotype_labels
 from carebench.data.mimic.splits import assign_folds
-from carebench.data.mimic.tables import RawDataError, register_tables
+from carebench.data.mimic.tables import (
+    RawDataError,
+    check_itemids,
+    check_required_rows,
+    describe_release,
+    empty_tables,
+    register_tables,
+)
 from carebench.data.mimic.timeseries import extract_timeseries
 from carebench.errors import UserError
 
@@ -121,6 +132,10 @@ def _check_options(
     overwrite: bool,
 ) -> None:
     """Fail before anything is created, with the option's name in the message."""
+    if mimic_iv.exists() and not mimic_iv.is_dir():
+        raise OptionError(
+            f"--mimic-iv {mimic_iv}: not a directory (expected the MIMIC-IV root with hosp/ and icu/)"
+        )
     if not mimic_iv.exists():
         raise OptionError(
             f"--mimic-iv {mimic_iv}: path does not exist (expected the MIMIC-IV root with hosp/ and icu/)"
@@ -148,10 +163,22 @@ def _check_options(
                 f"--out {out}: refusing to overwrite a non-empty directory that is not a carebench "
                 f"dataset (no {store.MANIFEST})"
             )
+    _check_out_parent(out)
     resolved_out = out.resolve()
     for name, src in (("--mimic-iv", mimic_iv), ("--mimic-cxr", mimic_cxr)):
         if src is not None and (resolved_out == src.resolve() or resolved_out in src.resolve().parents):
             raise OptionError(f"--out {out}: must not be or contain the input {name} {src}")
+
+
+def _check_out_parent(out: Path) -> None:
+    """--out must be creatable: its nearest existing ancestor is a directory this process may write in."""
+    anc = next(p for p in out.parents if p.exists() or p == p.parent)
+    if not anc.is_dir():
+        raise OptionError(f"--out {out}: {anc} is a file, not a directory (expected a directory path)")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise OptionError(
+            f"--out {out}: cannot create it: no permission to write in {anc} (expected a writable location)"
+        )
 
 
 def _file_record(path: Path) -> dict[str, Any]:
@@ -186,10 +213,13 @@ def _raw_read_error(e: duckdb.Error, option: str, root: Path) -> RawDataError:
     m = re.search(r"^\s*file = (.+)$", msg, re.MULTILINE)
     if m and m.group(1).strip() not in text:
         text = f"{m.group(1).strip()}: {text}"
-    return RawDataError(
-        f"reading the raw tables under {option} {root} failed: {text} (expected complete "
-        f"files whose values have the MIMIC-IV types)"
-    )
+    expected = "complete files whose values have the MIMIC-IV types"
+    if "to 'TIMESTAMP'" in text:
+        expected = (
+            "times written YYYY-MM-DD HH:MM:SS as MIMIC-IV distributes them; a spreadsheet that re-saved the "
+            "file may have re-formatted them"
+        )
+    return RawDataError(f"reading the raw tables under {option} {root} failed: {text} (expected {expected})")
 
 
 def _empty_cxr_columns(n: int) -> pd.DataFrame:
@@ -246,9 +276,14 @@ def prepare(
     cxr_lookback_hours: float = PREPARE.cxr_lookback_hours,
     seed: int = PREPARE.seed,
     overwrite: bool = False,
+    allow_empty_features: bool = False,
     console: Console | None = None,
 ) -> Path:
-    """Build the processed dataset at `out` from the raw MIMIC-IV root (and MIMIC-CXR-JPG root, if given)."""
+    """Build the processed dataset at `out` from the raw MIMIC-IV root (and MIMIC-CXR-JPG root, if given).
+
+    A feature group that ends up with no value for any stay (`quality.empty_groups`: an event table with no rows
+    or none of its itemids, or X-rays that link to no stay) is an error, unless `allow_empty_features`, which
+    records it as a warning (printed, and in the manifest)."""
     t_start = time.perf_counter()
     mimic_iv = Path(os.path.abspath(mimic_iv))
     out = Path(os.path.abspath(out))
@@ -260,6 +295,12 @@ def prepare(
     warnings: list[str] = []
 
     stage = _Stages(console)
+    cleaned = atomic.clean_stale(out)
+    if cleaned:
+        console.print(
+            f"removed {len(cleaned)} temporary folder(s) of {out} left by an interrupted earlier prepare",
+            highlight=False,
+        )
     with stage.progress, store.DatasetWriter(out, overwrite=overwrite) as writer:
         tmp = writer.path
         spill = tmp / ".duckdb-tmp"
@@ -274,17 +315,34 @@ def prepare(
             try:
                 with stage("tables", "Validating raw MIMIC-IV tables") as note:
                     tables = register_tables(con, mimic_iv)
+                    labels = {name: t.label for name, t in tables.items()}
                     sources = {
-                        name: {
-                            "table": f"{t.spec.module}/{t.spec.name}",
-                            "format": t.format,
-                            **_file_record(t.path),
-                        }
+                        name: {"table": t.label, "format": t.format, **_file_record(t.path)}
                         for name, t in tables.items()
                     }
-                    note["detail"] = f"{len(tables)} tables"
+                    empty = empty_tables(con, tables)
+                    check_required_rows(tables, empty)
+                    release = describe_release(mimic_iv, tables)
+                    release["item_check"] = check_itemids(
+                        mimic_iv,
+                        {f.name: {k: list(v) for k, v in f.itemids.items()} for f in features.features},
+                    )
+                    for feat, per_source in release["item_check"]["missing"].items():
+                        used = next(f for f in features.features if f.name == feat).itemids
+                        if any(len(ids) < len(used[src]) for src, ids in per_source.items()):
+                            continue  # some of its itemids are defined: recorded in the manifest only
+                        warnings.append(
+                            f"feature {feat}: none of its itemids {per_source} is in this release's item "
+                            f"dictionary ({', '.join(sorted({v for v in release['item_check']['dictionaries'].values() if v}))}); "
+                            "renumbered or dropped by the release?"
+                        )
+                    warnings.extend(f"MIMIC-IV release: {n_}" for n_ in release["notes"])
+                    note["detail"] = (
+                        f"{len(tables)} tables, release {release['release']}, {release['layout']}"
+                    )
                 with stage("cohort", "Building the cohort") as note:
-                    steps = build_cohort(con, min_age=MIN_AGE, min_los_hours=MIN_LOS_HOURS)
+                    steps = build_cohort(con, min_age=MIN_AGE, min_los_hours=MIN_LOS_HOURS, labels=labels)
+                    excluded = cohort_exclusions(con)
                     cohort = con.execute("SELECT * FROM cohort ORDER BY row_idx").df()
                     n = len(cohort)
                     note["detail"] = f"{n} stays"
@@ -299,18 +357,36 @@ def prepare(
                     note["detail"] = f"seed {seed}"
                 with stage("phenotypes", "Phenotype labels from ICD codes") as note:
                     pheno, pheno_stats = phenotype_labels(con)
+                    if n and pheno_stats.get("stays_without_diagnoses") == n:
+                        raise RawDataError(
+                            f"{tables['diagnoses_icd'].path}: none of the {n} cohort stays' admissions has a "
+                            "diagnosis row, so every phenotype label would be 0 (expected the diagnoses of the "
+                            "same MIMIC-IV release as icu/icustays; is the file complete?)"
+                        )
                     note["detail"] = f"{len(pheno.columns)} phenotypes"
                 with stage(
                     "timeseries", f"EHR time series ({features.hours} h x {len(features.names)})"
                 ) as note:
                     ts = extract_timeseries(con, features, set(tables))
                     note["detail"] = f"{int((~np.isnan(ts.values)).sum()):,} observed cells"
+                empty_group_messages = quality.empty_groups(ts, features, empty, labels, n)
+                if empty_group_messages and not allow_empty_features:
+                    raise RawDataError(
+                        f"{empty_group_messages[0]}. Expected MIMIC-IV events for the cohort's stays; pass "
+                        "--allow-empty-features to build the dataset with these features all missing"
+                    )
+                warnings.extend(f"EMPTY FEATURE GROUP: {m}" for m in empty_group_messages)
+                warnings.extend(quality.empty_features(ts, features))
             except duckdb.OutOfMemoryException as e:
                 raise OptionError(
                     f"--memory-limit {memory_limit}: DuckDB ran out of memory "
                     f"({str(e).splitlines()[0]}); expected a larger limit or fewer --threads"
                 ) from e
             except duckdb.Error as e:
+                if "No space left on device" in str(e):
+                    raise atomic.write_failure(
+                        OSError(errno.ENOSPC, "No space left on device (DuckDB spill)"), out, out.exists()
+                    ) from None
                 raise _raw_read_error(e, "--mimic-iv", mimic_iv) from e
 
             cxr_stats: dict[str, Any] | None = None
@@ -329,6 +405,20 @@ def prepare(
                     cxr_stats = res.stats
                     warnings.extend(res.warnings)
                     note["detail"] = f"{int(cxr_cols['has_cxr'].sum())} stays with an image"
+                if n and not cxr_cols["has_cxr"].any():
+                    message = (
+                        f"--mimic-cxr {mimic_cxr}: feature group 'chest X-rays' is empty: none of the {n} cohort "
+                        f"stays has a readable AP/PA image in its window ({cxr_stats['metadata_rows']} metadata "
+                        f"rows, {cxr_stats['ap_pa_rows']} AP/PA, {cxr_stats['candidates_in_window']} in a stay's "
+                        f"window, {cxr_stats['missing_files']} files missing, {cxr_stats['corrupt_files']} "
+                        "unreadable)"
+                    )
+                    if not allow_empty_features:
+                        raise RawDataError(
+                            f"{message}. Expected MIMIC-CXR-JPG of the same patients; pass "
+                            "--allow-empty-features to build the dataset without images"
+                        )
+                    warnings.append(f"EMPTY FEATURE GROUP: {message}")
             else:
                 cxr_cols = _empty_cxr_columns(n)
 
@@ -382,6 +472,7 @@ def prepare(
             "cxr_lookback_hours": cxr_lookback_hours,
             "seed": seed,
             "overwrite": overwrite,
+            "allow_empty_features": allow_empty_features,
             "min_age": MIN_AGE,
             "min_los_hours": MIN_LOS_HOURS,
             "n_folds": N_FOLDS,
@@ -407,13 +498,17 @@ def prepare(
                     ),
                     "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
                 },
+                "release": release,
                 "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
+                "data_issues": quality.data_issues(excluded, ts, features, labels, pheno_stats, cxr_stats),
                 "admissions": int(frame["hadm_id"].nunique()),
                 "deaths_per_fold": {
                     str(k): int(v) for k, v in frame.groupby("fold")["label_mortality"].sum().items()
                 },
                 "feature_units": {f.name: f.unit for f in features.features},
                 "feature_stats": ts.stats,
+                "feature_row_issues": ts.row_issues,
+                "source_stats": ts.sources,
                 "phenotype_stats": pheno_stats,
                 "cxr": cxr_stats,
                 "timings_s": stage.timings,
@@ -421,4 +516,6 @@ def prepare(
                 "warnings": warnings,
             },
         )
+    for w in warnings:
+        console.print(f"[bold yellow]warning:[/] {escape(w)}", highlight=False, soft_wrap=True)
     return out

@@ -15,7 +15,7 @@ independent, and `last` breaks charttime ties by the larger value. Two runs give
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import duckdb
 import numpy as np
@@ -32,10 +32,18 @@ class TimeseriesError(UserError, ValueError):
 class TimeseriesResult:
     """`values[row_idx, hour, feature]` (float32, NaN = no valid value in that hour) and, per feature name,
     stats: rows_in_window (non-null events of its itemids inside the window), dropped_out_of_range,
-    observed_bins (non-NaN cells) and stays_observed (stays with at least one non-NaN cell)."""
+    observed_bins (non-NaN cells) and stays_observed (stays with at least one non-NaN cell).
+
+    `row_issues`, per feature: events of its itemids in the window dropped because they have no numeric value
+    (`no_value`: valuenum / value NULL, e.g. text-only charting) and events whose value was converted
+    (`converted`: Fahrenheit to Celsius, a fraction to a percentage). `sources`, per source table read:
+    `rows_in_window` (non-null events of the features' itemids in the cohort's windows), `kept` (in range, used),
+    `out_of_range` and `no_value` (dropped)."""
 
     values: np.ndarray
     stats: dict[str, dict[str, int]]
+    row_issues: dict[str, dict[str, int]] = field(default_factory=dict)
+    sources: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 # Which column holds the number, and how an event finds its stay.
@@ -99,7 +107,8 @@ def _decimal_type(features: FeatureSet) -> str:
 def timeseries_sql(features: FeatureSet, sources: list[str]) -> str:
     """The single aggregation query: one row per (row_idx, hour, feature_idx) with any event in the window.
 
-    Columns: row_idx, hour, feature_idx, value (NULL when every event was out of range), n_kept, n_dropped.
+    Columns: row_idx, hour, feature_idx, value (NULL when no event had a value in range), n_kept, n_dropped (out of
+    range), n_null (no value), n_converted, and per source `kept_<source>`, `valued_<source>`, `null_<source>`.
     """
     items = _item_rows(features)
     values = ",\n    ".join(
@@ -113,11 +122,17 @@ def timeseries_sql(features: FeatureSet, sources: list[str]) -> str:
             f"SELECT s.row_idx, s.intime, '{source}' AS source, e.itemid, e.charttime, "
             f"e.{VALUE_COLUMN[source]} AS raw\n"
             f"  FROM {source} e JOIN stays s ON e.{key} = s.{key}\n"
-            f"  WHERE e.itemid IN ({', '.join(map(str, ids))}) AND e.{VALUE_COLUMN[source]} IS NOT NULL\n"
+            f"  WHERE e.itemid IN ({', '.join(map(str, ids))})\n"
             f"    AND e.charttime >= s.intime AND e.charttime < s.window_end"
         )
     union = "\n  UNION ALL\n  ".join(branches)
     dec = _decimal_type(features)
+    per_source = ",\n  ".join(
+        f"count(vin) FILTER (WHERE source = '{src}') AS kept_{src},\n"
+        f"  count(v) FILTER (WHERE source = '{src}') AS valued_{src},\n"
+        f"  count(*) FILTER (WHERE source = '{src}' AND v IS NULL) AS null_{src}"
+        for src in sources
+    )
     m, s_, mn, mx, last = (AGGREGATION_CODES[a] for a in ("mean", "sum", "min", "max", "last"))
     return f"""
 WITH items(source, itemid, feature_idx, conversion, lo, hi, agg) AS (VALUES
@@ -128,7 +143,9 @@ stays AS (
 events AS (
   {union}),
 converted AS (
-  SELECT ev.row_idx, i.feature_idx, i.agg, ev.charttime, i.lo, i.hi,
+  SELECT ev.row_idx, i.feature_idx, i.agg, ev.charttime, i.lo, i.hi, ev.source,
+         ev.raw IS NOT NULL AND (i.conversion = {CONVERSION_CODES["fahrenheit_to_celsius"]}
+           OR (i.conversion = {CONVERSION_CODES["fraction_to_percent"]} AND ev.raw <= 1)) AS conv,
          CAST((epoch_us(ev.charttime) - epoch_us(ev.intime)) // {_US_PER_HOUR} AS INTEGER) AS hour,
          CASE i.conversion
            WHEN {CONVERSION_CODES["fahrenheit_to_celsius"]} THEN (ev.raw - 32) * 5 / 9
@@ -137,7 +154,8 @@ converted AS (
            ELSE ev.raw END AS v
   FROM events ev JOIN items i ON i.source = ev.source AND i.itemid = ev.itemid),
 checked AS (
-  SELECT row_idx, feature_idx, agg, charttime, hour, CASE WHEN v BETWEEN lo AND hi THEN v END AS vin
+  SELECT row_idx, feature_idx, agg, charttime, hour, source, conv, v,
+         CASE WHEN v BETWEEN lo AND hi THEN v END AS vin
   FROM converted)
 SELECT row_idx, hour, feature_idx,
   CASE agg
@@ -148,7 +166,10 @@ SELECT row_idx, hour, feature_idx,
     ELSE arg_max(vin, CASE WHEN agg = {last} AND vin IS NOT NULL THEN struct_pack(t := charttime, v := vin) END)
   END AS value,
   count(vin) AS n_kept,
-  count(*) - count(vin) AS n_dropped
+  count(v) - count(vin) AS n_dropped,
+  count(*) - count(v) AS n_null,
+  count(*) FILTER (WHERE conv) AS n_converted,
+  {per_source}
 FROM checked
 GROUP BY row_idx, hour, feature_idx, agg
 """
@@ -195,6 +216,11 @@ def extract_timeseries(
     values = np.full((n, hours, n_feat), np.nan, dtype=np.float32)
     in_window = np.zeros(n_feat, dtype=np.int64)
     dropped = np.zeros(n_feat, dtype=np.int64)
+    no_value = np.zeros(n_feat, dtype=np.int64)
+    converted = np.zeros(n_feat, dtype=np.int64)
+    per_source = {
+        src: dict.fromkeys(("rows_in_window", "kept", "out_of_range", "no_value"), 0) for src in sources
+    }
     if n and sources:
         reader = con.sql(timeseries_sql(features, sources)).to_arrow_reader(_BATCH_ROWS)
         for batch in reader:
@@ -203,10 +229,22 @@ def extract_timeseries(
             feat = batch.column("feature_idx").to_numpy()
             kept = batch.column("n_kept").to_numpy()
             drop = batch.column("n_dropped").to_numpy()
-            # value is NULL (-> NaN) exactly when every event of the cell was out of range
+            # value is NULL (-> NaN) exactly when no event of the cell had a value in range
             values[row, hour, feat] = batch.column("value").to_numpy(zero_copy_only=False)
             in_window += np.bincount(feat, weights=kept + drop, minlength=n_feat).astype(np.int64)
             dropped += np.bincount(feat, weights=drop, minlength=n_feat).astype(np.int64)
+            no_value += np.bincount(feat, weights=batch.column("n_null").to_numpy(), minlength=n_feat).astype(
+                np.int64
+            )
+            converted += np.bincount(
+                feat, weights=batch.column("n_converted").to_numpy(), minlength=n_feat
+            ).astype(np.int64)
+            for src, c in per_source.items():
+                k, valued = (int(batch.column(f"{x}_{src}").to_numpy().sum()) for x in ("kept", "valued"))
+                c["kept"] += k
+                c["rows_in_window"] += valued
+                c["out_of_range"] += valued - k
+                c["no_value"] += int(batch.column(f"null_{src}").to_numpy().sum())
     observed = ~np.isnan(values)
     bins = observed.sum(axis=(0, 1))
     stays = observed.any(axis=1).sum(axis=0)
@@ -219,4 +257,8 @@ def extract_timeseries(
         }
         for k, f in enumerate(features.features)
     }
-    return TimeseriesResult(values=values, stats=stats)
+    issues = {
+        f.name: {"no_value": int(no_value[k]), "converted": int(converted[k])}
+        for k, f in enumerate(features.features)
+    }
+    return TimeseriesResult(values=values, stats=stats, row_issues=issues, sources=per_source)
