@@ -323,7 +323,7 @@ PREPARE_CASES = [
          ("data: writing failed", "No space left on device", "the previous data is unchanged")),
     Case("prepare/threads-not-a-number", p_usage("--mimic-iv", "x", "--out", "y", "--threads", "two"), 2,
          ("carebench prepare", "'--threads'", "valid integer")),
-    Case("prepare/missing-option", p_usage("--out", "y"), 2, ("carebench prepare", "Missing option '--mimic-iv'")),
+    Case("prepare/missing-option", p_usage("--out", "y"), 2, ("prepare", "exactly one of --mimic-iv ROOT or --meds ROOT")),
 ]  # fmt: skip
 
 
@@ -402,7 +402,7 @@ TRAIN_CASES = [
     Case("train/data-missing", t_data_missing, 2, ("--data", "nowhere", "does not exist")),
     Case("train/data-not-a-dataset", t_data_not_dataset, 2, ("--data", "not a dataset", "manifest.json")),
     Case("train/unknown-model", t_replace("--model", "lsmt"), 2, ("--model lsmt", "unknown model", "lstm")),
-    Case("train/unknown-task", t_replace("--task", "death"), 2, ("--task death", "unknown task", "mortality")),
+    Case("train/unknown-task", t_replace("--task", "death"), 2, ("--task 'death'", "declares no such task", "mortality")),
     Case("train/fold-out-of-range", t_extra("--fold", "6"), 2, ("--fold", "1..5", "6")),
     Case("train/bad-cohort", t_extra("--cohort", "all"), 2, ("--cohort", "'all'")),
     Case("train/bad-preset", t_replace("--preset", "fast"), 2, ("--preset", "'fast'")),

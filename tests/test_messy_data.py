@@ -178,7 +178,7 @@ def test_empty_feature_group_needs_the_option_and_is_loud(demo_root, tmp_path):
     assert "icu/outputevents" in warning and "urine_output" in warning
     m = json.loads((out / store.MANIFEST).read_text())
     assert any("EMPTY FEATURE GROUP: icu/outputevents" in w for w in m["warnings"])
-    assert m["options"]["allow_empty_features"] is True
+    assert m["producer"]["options"]["allow_empty_features"] is True
     ds = store.open_dataset(out)
     assert np.isnan(ds.ehr[:, :, ds.features.index("urine_output")]).all()
     assert not np.isnan(ds.ehr[:, :, ds.features.index("heart_rate")]).all()
