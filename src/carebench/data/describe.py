@@ -158,7 +158,7 @@ def _table(title: str, df: pd.DataFrame, formats: dict[str, str] | None = None) 
 
 
 def print_summary(s: DatasetSummary, console: Console, root: str = "") -> None:
-    console.print(f"[bold]{root}[/]: {s.n_stays} stays of {s.n_subjects} patients")
+    console.print(f"[bold]{root}[/]: {s.n_stays} stays of {s.n_subjects} patients", soft_wrap=True)
     if s.release:
         # whatever the producer recorded about the source it read (e.g. a release and its folder layout)
         flat = {k: v for k, v in s.release.items() if isinstance(v, str | int | float)}
