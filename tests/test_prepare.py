@@ -22,8 +22,8 @@ from carebench.cli import app
 from carebench.data import store
 from carebench.data.definitions import load_features, load_phenotypes
 from carebench.data.describe import summarize
-from carebench.data.mimic.pipeline import COHORT_COLUMNS, HASH_MAX_BYTES, prepare
-from carebench.data.store import dataset_fingerprint
+from carebench.data.mimic.pipeline import COHORT_COLUMNS, prepare
+from carebench.data.store import HASH_MAX_BYTES, dataset_fingerprint
 from test_cohort import expected_demo_cohort
 
 TABLES = {

@@ -537,6 +537,24 @@ def write_parquet(df: pd.DataFrame, path: Path) -> None:
     pq.write_table(table, path, compression="zstd", write_statistics=True)
 
 
+# Source files up to this size get a sha256 in a producer's manifest; larger ones: size + mtime (hashing a
+# multi-GB event table would dominate the run time).
+HASH_MAX_BYTES = 64 * 1024 * 1024
+HASH_RULE = f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime"
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    """What a manifest records of a source file: its path and size, plus its sha256 (files up to
+    `HASH_MAX_BYTES`) or its modification time (larger files)."""
+    st = path.stat()
+    rec: dict[str, Any] = {"path": str(path.absolute()), "bytes": st.st_size}
+    if st.st_size <= HASH_MAX_BYTES:
+        rec["sha256"] = sha256_file(path)
+    else:
+        rec["mtime"] = _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC).isoformat()
+    return rec
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -10,8 +10,6 @@ directory into place. A failure at any point leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
-import hashlib
 import math
 import os
 import re
@@ -39,22 +37,7 @@ from carebench.data.meds.source import MedsInputError, check_events, open_source
 from carebench.data.meds.spec import MedsSpec, load_spec
 
 PRODUCER = "meds"
-HASH_MAX_BYTES = 64 * 1024 * 1024  # files up to this size get a sha256 in the manifest; larger: size + mtime
 _MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
-
-
-def file_record(path: Path) -> dict[str, Any]:
-    st = path.stat()
-    rec: dict[str, Any] = {"path": str(path.absolute()), "bytes": st.st_size}
-    if st.st_size <= HASH_MAX_BYTES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        rec["sha256"] = h.hexdigest()
-    else:
-        rec["mtime"] = _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC).isoformat()
-    return rec
 
 
 def _check_options(
@@ -318,9 +301,9 @@ def prepare_meds(
         }
         sources: dict[str, Any] = {
             "meds_root": str(root),
-            "data": [file_record(p) for p in source.shards],
+            "data": [store.file_record(p) for p in source.shards],
             "metadata": {
-                name: file_record(p)
+                name: store.file_record(p)
                 for name, p in (
                     ("dataset.json", source.dataset_metadata_path),
                     ("subject_splits.parquet", source.splits_path),
@@ -329,13 +312,13 @@ def prepare_meds(
                 if p is not None
             },
             "labels": {
-                col: [file_record(Path(f)) for f in stats["files"]]
+                col: [store.file_record(Path(f)) for f in stats["files"]]
                 for t in tasks
                 for col, stats in t.files.items()
             },
-            "images": file_record(images_path) if images_path is not None else None,
-            "feature_spec": file_record(spec_path),
-            "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
+            "images": store.file_record(images_path) if images_path is not None else None,
+            "feature_spec": store.file_record(spec_path),
+            "hash_rule": store.HASH_RULE,
         }
         counts = {
             "data": parts["data_counts"],

@@ -22,9 +22,7 @@ timings and the peak memory (docs/cohort.md, "Manifest").
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import errno
-import hashlib
 import math
 import os
 import platform
@@ -69,7 +67,6 @@ from carebench.errors import UserError
 MIN_AGE = 18
 MIN_LOS_HOURS = 48.0
 N_FOLDS = 5
-HASH_MAX_BYTES = 64 * 1024 * 1024  # files up to this size get a sha256 in the manifest; larger: size + mtime
 _MEMORY_LIMIT = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 _CXR_COLUMNS = ("has_cxr", "cxr_dicom_id", "cxr_time", "cxr_hours", "cxr_view", "cxr_index")
 # The columns of the MIMIC cohort.parquet, in order (then the 25 phenotype columns of load_phenotypes()).
@@ -179,21 +176,6 @@ def _check_out_parent(out: Path) -> None:
         raise OptionError(
             f"--out {out}: cannot create it: no permission to write in {anc} (expected a writable location)"
         )
-
-
-def _file_record(path: Path) -> dict[str, Any]:
-    """Size plus sha256 (small files) or mtime (big files, where hashing would dominate the run time)."""
-    st = path.stat()
-    rec: dict[str, Any] = {"path": str(path.absolute()), "bytes": st.st_size}
-    if st.st_size <= HASH_MAX_BYTES:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        rec["sha256"] = h.hexdigest()
-    else:
-        rec["mtime"] = _dt.datetime.fromtimestamp(st.st_mtime, _dt.UTC).isoformat()
-    return rec
 
 
 def _peak_rss_mib() -> float:
@@ -317,7 +299,7 @@ def prepare(
                     tables = register_tables(con, mimic_iv)
                     labels = {name: t.label for name, t in tables.items()}
                     sources = {
-                        name: {"table": t.label, "format": t.format, **_file_record(t.path)}
+                        name: {"table": t.label, "format": t.format, **store.file_record(t.path)}
                         for name, t in tables.items()
                     }
                     empty = empty_tables(con, tables)
@@ -492,11 +474,14 @@ def prepare(
                 "sources": {
                     "mimic_iv": sources,
                     "mimic_cxr": (
-                        {"root": str(mimic_cxr), "metadata": _file_record(Path(cxr_stats["metadata_file"]))}
+                        {
+                            "root": str(mimic_cxr),
+                            "metadata": store.file_record(Path(cxr_stats["metadata_file"])),
+                        }
                         if mimic_cxr and cxr_stats
                         else None
                     ),
-                    "hash_rule": f"sha256 for files <= {HASH_MAX_BYTES} bytes, otherwise size + mtime",
+                    "hash_rule": store.HASH_RULE,
                 },
                 "release": release,
                 "cohort_steps": [{"step": k, "rule": rules[k], "stays": v} for k, v in steps.items()],
