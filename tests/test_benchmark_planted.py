@@ -162,7 +162,7 @@ def test_findings_match_the_planted_truth_where_it_decides_them(bench: dict) -> 
     labels = [x for x in one["labels"].split(";") if x]
     assert one["verdict"] == "supported", one.to_dict()
     assert labels and not [x for x in labels if kinds[x] == "none"], labels
-    assert planted_findings(bench["planted"], f)[1:] == (1, 1)
+    assert planted_findings(bench["planted"], f, "phenotype")[1:] == (1, 1)
     # every method on phenotypes: 7 missing-aware and 6 other fusion methods, fairness on -> every rule decides
     pheno = f[f["task"] == "phenotype"].set_index("finding")["verdict"]
     assert set(pheno) <= {"supported", "not supported"}, pheno
