@@ -25,9 +25,16 @@ GroupKey = tuple[str, str, tuple[float, float, float]]  # (task, cohort, (train,
 
 
 def load_runs(runs_dir: str | Path) -> list[RunRecord]:
-    """`runs.find_runs`, with the modalities of records that predate their being recorded filled in from the
-    model registry (an unregistered model is then an error naming the run)."""
-    records = runs.find_runs(runs_dir)
+    """`runs.find_runs` without validation-only runs (tuning trials: never tested, they have nothing to pool),
+    with the modalities of records that predate their being recorded filled in from the model registry (an
+    unregistered model is then an error naming the run)."""
+    found = runs.find_runs(runs_dir)
+    records = [r for r in found if r.tested]
+    if not records:
+        raise runs.RunsError(
+            f"{runs_dir}: its {len(found)} runs are validation-only tuning trials, which are never tested; "
+            "analyse the benchmark whose plan uses their study (docs/tuning.md)"
+        )
     if all(r.modalities for r in records):
         return records
     from carebench.models import get_model_class  # only for old records: the registry imports torch
