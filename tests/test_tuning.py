@@ -533,7 +533,10 @@ def test_the_analysis_tests_the_best_trial_after_its_study(root, tuned_benchmark
     assert (row.method, row.n_complete, row.best_trial, row.metric) == ("lstm", 2, best.number, "auprc")
     assert row.val == pytest.approx(best.value) and row.test == pytest.approx(tested)
     assert row.gap == pytest.approx(best.value - tested)
-    assert json.loads(row.best_params) == best.params and row.space == "dropout [0, 0.5]; hidden {8, 16}; layers [1, 2] int"
+    assert (
+        json.loads(row.best_params) == best.params
+        and row.space == "dropout [0, 0.5]; hidden {8, 16}; layers [1, 2] int"
+    )
     assert set(res.tables["runs"].hparams_source) == {f"study {row.study} trial {best.number}"}
     html = build_report(out).read_text()
     assert "Hyper-parameter search" in html and "gap (val - test)" in html
