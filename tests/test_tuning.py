@@ -31,7 +31,7 @@ from carebench.data.loading import build_fold
 from carebench.data.store import open_dataset
 from carebench.errors import UserError
 from carebench.experiments import PlanError, load_plan, parse_plan, run_benchmark
-from carebench.models import get_model_class
+from carebench.models import create_model, get_model_class, list_models
 from carebench.training import TrainConfig, train_run
 from carebench.training.config import resolve_config
 from carebench.tuning import study as st
@@ -542,3 +542,27 @@ def test_the_analysis_tests_the_best_trial_after_its_study(root, tuned_benchmark
     assert "Hyper-parameter search" in html and "gap (val - test)" in html
     with pytest.raises(UserError, match="validation-only tuning trials"):
         analyze(study_dir / "trials")
+
+
+# ------------------------------------------------------------------------------------------- every method
+@pytest.mark.parametrize("model", list_models())
+def test_every_registered_methods_declared_space_gives_models_that_build(model, root):
+    """Three random points of each method's declared space, at the quick preset: each resolves to a run
+    configuration (types as the run expects) and builds the model, with its last stage inside the epochs."""
+    from carebench.tuning.space import study_space, suggest
+    from carebench.tuning.worker import trial_config
+
+    space = study_space(model)
+    spec = st.StudySpec(
+        model, "phenotype", 1, "base", "quick", 0, str(root / "data"), "", "auroc_macro", space
+    )
+    sampler = optuna.samplers.RandomSampler(seed=0)
+    study = optuna.create_study(sampler=sampler)
+    for _ in range(3):
+        trial = study.ask()
+        params = suggest(trial, space)
+        cfg = trial_config(spec, params, trial.number, "sqlite://")
+        assert {k: cfg.model_args[k] for k in params} == params and not cfg.evaluate_test
+        net = create_model(model, "phenotype", 4, cfg.image_size, **cfg.model_args)
+        assert net.selection_start_epoch < cfg.max_epochs
+        study.tell(trial, 0.0)
