@@ -547,12 +547,16 @@ def test_the_analysis_tests_the_best_trial_after_its_study(root, tuned_benchmark
 # ------------------------------------------------------------------------------------------- every method
 @pytest.mark.parametrize("model", list_models())
 def test_every_registered_methods_declared_space_gives_models_that_build(model, root):
-    """Three random points of each method's declared space, at the quick preset: each resolves to a run
-    configuration (types as the run expects) and builds the model, with its last stage inside the epochs."""
+    """The declared space holds the defaults, and three random points of it, at the quick preset, each resolve to
+    a run configuration (types as the run expects) and build the model, with its last stage inside the epochs."""
     from carebench.tuning.space import study_space, suggest
     from carebench.tuning.worker import trial_config
 
     space = study_space(model)
+    defaults = get_model_class(model).default_hparams
+    for key, s in space.items():  # docs/tuning.md: every declared space holds the method's defaults
+        d = defaults[key]
+        assert d in s["choices"] if s["type"] == "categorical" else s["low"] <= d <= s["high"], key
     spec = st.StudySpec(
         model, "phenotype", 1, "base", "quick", 0, str(root / "data"), "", "auroc_macro", space
     )
