@@ -374,6 +374,8 @@ def test_another_studys_directory_is_refused(root, tmp_path):
     _tune(root, tmp_path / "s", trials=1)
     with pytest.raises(UserError, match=r"holds study lstm_mortality_f1_.*not this command's study"):
         _tune(root, tmp_path / "s", trials=1, seed=5)
+    with pytest.raises(UserError, match=r"--storage: the study in --out .* lives in study.db, not sqlite:///"):
+        _tune(root, tmp_path / "s", trials=2, storage=f"sqlite:///{tmp_path / 'other.db'}")
     assert len(_entries(tmp_path / "s" / "trials")) == 1
 
 

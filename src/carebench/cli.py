@@ -283,7 +283,10 @@ def train(
 @app.command()
 @user_errors
 def evaluate(
-    run_dir: str = typer.Argument(..., help="A run directory written by `carebench train`."),
+    run_dir: str = typer.Argument(
+        ...,
+        help="A run directory written by `carebench train`, or a tuning trial's (tested here, after its study).",
+    ),
     data: str | None = typer.Option(
         None, "--data", help="Dataset directory [default: the path in the run's config.yaml]."
     ),
@@ -330,7 +333,10 @@ def benchmark(
         None, "--ray-address", help="Ray cluster to join [default: RAY_ADDRESS, else a local Ray instance]."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="List the planned runs and whether they are done; run nothing.", **FLAG
+        False,
+        "--dry-run",
+        help="List the planned runs and whether they are done (and a tuned plan's studies); run nothing.",
+        **FLAG,
     ),
 ) -> None:
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""

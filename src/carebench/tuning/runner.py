@@ -31,6 +31,7 @@ from typing import Any
 from carebench.errors import UserError
 from carebench.tuning.space import TuningError, describe, fixed_keys, model_class, read_space, study_space
 from carebench.tuning.study import (
+    DEFAULT_DB,
     RUN_ATTR,
     SPEC_FILE,
     TRIALS_DIR,
@@ -130,15 +131,22 @@ def prepare_study(
     return dataclasses.replace(spec, data_fingerprint=cfg.data_fingerprint)
 
 
-def _check_out(out: Path, spec: StudySpec) -> None:
+def _check_out(out: Path, spec: StudySpec, storage: str | None) -> None:
+    """`out` may be new, or hold this very study in this very storage (the command is being re-run)."""
     if out.exists() and not out.is_dir():
         raise TuningError(f"--out {out}: exists and is not a directory")
     if (out / SPEC_FILE).is_file():
-        held, _ = read_spec(out)
+        held, label = read_spec(out)
         if held.name != spec.name:
             raise TuningError(
                 f"--out {out}: holds study {held.name} ({held.model}, {held.task}, fold {held.fold}), not this "
                 f"command's study {spec.name}; use another --out directory"
+            )
+        now = DEFAULT_DB if storage is None else storage_label(storage)
+        if label != now:
+            raise TuningError(
+                f"--storage: the study in --out {out} lives in {label}, not {now}; give the same --storage "
+                "to continue it, or another --out for a new study"
             )
 
 
@@ -235,7 +243,7 @@ def tune(
             pruning=pruning,
         )
     out = Path(out).absolute()
-    _check_out(out, spec)
+    _check_out(out, spec, storage)
     store = open_storage(storage) if storage else None  # a bad URL is refused before anything is written
     ray = None
     if executor == "ray":
