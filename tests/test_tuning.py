@@ -240,10 +240,11 @@ def _wait_for_running(out: Path, proc: subprocess.Popen, timeout: float = 120) -
     raise AssertionError("no trial started")
 
 
+@pytest.mark.slow  # a real `carebench tune` process (it imports torch and Lightning) is killed mid-trial
 @pytest.mark.parametrize("how", ["kill", "interrupt"])
 def test_a_trial_killed_or_interrupted_mid_way_is_failed_and_rerun(root, tmp_path, how):
     out = tmp_path / "s"
-    slow = ["max_epochs=60", "patience=60", "--no-pruning"]
+    slow = ["max_epochs=25", "patience=25", "--no-pruning"]
     cmd = [CAREBENCH, "tune", "--data", str(root / "data"), "--model", "lstm", "--task", "mortality", "--preset",
            "test", "--space", str(root / "space.yaml"), "--trials", "1", "--out", str(out), "--threads", "1", *slow]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -374,7 +375,9 @@ def test_another_studys_directory_is_refused(root, tmp_path):
     _tune(root, tmp_path / "s", trials=1)
     with pytest.raises(UserError, match=r"holds study lstm_mortality_f1_.*not this command's study"):
         _tune(root, tmp_path / "s", trials=1, seed=5)
-    with pytest.raises(UserError, match=r"--storage: the study in --out .* lives in study.db, not sqlite:///"):
+    with pytest.raises(
+        UserError, match=r"--storage: the study in --out .* lives in study.db, not sqlite:///"
+    ):
         _tune(root, tmp_path / "s", trials=2, storage=f"sqlite:///{tmp_path / 'other.db'}")
     assert len(_entries(tmp_path / "s" / "trials")) == 1
 
