@@ -244,13 +244,12 @@ def _wait_for_running(out: Path, proc: subprocess.Popen, timeout: float = 120) -
 @pytest.mark.parametrize("how", ["kill", "interrupt"])
 def test_a_trial_killed_or_interrupted_mid_way_is_failed_and_rerun(root, tmp_path, how):
     out = tmp_path / "s"
-    slow = ["max_epochs=25", "patience=25", "--no-pruning"]
+    slow = ["max_epochs=40", "patience=40", "--no-pruning"]
     cmd = [CAREBENCH, "tune", "--data", str(root / "data"), "--model", "lstm", "--task", "mortality", "--preset",
            "test", "--space", str(root / "space.yaml"), "--trials", "1", "--out", str(out), "--threads", "1", *slow]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for_running(out, proc)
-        time.sleep(0.5)
         proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
         rc = proc.wait(60)
     finally:

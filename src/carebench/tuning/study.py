@@ -300,8 +300,8 @@ def requeue(study: Any, number: int, why: str) -> None:
     if t.state == TrialState.RUNNING:
         if not _fail(study, t, why):
             return
-    elif t.state != TrialState.FAIL or "failure" in t.user_attrs:
-        return
+    elif t.state != TrialState.FAIL or t.user_attrs.get("failure", why) != why:
+        return  # it ended otherwise: complete, pruned, or failed for a reason of its own
     retry(study, study._storage.get_trial(t._trial_id))
 
 

@@ -52,6 +52,7 @@ from carebench.tuning.study import (
 POLL_S = 2.0  # how often a waiting worker looks at the study again
 MAX_INVALID = 5  # refused configurations in a row before a worker gives up
 STORAGE_ENV = "CAREBENCH_TUNE_STORAGE"  # how a worker process gets the storage URL (not on its command line)
+INTERRUPTED = "interrupted"  # the failure of a trial stopped by Ctrl-C (re-queued at once)
 
 
 class OverBudget(Exception):
@@ -152,6 +153,13 @@ def run_worker(
     def objective(trial: Any) -> float:
         current["number"] = trial.number
         trial.set_user_attr(WORKER_ATTR, worker_identity())
+        try:
+            return run_trial(trial)
+        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit into SystemExit(1)
+            trial.set_user_attr("failure", INTERRUPTED)
+            raise KeyboardInterrupt from None
+
+    def run_trial(trial: Any) -> float:
         if not _within_budget(study, trial.number, trials):
             trial.set_user_attr(
                 "failure", "over budget: another worker started the last trial at the same time"
@@ -202,9 +210,9 @@ def run_worker(
         current.clear()
         try:
             study.optimize(objective, n_trials=1, catch=(OverBudget, InvalidTrial))
-        except (KeyboardInterrupt, SystemExit):  # Lightning turns Ctrl-C during fit into SystemExit(1)
+        except (KeyboardInterrupt, SystemExit):
             if "number" in current:
-                requeue(study, current["number"], "interrupted")
+                requeue(study, current["number"], INTERRUPTED)
             raise KeyboardInterrupt from None
         if "number" not in current:
             continue
