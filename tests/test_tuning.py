@@ -234,7 +234,7 @@ def _wait_for_running(out: Path, proc: subprocess.Popen, timeout: float = 120) -
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else "the process ended"
         if (out / "study.yaml").is_file():
             trials = _study(out).get_trials(states=(TrialState.RUNNING,))
-            if trials and st.WORKER_ATTR in trials[0].user_attrs:
+            if trials and st.RUN_ATTR in trials[0].user_attrs:  # its parameters drawn, its run starting
                 return
         time.sleep(0.2)
     raise AssertionError("no trial started")
