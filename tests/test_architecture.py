@@ -13,9 +13,19 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "carebench"
 TESTS = Path(__file__).resolve().parent
 
-# data -> models -> training -> experiments -> analysis -> report -> cli; the leaves anyone may use.
+# data -> models -> training -> experiments / tuning -> analysis -> report -> cli; the leaves anyone may use.
+# experiments and tuning are one layer: a plan runs studies, a study reuses the executors' process helpers.
 LEAVES = {"errors", "atomic", "tasks", "runs", "evaluation", "__init__"}
-RANK = {"data": 1, "models": 2, "training": 3, "experiments": 4, "analysis": 5, "report": 6, "cli": 7}
+RANK = {
+    "data": 1,
+    "models": 2,
+    "training": 3,
+    "experiments": 4,
+    "tuning": 4,
+    "analysis": 5,
+    "report": 6,
+    "cli": 7,
+}
 
 
 def _layer(module: str) -> str:
@@ -97,6 +107,7 @@ def test_runs_data_and_kernels_do_not_import_lightning():
         "import carebench.tasks",
         "import carebench.training.config",  # read by the plan, the runner and the analysis
         "import carebench.experiments.plan",
+        "import carebench.tuning, carebench.tuning.study, carebench.tuning.space",
         "import carebench.analysis.outputs, carebench.report",  # the report reads tables, never trains
         "import carebench.cli",  # `carebench --help` stays quick
     ],

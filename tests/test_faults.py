@@ -710,12 +710,100 @@ SYNTH_CASES = [
 
 
 # ----------------------------------------------------------------------------------------------- tune
-# `carebench tune` is being built on another branch (wip/16-tune). Its cases belong here, written like the others
-# (setup builds the bad input, the contract is the same); the lead adds them after merging:
-#   tune/unknown-model, tune/unknown-task, tune/bad-search-space (malformed YAML, a python tag, an unknown
-#   hyper-parameter, an empty range), tune/zero-trials, tune/data-missing, tune/out-is-a-file,
-#   tune/study-folder-busy (two tune processes on one study), tune/disk-full (previous study intact).
-TUNE_CASES: list[Case] = []
+# ----------------------------------------------------------------------------------------------- tune
+# Two `carebench tune` processes on one study are not a fault: they share it by design (docs/tuning.md), so there is
+# no "busy" case here; tests/test_tuning.py runs parallel workers on one study.
+def _tune(env: Env, *extra: str, out: Path | None = None) -> list[str]:
+    base = ["tune", "--data", str(env.dataset), "--model", "lstm", "--task", "mortality", "--trials", "2"]
+    return [*base, "--preset", "test", "--out", str(out or env.tmp / "study"), "--threads", "1", *extra]
+
+
+def u_replace(flag: str, value: str) -> Callable[[Env], list[str]]:
+    def setup(env: Env) -> list[str]:
+        args = _tune(env)
+        args[args.index(flag) + 1] = value
+        return args
+
+    return setup
+
+
+def u_extra(*extra: str) -> Callable[[Env], list[str]]:
+    def setup(env: Env) -> list[str]:
+        return _tune(env, *extra)
+
+    return setup
+
+
+def u_space(text: str) -> Callable[[Env], list[str]]:
+    def setup(env: Env) -> list[str]:
+        path = env.tmp / "space.yaml"
+        path.write_text(text.replace("PWNED", str(_pwned(env))))
+        return _tune(env, "--space", str(path))
+
+    return setup
+
+
+def u_data_missing(env: Env) -> list[str]:
+    args = _tune(env)
+    args[args.index("--data") + 1] = str(env.tmp / "nowhere")
+    return args
+
+
+def u_out_is_file(env: Env) -> list[str]:
+    (env.tmp / "study").write_text("a file")
+    return _tune(env)
+
+
+def u_disk_full(env: Env) -> list[str]:
+    """A study with one complete trial; continuing it finds the disk full when the next trial writes its record."""
+    from carebench.tuning import tune
+
+    tune(data=env.dataset, model="lstm", task="mortality", out=env.tmp / "study", trials=1, preset="test",
+         threads=1, overrides={"max_epochs": 1})  # fmt: skip
+    env.disk_full(pd.DataFrame, "to_parquet")
+
+    # after the command: trial 0 is untouched, trial 1 failed and was re-queued with its parameters
+    def intact() -> None:
+        t = optuna_trials(env.tmp / "study")
+        assert [x.state.name for x in t] == ["COMPLETE", "FAIL", "WAITING"], t
+        assert t[0].datetime_complete == first.datetime_complete and t[0].value == first.value
+        assert t[2].params == t[1].params and t[1].user_attrs["failure"].startswith(
+            "its run record could not"
+        )
+
+    first = optuna_trials(env.tmp / "study")[0]
+    env.cleanup.append(intact)
+    return _tune(env, "max_epochs=1")
+
+
+def optuna_trials(out: Path) -> list:
+    import optuna
+
+    return optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
+
+
+TUNE_CASES = [
+    Case("tune/unknown-model", u_replace("--model", "lsmt"), 2, ("--model", "unknown model 'lsmt'")),
+    Case("tune/unknown-task", u_replace("--task", "death"), 2, ("--task", "'death'")),
+    Case("tune/zero-trials", u_replace("--trials", "0"), 2, ("--trials must be >= 1", "got 0")),
+    Case("tune/fold-out-of-range", u_extra("--fold", "9"), 2, ("--fold must be",)),
+    Case("tune/data-missing", u_data_missing, 2, ("--data", "nowhere", "does not exist")),
+    Case("tune/out-is-a-file", u_out_is_file, 2, ("--out", "study")),
+    Case("tune/space-not-yaml", u_space("hidden: ["), 2, ("--space", "not valid YAML")),
+    Case("tune/space-python-tag", u_space("x: !!python/object/apply:builtins.open ['PWNED', 'w']"), 2,
+         ("--space", "space.yaml")),
+    Case("tune/space-empty", u_space(""), 2, ("--space", "empty search space")),
+    Case("tune/space-unknown-hparam", u_space("hiddden: {type: int, low: 1, high: 2}"), 2,
+         ("--space", "unknown hyper-parameter 'hiddden'")),
+    Case("tune/space-empty-range", u_space("dropout: {type: float, low: 0.5, high: 0.1}"), 2,
+         ("--space", "['dropout']", "needs low < high")),
+    Case("tune/space-bad-type", u_space("dropout: {type: gaussian}"), 2, ("--space", "'type' must be one of")),
+    Case("tune/storage-cannot-open", u_extra("--storage", "notadatabase://x"), 2,
+         ("--storage notadatabase://x", "cannot open it")),
+    Case("tune/storage-dir-missing", u_extra("--storage", "sqlite:////nonexistent-dir/deeper/study.db"), 2,
+         ("--storage sqlite:////nonexistent-dir",)),
+    Case("tune/disk-full", u_disk_full, 1, ("No space left on device",), new_ok=("study/study.db", "study/trials/.locks")),
+]  # fmt: skip
 
 
 CASES = (

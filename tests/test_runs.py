@@ -38,7 +38,19 @@ def test_run_id_hashes_what_can_change_a_result_only():
     for key, value in [("lr", 2e-3), ("data_fingerprint", "abd"), ("cxr_dropout_train", 0.5), ("seed", 1)]:
         changed = runs.run_id({**CONFIG, key: value})
         assert (changed == rid) == (value == CONFIG[key]), key
-    assert set(runs.NOT_HASHED) == {"data", "num_workers", "threads", "progress", "modalities"}
+    assert set(runs.NOT_HASHED) == {
+        "data",
+        "num_workers",
+        "threads",
+        "progress",
+        "modalities",
+        "hparams_source",
+    }
+    src = {"study": "lstm_mortality_f2_x", "trial": 3}
+    assert runs.run_id({**CONFIG, "hparams_source": src}) == rid  # where the values came from: recorded only
+    # evaluate_test was added later: at its default the earlier runs keep their ids, a validation-only run differs
+    assert runs.run_id({**CONFIG, "evaluate_test": True}) == rid
+    assert runs.run_id({**CONFIG, "evaluate_test": False}) != rid
 
 
 def test_train_config_and_run_record_agree_on_the_id(tmp_path):

@@ -1,6 +1,7 @@
 """carebench command line: one thin function per verb; the work lives in the library modules.
 
-Verbs: synth, prepare, describe (data); train, evaluate (one run); benchmark (a plan of runs); analyze, report.
+Verbs: synth, prepare, describe (data); train, evaluate (one run); tune (a study of one model); benchmark (a plan
+of runs); analyze, report.
 Every default shown in `--help` is read from the dataclass or function that owns it (`PREPARE`, `SYNTH`,
 `TrainConfig`, `StatisticsOptions`, ...), so the command line cannot disagree with the Python entry points.
 Help is plain text (no Rich markup), so option texts such as `carebench[ray]` print as written.
@@ -108,6 +109,8 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:  # a verb's own exit code (e.g. 130 after an interrupt, 1 when runs failed)
+            raise
         except Exception as e:
             code, message = _failure(e)
             if DEBUG["on"]:
@@ -469,7 +472,10 @@ def train(
 @app.command()
 @user_errors
 def evaluate(
-    run_dir: str = typer.Argument(..., help="A run directory written by `carebench train`."),
+    run_dir: str = typer.Argument(
+        ...,
+        help="A run directory written by `carebench train`, or a tuning trial's (tested here, after its study).",
+    ),
     data: str | None = typer.Option(
         None, "--data", help="Dataset directory [default: the path in the run's config.yaml]."
     ),
@@ -519,7 +525,10 @@ def benchmark(
         None, "--ray-address", help="Ray cluster to join [default: RAY_ADDRESS, else a local Ray instance]."
     ),
     dry_run: bool = typer.Option(
-        False, "--dry-run", help="List the planned runs and whether they are done; run nothing.", **FLAG
+        False,
+        "--dry-run",
+        help="List the planned runs and whether they are done (and a tuned plan's studies); run nothing.",
+        **FLAG,
     ),
 ) -> None:
     """Run a plan's grid of runs: skip finished ones, resume after a kill, in parallel; exit 1 if any run failed."""
@@ -533,11 +542,123 @@ def benchmark(
         from carebench import runs
         from carebench.experiments.plan import expand_plan
 
-        for cfg in expand_plan(p, data):
+        hparams = None
+        if p.tuning is not None:
+            from carebench.experiments.tuned import studies_status
+
+            lines, hparams = studies_status(p, data, out)
+            print("\n".join(lines))
+            if hparams is None:
+                print(
+                    "runs: known once every study is finished (their hyper-parameters come from the studies)"
+                )
+                return
+        for cfg in expand_plan(p, data, hparams):
             print(f"{cfg.run_id}\t{'done' if runs.is_done(out, cfg.run_id) else 'pending'}")
         return
     summary = run_benchmark(
         p, data, out, executor=executor, jobs=jobs, threads=threads, address=ray_address, console=err_console
+    )
+    print_summary(summary, Console())
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if not summary.ok:
+        raise typer.Exit(1)
+
+
+@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def tune(
+    overrides: list[str] | None = typer.Argument(  # noqa: B008
+        None,
+        help="key=value settings fixed in every trial (as for train: lr=1e-4, accelerator=gpu, model.hidden=128); "
+        "a fixed setting is not searched.",
+    ),
+    data: str = typer.Option(..., "--data", help="Processed dataset directory (carebench prepare)."),
+    model: str = typer.Option(
+        ..., "--model", help="Registered model name; its declared search space is tuned."
+    ),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="A task the dataset declares (its manifest): the built-in " + ", ".join(TASK_NAMES) + " or its own.",
+    ),
+    trials: int = typer.Option(
+        ...,
+        "--trials",
+        help="Complete trials the study should hold in total (pruned and failed trials do not count); "
+        "re-running with a larger number continues the study.",
+    ),
+    out: str = typer.Option(
+        ...,
+        "--out",
+        help="Study directory: OUT/study.yaml, OUT/study.db (default storage), OUT/trials/<run_id>/.",
+    ),
+    fold: int = typer.Option(
+        TrainConfig.fold,
+        "--fold",
+        help="Fold whose VALIDATION split is optimised (its test split is never built).",
+    ),
+    cohort: str = typer.Option(
+        TrainConfig.cohort, "--cohort", help="base (all stays) | matched (stays with an X-ray)."
+    ),
+    preset: str = typer.Option(TrainConfig.preset, "--preset", help=f"{' | '.join(PRESETS)}."),
+    seed: int = typer.Option(
+        TrainConfig.seed,
+        "--seed",
+        help="Seed of the sampler (trial n draws with (seed, n)) and of every trial.",
+    ),
+    storage: str | None = typer.Option(
+        None,
+        "--storage",
+        help="Optuna RDB URL shared by all workers (e.g. postgresql://user@host/db) [default: sqlite in OUT/study.db].",
+    ),
+    space: str | None = typer.Option(
+        None,
+        "--space",
+        help="YAML file {setting: spec} replacing the model's declared search space (docs/tuning.md); may also "
+        "tune lr, weight_decay, batch_size.",
+    ),
+    pruning: bool = typer.Option(
+        True, "--pruning/--no-pruning", help="Stop unpromising trials early (median rule).", **FLAG
+    ),
+    jobs: int = typer.Option(
+        1, "--jobs", help="Workers on the study at once (local processes or Ray tasks)."
+    ),
+    threads: int | None = typer.Option(
+        None, "--threads", help="Torch CPU threads per worker [default: CPU cores // jobs]."
+    ),
+    executor: str = typer.Option(
+        "local", "--executor", help="local (worker processes) | ray (needs pip install 'carebench[ray]')."
+    ),
+    ray_address: str | None = typer.Option(
+        None, "--ray-address", help="Ray cluster to join [default: RAY_ADDRESS, else a local Ray instance]."
+    ),
+) -> None:
+    """Tune a model's hyper-parameters on the validation split of one fold (Optuna); resumable, parallel."""
+    from carebench.training import parse_overrides
+    from carebench.tuning.runner import print_summary
+    from carebench.tuning.runner import tune as run_tune
+
+    summary = run_tune(
+        data=data,
+        model=model,
+        task=task,
+        out=out,
+        trials=trials,
+        fold=fold,
+        cohort=cohort,
+        preset=preset,
+        seed=seed,
+        storage=storage,
+        space_file=space,
+        overrides=parse_overrides(overrides),
+        pruning=pruning,
+        jobs=jobs,
+        threads=threads,
+        executor=executor,
+        address=ray_address,
+        echo=lambda line: err_console.print(line, highlight=False),
     )
     print_summary(summary, Console())
     if summary.interrupted:

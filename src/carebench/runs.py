@@ -6,7 +6,8 @@ A finished run is the directory ``RUNS/<run_id>/``:
 ``config.yaml``              the complete resolved configuration (``run_id`` first), written by training
 ``metrics.json``             test metrics, selection metric, splits, timings, normalisation, versions
 ``predictions.parquet``      one row per test stay (``predictions_frame``: ``stay_id``, ``cxr_input``, ``y_*``,
-                             ``p_*``, ``p_*__<head>``)
+                             ``p_*``, ``p_*__<head>``); absent from a validation-only run (a tuning trial,
+                             ``evaluate_test: false``), which never builds its test split
 ``predictions_val.parquet``  the same for the validation stays (decision thresholds are chosen on these)
 ``checkpoint``               the best validation epoch's weights (Lightning checkpoint)
 ``log/``                     per-epoch curves (``log/metrics.csv``)
@@ -73,7 +74,12 @@ INDEX = "runs.csv"  # one row per planned run with its status
 LOCKS = ".locks"  # flock files, one per run and one per benchmark
 FAILED = "failed"  # logs of failed runs
 # Configuration keys that cannot change a run's result: recorded in config.yaml, left out of the run id.
-NOT_HASHED = ("data", "num_workers", "threads", "progress", "modalities")
+# `hparams_source` says where the hyper-parameters came from (defaults, or a study's trial); the values
+# themselves are hashed.
+NOT_HASHED = ("data", "num_workers", "threads", "progress", "modalities", "hparams_source")
+# Keys added after run ids were first issued: hashed only when they differ from this value, so the runs made
+# before them keep their ids. `evaluate_test: false` marks a validation-only run (a tuning trial).
+HASHED_UNLESS = {"evaluate_test": True}
 SPLIT_FILES = {"test": PREDICTIONS, "val": VAL_PREDICTIONS}
 
 
@@ -85,10 +91,14 @@ class RunsError(UserError, ValueError):
 def run_id(config: Mapping[str, Any]) -> str:
     """``<model>_<task>_f<fold>_s<seed>_<hash>``: a readable prefix and the hash of every result-relevant key.
 
-    `config` is the flat resolved configuration (``TrainConfig.to_dict()``); keys in `NOT_HASHED` and ``run_id``
-    itself are left out of the hash.
+    `config` is the flat resolved configuration (``TrainConfig.to_dict()``); keys in `NOT_HASHED`, ``run_id``
+    itself and keys of `HASHED_UNLESS` at their value there are left out of the hash.
     """
-    hashed = {k: v for k, v in config.items() if k not in NOT_HASHED and k != "run_id"}
+    hashed = {
+        k: v
+        for k, v in config.items()
+        if k not in NOT_HASHED and k != "run_id" and not (k in HASHED_UNLESS and v == HASHED_UNLESS[k])
+    }
     digest = hashlib.sha256(json.dumps(hashed, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return f"{config['model']}_{config['task']}_f{config['fold']}_s{config['seed']}_{digest}"
 
@@ -345,6 +355,20 @@ class RunRecord:
         return "ehr" in self.modalities
 
     @property
+    def tested(self) -> bool:
+        """False for a validation-only run (a tuning trial): it never built its test split and has no test
+        predictions."""
+        return bool(self.config.get("evaluate_test", True))
+
+    @property
+    def hparams_source(self) -> str:
+        """Where the run's hyper-parameters came from: "defaults", or "study <name> trial <n>"."""
+        src = self.config.get("hparams_source", "defaults")
+        if isinstance(src, dict):
+            return f"study {src.get('study')} trial {src.get('trial')}"
+        return str(src)
+
+    @property
     def has_checkpoint(self) -> bool:
         return (self.path / CHECKPOINT).is_file()
 
@@ -355,7 +379,8 @@ class RunRecord:
 
 def read_run(path: str | Path) -> RunRecord:
     """The finished run in folder `path`: ``DONE``, a readable ``config.yaml`` whose ``run_id`` is the folder's
-    name, and ``predictions.parquet``; anything else is an error naming the file."""
+    name, and ``predictions.parquet`` (``predictions_val.parquet`` for a validation-only run); anything else is
+    an error naming the file."""
     d = Path(path)
     if not (d / DONE).is_file():
         raise RunsError(f"{d / DONE}: missing (expected a finished run folder)")
@@ -367,9 +392,11 @@ def read_run(path: str | Path) -> RunRecord:
     declared = (yaml.safe_load(cfg_path.read_text()) or {}).get("run_id")
     if declared is not None and declared != d.name:
         raise RunsError(f"{cfg_path}: run_id {declared!r} does not match its folder {d.name!r}")
-    if not (d / PREDICTIONS).is_file():
-        raise RunsError(f"{d / PREDICTIONS}: missing (expected in every finished run)")
-    return RunRecord(path=d, config=config)
+    record = RunRecord(path=d, config=config)
+    needed = PREDICTIONS if record.tested else VAL_PREDICTIONS
+    if not (d / needed).is_file():
+        raise RunsError(f"{d / needed}: missing (expected in every finished run)")
+    return record
 
 
 def finished_run_ids(runs_dir: str | Path) -> list[str]:
@@ -428,6 +455,7 @@ RUN_COLUMNS = [
     "unimodal",
     "main",
     "data_fingerprint",
+    "hparams_source",
 ]
 
 
@@ -449,6 +477,7 @@ def runs_table(records: Sequence[RunRecord]) -> pd.DataFrame:
             "unimodal": r.unimodal,
             "main": r.main,
             "data_fingerprint": r.data_fingerprint,
+            "hparams_source": r.hparams_source,
         }
         for r in records
     ]
@@ -459,6 +488,10 @@ def read_predictions(record: RunRecord, split: str = "test") -> pd.DataFrame | N
     """The run's saved predictions of `split` ("test"; "val": None for a record that predates them)."""
     if split not in SPLIT_FILES:
         raise RunsError(f"split: expected one of {sorted(SPLIT_FILES)}, got {split!r}")
+    if split == "test" and not record.tested:
+        raise RunsError(
+            f"{record.path}: a validation-only run (a tuning trial) has no test predictions; it is never tested"
+        )
     path = record.path / SPLIT_FILES[split]
     if split != "test" and not path.is_file():
         return None

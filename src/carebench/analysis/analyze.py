@@ -24,6 +24,8 @@ What it does (docs/report.md has every table and column):
 - Train/validation missing rates: runs trained with X-rays removed, pooled per method and rate.
 - Findings (`analysis.findings`): the paper's four claims tested on the tables above, with a verdict each
   (docs/findings.md).
+- Tuning (`analysis.tuning`), for a benchmark whose plan has `tuning`: per study, the space, the trials, the best
+  parameters and the best trial's validation value against its test value, tested here, after the study.
 - Every table gets bootstrap CIs from the same seed; tables are written to `RUNS/analysis/` (parquet + csv)
   with `summary.json`, atomically (a temporary directory renamed into place).
 """
@@ -48,6 +50,7 @@ from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_o
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
 from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
+from carebench.analysis.tuning import tuning_table
 from carebench.data.describe import fold_table, label_counts
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.errors import UserError
@@ -696,6 +699,12 @@ def analyze(
         else:
             tables["dropout_runs"] = pd.DataFrame()
         timings["modality"] = time.perf_counter() - t
+        studies = (plan or {}).get("studies") or []
+        if studies:
+            t = time.perf_counter()
+            tick = progress.stage("tuning (best trials tested after their studies)", len(studies))
+            tables["tuning"] = tuning_table(plan, root, device=opts.device, warn=warnings.append, tick=tick)
+            timings["tuning"] = time.perf_counter() - t
     roles = method_roles(records)
     tables["findings"] = findings_table(
         tables,

@@ -36,6 +36,7 @@ TABLES = (
     "dropout_runs",
     "ablation",
     "findings",
+    "tuning",
 )
 
 

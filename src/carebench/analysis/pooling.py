@@ -25,17 +25,25 @@ GroupKey = tuple[str, str, tuple[float, float, float]]  # (task, cohort, (train,
 
 
 def load_runs(runs_dir: str | Path, excluded: dict[str, str] | None = None) -> list[RunRecord]:
-    """`runs.find_runs`, with the modalities of records that predate their being recorded filled in from the
-    model registry (an unregistered model is then an error naming the run).
+    """`runs.find_runs` without validation-only runs (tuning trials: never tested, they have nothing to pool),
+    with the modalities of records that predate their being recorded filled in from the model registry (an
+    unregistered model is then an error naming the run).
 
     With `excluded` (a dict), a finished run whose record is unusable (`runs.run_problem`: corrupted predictions
     or metrics, malformed config) is left out and recorded there (run id -> the problem, naming the file) instead
     of stopping the analysis; so are the runs that would then pool unequal folds (`balance_folds`)."""
+    found = runs.find_runs(runs_dir, broken=excluded)
+    tested = [r for r in found if r.tested]
+    if found and not tested:
+        raise runs.RunsError(
+            f"{runs_dir}: its {len(found)} runs are validation-only tuning trials, which are never tested; "
+            "analyse the benchmark whose plan uses their study (docs/tuning.md)"
+        )
     if excluded is None:
-        records = runs.find_runs(runs_dir)
+        records = tested
     else:
         records = []
-        for r in runs.find_runs(runs_dir, broken=excluded):
+        for r in tested:
             problem = runs.run_problem(r)
             if problem is None:
                 records.append(r)

@@ -81,18 +81,33 @@ def assign_folds(
     return pd.Series([fold_of[s] for s in subjects], index=subject_id.index, dtype=np.int8, name="fold")
 
 
+def check_splits(splits: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """The splits a fold may build, in `SPLITS` order: a subset of `SPLITS` that holds "train" (the
+    normalisation statistics come from it)."""
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or "train" not in splits:
+        raise LoadingError(f"splits must be a subset of {SPLITS} holding 'train', got {tuple(splits)}")
+    return tuple(s for s in SPLITS if s in splits)
+
+
 def split_rows(
-    cohort: pd.DataFrame, labels: Sequence[str], fold: int, cohort_name: str = "base"
+    cohort: pd.DataFrame,
+    labels: Sequence[str],
+    fold: int,
+    cohort_name: str = "base",
+    splits: tuple[str, ...] = SPLITS,
 ) -> dict[str, np.ndarray]:
     """Row indices (into the dataset arrays) of the train / val / test stays of a fold and cohort.
 
     `labels`: the cohort columns holding the task's labels (the dataset declares them). `base` keeps every stay
     (a missing X-ray is handled per sample); `matched` keeps the stays with an X-ray. Stays whose label is
-    missing are left out.
+    missing are left out. Only the `splits` asked for are returned (a tuning study asks for train and val: the
+    rows of its test split are never selected).
     """
     if cohort_name not in COHORTS:
         raise LoadingError(f"--cohort must be one of {COHORTS}, got {cohort_name!r}")
-    roles = fold_roles(fold)
+    wanted = check_splits(splits)
+    roles = {s: fs for s, fs in fold_roles(fold).items() if s in wanted}
     cols = [labels] if isinstance(labels, str) else list(labels)
     missing = [c for c in cols if c not in cohort.columns]
     if missing:

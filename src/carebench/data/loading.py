@@ -335,24 +335,41 @@ def _declared(data: ProcessedDataset, task: str):
 
 @dataclass
 class FoldData:
-    """The three datasets of one fold plus what a run records about them."""
+    """The datasets of one fold plus what a run records about them.
+
+    `test` is None when the fold was built without its test split (`build_fold(splits=("train", "val"))`, as a
+    tuning study does): such a fold holds no test stay at all, and asking for it is an error (`split`).
+    """
 
     train: StayDataset
-    val: StayDataset
-    test: StayDataset
+    val: StayDataset | None
+    test: StayDataset | None
     stats: NormStats
     features: list[str]
     outputs: list[str]  # the task's output names (prediction columns p_<name>)
 
+    @property
+    def splits(self) -> tuple[str, ...]:
+        """The splits this fold holds."""
+        return tuple(s for s in SPLITS if getattr(self, s) is not None)
+
+    def split(self, name: str) -> StayDataset:
+        """The dataset of split `name`; an error when the fold was built without it."""
+        ds = getattr(self, name, None) if name in SPLITS else None
+        if ds is None:
+            raise LoadingError(f"this fold was built without its {name!r} split (it holds {self.splits})")
+        return ds
+
     def summary(self) -> dict[str, Any]:
-        return {
-            split: {
+        out = {}
+        for name in self.splits:
+            ds = self.split(name)
+            out[name] = {
                 "n_stays": len(ds),
                 "n_with_cxr": int(ds.has_cxr.sum()),
                 "n_cxr_dropped": int(ds.dropped.sum()),
             }
-            for split, ds in (("train", self.train), ("val", self.val), ("test", self.test))
-        }
+        return out
 
 
 def build_fold(
@@ -365,12 +382,17 @@ def build_fold(
     cxr_dropout_rates: dict[str, float] | None = None,
     cxr_dropout_seed: int = 0,
     load_cxr: bool = True,
+    splits: tuple[str, ...] = SPLITS,
 ) -> FoldData:
-    """Split a processed dataset for one fold, compute training statistics, and apply X-ray dropout."""
+    """Split a processed dataset for one fold, compute training statistics, and apply X-ray dropout.
+
+    Only the `splits` asked for are built (a subset of train/val/test holding train): a tuning study builds
+    train and val, so its fold, and every loader made from it, holds no stay of the test split.
+    """
     if cohort == "matched" and data.cxr is None:
         raise LoadingError(f"{data.root}: the matched cohort needs the X-ray cache cxr.npy, which is missing")
     declared = _declared(data, task)
-    rows = split_rows(data.cohort, declared.labels, fold, cohort)
+    rows = split_rows(data.cohort, declared.labels, fold, cohort, splits=splits)
     age_mean, age_std = compute_age_stats(data.cohort, rows["train"])
     stats = replace(compute_norm_stats(data.ehr, rows["train"]), age_mean=age_mean, age_std=age_std)
     rates = {s: 0.0 for s in SPLITS} | dict(cxr_dropout_rates or {})
@@ -381,8 +403,8 @@ def build_fold(
         )
     stay_ids = data.cohort["stay_id"].to_numpy(dtype=np.int64)
     has = data.cohort["has_cxr"].to_numpy(dtype=bool) & (data.cxr is not None)
-    sets = {}
-    for split in SPLITS:
+    sets: dict[str, StayDataset | None] = dict.fromkeys(SPLITS)
+    for split in rows:
         r = rows[split]
         dropped = cxr_dropout(stay_ids[r], has[r], rates[split], cxr_dropout_seed)
         sets[split] = StayDataset(data, r, task, stats, image_size, dropped=dropped, load_cxr=load_cxr)

@@ -155,8 +155,9 @@ def _drop_if_empty(path: Path) -> None:
             path.unlink()
 
 
-def _die_with_parent(parent: int) -> None:
-    """Ask Linux to SIGKILL this worker when the benchmark process dies (no-op elsewhere; the locks still hold)."""
+def die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent (the benchmark or tune process) dies (no-op elsewhere; the
+    locks and the study's heartbeats still hold)."""
     if sys.platform.startswith("linux"):
         import ctypes
 
@@ -174,7 +175,7 @@ def worker_main(argv: list[str] | None = None) -> None:
     ap.add_argument("--parent", type=int, required=True)
     args = ap.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the benchmark's to handle; it stops the workers
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     answer = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything printed outside a run goes to the worker's log, never into the answer pipe
 

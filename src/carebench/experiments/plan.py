@@ -12,7 +12,9 @@ trained by hand are one and the same run.
 Schema (docs/benchmark.md): name, description, preset, models ("all" or names), tasks, cohorts, folds, seeds,
 overrides (every run), model_overrides (per model), grids (optional list of sub-grids that inherit the keys above),
 missingness {train_rates, test_rates, models, tasks, cohorts, folds, seeds}, fairness {enabled, attributes},
-statistics {n_bootstrap, n_permutations, confidence, seed, label_groups}. The defaults of the analysis sections
+statistics {n_bootstrap, n_permutations, confidence, seed, label_groups}, tuning {trials, fold, seed, pruning,
+storage, studies, spaces} (docs/tuning.md: the runs use the best trial of a validation-only study per method,
+task, fold and cohort). The defaults of the analysis sections
 are those of the dataclasses that own them (`StatisticsOptions`, `FairnessOptions`, `Missingness`), the same
 `carebench analyze` uses.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -36,10 +39,21 @@ from carebench.tasks import TaskError, check_task_name
 from carebench.training.config import PRESETS, ConfigError, TrainConfig, parse_overrides, resolve_config
 
 GRID_KEYS = ("models", "tasks", "cohorts", "folds", "seeds", "overrides", "model_overrides")
-PLAN_KEYS = ("name", "description", "preset", *GRID_KEYS, "grids", "missingness", "fairness", "statistics")
+PLAN_KEYS = (
+    "name",
+    "description",
+    "preset",
+    *GRID_KEYS,
+    "grids",
+    "missingness",
+    "fairness",
+    "statistics",
+    "tuning",
+)
 MISSINGNESS_KEYS = ("train_rates", "test_rates", "models", "tasks", "cohorts", "folds", "seeds")
 FAIRNESS_KEYS = ("enabled", "attributes")
 STATISTICS_KEYS = ("n_bootstrap", "n_permutations", "confidence", "seed", "label_groups")
+TUNING_KEYS = ("trials", "fold", "seed", "pruning", "storage", "studies", "spaces")
 # Set by the grid itself: an override of these would silently collapse or duplicate grid cells.
 GRID_OWNED = {
     "cohort": "cohorts",
@@ -103,6 +117,25 @@ class Missingness:
 
 
 @dataclass(frozen=True)
+class Tuning:
+    """The plan's `tuning` section: every run uses the best trial of the validation-only study of its method,
+    task, fold and cohort (with the run's fixed settings), run to `trials` complete trials before the grid, or
+    read from finished studies under `studies` when `trials` is left out."""
+
+    trials: int | None = None
+    fold: int | str = "each"  # "each": a study per fold of the plan; F: the plan's runs are all on fold F
+    seed: int = 0
+    pruning: bool = True
+    storage: str | None = None  # one Optuna RDB URL for every study; default SQLite in each study's directory
+    studies: str | None = None  # where the studies live; default RUNS/tuning
+    spaces: dict[str, dict[str, Any]] = field(default_factory=dict)  # per method: replaces its declared space
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: v for k, v in out.items() if v is not None and v != {}}
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     preset: str
@@ -113,6 +146,7 @@ class Plan:
     statistics: dict[str, Any]
     description: str = ""
     source: str = ""
+    tuning: Tuning | None = None
 
     def training_grids(self) -> list[Grid]:
         """The main grids, then one grid per non-zero train missing rate (rate 0 is the main grids' setting)."""
@@ -142,6 +176,7 @@ class Plan:
             "missingness": self.missingness.to_dict(),
             "fairness": dict(self.fairness),
             "statistics": dict(self.statistics),
+            **({"tuning": self.tuning.to_dict()} if self.tuning is not None else {}),
         }
 
 
@@ -220,7 +255,7 @@ def parse_plan(raw: dict[str, Any], source: str = "plan") -> Plan:
     missingness = _missingness(raw.get("missingness"), _defaults(top, grids), where, models, get_model_class)
     fairness = _fairness(raw.get("fairness"), where)
     statistics = _statistics(raw.get("statistics"), where)
-    return Plan(
+    plan = Plan(
         name=name,
         preset=preset,
         top=top,
@@ -231,6 +266,9 @@ def parse_plan(raw: dict[str, Any], source: str = "plan") -> Plan:
         description=description.strip(),
         source=source,
     )
+    if raw.get("tuning") is not None:
+        plan = dataclasses.replace(plan, tuning=_tuning(raw["tuning"], plan, where))
+    return plan
 
 
 def _keys(raw: Any, allowed: tuple[str, ...], where: str, prefix: str) -> None:
@@ -411,6 +449,62 @@ def _missingness(raw: Any, top: Grid, where: str, models: list[str], get_model_c
     return Missingness(train_rates=train, test_rates=test, grid=grid)
 
 
+def _tuning(raw: Any, plan: Plan, where: str) -> Tuning:
+    """The plan's `tuning` section, checked. A fixed `fold` F is accepted only when every run of the plan is on
+    fold F: a study on fold F trains on three other folds and validates on a fourth, so its choice has seen the
+    test stays of every other fold (their runs need their own study: `fold: each`)."""
+    _keys(raw, TUNING_KEYS, where, "tuning.")
+    trials = raw.get("trials")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise PlanError(f"{where}: key 'tuning.trials': expected an integer >= 1 (complete trials per study)")
+    studies = raw.get("studies")
+    if trials is None and studies is None:
+        raise PlanError(
+            f"{where}: key 'tuning': give 'trials' (run the studies first) or 'studies' (a directory of finished "
+            "studies made by `carebench tune`)"
+        )
+    for key in ("storage", "studies"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise PlanError(f"{where}: key 'tuning.{key}': expected a string")
+    fold = raw.get("fold", "each")
+    folds = sorted({f for g in plan.training_grids() for f in g.folds})
+    if fold != "each":
+        if isinstance(fold, bool) or not isinstance(fold, int) or not 1 <= fold <= N_FOLDS:
+            raise PlanError(
+                f"{where}: key 'tuning.fold': expected 'each' or a fold 1..{N_FOLDS}, got {fold!r}"
+            )
+        if folds != [fold]:
+            raise PlanError(
+                f"{where}: key 'tuning.fold': a study on fold {fold} trains and validates on the stays of the "
+                f"other folds, which are the test stays of this plan's runs on folds "
+                f"{[f for f in folds if f != fold]}; use 'fold: each' (a study per fold) or plan fold {fold} only"
+            )
+    seed = raw.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise PlanError(f"{where}: key 'tuning.seed': expected an integer >= 0, got {seed!r}")
+    pruning = raw.get("pruning", True)
+    if not isinstance(pruning, bool):
+        raise PlanError(f"{where}: key 'tuning.pruning': expected true or false, got {pruning!r}")
+    spaces = raw.get("spaces") or {}
+    if not isinstance(spaces, dict):
+        raise PlanError(f"{where}: key 'tuning.spaces': expected a mapping method: {{setting: spec}}")
+    models = {m for g in plan.training_grids() for m in g.models}
+    for m, space in spaces.items():
+        if m not in models:
+            raise PlanError(f"{where}: key 'tuning.spaces.{m}': not a method of this plan")
+        if not isinstance(space, dict):
+            raise PlanError(f"{where}: key 'tuning.spaces.{m}': expected a mapping {{setting: spec}}")
+    return Tuning(
+        trials=trials,
+        fold=fold,
+        seed=seed,
+        pruning=pruning,
+        storage=raw.get("storage"),
+        studies=studies,
+        spaces={m: dict(v) for m, v in spaces.items()},
+    )
+
+
 def _fairness(raw: Any, where: str) -> dict[str, Any]:
     """The plan's `fairness` section, validated by `FairnessOptions` (its defaults where a key is left out)."""
     if raw is not None and not isinstance(raw, dict):
@@ -436,12 +530,24 @@ def _statistics(raw: Any, where: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------- expansion
-def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
+# (model, task, fold, cohort, the run's fixed overrides) -> (tuned overrides, their source), or None = defaults
+HparamsLookup = Callable[[str, str, int, str, dict[str, Any]], tuple[dict[str, Any], Any] | None]
+
+
+def run_overrides(grid: Grid, model: str) -> dict[str, Any]:
+    """The fixed settings of `model`'s runs in `grid`: the grid's overrides and the method's model_overrides."""
+    return {**grid.overrides, **grid.model_overrides.get(model, {})}
+
+
+def expand_plan(plan: Plan, data: str | Path, hparams: HparamsLookup | None = None) -> list[TrainConfig]:
     """Every run of the plan, resolved against the dataset `data`, in a fixed order, without duplicates.
 
     Order: grid by grid (main grids, then the missingness train rates); within a grid fold, seed, task, cohort,
     model (models innermost, so an interrupted benchmark has complete method comparisons for the first folds and
     seeds). A run that two grids share (same resolved configuration, same run id) appears once, at its first place.
+
+    `hparams` gives a run's tuned hyper-parameters (`experiments.tuned`) and their source, recorded in the run's
+    `hparams_source`; without it (or where it returns None) the runs use the preset's defaults.
     """
     planned: dict[str, TrainConfig] = {}
     for grid in plan.training_grids():
@@ -458,7 +564,9 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
                                 "cxr_dropout_train": grid.cxr_dropout,
                                 "cxr_dropout_val": grid.cxr_dropout,
                             }
-                            overrides = {**grid.overrides, **grid.model_overrides.get(model, {})}
+                            overrides = run_overrides(grid, model)
+                            found = hparams(model, task, fold, cohort, overrides) if hparams else None
+                            tuned, source = found if found is not None else ({}, "defaults")
                             try:
                                 cfg = resolve_config(
                                     data=data,
@@ -466,8 +574,9 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
                                     task=task,
                                     preset=plan.preset,
                                     options=options,
-                                    overrides=overrides,
+                                    overrides={**overrides, **tuned},
                                 )
+                                cfg = dataclasses.replace(cfg, hparams_source=source)
                             except ConfigError as e:
                                 at = ", ".join(
                                     x
@@ -484,8 +593,11 @@ def expand_plan(plan: Plan, data: str | Path) -> list[TrainConfig]:
     return list(planned.values())
 
 
-def plan_record(plan: Plan, configs: list[TrainConfig]) -> dict[str, Any]:
-    """`RUNS/plan.yaml`: the resolved plan, the dataset it was expanded on and the number of runs."""
+def plan_record(
+    plan: Plan, configs: list[TrainConfig], studies: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    """`RUNS/plan.yaml`: the resolved plan, the dataset it was expanded on, the number of runs and, for a plan
+    with `tuning`, the studies its runs took their hyper-parameters from."""
     from carebench import __version__
 
     first = configs[0] if configs else None
@@ -496,6 +608,7 @@ def plan_record(plan: Plan, configs: list[TrainConfig]) -> dict[str, Any]:
         "data": first.data if first else None,
         "data_fingerprint": first.data_fingerprint if first else None,
         "carebench_version": __version__,
+        **({"studies": studies} if studies is not None else {}),
     }
 
 

@@ -13,6 +13,9 @@ Why it is shaped this way (docs/benchmark.md, "Resume"):
   is always complete and consistent with the run directories at the time it was written.
 - A failed run does not stop the others: its log goes to `RUNS/failed/<run_id>.log`, the summary lists it and
   the command exits non-zero. Re-running the command retries exactly the failed and unfinished runs.
+- A plan with `tuning` first runs (or continues, or finds) the validation-only study of every method, task, fold
+  and cohort (`experiments.tuned`), then expands its runs with each study's best trial. The studies are resumable
+  like the runs, so a re-started benchmark continues where it stopped, in the studies or in the grid.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from carebench import atomic, runs
 from carebench.errors import UserError
 from carebench.experiments.executors import LOGS, Event, Outcome, Started, make_executor
 from carebench.experiments.plan import Plan, expand_plan, plan_record
+from carebench.experiments.tuned import TunedHparams, plan_studies, run_studies
 from carebench.training.config import TrainConfig, data_fingerprint
 
 INDEX_COLUMNS = (
@@ -209,14 +213,31 @@ def run_benchmark(
     if runs_dir.exists() and not runs_dir.is_dir():
         raise UserError(f"--out {out}: exists and is not a directory (expected a runs directory)")
     data_fingerprint(data)  # an error naming --data before the plan is expanded run by run
-    configs = expand_plan(plan, data)
+    configs = expand_plan(plan, data)  # every run's settings checked (with default hyper-parameters) first
+    specs = plan_studies(plan, data) if plan.tuning is not None else None
     ex = make_executor(executor, jobs, threads, address)
     atomic.make_parents(runs_dir / runs.INDEX, "--out")
     t0 = time.perf_counter()
     with runs.run_lock(runs_dir, "benchmark", blocking=False) as free:
         if not free:
             raise BenchmarkBusyError(f"--out {runs_dir}: another `carebench benchmark` is running on it")
-        _write_atomic(runs_dir / runs.PLAN_FILE, yaml.safe_dump(plan_record(plan, configs), sort_keys=False))
+        studies = None
+        if specs is not None:
+            found = run_studies(
+                plan,
+                specs,
+                runs_dir,
+                executor=executor,
+                jobs=jobs or 1,
+                threads=threads,
+                address=address,
+                echo=lambda line: console.print(line, highlight=False),
+            )
+            configs = expand_plan(plan, data, TunedHparams(specs, found))
+            studies = [s.record() for s in found.values()]
+        _write_atomic(
+            runs_dir / runs.PLAN_FILE, yaml.safe_dump(plan_record(plan, configs, studies), sort_keys=False)
+        )
         shutil.rmtree(runs_dir / LOGS, ignore_errors=True)  # logs of a killed earlier invocation
         cleaned = runs.clean_partials(runs_dir)
         status = {c.run_id: "done" if runs.is_done(runs_dir, c.run_id) else "pending" for c in configs}

@@ -52,17 +52,22 @@ def check_search_space(cls: type[BaseModel]) -> None:
     (integer bounds) for an int one, ``{"type": "categorical", "choices": [...]}`` with distinct choices of the
     default's type; ``low < high``, and a log scale needs ``low > 0``.
     """
-    where = f"{cls.__qualname__}.search_space"
-    if not isinstance(cls.search_space, dict):
+    validate_space(cls.search_space, cls.default_hparams, f"{cls.__qualname__}.search_space")
+
+
+def validate_space(space: Any, defaults: dict[str, Any], where: str) -> None:
+    """The rules of `check_search_space` for any `space` over the settings `defaults` ({name: default value});
+    also used for a search space read from a file (`carebench tune --space`)."""
+    if not isinstance(space, dict):
         raise ValueError(f"{where} must be a dict {{hyper-parameter: spec}}")
-    for key, spec in cls.search_space.items():
-        if key not in cls.default_hparams:
+    for key, spec in space.items():
+        if key not in defaults:
             raise ValueError(f"{where} names unknown hyper-parameter {key!r}")
         at = f"{where}[{key!r}]"
         kind = spec.get("type") if isinstance(spec, dict) else None
         if kind not in SPACE_TYPES:
             raise ValueError(f"{at}: 'type' must be one of {SPACE_TYPES}, got {kind!r}")
-        default = cls.default_hparams[key]
+        default = defaults[key]
         allowed = {"type", "choices"} if kind == "categorical" else {"type", "low", "high", "log"}
         unknown = sorted(set(spec) - allowed)
         if unknown:

@@ -46,6 +46,7 @@ TABLE_NOTES = {
     "dropout_runs": "test metrics of each run trained with X-ray dropout, with its rates",
     "ablation": "headline metrics with the X-ray or the EHR removed at test time, and per-modality heads",
     "findings": "the paper's four findings per task: verdict, effect, CI, p, methods compared, reason",
+    "tuning": "per study: search space, trials, best parameters, validation vs test of the best trial",
 }
 
 
@@ -109,6 +110,7 @@ class Page:
     planted: Planted | None = None
     notes: list[str] = field(default_factory=list)
     findings: tb.Table | None = None
+    tuning: tb.Table | None = None
 
 
 def _environment() -> jinja2.Environment:
@@ -302,6 +304,35 @@ def build_page(
         planted=planted_page,
         notes=list(summary.get("warnings", [])),
         findings=tb.findings(tables.get("findings", pd.DataFrame())),
+        tuning=_tuning(tables.get("tuning", pd.DataFrame())),
+    )
+
+
+def _tuning(df: pd.DataFrame) -> tb.Table | None:
+    """The studies' table, or None for a benchmark without tuning."""
+    if df.empty:
+        return None
+    df = df.assign(
+        trials=[f"{c} / {p} / {f}" for c, p, f in zip(df.n_complete, df.n_pruned, df.n_failed, strict=True)]
+    )
+    return tb.simple(
+        df,
+        {
+            "method": "method",
+            "task": "task",
+            "fold": "fold",
+            "cohort": "cohort",
+            "space": "search space",
+            "trials": "trials complete / pruned / failed",
+            "best_trial": "best trial",
+            "best_params": "best parameters",
+            "metric": "metric",
+            "val": "validation",
+            "test": "test",
+            "gap": "gap (val - test)",
+        },
+        {"best_trial": "int", "val": "num", "test": "num", "gap": "num"},
+        key="tuning",
     )
 
 

@@ -120,6 +120,10 @@ class TrainConfig:
     progress: bool = True
     model_args: dict[str, Any] = field(default_factory=dict)
     modalities: list[str] = field(default_factory=list)  # what the model reads (from its class; not hashed)
+    # False: a validation-only run (a tuning trial): its fold is built without the test split, nothing is tested.
+    evaluate_test: bool = True
+    # Where the hyper-parameters came from: "defaults", or {study, storage, trial, value} (recorded, not hashed).
+    hparams_source: Any = "defaults"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -178,7 +182,17 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 
 
 _TRAIN_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-_NOT_OVERRIDABLE = {"model", "task", "data", "data_fingerprint", "model_args", "preset", "modalities"}
+_NOT_OVERRIDABLE = {
+    "model",
+    "task",
+    "data",
+    "data_fingerprint",
+    "model_args",
+    "preset",
+    "modalities",
+    "evaluate_test",
+    "hparams_source",
+}
 
 
 def _coerce(key: str, value: Any) -> Any:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from carebench import runs
+from carebench.data.folds import SPLITS
 from carebench.data.loading import FoldData, build_fold
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.models import BaseModel, create_model, get_model_class
@@ -37,8 +38,16 @@ def build_model(cfg: TrainConfig, n_features: int) -> BaseModel:
     return create_model(cfg.model, cfg.task, n_features, cfg.image_size, **cfg.model_args)
 
 
-def load_fold(cfg: TrainConfig, data: ProcessedDataset) -> FoldData:
-    """The run's fold: its cohort, training statistics and the train/val/test X-ray dropout it was run with."""
+def run_splits(cfg: TrainConfig) -> tuple[str, ...]:
+    """The splits a run builds: train, val and test, or train and val for a validation-only run (a trial)."""
+    return SPLITS if cfg.evaluate_test else ("train", "val")
+
+
+def load_fold(cfg: TrainConfig, data: ProcessedDataset, splits: tuple[str, ...] | None = None) -> FoldData:
+    """The run's fold: its cohort, training statistics and the train/val/test X-ray dropout it was run with.
+
+    `splits`: the splits to build; default `run_splits(cfg)` (a validation-only run never builds its test split).
+    """
     uses_cxr = "cxr" in get_model_class(cfg.model).modalities
     return build_fold(
         data,
@@ -53,6 +62,7 @@ def load_fold(cfg: TrainConfig, data: ProcessedDataset) -> FoldData:
         },
         cxr_dropout_seed=cfg.cxr_dropout_seed,
         load_cxr=uses_cxr,
+        splits=run_splits(cfg) if splits is None else splits,
     )
 
 
@@ -95,11 +105,17 @@ class LoadedRun:
     """A finished run's configuration, dataset, fold and model with its best checkpoint's weights (eval mode).
 
     The dataset is the one in the run's config unless `data_root` is given; it must have the fingerprint the run
-    recorded. The fold has the run's training statistics and train/val/test X-ray dropout.
+    recorded. The fold has the run's training statistics and train/val/test X-ray dropout; `splits` (default: the
+    run's own, `run_splits`) lets the analysis test a validation-only trial after its study has finished.
     """
 
     def __init__(
-        self, run_dir: str | Path, data_root: str | Path | None = None, *, device: str = "cpu"
+        self,
+        run_dir: str | Path,
+        data_root: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        splits: tuple[str, ...] | None = None,
     ) -> None:
         self.record = runs.read_run(run_dir)
         if not self.record.has_checkpoint:
@@ -112,7 +128,7 @@ class LoadedRun:
         runs.check_dataset(
             self.cfg.data_fingerprint, root, dataset_fingerprint(root), f"run {self.run_id} was"
         )
-        self.fold = load_fold(self.cfg, self.data)
+        self.fold = load_fold(self.cfg, self.data, splits)
         self.model = build_model(self.cfg, len(self.fold.features))
         self.model.load_state_dict(checkpoint_state(self.record.path / runs.CHECKPOINT))
         self.device = torch.device(device)

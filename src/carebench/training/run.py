@@ -6,7 +6,9 @@ defined by
 
 Protocol (docs/training.md): seed everything, deterministic algorithms; AdamW + ReduceLROnPlateau on the
 validation loss; early stopping and checkpoint selection on the task's validation selection metric
-(`tasks.TaskSpec.selection_metric`); the best checkpoint is tested.
+(`tasks.TaskSpec.selection_metric`); the best checkpoint is tested. A validation-only run (`evaluate_test`
+false: a tuning trial) builds no test split and tests nothing; `on_validation` lets its study follow (and prune)
+it epoch by epoch.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from carebench import __version__, atomic, runs
+from carebench.data.folds import SPLITS
 from carebench.data.loading import make_loader
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.models import BaseModel, ModelConfigError
@@ -96,6 +100,29 @@ class StagedEarlyStopping(EarlyStopping):
         return super()._should_skip_check(trainer) or trainer.current_epoch < _selection_start(trainer)
 
 
+class ValidationReport(Callback):
+    """After each validation epoch of the model's last training stage, call `report(epoch, best)` with the best
+    value of the selection metric so far, which is what the run would keep if it stopped now (the checkpoint
+    rule). Epochs before the last stage (e.g. MedFuse's pretraining) are not reported: their metric is not the
+    model's. `report` may raise (a pruned tuning trial) to stop the run; the exception leaves `fit`.
+
+    Only the global-zero process reports (under DDP every rank sees the same gathered metric)."""
+
+    def __init__(self, monitor: str, report: Callable[[int, float], None]) -> None:
+        self.monitor = monitor
+        self.report = report
+        self.best = float("-inf")
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch < _selection_start(trainer):
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is not None and torch.isfinite(value):
+            self.best = max(self.best, float(value))
+        if trainer.is_global_zero and self.best > float("-inf"):
+            self.report(int(trainer.current_epoch), self.best)
+
+
 def _strategy(cfg: TrainConfig) -> str:
     # Fusion models can leave a head unused in a step (e.g. no X-ray in the batch): DDP must tolerate that.
     return "ddp_find_unused_parameters_true" if isinstance(cfg.devices, int) and cfg.devices > 1 else "auto"
@@ -122,8 +149,20 @@ def _trainer(cfg: TrainConfig, root: Path, callbacks: list, logger: Any, n_batch
     )
 
 
-def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset | None = None) -> RunResult:
-    """Fit on the training split, select on validation, test the best checkpoint; write the run record."""
+def train_run(
+    cfg: TrainConfig,
+    runs_dir: str | Path,
+    *,
+    data: ProcessedDataset | None = None,
+    on_validation: Callable[[int, float], None] | None = None,
+) -> RunResult:
+    """Fit on the training split, select on validation, test the best checkpoint; write the run record.
+
+    A validation-only run (`cfg.evaluate_test` false) builds its fold without the test split and records the
+    best checkpoint's validation predictions and metric only. `on_validation(epoch, best_so_far)` is called
+    after each validation epoch of the model's last stage (`ValidationReport`); if it raises, the run stops and
+    the exception propagates (the partial run folder is removed, as for any failed run).
+    """
     runs_dir = Path(runs_dir)
     run_id = cfg.run_id
     final = runs_dir / run_id
@@ -136,7 +175,7 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
     if rank_zero_only.rank == 0:  # DDP re-launches this function in each process; only rank 0 writes
         runs.start_run(runs_dir, cfg.to_dict())
     try:
-        return _fit_and_record(cfg, data, work, final)
+        return _fit_and_record(cfg, data, work, final, on_validation)
     except BaseException as e:
         if rank_zero_only.rank == 0:
             runs.abandon_run(work)  # a failed run leaves no partial folder behind
@@ -145,7 +184,13 @@ def train_run(cfg: TrainConfig, runs_dir: str | Path, *, data: ProcessedDataset 
         raise
 
 
-def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final: Path) -> RunResult:
+def _fit_and_record(
+    cfg: TrainConfig,
+    data: ProcessedDataset,
+    work: Path,
+    final: Path,
+    on_validation: Callable[[int, float], None] | None,
+) -> RunResult:
     run_id = cfg.run_id
     _filter_warnings()
     if not cfg.progress:
@@ -165,7 +210,6 @@ def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final:
         fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, num_workers=cfg.num_workers
     )
     val_loader = make_loader(fold.val, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
-    test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
     monitor = f"val/{module.selection}"
     ckpt = StagedCheckpoint(
         dirpath=work / "checkpoints",
@@ -179,11 +223,15 @@ def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final:
     )
     stop = StagedEarlyStopping(monitor=monitor, mode="max", patience=cfg.patience, check_finite=False)
     callbacks: list = [ckpt, stop] + ([RichProgressBar()] if cfg.progress else [])
+    if on_validation is not None:
+        callbacks.append(ValidationReport(monitor, on_validation))
     logger = CSVLogger(save_dir=str(work), name=runs.LOG_DIR, version="")
     trainer = _trainer(cfg, work, callbacks, logger, len(train_loader))
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     t_fit = time.perf_counter() - t0
-    trainer.test(module, dataloaders=test_loader, ckpt_path="best", verbose=False, weights_only=True)
+    if cfg.evaluate_test:
+        test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        trainer.test(module, dataloaders=test_loader, ckpt_path="best", verbose=False, weights_only=True)
     t_test = time.perf_counter() - t0 - t_fit
     if not trainer.is_global_zero:
         return RunResult(run_id, final, False, {})
@@ -191,12 +239,17 @@ def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final:
     best = torch.load(ckpt.best_model_path, map_location="cpu", weights_only=True)
     shutil.copyfile(ckpt.best_model_path, work / runs.CHECKPOINT)
     shutil.rmtree(work / "checkpoints", ignore_errors=True)
-    module.test_predictions.to_parquet(work / runs.PREDICTIONS, index=False)
+    if cfg.evaluate_test:
+        module.test_predictions.to_parquet(work / runs.PREDICTIONS, index=False)
+    else:  # nothing was tested: the validation predictions below come from the best checkpoint's weights
+        module.load_state_dict(best["state_dict"])
     # Decision thresholds (fairness, thresholded metrics) are chosen on validation, never on test: keep them.
     val = predict_frame(module.model, val_loader, cfg.task, names=fold.outputs, seed=cfg.seed)
     val.to_parquet(work / runs.VAL_PREDICTIONS, index=False)
     thresholds = runs.validation_thresholds(val, cfg.task)
-    test_metrics = runs.frame_metrics(module.test_predictions, cfg.task, thresholds)
+    test_metrics = (
+        runs.frame_metrics(module.test_predictions, cfg.task, thresholds) if cfg.evaluate_test else None
+    )
     metrics = {
         "run_id": run_id,
         "model": cfg.model,
@@ -212,7 +265,7 @@ def _fit_and_record(cfg: TrainConfig, data: ProcessedDataset, work: Path, final:
         "test": test_metrics,
         "splits": fold.summary(),
         "n_parameters": sum(p.numel() for p in module.model.parameters()),
-        "timing_s": {"fit": round(t_fit, 3), "test": round(t_test, 3)},
+        "timing_s": {"fit": round(t_fit, 3), "test": round(t_test, 3) if cfg.evaluate_test else None},
         "normalisation": fold.stats.to_dict(fold.features),
         "carebench_version": __version__,
         "torch_version": torch.__version__,
@@ -227,10 +280,12 @@ def evaluate_run(
     """Recompute the test metrics of a finished run from its checkpoint (and the dataset it was trained on).
 
     Runs on one device (CPU by default, so a GPU-trained run can be checked anywhere) with the run's precision.
+    A validation-only run (a tuning trial) is tested here too: this is how a study's best trial is tested after
+    the study, never during it.
     """
     _filter_warnings()
     _quiet()
-    run = LoadedRun(run_dir, data_root)
+    run = LoadedRun(run_dir, data_root, splits=SPLITS)
     cfg = run.cfg
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
