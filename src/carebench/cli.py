@@ -228,13 +228,18 @@ def train(
     devices: str = typer.Option(
         str(TrainConfig.devices), "--devices", help="Number of devices (>1 = DDP) or auto."
     ),
-    precision: str = typer.Option(
-        TrainConfig.precision, "--precision", help="32-true | bf16-mixed | 16-mixed | ..."
+    precision: str | None = typer.Option(
+        None,
+        "--precision",
+        help="32-true | bf16-mixed | 16-mixed | auto [default: the preset's: quick and test 32-true; full auto = "
+        "bf16-mixed on a GPU or a CPU with bfloat16 units (AMX / AVX512-BF16), else 32-true].",
+        show_default=False,
     ),
-    num_workers: int = typer.Option(
-        TrainConfig.num_workers,
+    num_workers: int | None = typer.Option(
+        None,
         "--num-workers",
-        help="DataLoader worker processes (0 = in the main process).",
+        help="DataLoader worker processes (0 = in the main process) [default: 0 on CPU, up to 4 on a GPU].",
+        show_default=False,
     ),
     threads: int = typer.Option(
         TrainConfig.threads,

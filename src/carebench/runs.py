@@ -72,8 +72,9 @@ PLAN_FILE = "plan.yaml"  # the resolved plan of `carebench benchmark`
 INDEX = "runs.csv"  # one row per planned run with its status
 LOCKS = ".locks"  # flock files, one per run and one per benchmark
 FAILED = "failed"  # logs of failed runs
-# Configuration keys that cannot change a run's result: recorded in config.yaml, left out of the run id.
-NOT_HASHED = ("data", "num_workers", "threads", "progress", "modalities")
+# Configuration keys that cannot change a run's result, or only by float rounding (`threads`, `channels_last`,
+# `cudnn_benchmark`: other kernels, same arithmetic): recorded in config.yaml, left out of the run id.
+NOT_HASHED = ("data", "num_workers", "threads", "progress", "modalities", "channels_last", "cudnn_benchmark")
 SPLIT_FILES = {"test": PREDICTIONS, "val": VAL_PREDICTIONS}
 
 

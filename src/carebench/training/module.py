@@ -24,7 +24,6 @@ from torch import Tensor
 
 from carebench import runs
 from carebench.data.folds import output_names
-from carebench.data.loading import augment_cxr
 from carebench.evaluation.metrics import compute_metrics
 from carebench.models.base import BaseModel, ModelOutput
 from carebench.tasks import get_task
@@ -48,7 +47,6 @@ class CareBenchModule(pl.LightningModule):
         weight_decay: float = 0.01,
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
-        augment: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
@@ -58,7 +56,6 @@ class CareBenchModule(pl.LightningModule):
         self.names = output_names(task)
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
-        self.augment = augment and "cxr" in getattr(model, "modalities", ("cxr",))
         self.selection = self.spec.selection_metric
         self._outputs: list[dict[str, Tensor]] = []
         self.val_metrics: dict[str, float] = {}
@@ -68,13 +65,6 @@ class CareBenchModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         return self.model(batch)
-
-    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Train-time X-ray augmentation on the whole batch, on the training device."""
-        if self.augment and self._trainer is not None and self.trainer.training:
-            batch = dict(batch)
-            batch["cxr"] = augment_cxr(batch["cxr"], batch["has_cxr"])
-        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch)
