@@ -24,7 +24,7 @@ from torch import Tensor
 
 from carebench import runs
 from carebench.data.folds import output_names
-from carebench.evaluation.metrics import compute_metrics
+from carebench.evaluation.metrics import compute_metrics, epoch_metrics
 from carebench.models.base import BaseModel, ModelOutput
 from carebench.tasks import get_task
 from carebench.training.predict import probabilities
@@ -180,7 +180,7 @@ class CareBenchModule(pl.LightningModule):
         arr = self._collect()
         if not arr:
             return
-        self.val_metrics = compute_metrics(self.task, arr["y"], arr["p"], self.names)
+        self.val_metrics = epoch_metrics(self.task, arr["y"], arr["p"])
         others = [k for k in self.spec.logged if k != self.selection]
         self.log_dict({f"val/{k}": self.val_metrics[k] for k in others}, prog_bar=False)
         self.log(f"val/{self.selection}", self.val_metrics[self.selection], prog_bar=True)
