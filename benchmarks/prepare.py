@@ -103,11 +103,13 @@ def run_prepare(raw: Path, out: Path, threads: int, memory_limit: str) -> dict:
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 1024
     manifest = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
     return {
         "wall_s": wall,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
         "peak_rss_mib": peak,
         "stages": manifest["timings_s"],
         "stays": manifest["cohort"]["stays"],
@@ -192,6 +194,7 @@ def main() -> None:
         "outputevents",
         "stays",
         "wall s",
+        "CPU s",
         "events rows/s",
         "peak RSS MiB",
     ]
@@ -203,12 +206,22 @@ def main() -> None:
         r = rows[label]
         total_rows = sum(r.values())
         wall = statistics.median(x["wall_s"] for x in rs)
+        cpu = statistics.median(x["cpu_s"] for x in rs)
         rss = statistics.median(x["peak_rss_mib"] for x in rs)
         stages = {s: statistics.median(x["stages"].get(s, 0.0) for x in rs) for s in stage_names}
-        table.append({"label": label, "rows": total_rows, "wall": wall, "rss": rss, "stays": rs[0]["stays"]})
+        table.append(
+            {
+                "label": label,
+                "rows": total_rows,
+                "wall": wall,
+                "cpu": cpu,
+                "rss": rss,
+                "stays": rs[0]["stays"],
+            }
+        )
         print(
             f"| {label} | {r['chartevents']:,} | {r['labevents']:,} | {r['outputevents']:,} | {rs[0]['stays']:,} | "
-            f"{wall:.1f} | {total_rows / wall:,.0f} | {rss:,.0f} | "
+            f"{wall:.1f} | {cpu:.1f} | {total_rows / wall:,.0f} | {rss:,.0f} | "
             + " | ".join(f"{stages[s]:.2f}" for s in stage_names)
             + " |"
         )
@@ -217,12 +230,14 @@ def main() -> None:
         full_rows = sum(FULL_MIMIC.values())
         a, b = fit_line([t["rows"] for t in scaled], [t["wall"] for t in scaled])
         c, d = fit_line([t["rows"] for t in scaled], [t["rss"] for t in scaled])
+        e, f = fit_line([t["rows"] for t in scaled], [t["cpu"] for t in scaled])
         per_stay = scaled[-1]["stays"] / scaled[-1]["rows"]
         print(
             f"\nLinear fit over the replicated sizes: wall = {a:.1f} s + {b * 1e6:.3f} s per million event rows; "
-            f"peak RSS = {c:.0f} MiB + {d * 1e6:.2f} MiB per million rows.\n"
-            f"Full MIMIC-IV ({full_rows / 1e6:.0f} M event rows, about {full_rows * per_stay:,.0f} cohort stays at "
-            f"the demo's rows per stay) at --threads {args.threads}: {(a + b * full_rows) / 60:.1f} min, peak RSS "
+            f"CPU = {e:.1f} s + {f * 1e6:.3f} s per million rows; peak RSS = {c:.0f} MiB + {d * 1e6:.2f} MiB per "
+            f"million rows.\nFull MIMIC-IV ({full_rows / 1e6:.0f} M event rows, about {full_rows * per_stay:,.0f} "
+            f"cohort stays at the demo's rows per stay) at --threads {args.threads}: wall "
+            f"{(a + b * full_rows) / 60:.1f} min, CPU {(e + f * full_rows) / 60:.1f} min, peak RSS "
             f"{(c + d * full_rows) / 1024:.2f} GiB (linear extrapolation; the X-ray stage is not included)."
         )
     if args.workdir is None:
