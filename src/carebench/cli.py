@@ -411,6 +411,12 @@ def analyze(
         "[default: the plan's statistics.label_groups, else none]",
     ),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
+    jobs: int = typer.Option(
+        0,
+        "--jobs",
+        help="Worker processes for the independent computations (method pairs, runs); the tables do not depend "
+        "on it. 0 = every core this process may use.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.", **FLAG),
 ) -> None:
     """Statistics, fairness, missing-modality and modality-contribution tables of every finished run, and the
@@ -430,6 +436,7 @@ def analyze(
         ablation=ablation,
         device=device,
         label_groups=label_groups,
+        jobs=jobs,
     )
     s = result.summary
     for w in s["warnings"]:

@@ -8,6 +8,7 @@ describes the pooling rules, the families of tests and the reference method.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,10 +17,12 @@ import numpy as np
 import pandas as pd
 
 from carebench import runs
+from carebench.analysis.parallel import parallel_map
 from carebench.errors import UserError
 from carebench.evaluation.multiplicity import benjamini_hochberg, holm
 from carebench.evaluation.options import DEFAULTS, GROUP_SEP
 from carebench.evaluation.statistics import (
+    PermutationResult,
     StatisticsInputError,
     available_metrics,
     bootstrap_cis,
@@ -167,6 +170,66 @@ def _best_method(
     return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
 
 
+def _lean(results: dict) -> dict:
+    """Bootstrap / permutation results without their distributions (the tables do not use them; they would be
+    sent back from a worker process for nothing)."""
+    out = {}
+    for key, res in results.items():
+        field = "null_distribution" if isinstance(res, PermutationResult) else "distribution"
+        out[key] = dataclasses.replace(res, **{field: np.empty(0)})
+    return out
+
+
+def _method_bootstrap(job: tuple) -> dict:
+    """Bootstrap CIs of one method's pooled predictions (a worker's unit of `method_metrics`)."""
+    y, p, o = job
+    boot = bootstrap_cis(
+        y,
+        p,
+        o["keys"],
+        names=o["names"],
+        n_resamples=o["n_resamples"],
+        ci=o["ci"],
+        seed=o["seed"],
+        method=o["ci_method"],
+        stratify=o["stratify"],
+        groups=o["groups"],
+    )
+    return _lean(boot)
+
+
+def _pair_statistics(job: tuple) -> tuple[list[dict], dict, dict, int]:
+    """One method pair on their common stays: point values of both, paired bootstrap CIs of the difference and
+    paired permutation tests (a worker's unit of `compare_methods`)."""
+    y, pa, pb, o = job
+    point = [metric_values(y, p, o["keys"], names=o["names"], groups=o["groups"]) for p in (pa, pb)]
+    boot = paired_bootstrap_cis(
+        y,
+        pa,
+        pb,
+        o["keys"],
+        names=o["names"],
+        n_resamples=o["n_resamples"],
+        ci=o["ci"],
+        seed=o["seed"],
+        method=o["ci_method"],
+        stratify=o["stratify"],
+        groups=o["groups"],
+    )
+    perm = paired_permutation_tests(
+        y,
+        pa,
+        pb,
+        o["keys"],
+        names=o["names"],
+        n_permutations=o["n_permutations"],
+        seed=o["seed"],
+        alternative=o["alternative"],
+        groups=o["groups"],
+    )
+    return point, _lean(boot), _lean(perm), len(y)
+
+
 def compare_methods(
     preds: pd.DataFrame,
     task: str,
@@ -183,6 +246,7 @@ def compare_methods(
     alternative: str = "two-sided",
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
@@ -194,6 +258,7 @@ def compare_methods(
     without an explicit `reference`, each group's reference is the unimodal method best on the group's macro
     selection metric. p-values are adjusted within each `family` = task x comparison x metric x
     (overall | per_label | group). `stratify` (mortality, LOS) resamples the bootstrap within classes.
+    `jobs` > 1 computes the method pairs in that many worker processes (`analysis.parallel`; same table).
     Details: docs/statistics.md.
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
@@ -224,37 +289,14 @@ def compare_methods(
             ]
     if pairwise:
         pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
-    done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
+    unique = list(dict.fromkeys((a, b) for _, a, b, _ in pairs))
+    options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
+               "ci_method": ci_method, "stratify": stratify, "n_permutations": n_permutations,
+               "alternative": alternative}  # fmt: skip
+    work = ((*_align(pooled[a], pooled[b], names, a, b), options) for a, b in unique)
+    done = dict(zip(unique, parallel_map(_pair_statistics, work, jobs), strict=True))
     rows = []
     for comparison, a, b, row_keys in pairs:
-        if (a, b) not in done:
-            y, pa, pb = _align(pooled[a], pooled[b], names, a, b)
-            point = [metric_values(y, p, keys, names=names, groups=groups) for p in (pa, pb)]
-            boot = paired_bootstrap_cis(
-                y,
-                pa,
-                pb,
-                keys,
-                names=names,
-                n_resamples=n_resamples,
-                ci=ci,
-                seed=seed,
-                method=ci_method,
-                stratify=stratify,
-                groups=groups,
-            )
-            perm = paired_permutation_tests(
-                y,
-                pa,
-                pb,
-                keys,
-                names=names,
-                n_permutations=n_permutations,
-                seed=seed,
-                alternative=alternative,
-                groups=groups,
-            )
-            done[(a, b)] = (point, boot, perm, len(y))
         point, boot, perm, n = done[(a, b)]
         for key in row_keys:
             label, metric = _split_key(task, key)
@@ -333,11 +375,13 @@ def method_metrics(
     ci_method: str = "percentile",
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
 
     `estimate`/`ci_low`/`ci_high` describe the seed ensemble on all test stays; `seed_mean`/`seed_sd` (ddof=1,
     NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
+    `jobs` > 1 bootstraps the methods in that many worker processes (same table).
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
     pooled = pool_predictions(preds, task)
@@ -345,20 +389,11 @@ def method_metrics(
     kind = get_task(task).kind
     groups = check_label_groups(label_groups, names) if kind == "multilabel" else {}
     keys = list(metrics) if metrics is not None else available_metrics(kind, names, groups)
+    options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
+               "ci_method": ci_method, "stratify": stratify}  # fmt: skip
+    boots = parallel_map(_method_bootstrap, ((pp.y, pp.p, options) for pp in pooled.values()), jobs)
     rows = []
-    for method, pp in pooled.items():
-        boot = bootstrap_cis(
-            pp.y,
-            pp.p,
-            keys,
-            names=names,
-            n_resamples=n_resamples,
-            ci=ci,
-            seed=seed,
-            method=ci_method,
-            stratify=stratify,
-            groups=groups,
-        )
+    for (method, pp), boot in zip(pooled.items(), boots, strict=True):
         per_seed = []
         for _, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
             one = pool_predictions(g, task)[method]

@@ -215,4 +215,3 @@ def epoch_metrics(task: str, y_true: np.ndarray, p: np.ndarray) -> dict[str, flo
     if missing:
         raise MetricInputError(f"task {task!r}: no per-epoch implementation of {sorted(missing)}")
     return {k: out[k] for k in sorted(wanted)}
-
