@@ -26,7 +26,10 @@ Sides, each in a fresh process, interleaved over --repeat rounds (reference, our
   EHR input width set to carebench's 2 x features;
 - ours fp32: `--preset full`, `precision=32-true channels_last=false` (the layout and precision the reference uses);
 - ours default: `--preset full` with its defaults on this device (`precision: auto`, channels-last).
-Both sides get the same batch size (the reference trains HEALNet at 4; here every method gets --batch-size).
+Both sides get the same batch: the reference's published batch size of the method (16; HEALNet 4, whose
+raw-pixel tokens need tens of GB at 16) unless --batch-size is given. Encoders that load ImageNet weights whatever
+their configuration says (ShaSpec, SMIL in the reference) get a random state of the same architecture instead of a
+download. Each process is limited to --memory-cap-gb of address space.
 """
 
 from __future__ import annotations
@@ -165,6 +168,16 @@ def reference_module(root: Path, method: str, n_inputs: int, class_names: list[s
             super().__init__(*a, **kw)
 
     torch.optim.lr_scheduler.ReduceLROnPlateau = Plateau
+    # Some of its encoders load ImageNet weights whatever the configuration says (ShaSpec, SMIL): give them a
+    # randomly initialised state of the same torchvision architecture instead of a download (same cost).
+    import torchvision
+
+    def random_weights(url: str, *a, **kw) -> dict:
+        arch = Path(url).name.split("-")[0]
+        return getattr(torchvision.models, arch)(weights=None).state_dict()
+
+    torch.hub.load_state_dict_from_url = random_weights
+    torchvision.models._api.WeightsEnum.get_state_dict = lambda self, *a, **kw: random_weights(self.url)
     os.chdir(root)
     sys.path.insert(0, str(root))
     import yaml
@@ -213,10 +226,27 @@ def our_config(data: str, method: str, variant: dict, batch_size: int):
 
 
 # ------------------------------------------------------------------------------------------------ worker
+def published_batch_size(root: Path, method: str, default: int) -> int:
+    """The batch size of the reference's published phenotype configuration (HEALNet: 4), else `default`."""
+    import yaml
+
+    path = root / "configs" / "train_configs" / f"{method}_phenotype.yaml"
+    if not path.is_file():
+        return default
+    return int((yaml.safe_load(path.read_text()) or {}).get("batch_size", default))
+
+
 def worker(spec: dict) -> None:
+    import resource
+
     import lightning.pytorch as pl
     import torch
     from torch.utils.data import DataLoader
+
+    cap = int(
+        spec["memory_cap_gb"] * 2**30
+    )  # a MemoryError in this process rather than the OOM killer's choice
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
@@ -287,7 +317,10 @@ def run_side(args: argparse.Namespace, method: str, side: str, availability: flo
         "steps": args.steps,
         "warmup": args.warmup,
         "threads": args.threads,
+        "memory_cap_gb": args.memory_cap_gb,
     }
+    if args.batch_size == 0:
+        spec["batch_size"] = published_batch_size(args.reference, method, 16)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(
         [sys.executable, os.path.realpath(__file__), "--worker", json.dumps(spec)],
@@ -311,7 +344,13 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="a processed dataset (carebench prepare)")
     ap.add_argument("--models", default="", help="comma-separated (default: every registered method)")
     ap.add_argument("--availability", default="1.0,0.3", help="fractions of the batch with an X-ray")
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=0,
+        help="0: the reference's published one per method (16; HEALNet 4)",
+    )
+    ap.add_argument("--memory-cap-gb", type=float, default=10.0, help="address-space limit of each process")
     ap.add_argument("--steps", type=int, default=5, help="timed steps per process")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--repeat", type=int, default=3, help="processes per side (interleaved); medians")
@@ -330,16 +369,16 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m] or list_models()
     rates = [float(x) for x in args.availability.split(",")]
     print(
-        f"\nTraining step, phenotype, batch {args.batch_size}, 224 px, median over {args.repeat} process(es) per "
+        f"\nTraining step, phenotype, 224 px, median over {args.repeat} process(es) per "
         f"side of {args.steps} steps after {args.warmup}; {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}, load average before "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
     )
     print(
-        "| method | X-rays | reference s/step | ours fp32 s/step | ours default s/step | reference / ours fp32 | "
-        "reference / ours default | reference configuration |"
+        "| method | batch | X-rays | reference s/step | ours fp32 s/step | ours default s/step | "
+        "reference / ours fp32 | reference / ours default | reference configuration |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
     for method in models:
         for rate in rates:
             got: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -361,8 +400,9 @@ def main() -> None:
                 return f"{a / b:.2f}x" if a is not None and b is not None else "n/a"
 
             ref, fp32, default = med["reference"], med["ours fp32"], med["ours default"]
+            batch = args.batch_size or published_batch_size(args.reference, method, 16)
             print(
-                f"| {method} | {rate:.0%} | {cell(ref)} | {cell(fp32)} | {cell(default)} | {ratio(ref, fp32)} | "
+                f"| {method} | {batch} | {rate:.0%} | {cell(ref)} | {cell(fp32)} | {cell(default)} | {ratio(ref, fp32)} | "
                 f"{ratio(ref, default)} | {conf}{note} |",
                 flush=True,
             )
