@@ -271,16 +271,16 @@ def worker(spec: dict) -> None:
         cfg = our_config(spec["data"], spec["method"], OURS[spec["side"]], spec["batch_size"])
         module, batch, precision = build_module(cfg, build_model(cfg, len(features))), ours, cfg.precision
         config = f"preset full, {cfg.precision}, channels_last={cfg.channels_last}"
-    times: list[float] = []
+    times: list[tuple[float, float]] = []  # (wall, this process's CPU time)
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, b, batch_idx):
             if batch_idx == warm:
-                times.append(time.perf_counter())
+                times.append((time.perf_counter(), time.process_time()))
 
         def on_train_batch_end(self, trainer, pl_module, outputs, b, batch_idx):
             if batch_idx == warm + steps - 1:
-                times.append(time.perf_counter())
+                times.append((time.perf_counter(), time.process_time()))
                 raise StopTiming
 
     trainer = pl.Trainer(
@@ -303,7 +303,8 @@ def worker(spec: dict) -> None:
         pass
     if len(times) != 2:
         raise SystemExit("the timed steps did not complete")
-    print(json.dumps({"step_s": (times[1] - times[0]) / steps, "config": str(config)}))
+    (w0, c0), (w1, c1) = times
+    print(json.dumps({"step_s": (w1 - w0) / steps, "cpu_step_s": (c1 - c0) / steps, "config": str(config)}))
 
 
 def run_side(args: argparse.Namespace, method: str, side: str, availability: float) -> dict:
@@ -355,6 +356,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--repeat", type=int, default=3, help="processes per side (interleaved); medians")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--measure",
+        choices=("step_s", "cpu_step_s"),
+        default="step_s",
+        help="wall time per step, or the process's CPU time per step (the fairer figure with --threads 1 on a "
+        "machine shared with other jobs)",
+    )
     args = ap.parse_args()
     if (
         not (args.reference / "main.py").is_file()
@@ -369,7 +377,8 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m] or list_models()
     rates = [float(x) for x in args.availability.split(",")]
     print(
-        f"\nTraining step, phenotype, 224 px, median over {args.repeat} process(es) per "
+        f"\nTraining step ({'CPU' if args.measure == 'cpu_step_s' else 'wall'} seconds), phenotype, 224 px, "
+        f"median over {args.repeat} process(es) per "
         f"side of {args.steps} steps after {args.warmup}; {platform.processor() or platform.machine()}, "
         f"{args.threads} threads, torch {torch.__version__}, load average before "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n"
@@ -387,7 +396,7 @@ def main() -> None:
                     got[side].append(run_side(args, method, side, rate))
             med, note = {}, ""
             for side, rs in got.items():
-                ok = [r["step_s"] for r in rs if "step_s" in r]
+                ok = [r[args.measure] for r in rs if args.measure in r]
                 med[side] = statistics.median(ok) if len(ok) == len(rs) else None
                 if med[side] is None:
                     note += f" {side}: {next(r['error'] for r in rs if 'error' in r)}"

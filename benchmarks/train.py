@@ -164,6 +164,7 @@ def throughput_worker(spec: dict) -> None:
         raise SystemExit(f"{len(loader)} training batches, need {warm + steps}")
     module = build_module(cfg, build_model(cfg, len(fold.features)))
     times: list[float] = []
+    cpu: list[float] = []  # this process's CPU time at the same two points
     waits: list[float] = []  # seconds the training process spent in the loader's __next__, per batch
     timing = [False]
     plain_next = _BaseDataLoaderIter.__next__
@@ -182,11 +183,13 @@ def throughput_worker(spec: dict) -> None:
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if batch_idx == warm:
                 times.append(time.perf_counter())
+                cpu.append(time.process_time())
                 timing[0] = True
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if batch_idx == warm + steps - 1:
                 times.append(time.perf_counter())
+                cpu.append(time.process_time())
                 timing[0] = False
 
     # one validation batch after the timed steps: the plateau schedule needs its val/loss (not timed)
@@ -217,6 +220,7 @@ def throughput_worker(spec: dict) -> None:
                 "num_workers": cfg.num_workers,
                 "image_size": cfg.image_size,
                 "step_s": (times[1] - times[0]) / steps,
+                "cpu_step_s": (cpu[1] - cpu[0]) / steps,
                 "loader_share": statistics.mean(waits) / ((times[1] - times[0]) / steps) if waits else 0.0,
                 "samples_per_s": steps * cfg.batch_size / (times[1] - times[0]),
                 "params": sum(p.numel() for p in module.parameters()),
@@ -277,13 +281,13 @@ def throughput(data: Path, model: str, preset: str, args: argparse.Namespace) ->
             out.append({"model": model, "preset": preset, "variant": variant, "error": bad[0]["error"]})
             continue
         med = dict(rs[0], variant=variant)
-        for key in ("samples_per_s", "step_s", "loader_share", "peak_rss_mib"):
+        for key in ("samples_per_s", "step_s", "cpu_step_s", "loader_share", "peak_rss_mib"):
             med[key] = statistics.median(r[key] for r in rs)
         med["repeats"] = len(rs)
         out.append(med)
-    base = out[0].get("step_s")
+    base = out[0].get(args.measure)
     for r in out:
-        r["speedup"] = base / r["step_s"] if base and "step_s" in r else float("nan")
+        r["speedup"] = base / r[args.measure] if base and args.measure in r else float("nan")
     return out
 
 
@@ -329,6 +333,13 @@ def main() -> None:
     ap.add_argument("--presets", default="quick,full", help="throughput mode: comma-separated presets")
     ap.add_argument("--repeat", type=int, default=1, help="throughput mode: processes per variant (median)")
     ap.add_argument(
+        "--measure",
+        choices=("step_s", "cpu_step_s"),
+        default="step_s",
+        help="throughput mode: what 'vs first' compares: wall or CPU seconds per step (the fairer figure with "
+        "--threads 1 on a shared machine)",
+    )
+    ap.add_argument(
         "--variants",
         default="",
         help="throughput mode: ';'-separated run settings to compare, interleaved (e.g. "
@@ -351,9 +362,9 @@ def main() -> None:
             )
             print(
                 "| model | preset | settings | precision | channels last | workers | image px | params | "
-                "X-ray share | step s | train samples/s | vs first | loader share | peak RSS MiB |"
+                "X-ray share | step s | CPU s per step | train samples/s | vs first | loader share | peak RSS MiB |"
             )
-            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+            print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
             for preset in args.presets.split(","):
                 for m in models:
                     for r in throughput(data, m, preset, args):
@@ -364,7 +375,8 @@ def main() -> None:
                         print(
                             f"| {m} | {preset} | {label} | {r['precision']} | {r['channels_last']} | "
                             f"{r['num_workers']} | {r['image_size']} | {r['params']:,} | {r['cxr_share']:.2f} | "
-                            f"{r['step_s']:.3f} | {r['samples_per_s']:.1f} | {r['speedup']:.2f}x | "
+                            f"{r['step_s']:.3f} | {r['cpu_step_s']:.3f} | {r['samples_per_s']:.1f} | "
+                            f"{r['speedup']:.2f}x | "
                             f"{r['loader_share']:.1%} | {r['peak_rss_mib']:.0f} |",
                             flush=True,
                         )
