@@ -314,7 +314,7 @@ def evaluate(
 def benchmark(
     overrides: list[str] | None = typer.Argument(  # noqa: B008
         None,
-        help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=bf16-mixed).",
+        help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=32-true).",
     ),
     plan: str = typer.Option(
         ..., "--plan", help="A built-in profile (quick, paper) or a plan YAML file (docs/benchmark.md)."
