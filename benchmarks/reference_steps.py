@@ -356,6 +356,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--repeat", type=int, default=3, help="processes per side (interleaved); medians")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None, help="also write the medians here (for cost_model.py)")
     ap.add_argument(
         "--measure",
         choices=("step_s", "cpu_step_s"),
@@ -388,6 +389,7 @@ def main() -> None:
         "reference / ours fp32 | reference / ours default | reference configuration |"
     )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
+    results: list[dict] = []
     for method in models:
         for rate in rates:
             got: dict[str, list[dict]] = {s: [] for s in SIDES}
@@ -409,6 +411,9 @@ def main() -> None:
                 return f"{a / b:.2f}x" if a is not None and b is not None else "n/a"
 
             ref, fp32, default = med["reference"], med["ours fp32"], med["ours default"]
+            results.append({"method": method, "availability": rate, "measure": args.measure, **med})
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1) + "\n")
             batch = args.batch_size or published_batch_size(args.reference, method, 16)
             print(
                 f"| {method} | {batch} | {rate:.0%} | {cell(ref)} | {cell(fp32)} | {cell(default)} | {ratio(ref, fp32)} | "
