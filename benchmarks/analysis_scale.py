@@ -184,21 +184,36 @@ def subset(args: argparse.Namespace) -> None:
     print(f"{n} runs with seeds {seeds} in {dst}")
 
 
-def _timed(cmd: list[str]) -> tuple[float, float, float]:
-    """Wall seconds, CPU seconds (user + system, all processes) and peak RSS (MiB, the largest process) of
-    `cmd`, run in a fresh interpreter that waits for it. On a shared machine CPU seconds are the fairer figure."""
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "p = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL); "
-        "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
-        "print(time.perf_counter() - t, u.ru_utime + u.ru_stime, u.ru_maxrss / 1024); "
-        "sys.exit(p.returncode)"
-    )
-    proc = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-    wall, cpu, rss = map(float, proc.stdout.split())
-    return wall, cpu, rss
+def _timed(cmd: list[str]) -> tuple[float, float, float, float]:
+    """Wall seconds, CPU seconds of the whole process tree (user + system, sampled every 0.2 s: the analysis's
+    worker processes are not waited for by it, so rusage would miss them), CPU seconds of the top process alone,
+    and the peak of the tree's summed RSS (MiB) of `cmd`."""
+    import psutil
+
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    top = psutil.Process(proc.pid)
+    cpu: dict[int, float] = {}
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [top, *top.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        rss = 0
+        for p in tree:
+            try:
+                t = p.cpu_times()
+                cpu[p.pid] = max(cpu.get(p.pid, 0.0), t.user + t.system)
+                rss += p.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        peak = max(peak, rss)
+        time.sleep(0.2)
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if proc.wait() != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{err[-2000:]}")
+    return time.perf_counter() - t0, sum(cpu.values()), cpu.get(proc.pid, 0.0), peak / 2**20
 
 
 def measure(args: argparse.Namespace) -> None:
@@ -212,10 +227,10 @@ def measure(args: argparse.Namespace) -> None:
     if args.no_fairness:
         cmd += ["--skip-fairness"]
     load = os.getloadavg()
-    wall, cpu, rss = _timed(cmd)
+    wall, cpu, cpu_top, rss = _timed(cmd)
     summary = json.loads((Path(args.runs) / "analysis" / "summary.json").read_text())
     nan = float("nan")
-    r_wall, r_cpu, r_rss = _timed([exe, "report", args.runs]) if not args.no_report else (nan, nan, nan)
+    r_wall, r_cpu, _, r_rss = _timed([exe, "report", args.runs]) if not args.no_report else (nan,) * 4
     print(
         json.dumps(
             {
@@ -224,11 +239,13 @@ def measure(args: argparse.Namespace) -> None:
                 "jobs": args.jobs,
                 "analyze_s": round(wall, 1),
                 "analyze_cpu_s": round(cpu, 1),
-                "analyze_peak_rss_mib": round(rss),
+                "analyze_cpu_main_process_s": round(cpu_top, 1),
+                "analyze_peak_rss_all_processes_mib": round(rss),
                 "stages_s": summary["timings_s"],
                 "report_s": round(r_wall, 1),
                 "report_cpu_s": round(r_cpu, 1),
                 "report_peak_rss_mib": round(r_rss) if r_rss == r_rss else None,
+                "analyze_command": " ".join(cmd),
                 "load_before": [round(x, 1) for x in load],
                 "load_after": [round(x, 1) for x in os.getloadavg()],
                 "machine": f"{platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}",
