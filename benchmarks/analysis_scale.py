@@ -7,8 +7,9 @@ differences (predictions only, no training), then the time and memory of the ana
     python benchmarks/analysis_scale.py generate --data DATA --out RUNS [--plan paper] [--workers 2]
     # 2. subsets with the first k seeds (symlinks to the run folders: the same records, fewer of them)
     python benchmarks/analysis_scale.py subset --runs RUNS --out RUNS_1SEED --seeds 1
-    # 3. analyze + report, each a fresh process: wall time, peak RSS, analyze's per-stage timings
-    python benchmarks/analysis_scale.py measure --runs RUNS [--n-permutations 1000] [--jobs 2] [--no-fairness]
+    # 3. analyze + report, each a fresh process: wall and CPU time, peak RSS, analyze's per-stage timings
+    python benchmarks/analysis_scale.py measure --runs RUNS [--n-permutations 1000] [--n-bootstrap 100] \
+        [--jobs 2] [--no-fairness] [--no-report]
 
 Planted differences (per task, label and stay; fixed by --seed): each method has a signal strength `strength[m]`
 (EHR-only methods 1.0, the X-ray-only method 0.6 on stays with an X-ray and 0 without, fusion methods 1.0 plus an
@@ -221,7 +222,9 @@ def measure(args: argparse.Namespace) -> None:
 
     exe = str(Path(sys.executable).with_name("carebench"))
     n_runs = len(list(Path(args.runs).glob(f"*/{runs.DONE}")))
-    cmd = [exe, "analyze", args.runs, "--n-permutations", str(args.n_permutations)]
+    cmd = [exe, "analyze", args.runs, "--n-permutations", str(args.n_permutations), "--no-progress"]
+    if args.n_bootstrap:
+        cmd += ["--n-bootstrap", str(args.n_bootstrap)]
     if args.jobs:
         cmd += ["--jobs", str(args.jobs)]
     if args.no_fairness:
@@ -236,6 +239,7 @@ def measure(args: argparse.Namespace) -> None:
             {
                 "runs": n_runs,
                 "n_permutations": args.n_permutations,
+                "n_bootstrap": summary["options"]["n_bootstrap"],
                 "jobs": args.jobs,
                 "analyze_s": round(wall, 1),
                 "analyze_cpu_s": round(cpu, 1),
@@ -270,6 +274,7 @@ def main() -> None:
     m = sub.add_parser("measure")
     m.add_argument("--runs", required=True)
     m.add_argument("--n-permutations", type=int, default=10_000)
+    m.add_argument("--n-bootstrap", type=int, default=0, help="analyze --n-bootstrap (0: the plan's)")
     m.add_argument("--jobs", type=int, default=0, help="analyze --jobs (0: its default)")
     m.add_argument("--no-fairness", action="store_true")
     m.add_argument("--no-report", action="store_true")

@@ -274,7 +274,7 @@ def resolve_config(
 
 
 def _device_kind(accelerator: str) -> str:
-    """ "cpu", "gpu" or "mps": what `accelerator` runs on here ("auto": a CUDA GPU if one is visible)."""
+    """The device kind `accelerator` runs on here: "cpu", "gpu" or "mps" ("auto": a CUDA GPU if one is visible)."""
     import torch
 
     if accelerator == "auto":
