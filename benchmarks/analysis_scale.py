@@ -259,6 +259,102 @@ def measure(args: argparse.Namespace) -> None:
     )
 
 
+def _cpu(fn, *args, repeat: int = 3) -> float:
+    """Median CPU seconds of `fn(*args)` over `repeat` calls."""
+    out = []
+    for _ in range(repeat):
+        t = time.process_time()
+        fn(*args)
+        out.append(time.process_time() - t)
+    return sorted(out)[len(out) // 2]
+
+
+def extrapolate(args: argparse.Namespace) -> None:
+    """Per-unit CPU costs of the analysis measured on the runs (one method pair, one method's bootstrap, one run's
+    fairness per task x cohort group) at two resampling counts each, then the whole analysis at the target counts:
+    every unit is linear in the number of resamples / permutations, so two points give each line."""
+    from carebench.analysis import comparisons as cmp
+    from carebench.analysis.analyze import _bootstrap_job
+    from carebench.analysis.options import resolve_options
+    from carebench.analysis.pooling import groups, load_runs, recorded_predictions
+    from carebench.data.store import open_dataset
+    from carebench.evaluation.fairness import INTERSECTIONS
+    from carebench.experiments.plan import read_plan_record
+    from carebench.runs import read_predictions
+    from carebench.tasks import get_task
+
+    b0, b1, p0, p1 = args.b0, args.b1, args.p0, args.p1
+    records = load_runs(args.runs)
+    main = {k[:2]: v for k, v in groups(records).items() if k[2] == (0.0, 0.0, 0.0)}
+    cohort = open_dataset(records[0].data, mmap=True).cohort
+    opts_a = resolve_options(read_plan_record(args.runs))
+    inter = [i for i in INTERSECTIONS if set(i) <= set(opts_a.fairness_attributes)]
+    total = {"statistics": 0.0, "fairness": 0.0}
+    print(f"| task | cohort | stays | methods | unique pairs | runs | pair CPU s at B={args.target_bootstrap}, "
+          f"P={args.target_permutations} | method bootstrap CPU s | run fairness CPU s | group CPU min |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for (task, coh), members in sorted(main.items()):
+        test = recorded_predictions(members)
+        pooled = cmp.pool_predictions(test, task)
+        names = runs_names(test, task)
+        methods = sorted(pooled)
+        unimodal = sorted({r.method for r in members if r.unimodal})
+        fusion = [m for m in methods if m not in unimodal]
+        n_pairs = len(methods) * (len(methods) - 1) // 2 + sum(1 for m in fusion if m > unimodal[0])
+        keys = cmp._expand_keys(task, None, names)
+        a, b = fusion[0], unimodal[0]
+        y, pa, pb = cmp._align(pooled[a], pooled[b], names, a, b)
+        base = {"keys": keys, "names": names, "groups": {}, "ci": 0.95, "seed": 0, "ci_method": "percentile",
+                "stratify": False, "alternative": "two-sided"}  # fmt: skip
+
+        t00, t10, t01 = (
+            _cpu(cmp._pair_statistics, (y, pa, pb, {**base, "n_resamples": bb, "n_permutations": pp}))
+            for bb, pp in ((b0, p0), (b1, p0), (b0, p1))
+        )
+        slope_b, slope_p = (t10 - t00) / (b1 - b0), (t01 - t00) / (p1 - p0)
+        t_pair = t00 + slope_b * (args.target_bootstrap - b0) + slope_p * (args.target_permutations - p0)
+        metrics = cmp.available_metrics(get_task(task).kind, names, {})
+        opts = {"names": names, "n_resamples": b0, "ci": 0.95, "seed": 0, "groups": None}
+        m0 = _cpu(_bootstrap_job, (pooled[a].y, pooled[a].p, metrics, opts))
+        m1 = _cpu(_bootstrap_job, (pooled[a].y, pooled[a].p, metrics, {**opts, "n_resamples": b1}))
+        t_method = m0 + (m1 - m0) / (b1 - b0) * (args.target_bootstrap - b0)
+        r = next(r for r in members if r.method == a)
+        test_r, val_r = read_predictions(r), read_predictions(r, "val")
+
+        fair = {"val_predictions": val_r, "attributes": opts_a.fairness_attributes, "intersections": inter}
+        f0, f1 = (_cpu(_fairness_unit, test_r, cohort, task, bb, fair) for bb in (b0, b1))
+        t_fair = f0 + (f1 - f0) / (b1 - b0) * (args.target_bootstrap - b0)
+        # leaderboard: one bootstrap per method; natural missingness (base cohort): all / with / without X-ray
+        boots = len(methods) * (1 + (3 if coh == "base" else 0))
+        stats = n_pairs * t_pair + boots * t_method
+        total["statistics"] += stats
+        total["fairness"] += len(members) * t_fair
+        print(
+            f"| {task} | {coh} | {len(y):,} | {len(methods)} | {n_pairs} | {len(members)} | {t_pair:,.1f} | "
+            f"{t_method:,.1f} | {t_fair:,.2f} | {(stats + len(members) * t_fair) / 60:,.1f} |",
+            flush=True,
+        )
+    cpu = sum(total.values())
+    print(
+        f"\nExtrapolated CPU at B={args.target_bootstrap}, P={args.target_permutations} (main runs; the missing-X-ray "
+        f"training rows add one bootstrap per method and rate): statistics {total['statistics'] / 3600:.1f} h, "
+        f"fairness {total['fairness'] / 3600:.1f} h; total {cpu / 3600:.1f} CPU-hours = {cpu / 3600 / args.jobs:.1f} h "
+        f"on {args.jobs} cores (the units are independent: analyze --jobs)."
+    )
+
+
+def _fairness_unit(test, cohort, task: str, n_resamples: int, options: dict) -> None:
+    from carebench.analysis.fairness import analyze_fairness
+
+    analyze_fairness(test, cohort, task, n_resamples=n_resamples, **options)
+
+
+def runs_names(frame, task: str) -> list[str]:
+    from carebench import runs
+
+    return runs.prediction_columns(frame.columns, task)[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -278,8 +374,19 @@ def main() -> None:
     m.add_argument("--jobs", type=int, default=0, help="analyze --jobs (0: its default)")
     m.add_argument("--no-fairness", action="store_true")
     m.add_argument("--no-report", action="store_true")
+    e = sub.add_parser("extrapolate", help="per-unit CPU costs -> the whole analysis at the target counts")
+    e.add_argument("--runs", required=True)
+    e.add_argument("--b0", type=int, default=20)
+    e.add_argument("--b1", type=int, default=100)
+    e.add_argument("--p0", type=int, default=20)
+    e.add_argument("--p1", type=int, default=200)
+    e.add_argument("--target-bootstrap", type=int, default=1000)
+    e.add_argument("--target-permutations", type=int, default=10_000)
+    e.add_argument("--jobs", type=int, default=2)
     args = ap.parse_args()
-    {"generate": generate, "subset": subset, "measure": measure}[args.command](args)
+    {"generate": generate, "subset": subset, "measure": measure, "extrapolate": extrapolate}[args.command](
+        args
+    )
 
 
 if __name__ == "__main__":
