@@ -1,16 +1,26 @@
-"""Measure `carebench prepare`: wall time, chartevents rows/s and peak RSS, on the real MIMIC-IV demo and on a
-scaled input (the demo replicated with fresh subject/hadm/stay ids until chartevents has >= --rows rows).
+"""Measure `carebench prepare` as the input grows: wall time, rows/s, per-stage times and peak RSS, and the full
+MIMIC-IV extrapolation.
 
-Each measurement runs `carebench prepare` in a fresh subprocess (so peak RSS is that process's own) --repeat
-times and reports the median. Prints a Markdown table for docs/performance.md.
+Inputs: the real MIMIC-IV demo, and the demo replicated `--copies` times with fresh subject/hadm/stay ids (each copy
+a new set of patients). By default (`--lab-mix full`) labevents is replicated more often than the other tables, so
+that labevents : chartevents is full MIMIC-IV's 118 M : 313 M (the demo has 0.16 : 1): the extra copies repeat a
+copy's rows for the same patients, so they are read, joined and aggregated like real rows. `--lab-mix demo`
+keeps the demo's ratio.
 
-    python benchmarks/prepare.py [--rows 5000000] [--repeat 3] [--threads 2] [--memory-limit 2GB]
+Each measurement runs `carebench prepare` in a fresh subprocess (peak RSS is that process's own), --repeat
+times per size, interleaved over sizes (size 1, size 2, ..., size 1, ...), and reports medians; the stage times
+come from the output's manifest.json. A least-squares line through (rows read, wall seconds) and (rows read, peak
+RSS) over the replicated sizes gives the full MIMIC-IV extrapolation (313 M chartevents + 118 M labevents +
+4.2 M outputevents rows); a stage whose time per row grows with size shows in the per-stage columns. Disk: the
+inputs are kept in --workdir (about 6.4 MB of csv.gz per million chartevents rows with their labevents).
+
+    python benchmarks/prepare.py --workdir /tmp/bench --copies 8,25,75 --repeat 2 --threads 2 --memory-limit 2GB
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import os
 import platform
 import resource
@@ -31,10 +41,15 @@ TABLES = {
     "icu": ["icustays", "chartevents", "outputevents"],
 }
 ID_COLUMNS = ("subject_id", "hadm_id", "stay_id", "labevent_id")
+EVENT_TABLES = {"chartevents": "icu", "labevents": "hosp", "outputevents": "icu"}
+# Full MIMIC-IV v2.2 (PhysioNet): rows of the three event tables prepare reads.
+FULL_MIMIC = {"chartevents": 313_645_063, "labevents": 118_171_367, "outputevents": 4_234_967}
+SHIFT = 100_000_000  # id offset per copy (demo ids are below it)
 
 
-def replicate_demo(out: Path, copies: int) -> None:
-    """Write the demo tables `copies` times over as csv.gz, shifting every id by copy * 10**8."""
+def replicate_demo(out: Path, copies: int, lab_copies: int) -> None:
+    """The demo tables written `copies` times over as csv.gz, copy k's ids shifted by k * SHIFT; labevents
+    `lab_copies` times, copy j taking the ids of copy j % copies (the same patients' rows again)."""
     con = duckdb.connect()
     con.execute("SET threads = 2")
     con.execute("SET enable_progress_bar = false")
@@ -45,15 +60,32 @@ def replicate_demo(out: Path, copies: int) -> None:
             cols = [
                 r[0] for r in con.execute(f"DESCRIBE SELECT * FROM read_csv('{src}', header=true)").fetchall()
             ]
-            select = ", ".join(f"{c} + k * 100000000 AS {c}" if c in ID_COLUMNS else c for c in cols)
+            n = lab_copies if name == "labevents" else copies
+            shift = f"(k % {copies}) * {SHIFT}"
+            select = ", ".join(f"{c} + {shift} AS {c}" if c in ID_COLUMNS else c for c in cols)
+            if name == "labevents":  # labevent_id must stay unique across the repeated copies
+                select = select.replace(f"labevent_id + {shift} AS labevent_id", f"labevent_id + k * {SHIFT}")
+            tmp = out / module / f".{name}.csv.gz.tmp"
             con.execute(
-                f"COPY (SELECT {select} FROM read_csv('{src}', header=true), range({copies}) t(k)) "
-                f"TO '{out / module / (name + '.csv.gz')}' (HEADER, COMPRESSION gzip)"
+                f"COPY (SELECT {select} FROM read_csv('{src}', header=true), range({n}) t(k)) "
+                f"TO '{tmp}' (HEADER, COMPRESSION gzip, FORMAT csv)"
             )
+            os.replace(tmp, out / module / f"{name}.csv.gz")
+    (out / "COMPLETE").write_text(f"{copies} {lab_copies}\n")
 
 
-def run_prepare(raw: Path, out: Path, threads: int, memory_limit: str) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MiB) of one `carebench prepare` subprocess."""
+def count_rows(raw: Path) -> dict[str, int]:
+    con = duckdb.connect()
+    return {
+        t: con.execute(
+            f"SELECT count(*) FROM read_csv('{raw / m / (t + '.csv.gz')}', header=true)"
+        ).fetchone()[0]
+        for t, m in EVENT_TABLES.items()
+    }
+
+
+def run_prepare(raw: Path, out: Path, threads: int, memory_limit: str) -> dict:
+    """Wall seconds, peak RSS (MiB), stage timings and cohort size of one `carebench prepare` subprocess."""
     if out.exists():
         shutil.rmtree(out)
     cmd = [
@@ -68,92 +100,145 @@ def run_prepare(raw: Path, out: Path, threads: int, memory_limit: str) -> tuple[
         "--memory-limit",
         memory_limit,
     ]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    # ru_maxrss of children is the max over all waited-for children: run each measurement in its own python.
-    return wall, max(after, before) / 1024
-
-
-def measure(raw: Path, label: str, repeat: int, threads: int, memory_limit: str, work: Path) -> dict:
-    con = duckdb.connect()
-    rows = con.execute(
-        f"SELECT count(*) FROM read_csv('{raw / 'icu' / 'chartevents.csv.gz'}', header=true)"
-    ).fetchone()[0]
-    walls, rss = [], []
-    for i in range(repeat):
-        # a fresh interpreter per repeat so RUSAGE_CHILDREN's max is this run's peak only
-        res = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--_single",
-                str(raw),
-                str(work / f"out-{label}-{i}"),
-                str(threads),
-                memory_limit,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        w, m = map(float, res.stdout.split())
-        walls.append(w)
-        rss.append(m)
-    wall = statistics.median(walls)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    peak = usage.ru_maxrss / 1024
+    manifest = json.loads((out / "manifest.json").read_text())
+    shutil.rmtree(out, ignore_errors=True)
     return {
-        "input": label,
-        "chartevents_rows": rows,
         "wall_s": wall,
-        "rows_per_s": rows / wall,
-        "peak_rss_mib": statistics.median(rss),
-        "walls": walls,
+        "cpu_s": usage.ru_utime + usage.ru_stime,
+        "peak_rss_mib": peak,
+        "stages": manifest["timings_s"],
+        "stays": manifest["cohort"]["stays"],
+        "features": len(manifest["features"]),
     }
+
+
+def measure_once(raw: Path, out: Path, threads: int, memory_limit: str) -> dict:
+    """In a fresh interpreter, so RUSAGE_CHILDREN's maximum is this run's peak only."""
+    res = subprocess.run(
+        [sys.executable, __file__, "--_single", str(raw), str(out), str(threads), memory_limit],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares intercept and slope."""
+    mx, my = statistics.mean(xs), statistics.mean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sxx if sxx else 0.0
+    return my - slope * mx, slope
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--copies", default="8", help="comma-separated replication factors of the demo")
     ap.add_argument(
-        "--rows", type=int, default=5_000_000, help="minimum chartevents rows of the scaled input"
+        "--lab-mix", choices=("full", "demo"), default="full", help="labevents : chartevents ratio"
     )
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-limit", default="2GB")
-    ap.add_argument("--workdir", default=None, help="where to write the scaled input (default: a temp dir)")
+    ap.add_argument("--workdir", default=None, help="where to keep the scaled inputs (default: a temp dir)")
     ap.add_argument("--_single", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._single:
         raw, out, threads, mem = args._single
-        w, m = run_prepare(Path(raw), Path(out), int(threads), mem)
-        shutil.rmtree(out, ignore_errors=True)
-        print(w, m)
+        print(json.dumps(run_prepare(Path(raw), Path(out), int(threads), mem)))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="carebench-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    demo_rows = 668_862
-    copies = math.ceil(args.rows / demo_rows)
-    scaled = work / f"demo-x{copies}"
-    if not (scaled / "icu" / "chartevents.csv.gz").exists():
-        t0 = time.perf_counter()
-        replicate_demo(scaled, copies)
-        print(f"# wrote scaled input x{copies} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    results = [
-        measure(DEMO, "demo", args.repeat, args.threads, args.memory_limit, work),
-        measure(scaled, f"demo x{copies}", args.repeat, args.threads, args.memory_limit, work),
-    ]
-    print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
-        f"duckdb {duckdb.__version__}; --threads {args.threads} --memory-limit {args.memory_limit}; "
-        f"median of {args.repeat}"
+    demo_rows = count_rows(DEMO)
+    lab_factor = (
+        FULL_MIMIC["labevents"]
+        / FULL_MIMIC["chartevents"]
+        * demo_rows["chartevents"]
+        / demo_rows["labevents"]
+        if args.lab_mix == "full"
+        else 1.0
     )
-    print("| input | chartevents rows | wall (s) | chartevents rows/s | peak RSS (MiB) |")
-    print("|---|---:|---:|---:|---:|")
-    for r in results:
+    inputs: list[tuple[str, Path]] = [("demo", DEMO)]
+    for copies in (int(c) for c in args.copies.split(",") if c):
+        lab_copies = max(copies, round(copies * lab_factor))
+        raw = work / f"demo-x{copies}-lab{lab_copies}"
+        if not (raw / "COMPLETE").is_file():
+            t0 = time.perf_counter()
+            replicate_demo(raw, copies, lab_copies)
+            print(f"# wrote {raw.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        inputs.append((f"demo x{copies} (labevents x{lab_copies})", raw))
+    rows = {label: count_rows(raw) for label, raw in inputs}
+    runs: dict[str, list[dict]] = {label: [] for label, _ in inputs}
+    load_before = os.getloadavg()
+    for i in range(args.repeat):
+        for label, raw in inputs:
+            runs[label].append(measure_once(raw, work / f"out-{i}", args.threads, args.memory_limit))
+    load_after = os.getloadavg()
+
+    stage_names = [s for s in runs["demo"][0]["stages"] if s != "total"]
+    print(
+        f"\nmachine: {platform.machine()}, {os.cpu_count()} logical CPUs, Python {platform.python_version()}, "
+        f"duckdb {duckdb.__version__}; --threads {args.threads} --memory-limit {args.memory_limit}; median of "
+        f"{args.repeat}, sizes interleaved; load average before {' '.join(f'{x:.1f}' for x in load_before)}, "
+        f"after {' '.join(f'{x:.1f}' for x in load_after)}\n"
+    )
+    head = [
+        "input",
+        "chartevents",
+        "labevents",
+        "outputevents",
+        "stays",
+        "wall s",
+        "CPU s",
+        "events rows/s",
+        "peak RSS MiB",
+    ]
+    print("| " + " | ".join(head + [f"{s} s" for s in stage_names]) + " |")
+    print("|---|" + "---:|" * (len(head) - 1 + len(stage_names)))
+    table = []
+    for label, _ in inputs:
+        rs = runs[label]
+        r = rows[label]
+        total_rows = sum(r.values())
+        wall = statistics.median(x["wall_s"] for x in rs)
+        cpu = statistics.median(x["cpu_s"] for x in rs)
+        rss = statistics.median(x["peak_rss_mib"] for x in rs)
+        stages = {s: statistics.median(x["stages"].get(s, 0.0) for x in rs) for s in stage_names}
+        table.append(
+            {
+                "label": label,
+                "rows": total_rows,
+                "wall": wall,
+                "cpu": cpu,
+                "rss": rss,
+                "stays": rs[0]["stays"],
+            }
+        )
         print(
-            f"| {r['input']} | {r['chartevents_rows']:,} | {r['wall_s']:.2f} | {r['rows_per_s']:,.0f} | "
-            f"{r['peak_rss_mib']:,.0f} |"
+            f"| {label} | {r['chartevents']:,} | {r['labevents']:,} | {r['outputevents']:,} | {rs[0]['stays']:,} | "
+            f"{wall:.1f} | {cpu:.1f} | {total_rows / wall:,.0f} | {rss:,.0f} | "
+            + " | ".join(f"{stages[s]:.2f}" for s in stage_names)
+            + " |"
+        )
+    scaled = table[1:]
+    if len(scaled) >= 2:
+        full_rows = sum(FULL_MIMIC.values())
+        a, b = fit_line([t["rows"] for t in scaled], [t["wall"] for t in scaled])
+        c, d = fit_line([t["rows"] for t in scaled], [t["rss"] for t in scaled])
+        e, f = fit_line([t["rows"] for t in scaled], [t["cpu"] for t in scaled])
+        per_stay = scaled[-1]["stays"] / scaled[-1]["rows"]
+        print(
+            f"\nLinear fit over the replicated sizes: wall = {a:.1f} s + {b * 1e6:.3f} s per million event rows; "
+            f"CPU = {e:.1f} s + {f * 1e6:.3f} s per million rows; peak RSS = {c:.0f} MiB + {d * 1e6:.2f} MiB per "
+            f"million rows.\nFull MIMIC-IV ({full_rows / 1e6:.0f} M event rows, about {full_rows * per_stay:,.0f} "
+            f"cohort stays at the demo's rows per stay) at --threads {args.threads}: wall "
+            f"{(a + b * full_rows) / 60:.1f} min, CPU {(e + f * full_rows) / 60:.1f} min, peak RSS "
+            f"{(c + d * full_rows) / 1024:.2f} GiB (linear extrapolation; the X-ray stage is not included)."
         )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -335,6 +335,21 @@ def test_outputs_on_disk(trained):
     assert not list(out.glob(".analysis*"))
 
 
+def test_worker_processes_give_identical_tables(trained, tmp_path):
+    """The analysis on 2 worker processes (method pairs, bootstraps, fairness per run, forward passes per run)
+    writes exactly the tables of the serial analysis: same rows, same values, bit for bit."""
+    out, _, res = trained
+    copy = shutil.copytree(out, tmp_path / "runs", ignore=shutil.ignore_patterns(O.ANALYSIS_DIR))
+    parallel = A.analyze(copy, n_bootstrap=200, n_permutations=400, test_rates=[0.3, 0.9], jobs=2)
+    assert res.summary["options"]["jobs"] == 1 and parallel.summary["options"]["jobs"] == 2
+    assert parallel.tables.keys() == res.tables.keys()
+    for name, table in res.tables.items():
+        pd.testing.assert_frame_equal(parallel.tables[name], table, check_exact=True, obj=name)
+    assert (
+        len(res.tables["comparisons"]) and len(res.tables["fairness_groups"]) and len(res.tables["ablation"])
+    )
+
+
 def test_a_failed_write_leaves_the_previous_analysis(trained):
     out, _, res = trained
     before = (out / O.ANALYSIS_DIR / O.SUMMARY).read_text()

@@ -10,6 +10,7 @@ from carebench.evaluation.metrics import (
     MetricInputError,
     binary_metrics,
     compute_metrics,
+    epoch_metrics,
     expected_calibration_error,
     multiclass_metrics,
     multilabel_metrics,
@@ -159,3 +160,39 @@ def test_compute_metrics_dispatch_has_selection_metric():
     assert set(get_task("los").headline) <= set(
         compute_metrics("los", rng.integers(0, 7, 50), rng.dirichlet(np.ones(7), 50), None)
     )
+
+
+@pytest.mark.parametrize("task", ["mortality", "phenotype", "los"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_epoch_metrics_equal_compute_metrics(task, seed):
+    """The per-epoch validation metrics (vectorised) are the task's selection and logged metrics and equal
+    `compute_metrics` (scikit-learn) to float rounding, with tied scores, a label or class without positives
+    (left out of the macro average) and one with only positives."""
+    from carebench.data.folds import output_names
+
+    rng = np.random.default_rng(seed)
+    n, names = 300, output_names(task)
+    spec = get_task(task)
+    if spec.kind == "multiclass":
+        y = rng.integers(0, 6, n)  # class 6 absent
+        p = rng.dirichlet(np.ones(7), n)
+        p = np.round(p, 2) / np.round(p, 2).sum(axis=1, keepdims=True)
+    else:
+        y = (rng.random((n, len(names))) < 0.3).astype(int)
+        if spec.kind == "multilabel":
+            y[:, 3], y[:, 5] = 0, 1  # undefined labels
+        p = np.round(np.clip(rng.random(y.shape) * 0.7 + 0.3 * y, 0, 1), 2)  # ties
+        if spec.kind == "binary":
+            y, p = y[:, 0], p[:, 0]
+    got = epoch_metrics(task, y, p)
+    ref = compute_metrics(task, y, p, names)
+    assert set(got) == {spec.selection_metric, *spec.logged}
+    for k, v in got.items():
+        assert v == pytest.approx(ref[k], abs=1e-12), k
+
+
+def test_epoch_metrics_undefined_is_nan():
+    y = np.zeros((10, 25), dtype=int)
+    got = epoch_metrics("phenotype", y, np.full((10, 25), 0.3))
+    assert np.isnan(got["auroc_macro"]) and np.isnan(got["auprc_macro"]) and np.isnan(got["auroc_micro"])
+    assert np.isnan(epoch_metrics("mortality", np.ones(5), np.full(5, 0.4))["auprc"])

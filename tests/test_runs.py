@@ -33,19 +33,15 @@ def test_run_id_hashes_what_can_change_a_result_only():
     rid = runs.run_id(CONFIG)
     assert rid.startswith("lstm_mortality_f2_s1_") and len(rid.rsplit("_", 1)[1]) == 12
     for key, value in [("data", "/moved"), ("threads", 2), ("num_workers", 3), ("progress", False),
-                       ("modalities", ["ehr"]), ("run_id", "anything")]:  # fmt: skip
+                       ("modalities", ["ehr"]), ("channels_last", False), ("cudnn_benchmark", False),
+                       ("run_id", "anything")]:  # fmt: skip
         assert runs.run_id({**CONFIG, key: value}) == rid, key
-    for key, value in [("lr", 2e-3), ("data_fingerprint", "abd"), ("cxr_dropout_train", 0.5), ("seed", 1)]:
+    for key, value in [("lr", 2e-3), ("data_fingerprint", "abd"), ("cxr_dropout_train", 0.5), ("seed", 1),
+                       ("precision", "bf16-mixed")]:  # fmt: skip
         changed = runs.run_id({**CONFIG, key: value})
-        assert (changed == rid) == (value == CONFIG[key]), key
-    assert set(runs.NOT_HASHED) == {
-        "data",
-        "num_workers",
-        "threads",
-        "progress",
-        "modalities",
-        "hparams_source",
-    }
+        assert (changed == rid) == (value == CONFIG.get(key)), key
+    assert set(runs.NOT_HASHED) == {"data", "num_workers", "threads", "progress", "modalities", "hparams_source",
+                                    "channels_last", "cudnn_benchmark"}  # fmt: skip
     src = {"study": "lstm_mortality_f2_x", "trial": 3}
     assert runs.run_id({**CONFIG, "hparams_source": src}) == rid  # where the values came from: recorded only
     # evaluate_test was added later: at its default the earlier runs keep their ids, a validation-only run differs

@@ -320,6 +320,32 @@ def test_rerun_skips_and_unfinished_is_redone(mortality_run, data_dir):
     assert not redone.skipped and (stale / "DONE").is_file() and not (stale / "junk.txt").exists()
 
 
+def test_precision_and_workers_default_per_preset_and_device(data_dir, monkeypatch):
+    """`precision` given nowhere: the preset's (quick/test 32-true; full auto = bf16-mixed on a device with native
+    bfloat16, else 32-true); an explicit precision always wins; loader workers 0 on CPU, up to 4 on a GPU."""
+    full = {"data": data_dir, "model": "lstm", "task": "mortality", "preset": "full"}
+    assert _cfg(data_dir).precision == "32-true" and resolve_config(
+        **{**full, "preset": "quick"}
+    ).precision == ("32-true")
+    for native, expect in ((True, "bf16-mixed"), (False, "32-true")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda n=native: n)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda n=native: n)
+        assert C.native_bf16("cpu") is native
+        assert resolve_config(**full).precision == expect
+        assert resolve_config(**full, options={"precision": "auto"}).precision == expect
+        assert resolve_config(**full, options={"precision": "32"}).precision == "32-true"  # fp32: one flag
+        assert resolve_config(**full, overrides={"precision": "bf16"}).precision == "bf16-mixed"
+    assert resolve_config(**full).num_workers == 0 and _cfg(data_dir, num_workers=3).num_workers == 3
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # configured where no GPU is visible
+    gpu = resolve_config(**full, options={"accelerator": "gpu"})
+    assert gpu.precision == "bf16-mixed" and gpu.num_workers == max(
+        0, min(4, len(os.sched_getaffinity(0)) - 1)
+    )
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert resolve_config(**full, options={"accelerator": "cuda"}).precision == "32-true"  # emulated only
+
+
 def test_same_seed_identical_predictions_and_evaluate_reproduces(mortality_run, data_dir, tmp_path):
     second = train_run(_cfg(data_dir), tmp_path)
     a = pd.read_parquet(mortality_run.run_dir / "predictions.parquet")
@@ -394,30 +420,43 @@ def test_same_seed_identical_with_images_and_augmentation(data_dir, tmp_path, ti
 
 
 def test_training_augments_only_during_fit(data_dir, tiny_fusion):
-    seen: list[torch.Tensor] = []
+    """The training split a run trains on augments its present X-rays (missing ones stay zero); validation and
+    test batches are the stored images; an EHR-only model or augment=false trains on the stored images."""
+    from carebench.training.run import training_split
+
     data = open_dataset(data_dir)
     fold = build_fold(data, task="mortality", fold=1, image_size=16)
-    module = CareBenchModule(_TinyFusion("mortality", 4, 16), "mortality")
-    orig = module.model.forward
-    module.model.forward = lambda batch: (seen.append(batch["cxr"].clone()), orig(batch))[1]
-    trainer = pl.Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        limit_train_batches=1,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-    )
-    loader = make_loader(fold.train, 200, shuffle=False)
-    trainer.fit(module, loader, loader)
-    raw = fold.train.__getitems__(list(range(len(fold.train))))["cxr"]
-    trained, validated = seen
+    cfg = _cfg(data_dir, model=tiny_fusion)
+    assert cfg.augment
+    positions = list(range(len(fold.train)))
+    raw = fold.train.__getitems__(positions)["cxr"]
+    trained = training_split(cfg, fold).__getitems__(positions)["cxr"]
     has = torch.from_numpy(fold.train.has_cxr.copy())
-    assert not torch.allclose(trained[has], raw[has]) and (trained[~has] == 0).all()
-    assert torch.equal(validated, raw)
+    assert has.sum() >= 2 and (trained[~has] == 0).all()
+    assert all(
+        not torch.allclose(trained[i], raw[i]) for i in torch.nonzero(has).flatten()
+    )  # one draw per image
+    assert training_split(_cfg(data_dir, model=tiny_fusion, overrides={"augment": False}), fold) is fold.train
+    assert training_split(_cfg(data_dir), fold) is fold.train  # lstm reads no X-ray
+    for split in (fold.val, fold.test):  # never augmented
+        assert split.augment_seed is None
+
+
+def test_augmented_batches_do_not_depend_on_the_workers(data_dir):
+    """Augmentation runs in the loader (worker processes when num_workers > 0), seeded per batch: the batches of
+    an augmented training split are identical with 0 and 2 workers, differ with another seed, and a batch's
+    augmentation does not depend on which batches came before it."""
+    fold = build_fold(open_dataset(data_dir), task="phenotype", fold=1, image_size=16)
+    aug = fold.train.augmented(7)
+    serial = list(make_loader(aug, 8, shuffle=True, drop_last=True, seed=3))
+    parallel = list(make_loader(aug, 8, shuffle=True, drop_last=True, seed=3, num_workers=2))
+    assert len(serial) == len(parallel) >= 2
+    for a, b in zip(serial, parallel, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = list(make_loader(fold.train.augmented(8), 8, shuffle=True, drop_last=True, seed=3))
+    assert any(not torch.equal(a["cxr"], b["cxr"]) for a, b in zip(serial, other, strict=True))
+    positions = [5, 1, 4, 2]
+    assert torch.equal(aug.__getitems__(positions)["cxr"], aug.__getitems__(positions)["cxr"])
 
 
 def test_a_staged_model_is_selected_and_stopped_on_its_last_stage_only(data_dir, tmp_path):

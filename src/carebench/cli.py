@@ -414,13 +414,18 @@ def train(
     devices: str = typer.Option(
         str(TrainConfig.devices), "--devices", help="Number of devices (>1 = DDP) or auto."
     ),
-    precision: str = typer.Option(
-        TrainConfig.precision, "--precision", help="32-true | bf16-mixed | 16-mixed | ..."
+    precision: str | None = typer.Option(
+        None,
+        "--precision",
+        help="32-true | bf16-mixed | 16-mixed | auto [default: the preset's: quick and test 32-true; full auto = "
+        "bf16-mixed on a GPU or a CPU with bfloat16 units (AMX / AVX512-BF16), else 32-true].",
+        show_default=False,
     ),
-    num_workers: int = typer.Option(
-        TrainConfig.num_workers,
+    num_workers: int | None = typer.Option(
+        None,
         "--num-workers",
-        help="DataLoader worker processes (0 = in the main process).",
+        help="DataLoader worker processes (0 = in the main process) [default: 0 on CPU, up to 4 on a GPU].",
+        show_default=False,
     ),
     threads: int = typer.Option(
         TrainConfig.threads,
@@ -505,7 +510,7 @@ def evaluate(
 def benchmark(
     overrides: list[str] | None = typer.Argument(  # noqa: B008
         None,
-        help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=bf16-mixed).",
+        help="key=value added to the plan's overrides of every run (e.g. accelerator=gpu precision=32-true).",
     ),
     plan: str = typer.Option(
         ..., "--plan", help="A built-in profile (quick, paper) or a plan YAML file (docs/benchmark.md)."
@@ -581,7 +586,9 @@ def tune(
     task: str = typer.Option(
         ...,
         "--task",
-        help="A task the dataset declares (its manifest): the built-in " + ", ".join(TASK_NAMES) + " or its own.",
+        help="A task the dataset declares (its manifest): the built-in "
+        + ", ".join(TASK_NAMES)
+        + " or its own.",
     ),
     trials: int = typer.Option(
         ...,
@@ -719,6 +726,12 @@ def analyze(
         "[default: the plan's statistics.label_groups, else none]",
     ),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
+    jobs: int = typer.Option(
+        0,
+        "--jobs",
+        help="Worker processes for the independent computations (method pairs, runs); the tables do not depend "
+        "on it. 0 = every core this process may use.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.", **FLAG),
 ) -> None:
     """Statistics, fairness, missing-modality and modality-contribution tables of every finished run, and the
@@ -738,6 +751,7 @@ def analyze(
         ablation=ablation,
         device=device,
         label_groups=label_groups,
+        jobs=jobs,
     )
     s = result.summary
     for w in s["warnings"]:

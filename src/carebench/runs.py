@@ -73,10 +73,20 @@ PLAN_FILE = "plan.yaml"  # the resolved plan of `carebench benchmark`
 INDEX = "runs.csv"  # one row per planned run with its status
 LOCKS = ".locks"  # flock files, one per run and one per benchmark
 FAILED = "failed"  # logs of failed runs
-# Configuration keys that cannot change a run's result: recorded in config.yaml, left out of the run id.
+# Configuration keys that cannot change a run's result, or only by float rounding (`threads`, `channels_last`,
+# `cudnn_benchmark`: other kernels, same arithmetic): recorded in config.yaml, left out of the run id.
 # `hparams_source` says where the hyper-parameters came from (defaults, or a study's trial); the values
 # themselves are hashed.
-NOT_HASHED = ("data", "num_workers", "threads", "progress", "modalities", "hparams_source")
+NOT_HASHED = (
+    "data",
+    "num_workers",
+    "threads",
+    "progress",
+    "modalities",
+    "hparams_source",
+    "channels_last",
+    "cudnn_benchmark",
+)
 # Keys added after run ids were first issued: hashed only when they differ from this value, so the runs made
 # before them keep their ids. `evaluate_test: false` marks a validation-only run (a tuning trial).
 HASHED_UNLESS = {"evaluate_test": True}

@@ -131,7 +131,7 @@ def test_a_layer_added_mid_training_is_optimised_and_reloads(aug_fold, tmp_path)
         return layer
 
     model.new_layer = spy
-    module = CareBenchModule(model, "mortality", lr=1e-2, augment=False)
+    module = CareBenchModule(model, "mortality", lr=1e-2)
     every_epoch = ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, save_weights_only=True)
     trainer = pl.Trainer(
         max_epochs=2,

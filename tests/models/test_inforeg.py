@@ -200,7 +200,7 @@ def test_regulation_runs_inside_a_lightning_fit(tmp_path):
         seen.append(model.last_regulation)
 
     model.before_optimizer_step = spy
-    module = CareBenchModule(model, "mortality", lr=1e-2, augment=False)
+    module = CareBenchModule(model, "mortality", lr=1e-2)
     trainer = pl.Trainer(
         max_epochs=2,
         logger=False,

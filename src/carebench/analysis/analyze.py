@@ -32,6 +32,7 @@ What it does (docs/report.md has every table and column):
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -48,6 +49,7 @@ from carebench.analysis.findings import Role, findings_table
 from carebench.analysis.modality import RunPredictor, dropout_runs_table
 from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_options
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
+from carebench.analysis.parallel import Workers, parallel_map
 from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
 from carebench.analysis.tuning import tuning_table
@@ -211,19 +213,29 @@ def _pool(long: pd.DataFrame, task: str, metrics: Sequence[str], val: pd.DataFra
     return cmp.pool_predictions(long, task, val if cmp.needs_thresholds(task, metrics) else None)
 
 
+def _bootstrap_job(job: tuple) -> dict[str, st.BootstrapResult]:
+    """One bootstrap (a worker's unit): `st.bootstrap_cis(y, p, metrics, thresholds=..., **options)` without
+    distributions."""
+    y, p, thresholds, metrics, options = job
+    return cmp._lean(st.bootstrap_cis(y, p, metrics, thresholds=thresholds, **options))
+
+
 def _pooled_cis(
-    long: pd.DataFrame, task: str, metrics: Sequence[str], opts: AnalysisOptions, val: pd.DataFrame | None
+    long: pd.DataFrame,
+    task: str,
+    metrics: Sequence[str],
+    opts: AnalysisOptions,
+    val: pd.DataFrame | None,
+    workers: Workers | int = 1,
 ) -> dict[str, tuple[cmp.PooledPredictions, dict[str, st.BootstrapResult]]]:
     """Per method: seed-pooled predictions and bootstrap CIs of `metrics` (thresholded ones at the validation
-    thresholds of `val`)."""
+    thresholds of `val`; methods mapped over `workers`)."""
     pooled = _pool(long, task, metrics, val)
-    names = _names(task, long)
+    options = _resampling(task, _names(task, long), opts)
+    jobs = ((pp.y, pp.p, pp.thresholds, list(metrics), options) for pp in pooled.values())
     return {
-        m: (
-            pp,
-            st.bootstrap_cis(pp.y, pp.p, metrics, thresholds=pp.thresholds, **_resampling(task, names, opts)),
-        )
-        for m, pp in pooled.items()
+        m: (pp, cis)
+        for (m, pp), cis in zip(pooled.items(), parallel_map(_bootstrap_job, jobs, workers), strict=True)
     }
 
 
@@ -250,6 +262,7 @@ def _statistics(
     test: pd.DataFrame,
     val: pd.DataFrame,
     opts: AnalysisOptions,
+    workers: Workers | int = 1,
 ) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
     unimodal = sorted({r.method for r in members if r.unimodal})
     board = cmp.method_metrics(
@@ -260,6 +273,7 @@ def _statistics(
         seed=opts.seed,
         label_groups=_groups(task, opts),
         val=val,
+        jobs=workers,
     )
     mods = {r.method: "+".join(r.modalities) for r in members}
     n_runs = {m: sum(1 for r in members if r.method == m) for m in mods}
@@ -278,6 +292,7 @@ def _statistics(
             seed=opts.seed,
             label_groups=_groups(task, opts),
             val=val,
+            jobs=workers,
         )
         reference = comp.attrs.get("reference")
         comp.attrs = {}
@@ -288,7 +303,13 @@ def _statistics(
 
 
 def _natural(
-    task: str, cohort: str, test: pd.DataFrame, val: pd.DataFrame, has_cxr: pd.Series, opts: AnalysisOptions
+    task: str,
+    cohort: str,
+    test: pd.DataFrame,
+    val: pd.DataFrame,
+    has_cxr: pd.Series,
+    opts: AnalysisOptions,
+    workers: Workers | int = 1,
 ) -> pd.DataFrame:
     """Headline metrics on all test stays, those with and those without a linked X-ray (dataset's has_cxr)."""
     avail = test["stay_id"].map(has_cxr).astype(bool)
@@ -298,7 +319,7 @@ def _natural(
     for subset, part in (("all", test), ("with_cxr", test[avail]), ("without_cxr", test[~avail])):
         if part.empty:
             continue
-        for method, (pp, cis) in _pooled_cis(part, task, metrics, opts, val).items():
+        for method, (pp, cis) in _pooled_cis(part, task, metrics, opts, val, workers).items():
             for metric, res in cis.items():
                 if subset == "all":
                     base[(method, metric)] = res.estimate
@@ -359,6 +380,17 @@ def controlled_predictions(r: RunRecord, root: Path, opts: AnalysisOptions, abla
             {c: np.where(gone, drop_cxr[c].to_numpy(), full[c].to_numpy()) for c in full.columns}
         ).astype(full.dtypes.to_dict())
     return RunFrames(full, drop_cxr, drop_ehr, at_rate)
+
+
+def _controlled_job(job: tuple) -> RunFrames:
+    """`controlled_predictions` of one run (a worker's unit)."""
+    r, root, opts, ablation = job
+    return controlled_predictions(r, root, opts, ablation=ablation)
+
+
+def _validation_predictions(r: RunRecord, *, root: Path, device: str) -> pd.DataFrame:
+    """A run's validation predictions recomputed from its checkpoint (records that predate saving them)."""
+    return RunPredictor(r.path, root, device=device).predict(split="val")
 
 
 def _ablation_rows(
@@ -443,6 +475,7 @@ def _curve_rows(
     frames: dict[str, RunFrames],
     val_of: Callable[[RunRecord], pd.DataFrame],
     opts: AnalysisOptions,
+    workers: Workers | int = 1,
 ) -> list[dict]:
     """Per method and test-time missing rate: headline metrics of the seed-pooled predictions, CI, delta."""
     metrics = _headline(task, opts)
@@ -451,7 +484,7 @@ def _curve_rows(
     val = long_predictions((r, val_of(r)) for r in members) if cmp.needs_thresholds(task, metrics) else None
     for rate in opts.test_rates:
         long = long_predictions((r, frames[r.run_id].at_rate[rate]) for r in members)
-        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val).items():
+        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val, workers).items():
             uses_cxr = any(r.uses_cxr for r in members if r.method == method)
             for metric, res in cis.items():
                 first.setdefault((method, metric), res.estimate)
@@ -475,7 +508,10 @@ def _curve_rows(
 
 
 def _train_rate_rows(
-    grouped: dict, val_of: Callable[[RunRecord], pd.DataFrame], opts: AnalysisOptions
+    grouped: dict,
+    val_of: Callable[[RunRecord], pd.DataFrame],
+    opts: AnalysisOptions,
+    workers: Workers | int = 1,
 ) -> list[dict]:
     """Per (task, cohort, method) with runs trained at X-ray dropout r > 0: test metrics at every train rate."""
     rows = []
@@ -498,7 +534,7 @@ def _train_rate_rows(
         val = (
             long_predictions((r, val_of(r)) for r in chosen) if cmp.needs_thresholds(task, metrics) else None
         )
-        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val).items():
+        for method, (pp, cis) in _pooled_cis(long, task, metrics, opts, val, workers).items():
             for metric, res in cis.items():
                 rows.append(
                     {
@@ -558,7 +594,7 @@ def analyze(
     """Analyse every finished run under `runs_dir`; write `RUNS/analysis/` and return its tables.
 
     `options`: n_bootstrap, n_permutations, confidence, seed, fairness, missingness, ablation (bool or None =
-    plan / default), test_rates, device. `data` overrides the dataset path recorded in the runs (same
+    plan / default), test_rates, device, jobs (worker processes, default 1; 0 = every core). `data` overrides the dataset path recorded in the runs (same
     fingerprint required). `console`: a Rich console for progress (None = silent).
     """
     t0 = time.perf_counter()
@@ -599,18 +635,19 @@ def analyze(
     timings: dict[str, float] = {}
     tables: dict[str, pd.DataFrame] = {"runs": runs.runs_table(records), **cohort_tables(ds)}
     group_info = []
-    with _Progress(console) as progress:
+    groups = ds.groups()
+    with _Progress(console) as progress, Workers(opts.jobs, shared={"groups": groups}) as workers:
         t = time.perf_counter()
         tick = progress.stage("statistics (leaderboard, comparisons)", len(main))
         boards, comps, natural = [], [], []
         for (task, cohort), members in sorted(main.items(), key=lambda kv: order(*kv[0])):
             test = recorded_predictions(members)
             val = long_predictions((r, val_of(r)) for r in members)
-            board, comp, reference = _statistics(task, cohort, members, test, val, opts)
+            board, comp, reference = _statistics(task, cohort, members, test, val, opts, workers)
             boards.append(board)
             comps.append(comp)
             if opts.missingness and cohort == "base":
-                natural.append(_natural(task, cohort, test, val, has_cxr, opts))
+                natural.append(_natural(task, cohort, test, val, has_cxr, opts, workers))
             group_info.append(
                 {
                     "task": task,
@@ -638,15 +675,16 @@ def analyze(
             tables.update(
                 fairness_tables(
                     main_runs,
-                    ds.groups(),
+                    groups,
                     attributes=attributes,
                     intersections=[i for i in ds.intersections if set(i) <= set(attributes)],
                     n_resamples=opts.n_bootstrap,
                     seed=opts.seed,
                     confidence=opts.confidence,
-                    validation=val_of,
+                    validation=functools.partial(_validation_predictions, root=root, device=opts.device),
                     warn=warnings.append,
                     tick=tick,
+                    workers=workers,
                 )
             )
             timings["fairness"] = time.perf_counter() - t
@@ -662,14 +700,14 @@ def analyze(
                 if opts.missingness or rates == (0.0, 0.0, 0.0)
             ]
             tick = progress.stage("missing X-rays and ablations (checkpoints)", len(todo))
-            frames, no_checkpoint = {}, []
-            for r in todo:
-                if (r.uses_cxr or opts.ablation) and not r.has_checkpoint:
-                    no_checkpoint.append(r.run_id)
-                else:
-                    frames[r.run_id] = controlled_predictions(
-                        r, root, opts, ablation=opts.ablation and r.main
-                    )
+            no_checkpoint = [r.run_id for r in todo if (r.uses_cxr or opts.ablation) and not r.has_checkpoint]
+            ready = [r for r in todo if r.run_id not in set(no_checkpoint)]
+            for _ in no_checkpoint:
+                tick()
+            jobs = [(r, root, opts, opts.ablation and r.main) for r in ready]
+            frames = {}
+            for r, f in zip(ready, workers.map(_controlled_job, jobs), strict=True):
+                frames[r.run_id] = f
                 tick()
             if no_checkpoint:
                 warnings.append(
@@ -685,11 +723,11 @@ def analyze(
                 if opts.ablation and rates == (0.0, 0.0, 0.0):
                     ablation_rows += _ablation_rows(task, cohort, members, frames, val_of, opts)
                 if opts.missingness:
-                    curve_rows += _curve_rows(task, cohort, rates[0], members, frames, val_of, opts)
+                    curve_rows += _curve_rows(task, cohort, rates[0], members, frames, val_of, opts, workers)
         tables["ablation"] = pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS if ablation_rows else None)
         tables["missingness_test"] = pd.DataFrame(curve_rows)
         tables["missingness_train"] = pd.DataFrame(
-            _train_rate_rows(grouped, val_of, opts) if opts.missingness else []
+            _train_rate_rows(grouped, val_of, opts, workers) if opts.missingness else []
         )
         dropout = [r for r in records if not r.main]
         if dropout and opts.missingness:

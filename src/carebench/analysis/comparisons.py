@@ -14,6 +14,7 @@ every test stay is decided at the thresholds of the fold that tested it.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,11 +23,13 @@ import numpy as np
 import pandas as pd
 
 from carebench import runs
+from carebench.analysis.parallel import parallel_map
 from carebench.errors import UserError
 from carebench.evaluation.metrics import task_thresholds
 from carebench.evaluation.multiplicity import benjamini_hochberg, holm
 from carebench.evaluation.options import DEFAULTS, GROUP_SEP
 from carebench.evaluation.statistics import (
+    PermutationResult,
     StatisticsInputError,
     available_metrics,
     bootstrap_cis,
@@ -227,6 +230,74 @@ def _best_method(
     return max(scores, key=lambda m: (np.nan_to_num(scores[m], nan=-np.inf), -sorted(candidates).index(m)))
 
 
+def _lean(results: dict) -> dict:
+    """Bootstrap / permutation results without their distributions (the tables do not use them; they would be
+    sent back from a worker process for nothing)."""
+    out = {}
+    for key, res in results.items():
+        field = "null_distribution" if isinstance(res, PermutationResult) else "distribution"
+        out[key] = dataclasses.replace(res, **{field: np.empty(0)})
+    return out
+
+
+def _method_bootstrap(job: tuple) -> dict:
+    """Bootstrap CIs of one method's pooled predictions (a worker's unit of `method_metrics`)."""
+    y, p, thresholds, o = job
+    boot = bootstrap_cis(
+        y,
+        p,
+        o["keys"],
+        names=o["names"],
+        n_resamples=o["n_resamples"],
+        ci=o["ci"],
+        seed=o["seed"],
+        method=o["ci_method"],
+        stratify=o["stratify"],
+        groups=o["groups"],
+        thresholds=thresholds,
+    )
+    return _lean(boot)
+
+
+def _pair_statistics(job: tuple) -> tuple[list[dict], dict, dict, int]:
+    """One method pair on their common stays: point values of both, paired bootstrap CIs of the difference and
+    paired permutation tests (a worker's unit of `compare_methods`)."""
+    y, pa, pb, ta, tb, o = job
+    point = [
+        metric_values(y, p, o["keys"], names=o["names"], groups=o["groups"], thresholds=t)
+        for p, t in ((pa, ta), (pb, tb))
+    ]
+    boot = paired_bootstrap_cis(
+        y,
+        pa,
+        pb,
+        o["keys"],
+        names=o["names"],
+        n_resamples=o["n_resamples"],
+        ci=o["ci"],
+        seed=o["seed"],
+        method=o["ci_method"],
+        stratify=o["stratify"],
+        groups=o["groups"],
+        thresholds_a=ta,
+        thresholds_b=tb,
+    )
+    perm = paired_permutation_tests(
+        y,
+        pa,
+        pb,
+        o["keys"],
+        names=o["names"],
+        n_permutations=o["n_permutations"],
+        seed=o["seed"],
+        alternative=o["alternative"],
+        groups=o["groups"],
+        thresholds_a=ta,
+        thresholds_b=tb,
+    )
+    return point, _lean(boot), _lean(perm), len(y)
+
+
 def compare_methods(
     preds: pd.DataFrame,
     task: str,
@@ -244,6 +315,7 @@ def compare_methods(
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
     val: pd.DataFrame | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
@@ -256,7 +328,8 @@ def compare_methods(
     selection metric. p-values are adjusted within each `family` = task x comparison x metric x
     (overall | per_label | group). `stratify` (binary, multiclass) resamples the bootstrap within classes.
     `val`: the runs' validation predictions (long), needed when a compared metric is thresholded (each model's
-    predictions are decided at its own validation thresholds). Details: docs/statistics.md.
+    predictions are decided at its own validation thresholds). `jobs` > 1 computes the method pairs in that many
+    worker processes (`analysis.parallel`; same table). Details: docs/statistics.md.
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
     check_test_options(alternative, n_permutations)
@@ -291,44 +364,14 @@ def compare_methods(
             ]
     if pairwise:
         pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
-    done: dict[tuple[str, str], tuple[dict, dict, dict, int]] = {}
+    unique = list(dict.fromkeys((a, b) for _, a, b, _ in pairs))
+    options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
+               "ci_method": ci_method, "stratify": stratify, "n_permutations": n_permutations,
+               "alternative": alternative}  # fmt: skip
+    work = ((*_align(pooled[a], pooled[b], names, a, b), options) for a, b in unique)
+    done = dict(zip(unique, parallel_map(_pair_statistics, work, jobs), strict=True))
     rows = []
     for comparison, a, b, row_keys in pairs:
-        if (a, b) not in done:
-            y, pa, pb, ta, tb = _align(pooled[a], pooled[b], names, a, b)
-            point = [
-                metric_values(y, p, keys, names=names, groups=groups, thresholds=t)
-                for p, t in ((pa, ta), (pb, tb))
-            ]
-            boot = paired_bootstrap_cis(
-                y,
-                pa,
-                pb,
-                keys,
-                names=names,
-                n_resamples=n_resamples,
-                ci=ci,
-                seed=seed,
-                method=ci_method,
-                stratify=stratify,
-                groups=groups,
-                thresholds_a=ta,
-                thresholds_b=tb,
-            )
-            perm = paired_permutation_tests(
-                y,
-                pa,
-                pb,
-                keys,
-                names=names,
-                n_permutations=n_permutations,
-                seed=seed,
-                alternative=alternative,
-                groups=groups,
-                thresholds_a=ta,
-                thresholds_b=tb,
-            )
-            done[(a, b)] = (point, boot, perm, len(y))
         point, boot, perm, n = done[(a, b)]
         for key in row_keys:
             label, metric = _split_key(task, key)
@@ -408,6 +451,7 @@ def method_metrics(
     stratify: bool = False,
     label_groups: Mapping[str, Sequence[str]] | None = None,
     val: pd.DataFrame | None = None,
+    jobs: int = 1,
 ) -> pd.DataFrame:
     """Every method's metrics with bootstrap CIs (seed-averaged probabilities), and their mean and sd over seeds.
 
@@ -415,6 +459,7 @@ def method_metrics(
     NaN with one seed) summarise the metric computed separately per seed, i.e. the training-seed variability.
     Thresholded metrics are decided at the validation thresholds of `val` (the runs' validation predictions,
     long): the ensemble's per fold, and each seed's own for the per-seed values. Without `val` they are left out.
+    `jobs` > 1 bootstraps the methods in that many worker processes (same table).
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
     names = runs.prediction_columns(preds.columns, task)[2]
@@ -425,21 +470,12 @@ def method_metrics(
         keys = [k for k in keys if not needs_thresholds(task, [k])]
     use_val = val if needs_thresholds(task, keys) else None
     pooled = pool_predictions(preds, task, use_val)
+    options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
+               "ci_method": ci_method, "stratify": stratify}  # fmt: skip
+    jobs_in = ((pp.y, pp.p, pp.thresholds, options) for pp in pooled.values())
+    boots = parallel_map(_method_bootstrap, jobs_in, jobs)
     rows = []
-    for method, pp in pooled.items():
-        boot = bootstrap_cis(
-            pp.y,
-            pp.p,
-            keys,
-            names=names,
-            n_resamples=n_resamples,
-            ci=ci,
-            seed=seed,
-            method=ci_method,
-            stratify=stratify,
-            groups=groups,
-            thresholds=pp.thresholds,
-        )
+    for (method, pp), boot in zip(pooled.items(), boots, strict=True):
         per_seed = []
         for seed_value, g in preds.loc[preds["method"] == method].groupby("seed", sort=True):
             v = None if use_val is None else use_val.loc[use_val["seed"] == seed_value]

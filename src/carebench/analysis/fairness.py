@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from carebench import runs
+from carebench.analysis.parallel import Workers, shared_value
 from carebench.errors import UserError
 from carebench.evaluation.fairness import (
     FairnessInputError,
@@ -119,6 +120,20 @@ def analyze_fairness(
     return FairnessReport(groups=table, summary=summary, thresholds=thr_map)
 
 
+def _run_fairness(job: tuple) -> FairnessReport | str:
+    """One run's fairness report, or the reason it was skipped (a worker's unit of `fairness_tables`; the cohort
+    are the workers' shared "groups")."""
+    r, options, validation = job
+    test = runs.read_predictions(r)
+    val = runs.read_predictions(r, "val")
+    if val is None and get_task(r.task).kind != "multiclass":
+        val = validation(r)
+    try:
+        return analyze_fairness(test, shared_value("groups"), r.task, val_predictions=val, **options)
+    except UserError as e:
+        return f"fairness of run {r.run_id} skipped: {e}"
+
+
 def fairness_tables(
     records: Sequence[RunRecord],
     groups: pd.DataFrame,
@@ -131,32 +146,27 @@ def fairness_tables(
     validation: Callable[[RunRecord], pd.DataFrame],
     warn: Callable[[str], None],
     tick: Callable[[], None] = lambda: None,
+    workers: Workers | int = 1,
 ) -> dict[str, pd.DataFrame]:
     """Fairness tables of each run (`analyze_fairness`), with run key columns in front: fairness_groups,
     fairness_summary, fairness_thresholds. `validation(record)` gives a run's validation predictions when its
     record predates `predictions_val.parquet` (re-predicted from the checkpoint); a run whose fairness cannot be
-    computed is reported through `warn` and left out."""
-    inter = [tuple(i) for i in intersections]
+    computed is reported through `warn` and left out. Runs are mapped over `workers` (a `Workers` sharing these
+    `groups` as "groups", or a number of processes); `validation` must then be picklable."""
+    if isinstance(workers, int):
+        with Workers(workers, shared={"groups": groups}) as pool:
+            return fairness_tables(records, groups, attributes=attributes, intersections=intersections,
+                                   n_resamples=n_resamples, seed=seed, confidence=confidence, validation=validation,
+                                   warn=warn, tick=tick, workers=pool)  # fmt: skip
+    if workers.shared.get("groups") is not groups:
+        raise ValueError("fairness_tables: the workers must share these groups as 'groups'")
+    options = {"n_resamples": n_resamples, "seed": seed, "confidence": confidence, "attributes": attributes,
+               "intersections": [tuple(i) for i in intersections]}  # fmt: skip
     g_parts, s_parts, t_parts = [], [], []
-    for r in records:
-        test = runs.read_predictions(r)
-        val = runs.read_predictions(r, "val")
-        if val is None and get_task(r.task).kind != "multiclass":
-            val = validation(r)
-        try:
-            rep = analyze_fairness(
-                test,
-                groups,
-                r.task,
-                val_predictions=val,
-                n_resamples=n_resamples,
-                seed=seed,
-                confidence=confidence,
-                attributes=attributes,
-                intersections=inter,
-            )
-        except UserError as e:
-            warn(f"fairness of run {r.run_id} skipped: {e}")
+    reports = workers.map(_run_fairness, [(r, options, validation) for r in records])
+    for r, rep in zip(records, reports, strict=True):
+        if isinstance(rep, str):
+            warn(rep)
             tick()
             continue
         key = {"task": r.task, "cohort": r.cohort, "method": r.method, "run_id": r.run_id, "fold": r.fold,

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from carebench.analysis.parallel import default_jobs
 from carebench.errors import OptionError, UserError
 from carebench.evaluation.options import DEFAULTS, FairnessOptions, StatisticsOptions, label_groups_problem
 from carebench.experiments.plan import Missingness
@@ -43,6 +44,7 @@ class AnalysisOptions:
     device: str = "cpu"
     label_groups: dict[str, list[str]] = field(default_factory=dict)
     label_groups_source: str = ""
+    jobs: int = 1  # worker processes (analysis.parallel); the tables do not depend on it; CLI: every core
 
     @property
     def statistics(self) -> StatisticsOptions:
@@ -83,7 +85,7 @@ def read_label_groups(
 
 
 _GIVEN = ("n_bootstrap", "n_permutations", "confidence", "seed", "fairness", "missingness", "ablation",
-          "test_rates", "device", "label_groups")  # fmt: skip
+          "test_rates", "device", "label_groups", "jobs")  # fmt: skip
 
 
 def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOptions:
@@ -119,6 +121,12 @@ def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOption
         raise AnalysisError(f"test missing rates: expected numbers in [0, 1], got {rates}")
     out.test_rates = rates
     out.device = given.get("device") or out.device
+    jobs = given.get("jobs")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0):
+        raise AnalysisError(
+            f"--jobs: expected a number of worker processes >= 0 (0: every core), got {jobs!r}"
+        )
+    out.jobs = 1 if jobs is None else jobs or default_jobs()
     groups = given.get("label_groups")
     what = "--label-groups"
     if groups is None and (plan.get("statistics") or {}).get("label_groups"):

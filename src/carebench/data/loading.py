@@ -12,7 +12,10 @@ Why each rule (docs/training.md has the full description):
   join them at the head (UMSE); the age statistics come from the training stays only, like the EHR statistics.
 - X-rays are read from the uint8 cache, resized on the fly with one batched `F.interpolate` to the run's image
   size and normalised; a missing (or dropped) X-ray is all zeros with `has_cxr = False` and `cxr_hours = 0`.
-- Train-time augmentation (`augment_cxr`) runs on the batched tensor on the training device, not per image.
+- Train-time augmentation (`augment_cxr`) runs on the batched tensor of the present images, inside the loader
+  (`StayDataset.augmented`), so with `num_workers > 0` worker processes augment the next batches while the
+  training step runs. Each batch draws from its own generator, seeded by (seed, the batch's positions in order):
+  the same batch gets the same augmentation whichever process builds it and however many workers there are.
 - Controlled X-ray dropout removes an exact number of X-rays per split, chosen from a per-stay hash of
   (seed, stay_id), so it is deterministic per stay and nested across rates.
 - Batches are built from index lists (`Dataset.__getitems__`) by slicing the memory-mapped arrays: no
@@ -21,6 +24,7 @@ Why each rule (docs/training.md has the full description):
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -265,6 +269,17 @@ class StayDataset(Dataset):
         self.cxr_hours = np.where(self.has_cxr, np.nan_to_num(hours), 0.0).astype(np.float32)
         self.load_cxr = load_cxr and data.cxr is not None
         self.static = static_features(cohort, self.rows, stats)
+        self.augment_seed: int | None = None  # set on the training split's copy by `augmented`
+
+    def augmented(self, seed: int) -> StayDataset:
+        """This split with train-time X-ray augmentation (`augment_cxr`) applied to every batch it builds.
+
+        A shallow copy (the arrays are shared). The augmentation of a batch is drawn from a generator seeded by
+        (`seed`, the batch's positions in order), so it does not depend on the process or worker that builds it.
+        """
+        out = copy.copy(self)
+        out.augment_seed = int(seed)
+        return out
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -280,8 +295,12 @@ class StayDataset(Dataset):
         cxr = torch.zeros(len(pos), 1, self.image_size, self.image_size)
         if self.load_cxr and has.any():
             imgs = torch.from_numpy(np.asarray(self.data.cxr[self.cxr_index[pos[has]]]))
-            imgs = resize_cxr(imgs[:, None], self.image_size).float() / 255.0
-            cxr[torch.from_numpy(has)] = normalise_cxr(imgs)
+            imgs = normalise_cxr(resize_cxr(imgs[:, None], self.image_size).float() / 255.0)
+            if self.augment_seed is not None:
+                entropy = np.random.SeedSequence([self.augment_seed, *pos.tolist()]).generate_state(2)
+                gen = torch.Generator().manual_seed(int(entropy[0]) << 32 | int(entropy[1]))
+                imgs = augment_cxr(imgs, torch.ones(len(imgs), dtype=torch.bool), generator=gen)
+            cxr[torch.from_numpy(has)] = imgs
         batch = {
             "ehr": torch.from_numpy(values),
             "ehr_mask": torch.from_numpy(mask),
@@ -309,8 +328,10 @@ def make_loader(
     drop_last: bool = False,
     seed: int = 0,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """DataLoader over index lists; shuffling uses its own generator seeded from `seed`."""
+    """DataLoader over index lists; shuffling uses its own generator seeded from `seed`. `pin_memory` (for a GPU)
+    puts batches in page-locked memory so the copy to the device is asynchronous."""
     gen = torch.Generator().manual_seed(seed) if shuffle else None
     return DataLoader(
         ds,
@@ -321,6 +342,7 @@ def make_loader(
         num_workers=num_workers,
         generator=gen,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 

@@ -255,3 +255,59 @@ def compute_metrics(
     if kind == "multilabel":
         return multilabel_metrics(y_true, p, names, thresholds)
     return multiclass_metrics(y_true, p, names)
+
+
+def epoch_metrics(task: str, y_true: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """The task's selection metric and per-epoch logged metrics (`tasks.TaskSpec`), for validation every epoch.
+
+    Same definitions as `compute_metrics` (a label or class without both classes is left out of a macro average;
+    NaN when none is defined), but the rank metrics of all labels come from one vectorised sort
+    (`statistics.rank_metrics_rows`) instead of one scikit-learn call per label: about 1 ms instead of about
+    0.3 s for 25 phenotypes of a few hundred stays, i.e. seconds per quick run. The values equal scikit-learn's to
+    float rounding (a few 1e-16; tests/test_metrics.py); the final test metrics still come from `compute_metrics`.
+    """
+    from carebench.evaluation.statistics import rank_metrics_rows  # statistics imports this module
+
+    spec = get_task(task)
+    wanted = {spec.selection_metric, *spec.logged}
+    y = np.asarray(y_true)
+    p = _check_probs(p, "validation metrics")
+    out: dict[str, float] = {}
+
+    def ranked(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per row AUROC and AP; NaN for a row whose labels lack a class."""
+        return rank_metrics_rows(labels, scores)
+
+    def mean_defined(vals: np.ndarray) -> float:
+        ok = ~np.isnan(vals)
+        return float(vals[ok].mean()) if ok.any() else float("nan")
+
+    if spec.kind == "binary":
+        y, p = y.ravel().astype(np.int64), p.ravel()
+        auc, ap = ranked(y, p)
+        out.update(auroc=float(auc[0]), auprc=float(ap[0]), brier=float(np.mean((y - p) ** 2)))
+    elif spec.kind == "multilabel":
+        y = y.astype(np.int64)
+        auc, ap = ranked(y.T, p.T)
+        micro_auc, micro_ap = ranked(y.ravel(), p.ravel())
+        out.update(
+            auroc_macro=mean_defined(auc),
+            auprc_macro=mean_defined(ap),
+            auroc_micro=float(micro_auc[0]),
+            auprc_micro=float(micro_ap[0]),
+        )
+    else:
+        y = y.ravel().astype(np.int64)
+        pred = p.argmax(axis=1)
+        onehot = (y[None, :] == np.arange(p.shape[1])[:, None]).astype(np.int64)
+        auc, _ = ranked(onehot, p.T)
+        out.update(
+            accuracy=float(skm.accuracy_score(y, pred)),
+            kappa=float(skm.cohen_kappa_score(y, pred)),
+            kappa_linear=float(skm.cohen_kappa_score(y, pred, weights="linear")),
+            auroc_ovr_macro=mean_defined(auc),
+        )
+    missing = wanted - set(out)
+    if missing:
+        raise MetricInputError(f"task {task!r}: no per-epoch implementation of {sorted(missing)}")
+    return {k: out[k] for k in sorted(wanted)}

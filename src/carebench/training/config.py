@@ -4,16 +4,21 @@ Why: a run is identified by what determines its result. `resolve_config` turns t
 complete record (every training setting and every model hyper-parameter after preset and overrides), and
 `runs.run_id` hashes it, so the same configuration always lands in the same directory and a finished run is
 skipped. Settings that cannot change the result (the dataset's path, the number of loader workers, progress bars,
-the model's modalities, which follow from its name) are recorded but not hashed (`runs.NOT_HASHED`); the dataset
-enters the hash through its fingerprint (`data.store.dataset_fingerprint`).
+the model's modalities, which follow from its name) or change it by float rounding only (CPU threads, the image
+encoders' memory layout, cuDNN autotuning) are recorded but not hashed (`runs.NOT_HASHED`); the dataset enters the
+hash through its fingerprint (`data.store.dataset_fingerprint`).
 
-This module imports neither torch nor Lightning: the plan, the runner and the analysis read configurations
-without paying for them.
+Defaults that depend on the device (`precision: auto`, the loader workers) are resolved here, where the run is
+configured, and recorded as concrete values.
+
+This module imports neither torch nor Lightning at import time: the plan, the runner and the analysis read
+configurations without paying for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,8 +44,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "patience": 5,
         "plateau_patience": 2,
         "augment": False,
+        "precision": "32-true",
     },
-    # The paper setting (reference toolkit): 224 px, batch 16, <= 50 epochs, lr 1e-4, patience 10.
+    # The paper setting (reference toolkit): 224 px, batch 16, <= 50 epochs, lr 1e-4, patience 10; bfloat16 mixed
+    # precision where the device has bfloat16 units ("auto", `auto_precision`).
     "full": {
         "image_size": 224,
         "batch_size": 16,
@@ -49,6 +56,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-4,
         "patience": 10,
         "plateau_patience": 10,
+        "precision": "auto",
     },
     # Smallest settings, for tests of the training loop.
     "test": {
@@ -59,6 +67,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 1e-3,
         "patience": 2,
         "plateau_patience": 1,
+        "precision": "32-true",
     },
 }
 DEFAULT_PRESET = "quick"
@@ -73,6 +82,7 @@ PRECISIONS = {
     "bf16-true": "bf16-true",
     "16": "16-mixed",
     "16-mixed": "16-mixed",
+    "auto": "auto",
 }
 ACCELERATORS = ("cpu", "gpu", "cuda", "mps", "auto")
 
@@ -113,8 +123,11 @@ class TrainConfig:
     cxr_dropout_seed: int = 0
     accelerator: str = "cpu"
     devices: int | str = 1
-    precision: str = "32-true"
+    precision: str = _DEFAULT["precision"]
     deterministic: bool = True
+    # Execution settings that change a result by float rounding at most (not hashed, like `threads`):
+    channels_last: bool = True  # image encoders' weights (and so their activations) in NHWC memory layout
+    cudnn_benchmark: bool = True  # cuDNN autotuning of convolutions on a GPU (no effect on CPU)
     num_workers: int = 0
     threads: int = 0  # torch CPU threads, 0 = torch's default
     progress: bool = True
@@ -266,6 +279,10 @@ def resolve_config(
                     f"{model!r}: {', '.join(sorted(cls.default_hparams))} (or model.<name>=value)"
                 )
     values.setdefault("cxr_dropout_seed", values.get("seed", 0))
+    if values.get("precision") == "auto":
+        values["precision"] = auto_precision(str(values.get("accelerator", TrainConfig.accelerator)))
+    if values.get("num_workers") is None:
+        values["num_workers"] = auto_num_workers(str(values.get("accelerator", TrainConfig.accelerator)))
     cfg = TrainConfig(
         model=model,
         task=task,
@@ -292,6 +309,49 @@ def data_fingerprint(data: str | Path) -> str:
         return dataset_fingerprint(root)
     except UserError as e:
         raise ConfigError(f"--data {data}: not a dataset ({e})") from None
+
+
+def _device_kind(accelerator: str) -> str:
+    """The device kind `accelerator` runs on here: "cpu", "gpu" or "mps" ("auto": a CUDA GPU if one is visible)."""
+    import torch
+
+    if accelerator == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if accelerator in ("gpu", "cuda") else accelerator
+
+
+def native_bf16(accelerator: str) -> bool:
+    """True when the device of `accelerator` computes bfloat16 matrix products in hardware: a CUDA GPU of compute
+    capability >= 8.0 (or no GPU visible where the run is configured, e.g. a cluster's head node: every current
+    GPU has them), a CPU with AMX or AVX512-BF16 instructions. Emulated bfloat16 is slower than float32."""
+    import torch
+
+    kind = _device_kind(accelerator)
+    if kind == "gpu":
+        return not torch.cuda.is_available() or torch.cuda.is_bf16_supported(including_emulation=False)
+    if kind == "cpu":
+        checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # private, hence the guards
+        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+    return False
+
+
+def auto_precision(accelerator: str) -> str:
+    """`precision: auto`: bf16-mixed on a device with native bfloat16 (`native_bf16`), else 32-true."""
+    return "bf16-mixed" if native_bf16(accelerator) else "32-true"
+
+
+def auto_num_workers(accelerator: str) -> int:
+    """DataLoader workers when none are given (docs/performance.md, "Loader"): on a GPU, up to 4 worker processes
+    (one core left for the training process) prepare and augment batches while the device computes; on a CPU
+    the loader is a few percent of a step and the cores are the step's own, so batches are built in the training
+    process. Not part of the run id: batches do not depend on the number of workers (tested)."""
+    if _device_kind(accelerator) != "gpu":
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    return max(0, min(4, cores - 1))
 
 
 def _validate(cfg: TrainConfig) -> None:

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from carebench import runs
-from carebench.data.loading import augment_cxr
-from carebench.evaluation.metrics import compute_metrics
+from carebench.evaluation.metrics import compute_metrics, epoch_metrics
 from carebench.models.base import BaseModel, ModelOutput
 from carebench.tasks import default_output_names, get_task
 from carebench.training.predict import probabilities
@@ -47,7 +46,6 @@ class CareBenchModule(pl.LightningModule):
         weight_decay: float = 0.01,
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
-        augment: bool = True,
         names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -58,7 +56,6 @@ class CareBenchModule(pl.LightningModule):
         self.names = list(names) if names is not None else default_output_names(self.spec)
         self.lr, self.weight_decay = lr, weight_decay
         self.plateau_patience, self.plateau_factor = plateau_patience, plateau_factor
-        self.augment = augment and "cxr" in getattr(model, "modalities", ("cxr",))
         self.selection = self.spec.selection_metric
         self._outputs: list[dict[str, Tensor]] = []
         self.val_metrics: dict[str, float] = {}
@@ -68,13 +65,6 @@ class CareBenchModule(pl.LightningModule):
     # ------------------------------------------------------------------------------------------- steps
     def forward(self, batch: dict[str, Tensor]) -> ModelOutput:
         return self.model(batch)
-
-    def on_after_batch_transfer(self, batch: dict[str, Tensor], dataloader_idx: int) -> dict[str, Tensor]:
-        """Train-time X-ray augmentation on the whole batch, on the training device."""
-        if self.augment and self._trainer is not None and self.trainer.training:
-            batch = dict(batch)
-            batch["cxr"] = augment_cxr(batch["cxr"], batch["has_cxr"])
-        return batch
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         out = self.model(batch)
@@ -190,7 +180,7 @@ class CareBenchModule(pl.LightningModule):
         arr = self._collect()
         if not arr:
             return
-        self.val_metrics = compute_metrics(self.task, arr["y"], arr["p"], self.names)
+        self.val_metrics = epoch_metrics(self.task, arr["y"], arr["p"])
         others = [k for k in self.spec.logged if k != self.selection]
         self.log_dict({f"val/{k}": self.val_metrics[k] for k in others}, prog_bar=False)
         self.log(f"val/{self.selection}", self.val_metrics[self.selection], prog_bar=True)

@@ -34,8 +34,18 @@ def probabilities(kind: str, logits: Tensor) -> Tensor:
 
 
 def build_model(cfg: TrainConfig, n_features: int) -> BaseModel:
-    """The run's model with its resolved hyper-parameters (freshly initialised)."""
-    return create_model(cfg.model, cfg.task, n_features, cfg.image_size, **cfg.model_args)
+    """The run's model with its resolved hyper-parameters (freshly initialised).
+
+    With `cfg.channels_last` every 4-d weight (the image encoders' convolutions) is stored channels-last (NHWC),
+    so convolutions, batch norm and pooling run in oneDNN's / cuDNN's preferred layout and their activations stay
+    in it; loading a checkpoint copies into these tensors and keeps the layout. The X-ray input [B, 1, S, S] has
+    one channel, so it is channels-last already. Same arithmetic, other kernels: outputs agree with the default
+    layout to float rounding (tests/models/test_precision.py).
+    """
+    model = create_model(cfg.model, cfg.task, n_features, cfg.image_size, **cfg.model_args)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
 
 
 def run_splits(cfg: TrainConfig) -> tuple[str, ...]:

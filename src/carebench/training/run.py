@@ -30,7 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from carebench import __version__, atomic, runs
 from carebench.data.folds import SPLITS
-from carebench.data.loading import make_loader
+from carebench.data.loading import FoldData, StayDataset, make_loader
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
 from carebench.models import BaseModel, ModelConfigError
 from carebench.training.config import TrainConfig
@@ -57,6 +57,9 @@ def _filter_warnings() -> None:
         ".*sync_dist=True.*",
         ".*all_gather is deprecated.*",
         ".*DistributedSampler.*",
+        # cuDNN autotuning with deterministic algorithms on: it picks among the deterministic algorithms only
+        # (run to run they may differ by float rounding; `cudnn_benchmark=false` pins one).
+        ".*deterministic=True. and .benchmark=True.*",
     ):
         warnings.filterwarnings("ignore", pattern)
 
@@ -76,8 +79,15 @@ def build_module(cfg: TrainConfig, model: BaseModel, names: list[str]) -> CareBe
         weight_decay=cfg.weight_decay,
         plateau_patience=cfg.plateau_patience,
         plateau_factor=cfg.plateau_factor,
-        augment=cfg.augment,
     )
+
+
+def training_split(cfg: TrainConfig, fold: FoldData) -> StayDataset:
+    """The training split as the run trains on it: with train-time X-ray augmentation (seeded by the run's seed)
+    when the run augments and its model reads the X-ray."""
+    if cfg.augment and "cxr" in cfg.modalities:
+        return fold.train.augmented(cfg.seed)
+    return fold.train
 
 
 def _selection_start(trainer: pl.Trainer) -> int:
@@ -128,6 +138,10 @@ def _strategy(cfg: TrainConfig) -> str:
     return "ddp_find_unused_parameters_true" if isinstance(cfg.devices, int) and cfg.devices > 1 else "auto"
 
 
+def _on_gpu(cfg: TrainConfig) -> bool:
+    return cfg.accelerator in ("gpu", "cuda") or (cfg.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _trainer(cfg: TrainConfig, root: Path, callbacks: list, logger: Any, n_batches: int) -> pl.Trainer:
     return pl.Trainer(
         accelerator=cfg.accelerator,
@@ -139,7 +153,7 @@ def _trainer(cfg: TrainConfig, root: Path, callbacks: list, logger: Any, n_batch
         callbacks=callbacks,
         logger=logger,
         deterministic="warn" if cfg.deterministic else False,
-        benchmark=False,
+        benchmark=cfg.cudnn_benchmark and _on_gpu(cfg),
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, n_batches)),
         enable_progress_bar=cfg.progress,
@@ -206,10 +220,11 @@ def _fit_and_record(
             f"model {cfg.model!r}: its last training stage starts at epoch {module.model.selection_start_epoch} "
             f"(e.g. pretrain_epochs), but max_epochs is {cfg.max_epochs}; expected max_epochs > that epoch"
         )
+    io = {"num_workers": cfg.num_workers, "pin_memory": _on_gpu(cfg)}
     train_loader = make_loader(
-        fold.train, cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, num_workers=cfg.num_workers
+        training_split(cfg, fold), cfg.batch_size, shuffle=True, drop_last=True, seed=cfg.seed, **io
     )
-    val_loader = make_loader(fold.val, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+    val_loader = make_loader(fold.val, cfg.batch_size, shuffle=False, **io)
     monitor = f"val/{module.selection}"
     ckpt = StagedCheckpoint(
         dirpath=work / "checkpoints",
@@ -230,7 +245,7 @@ def _fit_and_record(
     trainer.fit(module, train_dataloaders=train_loader, val_dataloaders=val_loader)
     t_fit = time.perf_counter() - t0
     if cfg.evaluate_test:
-        test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, num_workers=cfg.num_workers)
+        test_loader = make_loader(fold.test, cfg.batch_size, shuffle=False, **io)
         trainer.test(module, dataloaders=test_loader, ckpt_path="best", verbose=False, weights_only=True)
     t_test = time.perf_counter() - t0 - t_fit
     if not trainer.is_global_zero:

@@ -160,7 +160,8 @@ class SparseMoE(nn.Module):
         for e, expert in enumerate(self.experts):
             token, slot = (idx == e).nonzero(as_tuple=True)
             if token.numel():
-                out.index_add_(0, token, weights[token, slot, None] * expert(x[token]))
+                # accumulated in x's dtype (under autocast an expert's output is bfloat16, x float32)
+                out.index_add_(0, token, (weights[token, slot, None] * expert(x[token])).to(out.dtype))
         return out
 
     def forward(self, chunks: list[Tensor]) -> tuple[list[Tensor], list[tuple[Tensor, Tensor, Tensor]]]:
