@@ -168,11 +168,11 @@ def test_epoch_metrics_equal_compute_metrics(task, seed):
     """The per-epoch validation metrics (vectorised) are the task's selection and logged metrics and equal
     `compute_metrics` (scikit-learn) to float rounding, with tied scores, a label or class without positives
     (left out of the macro average) and one with only positives."""
-    from carebench.data.folds import output_names
+    from carebench.tasks import default_output_names
 
     rng = np.random.default_rng(seed)
-    n, names = 300, output_names(task)
     spec = get_task(task)
+    n, names = 300, default_output_names(spec)
     if spec.kind == "multiclass":
         y = rng.integers(0, 6, n)  # class 6 absent
         p = rng.dirichlet(np.ones(7), n)

@@ -3,6 +3,7 @@ analysis options (the plan used to default to 1,000 permutations where `analyze`
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import pytest
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 from carebench import cli
 from carebench.analysis import comparisons, fairness
 from carebench.analysis.options import AnalysisOptions, resolve_options
+from carebench.analysis.parallel import default_jobs
 from carebench.evaluation import statistics as st
 from carebench.evaluation.options import DEFAULTS, FairnessOptions, StatisticsOptions
 from carebench.experiments.plan import Missingness, parse_plan, plan_record
@@ -46,8 +48,11 @@ def test_plan_cli_and_python_resolve_the_same_options(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     from_cli = resolve_options(None, **seen)
     from_cli_with_plan = resolve_options(recorded, **seen)
+    # every option that shapes a table agrees; the CLI's worker processes default to every core (Python: 1), which
+    # no table depends on (tests/test_analyze.py compares the tables of --jobs 1 and 2)
+    assert python.jobs == 1 and from_cli.jobs == from_cli_with_plan.jobs == default_jobs()
     for opts in (from_plan, from_cli, from_cli_with_plan):
-        assert opts == python
+        assert dataclasses.replace(opts, jobs=1) == python
     assert _resampling(python) == EXPECTED
     assert python.fairness is True and python.test_rates == sorted({0.0, *Missingness().test_rates})
 

@@ -182,6 +182,11 @@ def declared_tasks() -> tuple[str, ...]:
     return tuple(_DECLARED)
 
 
+def declared_specs() -> list[TaskSpec]:
+    """The specs of the tasks declared in this process (to declare them again in a worker process)."""
+    return list(_DECLARED.values())
+
+
 def declare_tasks(specs: Iterable[TaskSpec]) -> None:
     """Register tasks a dataset declares for this process (a built-in name cannot be redefined)."""
     for spec in specs:

@@ -11,8 +11,8 @@ pandas, scipy, carebench: about a second), which would otherwise be paid again a
 started with the `forkserver` method (`spawn` where it does not exist), never plain `fork`: the analysis process
 may already run torch's or a BLAS's thread pools, which a forked child would inherit broken. Each worker uses one
 intra-op thread (OMP_NUM_THREADS=1 and friends, read by torch and the BLAS as they load), so `jobs` workers use
-`jobs` cores. `shared` objects (e.g. the cohort table) are sent once per
-worker, not once per item (`shared_value`).
+`jobs` cores. `shared` objects (e.g. the cohort's groups) are sent once per worker, not once per item
+(`shared_value`), and so are the tasks the parent process has declared (a dataset's own tasks).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
+
+from carebench.tasks import declared_specs
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -43,8 +45,11 @@ def shared_value(name: str) -> Any:
     return _SHARED[name]
 
 
-def _start(shared: dict[str, Any]) -> None:
+def _start(shared: dict[str, Any], tasks: list[Any]) -> None:
+    from carebench.tasks import declare_tasks
+
     _SHARED.update(shared)
+    declare_tasks(tasks)  # the tasks the analysed dataset declares, as in the parent process
 
 
 class Workers:
@@ -73,7 +78,10 @@ class Workers:
             os.environ.update(dict.fromkeys(_THREAD_VARS, "1"))  # read by the workers' libraries as they load
             try:
                 self._pool = ProcessPoolExecutor(
-                    max_workers=self.jobs, mp_context=ctx, initializer=_start, initargs=(self.shared,)
+                    max_workers=self.jobs,
+                    mp_context=ctx,
+                    initializer=_start,
+                    initargs=(self.shared, declared_specs()),
                 )
                 for _ in self._pool.map(_noop, range(self.jobs)):  # start them now, with this environment
                     pass
