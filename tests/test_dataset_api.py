@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from carebench.cli import app
@@ -137,6 +138,20 @@ def test_train_analyze_report_on_the_new_dataset(mine, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ validation
+def test_tune_studies_a_task_the_dataset_declares(mine, tmp_path):
+    """A study of the dataset's own multiclass task optimises that task's selection metric on validation."""
+    import optuna
+
+    out = tmp_path / "study"
+    _invoke(["tune", "--data", str(mine), "--model", "lstm", "--task", "acuity", "--preset", "test", "--trials", "2",
+             "--out", str(out), "--threads", "1", "max_epochs=1"])  # fmt: skip
+    spec = yaml.safe_load((out / "study.yaml").read_text())
+    assert spec["task"] == "acuity" and spec["selection_metric"] == get_task("acuity").selection_metric
+    trials = optuna.load_study(study_name=None, storage=f"sqlite:///{out / 'study.db'}").trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(0.0 <= t.value <= 1.0 for t in trials)
+
+
 def _inputs(n: int = 30, **changes):
     rng = np.random.default_rng(3)
     cohort = pd.DataFrame(

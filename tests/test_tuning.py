@@ -317,7 +317,7 @@ def _space_file(tmp_path: Path, text: str) -> str:
     ("change", "message"),
     [
         ({"--model": "nosuchnet"}, "--model: unknown model 'nosuchnet'"),
-        ({"--task": "sepsis"}, "--task: unknown task 'sepsis'"),
+        ({"--task": "sepsis"}, "--task 'sepsis': the dataset"),
         ({"--space": ""}, "empty search space; nothing to tune"),
         (
             {"--space": "hidden: {type: float, low: 1, high: 0}"},

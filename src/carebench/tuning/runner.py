@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from carebench.errors import UserError
 from carebench.tuning.space import TuningError, describe, fixed_keys, model_class, read_space, study_space
 from carebench.tuning.study import (
     DEFAULT_DB,
@@ -94,13 +93,18 @@ def prepare_study(
 
     The space: `space_file` (`--space`), else `space` (a plan's `tuning.spaces`, named `space_where` in errors),
     else the model's declared search space."""
+    from carebench.data.store import dataset_declarations
     from carebench.tasks import get_task
+    from carebench.training.config import data_fingerprint
 
     model_class(model)
-    try:
-        selection = get_task(task).selection_metric
-    except UserError as e:
-        raise TuningError(f"--task: {e}") from None
+    data_fingerprint(data)  # an error naming --data first
+    declared = dataset_declarations(data).tasks  # registers the dataset's own tasks
+    if task not in declared:
+        raise TuningError(
+            f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
+        )
+    selection = get_task(task).selection_metric
     overrides = dict(overrides or {})
     for key in ("threads", "progress", "num_workers"):
         overrides.pop(key, None)  # per process, not part of a study
