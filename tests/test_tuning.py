@@ -229,6 +229,10 @@ def test_trial_parameters_depend_on_seed_number_and_history_only():
     assert len({json.dumps(p, sort_keys=True) for p in whole}) == 9
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _wait_for_running(out: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -248,7 +252,11 @@ def test_a_trial_killed_or_interrupted_mid_way_is_failed_and_rerun(root, tmp_pat
     slow = ["max_epochs=40", "patience=40", "--no-pruning"]
     cmd = [CAREBENCH, "tune", "--data", str(root / "data"), "--model", "lstm", "--task", "mortality", "--preset",
            "test", "--space", str(root / "space.yaml"), "--trials", "1", "--out", str(out), "--threads", "1", *slow]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # Ctrl-C's default handling in the child: a test worker process may ignore SIGINT, and a child inherits that
+    # (Python then never raises KeyboardInterrupt, the trial runs to its end and the command exits 0).
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_default_sigint
+    )
     try:
         _wait_for_running(out, proc)
         proc.send_signal(signal.SIGKILL if how == "kill" else signal.SIGINT)
