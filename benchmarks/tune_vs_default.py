@@ -70,7 +70,6 @@ def main() -> None:
             f"{tested[selection]:.3f} | {default['test']['auroc_macro']:.3f} | {tested['auroc_macro']:.3f} | "
             f"{params} |"
         )
-        print(rows[-1], file=sys.stderr, flush=True)
     print(f"\n{args.task}, preset {args.preset}, fold {args.fold}, seed {args.seed}, {args.trials} complete trials per "
           f"study; {platform.machine()}, {os.cpu_count()} logical CPUs, {args.threads} threads; "
           f"{time.strftime('%Y-%m-%d')}\n")  # fmt: skip

@@ -625,7 +625,7 @@ def analyze(
         if r.run_id not in val_cache:
             frame = runs.read_predictions(r, "val")
             if frame is None:
-                frame = RunPredictor(r.path, root, device=opts.device).predict(split="val")
+                frame = _validation_predictions(r, root=root, device=opts.device)
             val_cache[r.run_id] = frame
         return val_cache[r.run_id]
 

@@ -121,8 +121,8 @@ def analyze_fairness(
 
 
 def _run_fairness(job: tuple) -> FairnessReport | str:
-    """One run's fairness report, or the reason it was skipped (a worker's unit of `fairness_tables`; the cohort
-    are the workers' shared "groups")."""
+    """One run's fairness report, or the reason it was skipped (a worker's unit of `fairness_tables`; the stays'
+    groups are the workers' shared "groups")."""
     r, options, validation = job
     test = runs.read_predictions(r)
     val = runs.read_predictions(r, "val")

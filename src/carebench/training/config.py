@@ -29,6 +29,7 @@ from carebench import runs
 from carebench.data.folds import COHORTS, N_FOLDS
 from carebench.data.store import DatasetError, dataset_declarations, dataset_fingerprint
 from carebench.errors import UserError
+from carebench.tasks import TaskSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-friendly: 64 px images, small encoders (model presets: resnet_small, 64-wide EHR encoders), batch 32,
@@ -248,14 +249,7 @@ def resolve_config(
     if preset not in PRESETS:
         raise ConfigError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
     fingerprint = data_fingerprint(data)
-    try:
-        declared = dataset_declarations(data).tasks
-    except DatasetError as e:
-        raise ConfigError(f"--data {data}: {e}") from None
-    if task not in declared:
-        raise ConfigError(
-            f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
-        )
+    dataset_task(data, task)
     try:
         cls = get_model_class(model)
     except UserError as e:
@@ -295,6 +289,20 @@ def resolve_config(
     )
     _validate(cfg)
     return cfg
+
+
+def dataset_task(data: str | Path, task: str) -> TaskSpec:
+    """The spec of `task` as the dataset at `--data` declares it (its own tasks registered for this process); an
+    error naming --task when the dataset does not declare it."""
+    try:
+        declared = dataset_declarations(data).tasks
+    except DatasetError as e:
+        raise ConfigError(f"--data {data}: {e}") from None
+    if task not in declared:
+        raise ConfigError(
+            f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
+        )
+    return declared[task].spec
 
 
 def data_fingerprint(data: str | Path) -> str:

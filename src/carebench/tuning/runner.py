@@ -93,18 +93,11 @@ def prepare_study(
 
     The space: `space_file` (`--space`), else `space` (a plan's `tuning.spaces`, named `space_where` in errors),
     else the model's declared search space."""
-    from carebench.data.store import dataset_declarations
-    from carebench.tasks import get_task
-    from carebench.training.config import data_fingerprint
+    from carebench.training.config import data_fingerprint, dataset_task
 
     model_class(model)
     data_fingerprint(data)  # an error naming --data first
-    declared = dataset_declarations(data).tasks  # registers the dataset's own tasks
-    if task not in declared:
-        raise TuningError(
-            f"--task {task!r}: the dataset {data} declares no such task; it declares {', '.join(declared)}"
-        )
-    selection = get_task(task).selection_metric
+    selection = dataset_task(data, task).selection_metric
     overrides = dict(overrides or {})
     for key in ("threads", "progress", "num_workers"):
         overrides.pop(key, None)  # per process, not part of a study
