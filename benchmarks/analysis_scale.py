@@ -88,7 +88,7 @@ def scores(cfg: dict, split: str, y: np.ndarray, has: np.ndarray, kind: str, gai
 def write_run(job: tuple[str, str, dict, float]) -> str:
     """One finished run record (config.yaml, predictions, validation predictions, metrics.json, DONE)."""
     from carebench import runs
-    from carebench.data.folds import cxr_dropout, label_columns, output_names, split_rows
+    from carebench.data.folds import cxr_dropout, split_rows
     from carebench.data.store import open_dataset
     from carebench.evaluation.metrics import compute_metrics
     from carebench.tasks import get_task
@@ -99,8 +99,9 @@ def write_run(job: tuple[str, str, dict, float]) -> str:
     ds = _dataset(data, open_dataset)
     cohort = ds.cohort
     task, kind = cfg["task"], get_task(cfg["task"]).kind
-    rows = split_rows(cohort, task, cfg["fold"], cfg["cohort"])
-    names = output_names(task)
+    labels = ds.label_columns(task)
+    rows = split_rows(cohort, labels, cfg["fold"], cfg["cohort"])
+    names = ds.output_names(task)
     work = runs.start_run(runs_dir, cfg)
     frames = {}
     for split in ("val", "test"):
@@ -109,7 +110,7 @@ def write_run(job: tuple[str, str, dict, float]) -> str:
         has = cohort["has_cxr"].to_numpy(bool)[r]
         rate = float(cfg[f"cxr_dropout_{split}"])
         has = has & ~cxr_dropout(ids, has, rate, int(cfg["cxr_dropout_seed"])) if rate else has
-        y = cohort[label_columns(task)].to_numpy()[r]
+        y = cohort[labels].to_numpy()[r]
         y = y[:, 0].astype(np.int64) if kind == "multiclass" else y.astype(np.int64)
         p = scores(cfg, split, y, has, kind, gain)
         frames[split] = runs.predictions_frame(task, names, {"stay_id": ids, "has_cxr": has, "y": y, "p": p})
@@ -278,7 +279,6 @@ def extrapolate(args: argparse.Namespace) -> None:
     from carebench.analysis.options import resolve_options
     from carebench.analysis.pooling import groups, load_runs, recorded_predictions
     from carebench.data.store import open_dataset
-    from carebench.evaluation.fairness import INTERSECTIONS
     from carebench.experiments.plan import read_plan_record
     from carebench.runs import read_predictions
     from carebench.tasks import get_task
@@ -286,9 +286,10 @@ def extrapolate(args: argparse.Namespace) -> None:
     b0, b1, p0, p1 = args.b0, args.b1, args.p0, args.p1
     records = load_runs(args.runs)
     main = {k[:2]: v for k, v in groups(records).items() if k[2] == (0.0, 0.0, 0.0)}
-    cohort = open_dataset(records[0].data, mmap=True).cohort
+    ds = open_dataset(records[0].data, mmap=True)
+    cohort = ds.cohort
     opts_a = resolve_options(read_plan_record(args.runs))
-    inter = [i for i in INTERSECTIONS if set(i) <= set(opts_a.fairness_attributes)]
+    inter = [i for i in ds.intersections if set(i) <= set(opts_a.fairness_attributes)]
     total = {"statistics": 0.0, "fairness": 0.0}
     print(f"| task | cohort | stays | methods | unique pairs | runs | pair CPU s at B={args.target_bootstrap}, "
           f"P={args.target_permutations} | method bootstrap CPU s | run fairness CPU s | group CPU min |")  # fmt: skip

@@ -82,13 +82,16 @@ def choose_positions(has_cxr, batch_size: int, availability: float) -> list[int]
     return [int(i) for i in np.concatenate([with_cxr[:k], without[: batch_size - k]])]
 
 
-def our_batch(data: str, batch_size: int, availability: float, image_size: int) -> tuple[dict, list[str]]:
+def our_batch(
+    data: str, batch_size: int, availability: float, image_size: int
+) -> tuple[dict, list[str], list[str]]:
+    """The batch, the EHR features and the task's output names."""
     from carebench.data.loading import build_fold
     from carebench.data.store import open_dataset
 
     fold = build_fold(open_dataset(data, mmap=True), task="phenotype", fold=1, image_size=image_size)
     positions = choose_positions(fold.train.has_cxr, batch_size, availability)
-    return fold.train.__getitems__(positions), list(fold.features)
+    return fold.train.__getitems__(positions), list(fold.features), list(fold.outputs)
 
 
 def reference_batch(ours: dict, triplets: bool, max_triplets: int = 500) -> dict:
@@ -251,16 +254,14 @@ def worker(spec: dict) -> None:
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     warm, steps = spec["warmup"], spec["steps"]
-    ours, features = our_batch(spec["data"], spec["batch_size"], spec["availability"], 224)
+    ours, features, outputs = our_batch(spec["data"], spec["batch_size"], spec["availability"], 224)
     precision, config = "32-true", ""
     if spec["side"] == "reference":
-        from carebench.data.folds import output_names
-
         module, config, triplets = reference_module(
             Path(spec["reference"]).expanduser().absolute(),
             spec["method"],
             2 * len(features),
-            output_names("phenotype"),
+            outputs,
             warm + steps,
         )
         batch = reference_batch(ours, triplets)
@@ -269,7 +270,11 @@ def worker(spec: dict) -> None:
         from carebench.training.run import build_module
 
         cfg = our_config(spec["data"], spec["method"], OURS[spec["side"]], spec["batch_size"])
-        module, batch, precision = build_module(cfg, build_model(cfg, len(features))), ours, cfg.precision
+        module, batch, precision = (
+            build_module(cfg, build_model(cfg, len(features)), outputs),
+            ours,
+            cfg.precision,
+        )
         config = f"preset full, {cfg.precision}, channels_last={cfg.channels_last}"
     times: list[tuple[float, float]] = []  # (wall, this process's CPU time)
 

@@ -137,9 +137,16 @@ def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
     out, res = written
     comp = res.tables["comparisons"]
     pheno = comp[comp.task == "phenotype"]
-    # 2 fusion methods vs the reference + all 6 pairs, each on 52 keys
-    assert len(pheno) == (2 + 6) * N_COMPARE_KEYS
+    # 2 fusion methods vs the reference + the 3 pairs with late fusion (default --pairs findings), each on 52 keys
+    assert res.summary["options"]["pairs"] == "findings"
+    assert len(pheno) == (2 + 3) * N_COMPARE_KEYS
     assert (pheno.comparison == "reference").sum() == 2 * N_COMPARE_KEYS
+    pw = pheno[pheno.comparison == "pairwise"]
+    assert set(zip(pw.method_a, pw.method_b, strict=True)) == {
+        ("latefusion", "lstm"),
+        ("latefusion", "medfuse"),
+        ("latefusion", "resnet"),
+    }
     # the reference: the unimodal method with the best macro AUPRC of its seed-averaged predictions
     best = {}
     for method in ("lstm", "resnet"):
@@ -153,7 +160,14 @@ def test_comparisons_rows_reference_and_multiplicity(data_dir, written):
     assert set(pheno[pheno.comparison == "reference"].method_a) == {"latefusion", "medfuse"}
     los = comp[comp.task == "los"]
     assert len(los) == 2 * 2 and set(los.reference) == {"lstm"}
-    assert (comp.n_permutations == 999).all() and (comp.n_seeds_a[comp.task == "phenotype"] == 2).all()
+    assert (comp.n_seeds_a[comp.task == "phenotype"] == 2).all()
+    # sequential tests (default h = 50): a test that met 50 permuted differences as extreme as the observed one
+    # stopped there with p = 50 / permutations used; the others drew all 999
+    assert res.summary["options"]["sequential_h"] == 50
+    stopped = comp.n_permutations < 999
+    assert stopped.any() and (~stopped).any() and (comp.n_permutations >= 50).all()
+    np.testing.assert_allclose(comp.p_value[stopped], 50 / comp.n_permutations[stopped], rtol=0, atol=1e-15)
+    assert (comp.p_value[~stopped] <= 50 / 1000 + 1e-15).all()
     p = comp.p_value
     assert p.between(1 / 1000, 1).all()
     assert (comp.p_holm >= p - 1e-15).all() and (comp.p_bh >= p - 1e-15).all()
@@ -398,6 +412,8 @@ def test_cli_analyze(tmp_path, data_dir):
             "100",
             "--n-permutations",
             "99",
+            "--sequential-h",
+            "0",
             "--skip-fairness",
             "--skip-missingness",
             "--skip-ablation",
@@ -408,7 +424,8 @@ def test_cli_analyze(tmp_path, data_dir):
     board = pd.read_parquet(runs / "analysis" / "leaderboard.parquet")
     assert len(board) == 2 * 9 and (board.n_resamples_valid <= 100).all()
     comp = pd.read_parquet(runs / "analysis" / "comparisons.parquet")
-    assert len(comp) == 2 * 2 and (comp.n_permutations == 99).all()  # fusion vs lstm, and the one pair
+    # fusion vs lstm, and the one pair; --sequential-h 0: every test draws all its permutations
+    assert len(comp) == 2 * 2 and (comp.n_permutations == 99).all()
     bad = cli.invoke(app, ["analyze", str(tmp_path / "empty")])
     assert bad.exit_code == 2 and "error:" in bad.output and len(bad.output.strip().splitlines()) == 1
 

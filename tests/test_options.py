@@ -27,6 +27,8 @@ def _resampling(opts: AnalysisOptions) -> dict:
 def test_the_owner_holds_the_documented_defaults():
     assert {k: getattr(DEFAULTS, k) for k in EXPECTED} == EXPECTED
     assert StatisticsOptions().label_groups == {} and FairnessOptions().enabled is True
+    assert DEFAULTS.pairs == "findings" and resolve_options(None).pairs == "findings"
+    assert DEFAULTS.sequential_h == 50 and resolve_options(None, sequential_h=0).sequential_h == 0
 
 
 def test_plan_cli_and_python_resolve_the_same_options(tmp_path, monkeypatch):
@@ -70,6 +72,11 @@ def test_an_option_given_beats_the_plan_which_beats_the_default():
     assert _resampling(resolve_options(recorded)) == {**EXPECTED, "n_permutations": 500, "seed": 3}
     given = resolve_options(recorded, n_permutations=20, seed=None)
     assert (given.n_permutations, given.seed) == (20, 3)
+    planned = plan_record(parse_plan({"name": "p", "models": ["lstm"], "tasks": ["mortality"],
+                                      "statistics": {"pairs": "all"}}), [])  # fmt: skip
+    assert resolve_options(planned).pairs == "all"
+    assert resolve_options(planned, pairs="reference").pairs == "reference"
+    assert resolve_options(planned).statistics.pairs == "all"
 
 
 def test_kernel_keyword_defaults_read_the_owner():
@@ -78,6 +85,8 @@ def test_kernel_keyword_defaults_read_the_owner():
         (st.bootstrap_ci, "n_resamples", "n_bootstrap"),
         (comparisons.compare_methods, "n_permutations", "n_permutations"),
         (comparisons.compare_methods, "n_resamples", "n_bootstrap"),
+        (comparisons.compare_methods, "sequential_h", "sequential_h"),
+        (st.paired_permutation_test, "sequential_h", "sequential_h"),
         (fairness.analyze_fairness, "n_resamples", "n_bootstrap"),
     ]:
         assert inspect.signature(fn).parameters[key].default == getattr(DEFAULTS, owner), fn.__name__
@@ -88,3 +97,7 @@ def test_bad_option_values_name_the_option():
         resolve_options(None, n_permutations=0)
     with pytest.raises(ValueError, match=r"--confidence: expected a number in \(0, 1\), got 1\.5"):
         resolve_options(None, confidence=1.5)
+    with pytest.raises(ValueError, match="--sequential-h: expected an integer >= 0, got -1"):
+        resolve_options(None, sequential_h=-1)
+    with pytest.raises(ValueError, match="--pairs: expected one of findings, reference, all, got 'some'"):
+        resolve_options(None, pairs="some")

@@ -313,8 +313,8 @@ def test_permutation_monte_carlo_agrees_with_scipy():
         vectorized=True,
         rng=np.random.default_rng(1),
     )
-    got = paired_permutation_test(y, pa, pb, "auroc", n_permutations=r, seed=2)
-    assert not got.exact
+    got = paired_permutation_test(y, pa, pb, "auroc", n_permutations=r, seed=2, sequential_h=0)
+    assert not got.exact and got.n_permutations == r
     assert got.statistic == pytest.approx(ref.statistic, abs=TOL)
     assert 0.01 < ref.pvalue < 0.5  # a p-value in the range where the comparison means something
     sd = np.sqrt(2 * ref.pvalue * (1 - ref.pvalue) / r)  # two independent Monte Carlo estimates
@@ -345,6 +345,55 @@ def test_p_values_uniform_under_the_null_and_small_under_a_clear_difference():
     greater = paired_permutation_test(y, good, noise, n_permutations=999, alternative="greater")
     less = paired_permutation_test(y, good, noise, n_permutations=999, alternative="less")
     assert greater.p_value < 0.01 and less.p_value > 0.99
+
+
+def test_sequential_p_values_are_besag_clifford_on_the_same_permutations():
+    """With h > 0 each key's test stops at its h-th permuted difference as extreme as the observed one: p = h / L,
+    its null distribution is the first L of the full run's (same seed), and a key that never gets there keeps
+    the full run's p. Keys do not influence each other."""
+    rng = np.random.default_rng(21)
+    n, h, r = 300, 20, 3000
+    y = (rng.random((n, 3)) < 0.35).astype(int)
+    pa = np.clip(0.3 * y + 0.7 * rng.random((n, 3)), 0, 1)
+    pb = np.clip(0.3 * y + 0.7 * rng.random((n, 3)), 0, 1)  # labels 0, 1: same distribution as a
+    pb[:, 2] = rng.random(n)  # label 2: b is noise, a clearly better
+    names = ["l0", "l1", "l2"]
+    keys = ["auroc_macro", "auroc/l0", "auprc/l1", "auroc/l2"]
+    full = st.paired_permutation_tests(y, pa, pb, keys, names=names, n_permutations=r, seed=4, sequential_h=0)
+    seq = st.paired_permutation_tests(y, pa, pb, keys, names=names, n_permutations=r, seed=4, sequential_h=h)
+    stopped = 0
+    for k in keys:
+        hits = np.cumsum(np.abs(full[k].null_distribution) >= abs(full[k].statistic) - 1e-12)
+        assert seq[k].statistic == full[k].statistic
+        if hits[-1] >= h:
+            stop = int(np.argmax(hits >= h)) + 1
+            assert (seq[k].n_permutations, seq[k].p_value) == (stop, h / stop)
+            np.testing.assert_array_equal(seq[k].null_distribution, full[k].null_distribution[:stop])
+            stopped += 1
+        else:
+            assert (seq[k].n_permutations, seq[k].p_value) == (r, full[k].p_value)
+    assert stopped == 2 and seq["auroc/l2"].p_value == 1 / (r + 1)
+    alone = st.paired_permutation_test(
+        y, pa, pb, "auroc/l0", names=names, n_permutations=r, seed=4, sequential_h=h
+    )
+    assert (alone.p_value, alone.n_permutations) == (seq["auroc/l0"].p_value, seq["auroc/l0"].n_permutations)
+
+
+def test_sequential_test_stops_drawing_permutations(monkeypatch):
+    """The saving is real: once every key has stopped, no further block of permutations is evaluated."""
+    rng = np.random.default_rng(22)
+    n, r = 2000, 50_000
+    y = (rng.random(n) < 0.3).astype(int)
+    pa, pb = rng.random(n), rng.random(n)  # two equally useless models: p far from significance
+    calls = []
+    real = st._MetricSet.evaluate_swapped
+    monkeypatch.setattr(
+        st._MetricSet, "evaluate_swapped", lambda self, wt: calls.append(wt.shape[1]) or real(self, wt)
+    )
+    res = st.paired_permutation_test(y, pa, pb, "auroc", n_permutations=r, seed=0, sequential_h=10)
+    per_block = max(1, 8 * st.RNG_BLOCK // (2 * n))
+    assert res.n_permutations < per_block and res.p_value == 10 / res.n_permutations > 0.05
+    assert calls == [1, per_block]  # the observed arrangement, then one block: 1 of the 6 blocks of 50,000
 
 
 # ------------------------------------------------------------------------------------------ multiplicity
@@ -485,6 +534,28 @@ def test_compare_methods_table(task):
             )
         }
         assert len(table[table["family"] == "phenotype:pairwise:auroc:per_label"]) == 3 * 4
+
+
+def test_compare_methods_pairwise_with_keeps_the_rows_of_those_pairs():
+    """Restricting the pairs (analyze --pairs findings) gives the same statistics for the pairs it keeps: each pair
+    is computed on its own; only the multiplicity families shrink."""
+    task = "phenotype"
+    preds = _long_predictions(task, np.random.default_rng(15))
+    kw = {"unimodal": ["ehr", "cxr"], "n_resamples": 100, "n_permutations": 99, "seed": 0}
+    full = compare_methods(preds, task, **kw)
+    some = compare_methods(preds, task, pairwise_with=["fusion"], **kw)
+    none = compare_methods(preds, task, pairwise=False, **kw)
+    pw = some[some["comparison"] == "pairwise"]
+    assert set(zip(pw["method_a"], pw["method_b"], strict=True)) == {("cxr", "fusion"), ("ehr", "fusion")}
+    assert set(none["comparison"]) == {"reference"}
+    cols = ["comparison", "method_a", "method_b", "label", "metric"]
+    vals = ["delta", "ci_low", "ci_high", "p_value", "estimate_a", "estimate_b"]
+    both = some.merge(full, on=cols, suffixes=("", "_full"))
+    assert len(both) == len(some)
+    for c in vals:
+        np.testing.assert_array_equal(both[c].to_numpy(), both[f"{c}_full"].to_numpy())
+    ref = some[some["comparison"] == "reference"].merge(none, on=cols, suffixes=("", "_none"))
+    np.testing.assert_array_equal(ref["p_holm"].to_numpy(), ref["p_holm_none"].to_numpy())
 
 
 def test_method_metrics_seed_ensemble_and_seed_spread():

@@ -696,6 +696,13 @@ def analyze(
         help="Permutations per paired test [default: the plan's statistics.n_permutations, else "
         f"{STATS.n_permutations}].",
     ),
+    sequential_h: int | None = typer.Option(
+        None,
+        "--sequential-h",
+        help="A permutation test stops once this many permuted differences were as extreme as the observed one "
+        "(Besag-Clifford sequential p = h / permutations used; 0 = always --n-permutations) [default: the plan's "
+        f"statistics.sequential_h, else {STATS.sequential_h}].",
+    ),
     seed: int | None = typer.Option(
         None, "--seed", help=f"Seed of every resampling [default: the plan's, else {STATS.seed}]."
     ),
@@ -725,6 +732,13 @@ def analyze(
         "planted.json of `carebench synth` (grouped by planted kind). "
         "[default: the plan's statistics.label_groups, else none]",
     ),
+    pairs: str | None = typer.Option(
+        None,
+        "--pairs",
+        help="Method pairs compared besides each fusion method vs the best unimodal one: findings (each method "
+        "vs latefusion, what the findings read), all (every pair: work grows with the square of the methods), "
+        f"reference (none) [default: the plan's statistics.pairs, else {STATS.pairs}].",
+    ),
     device: str = typer.Option("cpu", "--device", help="Torch device for re-evaluating checkpoints."),
     jobs: int = typer.Option(
         0,
@@ -751,6 +765,8 @@ def analyze(
         ablation=ablation,
         device=device,
         label_groups=label_groups,
+        pairs=pairs,
+        sequential_h=sequential_h,
         jobs=jobs,
     )
     s = result.summary

@@ -11,7 +11,8 @@ What it does (docs/report.md has every table and column):
   names; unimodal methods are those whose model reads one modality.
 - Main runs (no X-ray removed in any split): leaderboard (`comparisons.method_metrics`: every metric, bootstrap
   CI, folds concatenated, seeds averaged) and comparisons (`comparisons.compare_methods`: each fusion method vs
-  the best unimodal method, all pairs, per phenotype; permutation p-values with Holm and BH).
+  the best unimodal method, and the pairs of `--pairs`: by default each method vs late fusion; per phenotype;
+  permutation p-values with Holm and BH).
 - Fairness per main run (`analysis.fairness`), thresholds chosen on the run's validation predictions
   (`predictions_val.parquet`, or recomputed from the checkpoint for older records).
 - Natural missingness: main-run test predictions split by the stay's X-ray availability (base cohort).
@@ -45,7 +46,7 @@ import pandas as pd
 from carebench import __version__, runs
 from carebench.analysis import comparisons as cmp
 from carebench.analysis.fairness import fairness_tables
-from carebench.analysis.findings import Role, findings_table
+from carebench.analysis.findings import LATE_FUSION, Role, findings_table
 from carebench.analysis.modality import RunPredictor, dropout_runs_table
 from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_options
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
@@ -286,8 +287,11 @@ def _statistics(
             test,
             task,
             unimodal=unimodal,
+            pairwise=opts.pairs != "reference",
+            pairwise_with=[LATE_FUSION] if opts.pairs == "findings" else None,
             n_resamples=opts.n_bootstrap,
             n_permutations=opts.n_permutations,
+            sequential_h=opts.sequential_h,
             ci=opts.confidence,
             seed=opts.seed,
             label_groups=_groups(task, opts),

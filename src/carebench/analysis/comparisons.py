@@ -294,6 +294,7 @@ def _pair_statistics(job: tuple) -> tuple[list[dict], dict, dict, int]:
         groups=o["groups"],
         thresholds_a=ta,
         thresholds_b=tb,
+        sequential_h=o["sequential_h"],
     )
     return point, _lean(boot), _lean(perm), len(y)
 
@@ -306,8 +307,10 @@ def compare_methods(
     unimodal: Sequence[str] = (),
     metrics: Sequence[str] | None = None,
     pairwise: bool = True,
+    pairwise_with: Sequence[str] | None = None,
     n_resamples: int = DEFAULTS.n_bootstrap,
     n_permutations: int = DEFAULTS.n_permutations,
+    sequential_h: int = DEFAULTS.sequential_h,
     ci: float = DEFAULTS.confidence,
     seed: int = DEFAULTS.seed,
     ci_method: str = "percentile",
@@ -320,7 +323,9 @@ def compare_methods(
     """Paired comparisons of methods on the same test stays: delta, bootstrap CI, permutation p, Holm and BH.
 
     Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
-    reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise").
+    reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise"), or
+    with `pairwise_with` only the pairs that include one of those methods (the work of all pairs grows with the
+    square of the number of methods).
     The reference is `reference`, or else the unimodal method with the best test value of the task's selection
     metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
     `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
@@ -328,11 +333,13 @@ def compare_methods(
     selection metric. p-values are adjusted within each `family` = task x comparison x metric x
     (overall | per_label | group). `stratify` (binary, multiclass) resamples the bootstrap within classes.
     `val`: the runs' validation predictions (long), needed when a compared metric is thresholded (each model's
-    predictions are decided at its own validation thresholds). `jobs` > 1 computes the method pairs in that many
+    predictions are decided at its own validation thresholds). `sequential_h`: each test stops after that many
+    null statistics as extreme as the observed one (`paired_permutation_test`; its row's `n_permutations` is the
+    number used). `jobs` > 1 computes the method pairs in that many
     worker processes (`analysis.parallel`; same table). Details: docs/statistics.md.
     """
     check_ci_options(ci, ci_method, n_resamples, "n_resamples")
-    check_test_options(alternative, n_permutations)
+    check_test_options(alternative, n_permutations, sequential_h)
     names = runs.prediction_columns(preds.columns, task)[2]
     groups = check_label_groups(label_groups, names) if get_task(task).kind == "multilabel" else {}
     keys = _expand_keys(task, metrics, names, groups)
@@ -363,11 +370,15 @@ def compare_methods(
                 if m not in (ref, reference) and m not in unimodal
             ]
     if pairwise:
-        pairs += [("pairwise", a, b, keys) for a, b in itertools.combinations(methods, 2)]
+        pairs += [
+            ("pairwise", a, b, keys)
+            for a, b in itertools.combinations(methods, 2)
+            if pairwise_with is None or a in pairwise_with or b in pairwise_with
+        ]
     unique = list(dict.fromkeys((a, b) for _, a, b, _ in pairs))
     options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
                "ci_method": ci_method, "stratify": stratify, "n_permutations": n_permutations,
-               "alternative": alternative}  # fmt: skip
+               "alternative": alternative, "sequential_h": sequential_h}  # fmt: skip
     work = ((*_align(pooled[a], pooled[b], names, a, b), options) for a, b in unique)
     done = dict(zip(unique, parallel_map(_pair_statistics, work, jobs), strict=True))
     rows = []

@@ -44,6 +44,8 @@ class AnalysisOptions:
     device: str = "cpu"
     label_groups: dict[str, list[str]] = field(default_factory=dict)
     label_groups_source: str = ""
+    pairs: str = DEFAULTS.pairs
+    sequential_h: int = DEFAULTS.sequential_h
     jobs: int = 1  # worker processes (analysis.parallel); the tables do not depend on it; CLI: every core
 
     @property
@@ -54,6 +56,8 @@ class AnalysisOptions:
             confidence=self.confidence,
             seed=self.seed,
             label_groups=self.label_groups,
+            pairs=self.pairs,
+            sequential_h=self.sequential_h,
         )
 
 
@@ -85,7 +89,7 @@ def read_label_groups(
 
 
 _GIVEN = ("n_bootstrap", "n_permutations", "confidence", "seed", "fairness", "missingness", "ablation",
-          "test_rates", "device", "label_groups", "jobs")  # fmt: skip
+          "test_rates", "device", "label_groups", "jobs", "pairs", "sequential_h")  # fmt: skip
 
 
 def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOptions:
@@ -96,7 +100,7 @@ def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOption
     plan = plan or {}
     planned = {k: v for k, v in (plan.get("statistics") or {}).items() if k != "label_groups"}
     stats = {k: given[k] if given.get(k) is not None else planned.get(k) for k in ("n_bootstrap", "n_permutations",
-             "confidence", "seed")}  # fmt: skip
+             "confidence", "seed", "pairs", "sequential_h")}  # fmt: skip
     try:
         resolved = StatisticsOptions.from_mapping(stats)
     except OptionError as e:
@@ -110,6 +114,8 @@ def resolve_options(plan: dict[str, Any] | None, **given: Any) -> AnalysisOption
         n_permutations=resolved.n_permutations,
         confidence=resolved.confidence,
         seed=resolved.seed,
+        pairs=resolved.pairs,
+        sequential_h=resolved.sequential_h,
         fairness=given["fairness"] if given.get("fairness") is not None else fair.enabled,
         fairness_attributes=list(fair.attributes),
         missingness=given.get("missingness") is not False,

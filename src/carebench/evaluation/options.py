@@ -14,6 +14,8 @@ from typing import Any
 
 from carebench.errors import OptionError
 
+# Method pairs compared besides each fusion method vs the reference (StatisticsOptions.pairs).
+PAIRS = ("findings", "reference", "all")
 GROUP_SEP = "@"  # "auroc_macro@both": macro average over the labels of group "both"
 # Names a fairness attribute cannot have: the columns of the fairness tables (docs/fairness.md).
 RESERVED_ATTRIBUTE_NAMES = frozenset(
@@ -42,7 +44,11 @@ class StatisticsOptions:
     The kernels' own defaults, a plan's `statistics` section, `carebench analyze` and the report all read them
     from here, so the same runs give the same p-values whichever entry point resolves the options.
     n_bootstrap: resamples per bootstrap CI; n_permutations: permutations per paired test; confidence: CI level;
-    seed: of every resampling; label_groups: named groups of labels for group-macro metrics ({} = none).
+    seed: of every resampling; label_groups: named groups of labels for group-macro metrics ({} = none);
+    pairs: which method pairs get a paired comparison besides each fusion method vs the reference
+    (`PAIRS`: "findings" = each method vs late fusion, what the findings read; "all" = every pair, work
+    quadratic in the methods; "reference" = none); sequential_h: a permutation test stops once that many null
+    statistics were as extreme as the observed one (Besag & Clifford; 0 = always all n_permutations).
     """
 
     n_bootstrap: int = 1000
@@ -50,6 +56,8 @@ class StatisticsOptions:
     confidence: float = 0.95
     seed: int = 0
     label_groups: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    pairs: str = "findings"
+    sequential_h: int = 50
 
     @classmethod
     def from_mapping(cls, raw: Mapping[str, Any] | None) -> StatisticsOptions:
@@ -63,9 +71,9 @@ class StatisticsOptions:
             if key not in names:
                 raise OptionError(key, f"unknown option; expected one of {', '.join(names)}")
         values: dict[str, Any] = {}
-        for key in ("n_bootstrap", "n_permutations", "seed"):
+        for key in ("n_bootstrap", "n_permutations", "seed", "sequential_h"):
             if raw.get(key) is not None:
-                v, lo = raw[key], 0 if key == "seed" else 1
+                v, lo = raw[key], 0 if key in ("seed", "sequential_h") else 1
                 if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                     raise OptionError(key, f"expected an integer >= {lo}, got {v!r}")
                 values[key] = v
@@ -74,6 +82,10 @@ class StatisticsOptions:
             if isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < 1:
                 raise OptionError("confidence", f"expected a number in (0, 1), got {v!r}")
             values["confidence"] = float(v)
+        if raw.get("pairs") is not None:
+            if raw["pairs"] not in PAIRS:
+                raise OptionError("pairs", f"expected one of {', '.join(PAIRS)}, got {raw['pairs']!r}")
+            values["pairs"] = raw["pairs"]
         groups = raw.get("label_groups")
         if groups is not None and not (isinstance(groups, Mapping) and not groups):  # {} means no groups
             if problem := label_groups_problem(groups):

@@ -946,16 +946,60 @@ def swap_blocks(n: int, n_permutations: int, seed: int) -> tuple[bool, Iterator[
     return exact, blocks()
 
 
+def _as_extreme(null: np.ndarray, observed: float, alternative: str) -> np.ndarray:
+    """Which null statistics are at least as extreme as the observed one (floating-point ties count)."""
+    if alternative == "two-sided":
+        return np.abs(null) >= abs(observed) - TIE_TOLERANCE
+    if alternative == "greater":
+        return null >= observed - TIE_TOLERANCE
+    return null <= observed + TIE_TOLERANCE
+
+
 def _p_value(null: np.ndarray, observed: float, alternative: str, exact: bool) -> float:
     if np.isnan(observed):
         return float("nan")
-    if alternative == "two-sided":
-        count = np.count_nonzero(np.abs(null) >= abs(observed) - TIE_TOLERANCE)
-    elif alternative == "greater":
-        count = np.count_nonzero(null >= observed - TIE_TOLERANCE)
-    else:
-        count = np.count_nonzero(null <= observed + TIE_TOLERANCE)
+    count = np.count_nonzero(_as_extreme(null, observed, alternative))
     return count / len(null) if exact else (1 + count) / (1 + len(null))
+
+
+class _Sequential:
+    """Besag & Clifford's sequential Monte Carlo p-value for each key: draw permutations until `h` null statistics
+    at least as extreme as the observed one have been seen, or `n_permutations` are drawn. Stopped at the L-th
+    permutation, p = h / L; never stopped, p = (1 + count) / (1 + n_permutations) as without stopping. Either is a
+    valid p-value (P(p <= a) <= a under the null), and a key's p and L depend only on the permutation sequence,
+    not on the other keys or the block sizes. h = 0: no stopping."""
+
+    def __init__(self, keys: Sequence[str], observed: Mapping[str, float], alternative: str, h: int) -> None:
+        self.h, self.alternative, self.observed = h, alternative, observed
+        self.count = dict.fromkeys(keys, 0)
+        # a key whose statistic is undefined (NaN) has nothing to wait for
+        self.stopped_at: dict[str, int | None] = {k: 0 if h and np.isnan(observed[k]) else None for k in keys}
+        self.seen = 0
+
+    def add(self, null: Mapping[str, np.ndarray]) -> None:
+        """Account for the next block of null statistics (one array per key, all the same length)."""
+        block = len(next(iter(null.values()))) if null else 0
+        if self.h:
+            for k, at in self.stopped_at.items():
+                if at is not None:
+                    continue
+                hits = np.cumsum(_as_extreme(null[k], self.observed[k], self.alternative))
+                if self.count[k] + (hits[-1] if len(hits) else 0) >= self.h:
+                    self.stopped_at[k] = self.seen + int(np.searchsorted(hits, self.h - self.count[k])) + 1
+                else:
+                    self.count[k] += int(hits[-1]) if len(hits) else 0
+        self.seen += block
+
+    @property
+    def done(self) -> bool:
+        return bool(self.h) and all(at is not None for at in self.stopped_at.values())
+
+    def p_value(self, key: str, null: np.ndarray, exact: bool) -> tuple[float, int]:
+        """(p, permutations used) of a key from its null statistics in drawing order."""
+        at = self.stopped_at.get(key)
+        if at is None or np.isnan(self.observed[key]):
+            return _p_value(null, self.observed[key], self.alternative, exact), len(null)
+        return self.h / at, at
 
 
 def _permutation_many(
@@ -970,6 +1014,7 @@ def _permutation_many(
     groups: Mapping[str, Sequence[str]] | None = None,
     thresholds_a: np.ndarray | None = None,
     thresholds_b: np.ndarray | None = None,
+    sequential_h: int = 0,
 ) -> dict[str, PermutationResult]:
     n = len(y)
     kind = task_kind(y, p_a)
@@ -989,31 +1034,41 @@ def _permutation_many(
     obs_a, obs_b = pooled.evaluate_swapped(identity)
     observed = {k: float(obs_a[k][0] - obs_b[k][0]) for k in keys}
     exact, blocks = swap_blocks(n, n_permutations, seed)
+    sequential = _Sequential(keys, observed, alternative, 0 if exact else sequential_h)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for swap in blocks:
         st = swap.T
         va, vb = pooled.evaluate_swapped(np.concatenate([1 - st, st], axis=0))  # A*: a's score unless swapped
+        null = {k: va[k] - vb[k] for k in keys}
         for k in keys:
-            parts[k].append(va[k] - vb[k])
+            parts[k].append(null[k])
+        sequential.add(null)
+        if sequential.done:  # every key has seen its h extreme statistics: the remaining blocks cannot matter
+            break
     out = {}
     for k in keys:
         null = np.concatenate(parts[k])
+        p, used = sequential.p_value(k, null, exact)
         out[k] = PermutationResult(
             statistic=observed[k],
-            p_value=_p_value(null, observed[k], alternative, exact),
-            n_permutations=len(null),
+            p_value=p,
+            n_permutations=used,
             exact=exact,
             alternative=alternative,
-            null_distribution=null,
+            null_distribution=null[:used],
         )
     return out
 
 
-def check_test_options(alternative: str, n_permutations: int) -> None:
+def check_test_options(alternative: str, n_permutations: int, sequential_h: int = 0) -> None:
     if alternative not in ALTERNATIVES:
         raise StatisticsInputError(f"alternative: expected one of {list(ALTERNATIVES)}, got {alternative!r}")
     if n_permutations < 1:
         raise StatisticsInputError(f"n_permutations: must be at least 1, got {n_permutations}")
+    if isinstance(sequential_h, bool) or not isinstance(sequential_h, int | np.integer) or sequential_h < 0:
+        raise StatisticsInputError(
+            f"sequential_h: expected an integer >= 0 (0: no stopping), got {sequential_h!r}"
+        )
 
 
 def paired_permutation_test(
@@ -1029,6 +1084,7 @@ def paired_permutation_test(
     groups: Mapping[str, Sequence[str]] | None = None,
     thresholds_a: np.ndarray | None = None,
     thresholds_b: np.ndarray | None = None,
+    sequential_h: int = DEFAULTS.sequential_h,
 ) -> PermutationResult:
     """Paired permutation test of T = metric(a) - metric(b) on the same stays.
 
@@ -1036,6 +1092,10 @@ def paired_permutation_test(
     of a random subset of stays (labels stay with their stay). Two-sided p = (1 + #{|T*| >= |T|}) / (1 + R):
     the observed arrangement counts as one of the permutations, so p is never 0 and the test keeps its level.
     With 2**n <= n_permutations every swap pattern is enumerated and p = #{|T*| >= |T|} / 2**n (exact).
+    `sequential_h` > 0 (random permutations only): stop once that many null statistics were as extreme as the
+    observed one, p = h / L at the L-th permutation (Besag & Clifford 1991; valid, and a p-value far from
+    significance then costs a few hundred permutations instead of all of them); 0 = all `n_permutations`.
+    `n_permutations` of the result is the number used.
     """
     return paired_permutation_tests(
         y_true,
@@ -1049,6 +1109,7 @@ def paired_permutation_test(
         groups=groups,
         thresholds_a=thresholds_a,
         thresholds_b=thresholds_b,
+        sequential_h=sequential_h,
     )[metric]
 
 
@@ -1065,14 +1126,15 @@ def paired_permutation_tests(
     groups: Mapping[str, Sequence[str]] | None = None,
     thresholds_a: np.ndarray | None = None,
     thresholds_b: np.ndarray | None = None,
+    sequential_h: int = DEFAULTS.sequential_h,
 ) -> dict[str, PermutationResult]:
     """`paired_permutation_test` of several metrics (e.g. every label) on the same permutations, in one pass. A
     swapped stay carries its model's threshold with its score (the decision belongs to the prediction)."""
     y, p_a, names = prepare_predictions(y_true, p_a, names)
     _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
-    check_test_options(alternative, n_permutations)
+    check_test_options(alternative, n_permutations, sequential_h)
     return _permutation_many(
         y, p_a, p_b, names, list(dict.fromkeys(metrics)), n_permutations, seed, alternative, groups,
-        thresholds_a, thresholds_b,
+        thresholds_a, thresholds_b, sequential_h,
     )  # fmt: skip

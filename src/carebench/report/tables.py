@@ -217,7 +217,7 @@ def leaderboard(
 
 
 def pairwise(comparisons: pd.DataFrame, task: str, cohort: str) -> Table:
-    """All method pairs on the task's overall metrics: delta [CI], p, Holm, BH."""
+    """The pairwise comparisons (analyze --pairs) on the task's overall metrics: delta [CI], p, Holm, BH."""
     c = comparisons[
         (comparisons["task"] == task)
         & (comparisons["cohort"] == cohort)
