@@ -15,6 +15,12 @@ RSS) over the replicated sizes gives the full MIMIC-IV extrapolation (313 M char
 inputs are kept in --workdir (about 6.4 MB of csv.gz per million chartevents rows with their labevents).
 
     python benchmarks/prepare.py --workdir /tmp/bench --copies 8,25,75 --repeat 2 --threads 2 --memory-limit 2GB
+
+Memory against --memory-limit: one raw MIMIC-IV folder (e.g. a `carebench synth` cohort of the paper's size)
+prepared at each limit, peak RSS beside the limit (DuckDB spills to disk beyond it; the rest is the interpreter,
+the libraries and the output arrays):
+
+    python benchmarks/prepare.py --raw RAW/mimic-iv --memory-limits 512MB,1GB,2GB,4GB,8GB --threads 1
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -146,11 +153,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--memory-limit", default="2GB")
     ap.add_argument("--workdir", default=None, help="where to keep the scaled inputs (default: a temp dir)")
+    ap.add_argument("--raw", default=None, help="with --memory-limits: the raw MIMIC-IV folder to prepare")
+    ap.add_argument("--memory-limits", default="", help="comma-separated --memory-limit values to compare")
     ap.add_argument("--_single", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._single:
         raw, out, threads, mem = args._single
         print(json.dumps(run_prepare(Path(raw), Path(out), int(threads), mem)))
+        return
+    if args.memory_limits:
+        memory_limits(args)
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="carebench-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -242,6 +254,45 @@ def main() -> None:
         )
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def memory_limits(args: argparse.Namespace) -> None:
+    if not args.raw:
+        raise SystemExit("--memory-limits needs --raw (a raw MIMIC-IV folder)")
+    raw, work = Path(args.raw), Path(tempfile.mkdtemp(prefix="carebench-bench-"))
+    rows = count_rows(raw)
+    limits = [x for x in args.memory_limits.split(",") if x]
+    runs: dict[str, list[dict]] = {lim: [] for lim in limits}
+    load_before = os.getloadavg()
+    for i in range(args.repeat):
+        for lim in limits:
+            runs[lim].append(measure_once(raw, work / f"out-{i}", args.threads, lim))
+    shutil.rmtree(work, ignore_errors=True)
+    first = runs[limits[0]][0]
+    print(
+        f"\n{raw}: {rows['chartevents']:,} chartevents, {rows['labevents']:,} labevents, "
+        f"{rows['outputevents']:,} outputevents rows; {first['stays']:,} cohort stays x {first['features']} "
+        f"features; --threads {args.threads}; median of {args.repeat}; {platform.machine()}, {os.cpu_count()} "
+        f"logical CPUs, duckdb {duckdb.__version__}; load average before {' '.join(f'{x:.1f}' for x in load_before)}"
+        "\n\n| --memory-limit | wall s | CPU s | peak RSS MiB | peak RSS − limit MiB |\n|---|---:|---:|---:|---:|"
+    )
+    for lim in limits:
+        rs = runs[lim]
+        rss = statistics.median(x["peak_rss_mib"] for x in rs)
+        mib = _mib(lim)
+        print(
+            f"| {lim} | {statistics.median(x['wall_s'] for x in rs):.1f} | "
+            f"{statistics.median(x['cpu_s'] for x in rs):.1f} | {rss:,.0f} | {rss - mib:+,.0f} |"
+        )
+
+
+def _mib(size: str) -> float:
+    """MiB of a DuckDB size string (512MB = 512 x 1000^2 bytes, 2GiB = 2 x 1024^3 bytes)."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT])(i?)B\s*", size, flags=re.IGNORECASE)
+    if not m:
+        raise SystemExit(f"--memory-limits: {size!r} is not a size such as 512MB or 2GiB")
+    base = 1024 if m.group(3) else 1000
+    return float(m.group(1)) * base ** ("KMGT".index(m.group(2).upper()) + 1) / 2**20
 
 
 if __name__ == "__main__":

@@ -396,6 +396,44 @@ def test_sequential_test_stops_drawing_permutations(monkeypatch):
     assert calls == [1, per_block]  # the observed arrangement, then one block: 1 of the 6 blocks of 50,000
 
 
+def test_auroc_only_kernel_skips_the_positives_prefix_sums(monkeypatch):
+    """A paired test that needs no average precision (LOS, or AUROC alone) takes the negatives' prefix sums only:
+    the same AUROC null, half the prefix work."""
+    rng = np.random.default_rng(23)
+    n = 400
+    y = (rng.random(n) < 0.3).astype(int)
+    y[:4] = [0, 1, 0, 1]
+    pa, pb = np.round(rng.random(n), 2), np.round(rng.random(n), 2)  # ties within and across the two models
+    ch = st._rank_channel(np.concatenate([pa, pb]), np.concatenate([y, y]), paired=True)
+    wt = np.concatenate([1 - (sw := rng.integers(0, 2, (n, 64), dtype=np.uint8)), sw], axis=0)
+    calls = []
+    real = st._prefix_at
+    monkeypatch.setattr(st, "_prefix_at", lambda *a: calls.append(1) or real(*a))
+    (auc_a, ap_a), (auc_b, _) = st._rank_kernel_paired(ch, wt, ap=True)
+    full_calls, calls[:] = len(calls), []
+    (auc_a2, ap_a2), (auc_b2, ap_b2) = st._rank_kernel_paired(ch, wt, ap=False)
+    assert (full_calls, len(calls)) == (2, 1)
+    np.testing.assert_array_equal(auc_a2, auc_a)
+    np.testing.assert_array_equal(auc_b2, auc_b)
+    assert np.isnan(ap_a2).all() and np.isnan(ap_b2).all() and not np.isnan(ap_a).any()
+    j = 5  # one permutation checked against scikit-learn
+    mixed = np.where(sw[:, j] == 1, pb, pa)
+    assert auc_a2[j] == pytest.approx(skm.roc_auc_score(y, mixed), abs=TOL)
+    # the tests built on it: LOS (AUROC only) and a binary AUROC-only test give the p-values of the full kernel
+    y3 = rng.integers(0, 3, n)
+    p3a, p3b = rng.dirichlet(np.ones(3), n), rng.dirichlet(np.ones(3), n)
+    monkeypatch.setattr(st, "_prefix_at", real)
+    fast = st.paired_permutation_test(
+        y3, p3a, p3b, "auroc_ovr_macro", n_permutations=200, seed=1, sequential_h=0
+    )
+    slow_kernel = st._rank_kernel_paired
+    monkeypatch.setattr(st, "_rank_kernel_paired", lambda ch, wt, ap=True: slow_kernel(ch, wt, True))
+    slow = st.paired_permutation_test(
+        y3, p3a, p3b, "auroc_ovr_macro", n_permutations=200, seed=1, sequential_h=0
+    )
+    np.testing.assert_array_equal(fast.null_distribution, slow.null_distribution)
+
+
 # ------------------------------------------------------------------------------------------ multiplicity
 
 

@@ -186,8 +186,11 @@ def _rank_kernel(ch: _RankChannel, wt: np.ndarray, max_total: int) -> tuple[np.n
     return auc, ap
 
 
-def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
-    """AUROC and average precision of A* (0/1 weights wt [2q, R]) and B* (weights 1 - wt) of a paired test.
+def _rank_kernel_paired(
+    ch: _RankChannel, wt: np.ndarray, ap: bool = True
+) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """AUROC and average precision of A* (0/1 weights wt [2q, R]) and B* (weights 1 - wt) of a paired test
+    (`ap` False: AUROC only, the average precisions NaN; it skips the positives' prefix sums, about half the work).
 
     Every stay contributes exactly one of its two scores to A* and the other to B*, so each has n1 positives
     and n0 negatives of weight 1. Prefix sums are taken once, for A*; B*'s follow as prefix_B(x) = x -
@@ -205,7 +208,7 @@ def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndar
     cols = max(1, CHUNK_BYTES // (size * (len(ch.neg_points) + len(ch.pos_points) + 12 * n1) + 24 * n1))
     ka, kb = ch.pair_a, ch.pair_b
     ties = not np.array_equal(ch.neg_below, ch.neg_upto)  # some positive ties with a negative
-    targets = [(ch.neg_below, ch.below_at, "neg"), (ch.pos_below, ch.pbelow_at, "pos")]
+    targets = [(ch.neg_below, ch.below_at, "neg")] + ([(ch.pos_below, ch.pbelow_at, "pos")] if ap else [])
     if ties:
         targets.append((ch.neg_upto, ch.upto_at, "neg"))
     static = [
@@ -215,10 +218,9 @@ def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndar
     out: list[list[np.ndarray]] = [[], [], [], []]
     for s in range(0, r_total, cols):
         w = wt[:, s : s + cols]
-        prefix = {
-            "neg": _prefix_at(w, ch.neg_items, ch.neg_points, dtype),
-            "pos": _prefix_at(w, ch.pos_items, ch.pos_points, dtype),
-        }
+        prefix = {"neg": _prefix_at(w, ch.neg_items, ch.neg_points, dtype)}
+        if ap:
+            prefix["pos"] = _prefix_at(w, ch.pos_items, ch.pos_points, dtype)
         mask = -w[ch.pair_swap].astype(dtype)  # all bits set where the stay gives its b score to A*
         sides: list[list[np.ndarray]] = [[], []]
         for sa, sb, at_a_idx, at_b_idx, kind in static:
@@ -226,12 +228,16 @@ def _rank_kernel_paired(ch: _RankChannel, wt: np.ndarray) -> tuple[tuple[np.ndar
             sides[0].append(at_a + ((at_b - at_a) & mask))
             comp_a, comp_b = sa - at_a, sb - at_b  # B*'s counts there (B* = complement of A*)
             sides[1].append(comp_b + ((comp_a - comp_b) & mask))  # B* takes a's score where A* took b's
-        for side, (below, pbelow, *upto) in enumerate(sides):
+        for side, (below, *rest) in enumerate(sides):
+            pbelow, upto = (rest[0], rest[1:]) if ap else (None, rest)
             u2 = below.sum(axis=0, dtype=np.int64) + (upto or [below])[0].sum(axis=0, dtype=np.int64)
-            tp = n1 - pbelow
-            prec = np.divide(tp, tp + (n0 - below), dtype=np.float64)
             out[2 * side].append(u2 / (2.0 * n1 * n0))
-            out[2 * side + 1].append(prec.sum(axis=0) / n1)
+            if ap:
+                tp = n1 - pbelow
+                prec = np.divide(tp, tp + (n0 - below), dtype=np.float64)
+                out[2 * side + 1].append(prec.sum(axis=0) / n1)
+            else:
+                out[2 * side + 1].append(np.full(below.shape[1], np.nan))
     res = [np.concatenate(o) for o in out]
     return (res[0], res[1]), (res[2], res[3])
 
@@ -478,8 +484,9 @@ class _MetricSet:
         """Values for 0/1 weights wt [items, R] and for their complement 1 - wt (one pass of prefix sums)."""
         total = wt.sum(axis=0, dtype=np.int64)
         ranks = [{}, {}]
+        ap = self.kind != "multiclass" and any(k.startswith("auprc") for k in self.keys)
         for name, ch in self.channels.items():
-            ranks[0][name], ranks[1][name] = _rank_kernel_paired(ch, wt)
+            ranks[0][name], ranks[1][name] = _rank_kernel_paired(ch, wt, ap)
         sums = [None, None]
         if self.features is not None:
             sums[0] = (self.features.T @ wt.astype(np.float64)).T
