@@ -181,6 +181,8 @@ def test_every_section_and_figure_is_there(bench):
     ):
         assert f'alt="{alt}"' in html
     assert len(tables.tables["cohort-labels"]) == 1 + 1 + 7 + 25
+    # the header states the sequential permutation tests the analysis made (default h = 50)
+    assert re.search(r"up to 400 permutations per test \(sequential, stops after\s+50 as extreme\)", html)
 
 
 def test_leaderboard_cells_equal_the_analysis_and_marks_follow_holm(bench):
