@@ -75,7 +75,8 @@ def main() -> None:
     model = step_model(rows)
     measure = rows[0].get("measure", "step_s") if rows else "step_s"
     configs = expand_plan(load_plan(args.plan), args.data)
-    cohort = open_dataset(args.data, mmap=True).cohort
+    ds = open_dataset(args.data, mmap=True)
+    cohort = ds.cohort
     ids = cohort["stay_id"].to_numpy(np.int64)
     has = cohort["has_cxr"].to_numpy(bool)
     split_cache: dict = {}
@@ -88,16 +89,18 @@ def main() -> None:
             continue
         key = (c.task, c.fold, c.cohort)
         if key not in split_cache:
-            split_cache[key] = split_rows(cohort, c.task, c.fold, c.cohort)
+            split_cache[key] = split_rows(cohort, ds.label_columns(c.task), c.fold, c.cohort)
         rows_ = split_cache[key]
         tr = rows_["train"]
         dropped = cxr_dropout(ids[tr], has[tr], c.cxr_dropout_train, c.cxr_dropout_seed)
         avail = float((has[tr] & ~dropped).mean()) if "cxr" in c.modalities and len(tr) else 0.0
         per_run.append((c.model, avail, len(tr), len(rows_["val"]), len(rows_["test"]), 1))
     bs = args.batch_size
+    batch = {r["method"]: int(r.get("batch") or bs) for r in rows}  # the batch each step time was measured at
     print(
         f"Plan {args.plan!r} on {args.data}: {len(configs)} runs, {len(per_run)} with a reference measurement "
-        f"(left out: {', '.join(skipped) or 'none'}); step times: {args.steps} ({measure}); batch {bs}; "
+        f"(left out: {', '.join(skipped) or 'none'}); step times: {args.steps} ({measure}); batch {bs} unless the "
+        "step was measured at another (the reference's published one, e.g. HEALNet 4); "
         f"forward = {FORWARD_SHARE:.2f} x a training step\n"
     )
     print("| mean epochs per run | reference device-hours | carebench fp32 device-hours | carebench default "
@@ -113,11 +116,10 @@ def main() -> None:
                 else:
                     ehr, img = m[side]
                     t_step = ehr + avail * img
-                steps = math.floor(n_tr / bs)
+                b = batch.get(method, bs)
+                steps = math.floor(n_tr / b)
                 fwd = FORWARD_SHARE * t_step
-                seconds = (
-                    epochs * (steps * t_step + math.ceil(n_val / bs) * fwd) + math.ceil(n_test / bs) * fwd
-                )
+                seconds = epochs * (steps * t_step + math.ceil(n_val / b) * fwd) + math.ceil(n_test / b) * fwd
                 totals[side] += seconds / 3600
         print(
             f"| {epochs:g} | {totals['reference']:,.0f} | {totals['ours fp32']:,.0f} | "
