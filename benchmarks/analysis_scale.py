@@ -6,7 +6,7 @@ differences (predictions only, no training), then the time and memory of the ana
     #    stays of its fold, metrics.json from carebench's metrics, DONE), without a checkpoint
     python benchmarks/analysis_scale.py generate --data DATA --out RUNS [--plan paper] [--workers 2]
     # 2. subsets with the first k seeds (symlinks to the run folders: the same records, fewer of them)
-    python benchmarks/analysis_scale.py subset --runs RUNS --out RUNS_1SEED --seeds 1
+    python benchmarks/analysis_scale.py subset --runs RUNS --out RUNS_1SEED --seeds 1 [--tasks los --cohorts base]
     # 3. analyze + report, each a fresh process: wall and CPU time, peak RSS, analyze's per-stage timings
     python benchmarks/analysis_scale.py measure --runs RUNS [--n-permutations 1000] [--n-bootstrap 100] \
         [--jobs 2] [--no-fairness] [--no-report]
@@ -166,7 +166,8 @@ def generate(args: argparse.Namespace) -> None:
 
 
 def subset(args: argparse.Namespace) -> None:
-    """A runs directory with the runs of the first --seeds seeds (symlinked) and the same plan.yaml."""
+    """A runs directory with the runs of the first --seeds seeds (symlinked), optionally only those of --tasks and
+    --cohorts, and the same plan.yaml."""
     from carebench import runs
 
     src, dst = Path(args.runs).absolute(), Path(args.out).absolute()
@@ -178,7 +179,12 @@ def subset(args: argparse.Namespace) -> None:
     n = 0
     for run in sorted(src.glob(f"*/{runs.DONE}")):
         folder = run.parent
-        if runs.read_config(folder)["seed"] in seeds:
+        cfg = runs.read_config(folder)
+        if (
+            cfg["seed"] in seeds
+            and (not args.tasks or cfg["task"] in args.tasks.split(","))
+            and (not args.cohorts or cfg["cohort"] in args.cohorts.split(","))
+        ):
             link = dst / folder.name
             if not link.exists():
                 link.symlink_to(folder)
@@ -304,7 +310,7 @@ def extrapolate(args: argparse.Namespace) -> None:
         n_pairs = len(methods) * (len(methods) - 1) // 2 + sum(1 for m in fusion if m > unimodal[0])
         keys = cmp._expand_keys(task, None, names)
         a, b = fusion[0], unimodal[0]
-        y, pa, pb = cmp._align(pooled[a], pooled[b], names, a, b)
+        y, pa, pb, *_ = cmp._align(pooled[a], pooled[b], names, a, b)
         base = {"keys": keys, "names": names, "groups": {}, "ci": 0.95, "seed": 0, "ci_method": "percentile",
                 "stratify": False, "alternative": "two-sided"}  # fmt: skip
 
@@ -368,6 +374,8 @@ def main() -> None:
     s.add_argument("--runs", required=True)
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", type=int, required=True, help="keep the runs of the first k seeds of the plan")
+    s.add_argument("--tasks", default="", help="comma-separated: keep only these tasks' runs")
+    s.add_argument("--cohorts", default="", help="comma-separated: keep only these cohorts' runs")
     m = sub.add_parser("measure")
     m.add_argument("--runs", required=True)
     m.add_argument("--n-permutations", type=int, default=10_000)
