@@ -148,6 +148,6 @@ def test_cost_model_totals_follow_the_split_sizes(data_dir, tmp_path):
 
     line = next(x for x in out.stdout.splitlines() if x.startswith("| 10 |"))
     cells = [c.strip() for c in line.strip("|").split("|")]
-    assert hours(300.0) > 5  # step times large enough that the rounded hours depend on the split sizes
+    assert hours(300.0) > 4  # step times large enough that the rounded hours depend on the split sizes
     assert cells[1:4] == [f"{hours(t):,.0f}" for t in (1000.0, 600.0, 300.0)]
     assert cells[4] == f"{hours(1000.0) / hours(300.0):.2f}x"
