@@ -399,6 +399,8 @@ class _MetricSet:
             )
         self.keys = list(keys)
         self.channels: dict[str, _RankChannel] = {}
+        # whether a paired test needs the channels' average precision (multiclass tasks have none; LOS: AUROC only)
+        self.needs_ap = self.kind != "multiclass" and any(k.startswith("auprc") for k in self.keys)
         self.features: np.ndarray | None = None
         getattr(self, f"_setup_{self.kind}")(y, p)
 
@@ -484,9 +486,8 @@ class _MetricSet:
         """Values for 0/1 weights wt [items, R] and for their complement 1 - wt (one pass of prefix sums)."""
         total = wt.sum(axis=0, dtype=np.int64)
         ranks = [{}, {}]
-        ap = self.kind != "multiclass" and any(k.startswith("auprc") for k in self.keys)
         for name, ch in self.channels.items():
-            ranks[0][name], ranks[1][name] = _rank_kernel_paired(ch, wt, ap)
+            ranks[0][name], ranks[1][name] = _rank_kernel_paired(ch, wt, self.needs_ap)
         sums = [None, None]
         if self.features is not None:
             sums[0] = (self.features.T @ wt.astype(np.float64)).T
