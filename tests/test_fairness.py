@@ -444,6 +444,27 @@ def test_bootstrap_is_seeded_and_covers_point_estimates():
         F.bootstrap_fairness(y, p, g, 0.5, n_resamples=0)
 
 
+def test_bootstrap_sorts_each_group_once_whatever_the_blocks(monkeypatch):
+    """Each group's labels are sorted once (`statistics.RankScorer`) and reused by every block of resamples: with
+    blocks of 7 resamples instead of one block the CIs are identical and no scorer is built again."""
+    from carebench.evaluation import statistics as st
+
+    y, p, g = _data(400, seed=12)
+    kw = dict(attributes=["race_group", "gender"], intersections=[], n_resamples=60, seed=5)
+    built = []
+    real_init = st.RankScorer.__init__
+    monkeypatch.setattr(st.RankScorer, "__init__", lambda self, *a: built.append(1) or real_init(self, *a))
+    gci, sci = F.bootstrap_fairness(y, p, g, 0.5, **kw)
+    n_groups = g.race_group.nunique() + g.gender.nunique() + 1  # and the overall row; none below 10 stays
+    assert len(built) == n_groups
+    built[:] = []
+    monkeypatch.setattr(st, "RNG_BLOCK", 7 * 400)  # 7 resamples per block: 9 blocks
+    gci7, sci7 = F.bootstrap_fairness(y, p, g, 0.5, **kw)
+    assert len(built) == n_groups
+    pd.testing.assert_frame_equal(gci7, gci)
+    pd.testing.assert_frame_equal(sci7, sci)
+
+
 def test_analyze_fairness_joins_groups_and_adds_cis():
     y, p, g = _data(400, seed=12)
     preds, cohort = _frames(y, p, g, 12)

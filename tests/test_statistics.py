@@ -396,6 +396,91 @@ def test_sequential_test_stops_drawing_permutations(monkeypatch):
     assert calls == [1, per_block]  # the observed arrangement, then one block: 1 of the 6 blocks of 50,000
 
 
+def test_stopped_keys_channels_are_no_longer_evaluated(monkeypatch):
+    """Once a label's test has stopped, the following blocks evaluate only the channels of the keys still open
+    (one significant label of 25 no longer keeps all 25 in the kernel), and every result is identical to
+    evaluating all channels to the end."""
+    rng = np.random.default_rng(24)
+    n, r = 2000, 30_000
+    y = (rng.random((n, 3)) < 0.3).astype(int)
+    pa, pb = (
+        rng.random((n, 3)),
+        rng.random((n, 3)),
+    )  # labels 0, 1: two useless models, p far from significance
+    pa[:, 2] = np.clip(0.5 * y[:, 2] + 0.5 * rng.random(n), 0, 1)  # label 2: a clearly better than b
+    names, keys = ["l0", "l1", "l2"], ["auroc/l0", "auprc/l1", "auroc/l2"]
+    seen = []
+    real = st._MetricSet.evaluate_swapped
+    monkeypatch.setattr(
+        st._MetricSet,
+        "evaluate_swapped",
+        lambda self, wt: seen.append(sorted(self.channels)) or real(self, wt),
+    )
+    kw = {"names": names, "n_permutations": r, "seed": 3, "sequential_h": 10}
+    res = st.paired_permutation_tests(y, pa, pb, keys, **kw)
+    per_block = max(1, 8 * st.RNG_BLOCK // (2 * n))
+    blocks = -(-r // per_block)
+    assert res["auroc/l2"].n_permutations == r and res["auroc/l0"].n_permutations < per_block
+    assert seen == [names, names] + [["l2"]] * (blocks - 1)  # observed, first block, then label 2 alone
+    monkeypatch.setattr(
+        st._MetricSet, "restrict", lambda self, keys: self
+    )  # evaluate every channel throughout
+    seen[:] = []
+    every = st.paired_permutation_tests(y, pa, pb, keys, **kw)
+    assert seen == [names] * (blocks + 1)
+    for k in keys:
+        assert (res[k].statistic, res[k].p_value, res[k].n_permutations) == (
+            every[k].statistic, every[k].p_value, every[k].n_permutations,
+        )  # fmt: skip
+        np.testing.assert_array_equal(res[k].null_distribution, every[k].null_distribution)
+
+
+@pytest.mark.parametrize("kind", ["binary", "multiclass"])
+def test_restricting_to_open_keys_changes_no_result(kind, monkeypatch):
+    """Binary and multiclass tests with rank and thresholded keys: dropping the stopped keys' channels and
+    features gives the same p-values, permutation counts and null distributions as evaluating all to the end."""
+    rng = np.random.default_rng(26)
+    n, r = 1500, 12_000
+    if kind == "binary":
+        y = (rng.random(n) < 0.3).astype(int)
+        pa = np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)
+        pb = 0.5 * np.clip(0.3 * y + 0.7 * rng.random(n), 0, 1)  # ranks as good as a's, calibration worse
+        keys, names = ["auroc", "auprc", "f1", "brier", "ece"], None
+    else:
+        y = rng.integers(0, 3, n)
+        c0a, c0b = 0.5 * rng.random(n), 0.5 * rng.random(n)  # class 0: both models useless
+        c2a, c2b = (
+            0.5 * np.clip(0.4 * (y == 2) + 0.6 * rng.random(n), 0, 1),
+            0.5 * rng.random(n),
+        )  # class 2: a
+        pa, pb = np.column_stack([c0a, 1 - c0a - c2a, c2a]), np.column_stack([c0b, 1 - c0b - c2b, c2b])
+        keys, names = ["auroc_ovr_macro", "auroc/c0", "auroc/c2", "kappa", "accuracy"], ["c0", "c1", "c2"]
+    kw = {"names": names, "n_permutations": r, "seed": 6, "sequential_h": 10}
+    res = st.paired_permutation_tests(y, pa, pb, keys, **kw)
+    used = {k: v.n_permutations for k, v in res.items()}
+    assert min(used.values()) < max(used.values()) == r  # some keys stopped early, some ran to the end
+    monkeypatch.setattr(st._MetricSet, "restrict", lambda self, keys: self)
+    every = st.paired_permutation_tests(y, pa, pb, keys, **kw)
+    for k in keys:
+        assert (res[k].p_value, res[k].n_permutations) == (every[k].p_value, every[k].n_permutations)
+        np.testing.assert_array_equal(res[k].null_distribution, every[k].null_distribution)
+
+
+@pytest.mark.parametrize("columns", [1, 32, 33, 200])
+def test_prefix_sums_by_cumsum_and_by_running_row_agree(columns, monkeypatch):
+    """`_prefix_at` takes numpy's cumsum for few weightings and a running row for many: both give
+    out[t] = the weights of items[:points[t]] summed, exactly, at and on either side of the switch."""
+    rng = np.random.default_rng(25)
+    n = 500
+    wt = rng.integers(0, 4, (n, columns)).astype(np.int16)
+    items = rng.permutation(n)[:420]
+    points = np.unique(np.concatenate([[0, 1, 420], rng.integers(0, 421, 150)]))
+    want = np.stack([wt[items[:x]].sum(axis=0) for x in points]).astype(np.int16)
+    np.testing.assert_array_equal(st._prefix_at(wt, items, points, np.int16), want)
+    monkeypatch.setattr(st, "CUMSUM_MAX_COLUMNS", 0 if columns <= 32 else 10**6)  # the other path
+    np.testing.assert_array_equal(st._prefix_at(wt, items, points, np.int16), want)
+
+
 def test_auroc_only_kernel_skips_the_positives_prefix_sums(monkeypatch):
     """A paired test that needs no average precision (LOS, or AUROC alone) takes the negatives' prefix sums only:
     the same AUROC null, half the prefix work."""

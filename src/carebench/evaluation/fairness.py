@@ -36,7 +36,7 @@ from carebench.errors import UserError
 from carebench.evaluation.metrics import MetricInputError, expected_calibration_error
 from carebench.evaluation.metrics import choose_threshold as _choose_threshold
 from carebench.evaluation.options import DEFAULTS, RESERVED_ATTRIBUTE_NAMES
-from carebench.evaluation.statistics import bootstrap_weights, weighted_rank_metrics
+from carebench.evaluation.statistics import RankScorer, bootstrap_weights, weighted_rank_metrics
 
 AGE_EDGES = (0.0, 40.0, 60.0, 80.0, math.inf)
 AGE_LABELS = ("0-40", "40-60", "60-80", "80+")
@@ -276,23 +276,35 @@ def weighted_group_metrics(
     return out
 
 
-def _group_block(prob: _Problem, idx: np.ndarray, w: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
-    """weighted_group_metrics of every label of the stays `idx` under weights w [B, len(idx)] -> metric: [L, B]."""
-    k = _N_SUMS + 2 * n_bins
-    feats = np.concatenate(
-        [
-            _features(prob.p[idx, j], prob.y[idx, j], prob.pred[idx, j], n_bins)
-            for j in range(len(prob.names))
-        ],
-        axis=1,
-    )
-    sums = w.astype(np.float64) @ feats  # one product for all labels
-    per = []
-    for j in range(len(prob.names)):
-        res = _from_sums(sums[:, j * k : (j + 1) * k], n_bins)
-        res["auroc"], res["auprc"] = weighted_rank_metrics(prob.y[idx, j], prob.p[idx, j], w)
-        per.append(res)
-    return _mask_undecided(prob, {m: np.stack([r[m] for r in per]) for m in ("n", "n_pos", *METRICS)})
+class _GroupKernel:
+    """`weighted_group_metrics` of every label of one group's stays, prepared once: the per-stay quantities of
+    all labels side by side and each label's sorted scores, reused by every block of bootstrap weights."""
+
+    def __init__(self, prob: _Problem, idx: np.ndarray, n_bins: int) -> None:
+        self.prob, self.n_bins = prob, n_bins
+        self.feats = np.concatenate(
+            [
+                _features(prob.p[idx, j], prob.y[idx, j], prob.pred[idx, j], n_bins)
+                for j in range(len(prob.names))
+            ],
+            axis=1,
+        )
+        self.scorers = [RankScorer(prob.y[idx, j], prob.p[idx, j]) for j in range(len(prob.names))]
+
+    def __call__(self, wt: np.ndarray) -> dict[str, np.ndarray]:
+        """Integer weights wt [len(idx), B] (stays x weightings) -> metric: [L, B]."""
+        k = _N_SUMS + 2 * self.n_bins
+        sums = wt.T.astype(np.float64) @ self.feats  # one product for all labels
+        max_total = int(wt.sum(axis=0, dtype=np.int64).max(initial=0))
+        wt = np.ascontiguousarray(wt)
+        per = []
+        for j, scorer in enumerate(self.scorers):
+            res = _from_sums(sums[:, j * k : (j + 1) * k], self.n_bins)
+            res["auroc"], res["auprc"] = scorer(wt, max_total)
+            per.append(res)
+        return _mask_undecided(
+            self.prob, {m: np.stack([r[m] for r in per]) for m in ("n", "n_pos", *METRICS)}
+        )
 
 
 # ------------------------------------------------------------------------------------------------ point estimates
@@ -392,7 +404,7 @@ def _point_kernel(
         None
         if len(idx) < min_group_size
         else {
-            m: v[:, 0] for m, v in _group_block(prob, idx, np.ones((1, len(idx)), np.int64), n_bins).items()
+            m: v[:, 0] for m, v in _GroupKernel(prob, idx, n_bins)(np.ones((len(idx), 1), np.int64)).items()
         }
         for _, idx in members
     ]
@@ -735,11 +747,13 @@ def bootstrap_fairness(
     parts: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {
         (name, g): [] for name, mem in members.items() for g, _ in mem
     }
+    kernels = {
+        (name, g): (idx, _GroupKernel(prob, idx, n_bins)) for name, mem in members.items() for g, idx in mem
+    }
     # The resamples of statistics.bootstrap_weights: the same draws as its overall-metric CIs for the same seed.
     for counts in bootstrap_weights(len(groups), n_resamples, seed):  # [n stays, r resamples]
-        for name, mem in members.items():
-            for g, idx in mem:
-                parts[(name, g)].append(_group_block(prob, idx, counts[idx].T, n_bins))
+        for key, (idx, kernel) in kernels.items():
+            parts[key].append(kernel(counts[idx]))
     # values[(attribute, group)][metric] -> [L, n_resamples]
     values = {
         key: {m: np.concatenate([b[m] for b in blocks], axis=1) for m in METRICS}
@@ -748,12 +762,20 @@ def bootstrap_fairness(
     q = [(1 - confidence) / 2, 1 - (1 - confidence) / 2]
     label_names = prob.names + ([MACRO] if n_labels > 1 else [])
 
-    def ci(x: np.ndarray) -> tuple[float, float, int]:
+    def cis(x: np.ndarray) -> list[tuple[float, float, int]]:
+        """(low, high, n_valid) of each row of x [G, B] over its defined resamples."""
         ok = ~np.isnan(x)
-        if not ok.any():
-            return np.nan, np.nan, 0
-        lo, hi = np.quantile(x[ok], q)
-        return float(lo), float(hi), int(ok.sum())
+        n_ok = ok.sum(axis=1)
+        out = [(np.nan, np.nan, 0)] * len(x)
+        full = np.flatnonzero(n_ok == x.shape[1])  # the usual case: one vectorised call, same numbers per row
+        if len(full):
+            lo, hi = np.quantile(x[full], q, axis=1)
+            for i, a, b in zip(full, lo, hi, strict=True):
+                out[i] = (float(a), float(b), int(x.shape[1]))
+        for i in np.flatnonzero((n_ok > 0) & (n_ok < x.shape[1])):
+            a, b = np.quantile(x[i][ok[i]], q)
+            out[i] = (float(a), float(b), int(n_ok[i]))
+        return out
 
     def per_label(v: np.ndarray, j: int) -> np.ndarray:
         if j < n_labels:
@@ -773,6 +795,7 @@ def bootstrap_fairness(
                 else np.empty((0, n_resamples))
                 for m in METRICS
             }
+            intervals = {m: cis(stacked[m]) for m in METRICS}
             for gi, (g, _) in enumerate(mem):
                 for m in METRICS:
                     group_rows.append(
@@ -781,7 +804,7 @@ def bootstrap_fairness(
                             "attribute": name,
                             "group": g,
                             "metric": m,
-                            **dict(zip(("ci_low", "ci_high", "n_valid"), ci(stacked[m][gi]), strict=True)),
+                            **dict(zip(("ci_low", "ci_high", "n_valid"), intervals[m][gi], strict=True)),
                         }
                     )
             if name == OVERALL:
@@ -790,13 +813,14 @@ def bootstrap_fairness(
             gaps["equal_opportunity"] = gaps["tpr"]
             gaps["equalized_odds"] = np.maximum(gaps["tpr"], gaps["fpr"])  # NaN if either is undefined
             gaps["demographic_parity"] = gaps["positive_rate"]
-            for m, x in gaps.items():
+            gap_intervals = cis(np.stack(list(gaps.values())))
+            for m, interval in zip(gaps, gap_intervals, strict=True):
                 summary_rows.append(
                     {
                         "label": label,
                         "attribute": name,
                         "metric": m,
-                        **dict(zip(("ci_low", "ci_high", "n_valid"), ci(x), strict=True)),
+                        **dict(zip(("ci_low", "ci_high", "n_valid"), interval, strict=True)),
                     }
                 )
     gcols = ["label", "attribute", "group", "metric", "ci_low", "ci_high", "n_valid"]

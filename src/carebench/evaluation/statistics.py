@@ -48,6 +48,7 @@ from carebench.tasks import OVERALL_METRICS, THRESHOLDED_METRICS
 CHUNK_BYTES = 32 * 2**20
 # Random draws per block. Fixed (not derived from free memory) so results depend only on data, seed and counts.
 RNG_BLOCK = 2**22
+CUMSUM_MAX_COLUMNS = 32  # prefix sums of at most this many weightings by numpy's cumsum (`_prefix_at`)
 # Largest number of stays for which the paired permutation test enumerates all 2**n swap patterns.
 MAX_EXACT_STAYS = 20
 # Null statistics within this distance of the observed one count as "as extreme" (floating-point ties).
@@ -134,9 +135,15 @@ def _rank_channel(
 def _prefix_at(wt: np.ndarray, items: np.ndarray, points: np.ndarray, dtype: type) -> np.ndarray:
     """Prefix sums of the weights of `items` (in list order) at sorted `points`: out[t] = rows items[:points[t]].
 
-    A running row of R sums (cache-resident) is advanced segment by segment and copied out at each point: numpy's
-    cumsum walks its dependency chain element by element and writes every prefix, both several times slower.
+    A running row of R sums (cache-resident) is advanced segment by segment and copied out at each point: for many
+    columns numpy's cumsum, which writes every prefix of every column, is several times slower. For a few columns
+    (a point estimate, the observed arrangement of a test) the loop's per-point overhead dominates and cumsum is
+    4-100x faster (benchmarks in docs/performance.md); both give the same integers.
     """
+    if wt.shape[1] <= CUMSUM_MAX_COLUMNS:
+        sums = np.zeros((len(items) + 1, wt.shape[1]), dtype=dtype)
+        np.cumsum(wt[items], axis=0, dtype=dtype, out=sums[1:])
+        return sums[points]
     out = np.empty((len(points), wt.shape[1]), dtype=dtype)
     acc = np.zeros(wt.shape[1], dtype=dtype)
     j = 0
@@ -252,8 +259,19 @@ def weighted_rank_metrics(
     without weight.
     """
     wt = _weights_t(weights, len(score))
-    ch = _rank_channel(score, _binary_labels(y_true, "y_true"))
-    return _rank_kernel(ch, wt, int(wt.sum(axis=0, dtype=np.int64).max(initial=0)))
+    return RankScorer(y_true, score)(wt, int(wt.sum(axis=0, dtype=np.int64).max(initial=0)))
+
+
+class RankScorer:
+    """`weighted_rank_metrics` of one (labels, scores) pair, sorted once for many calls (e.g. the blocks of a
+    bootstrap). Called with integer weights wt [n, R] (the kernels' layout, not validated) and a bound on a
+    column's sum, it returns the AUROC and average precision [R] of each weighting."""
+
+    def __init__(self, y_true: np.ndarray, score: np.ndarray) -> None:
+        self.channel = _rank_channel(score, _binary_labels(y_true, "y_true"))
+
+    def __call__(self, wt: np.ndarray, max_total: int) -> tuple[np.ndarray, np.ndarray]:
+        return _rank_kernel(self.channel, wt, max_total)
 
 
 def _weights_t(weights: np.ndarray, n: int) -> np.ndarray:
@@ -385,7 +403,10 @@ class _MetricSet:
         paired: bool = False,
         groups: Mapping[str, Sequence[str]] | None = None,
         thresholds: np.ndarray | None = None,
+        channels: Mapping[str, _RankChannel] | None = None,
     ):
+        self._args = (y, p, names, paired, groups, thresholds)
+        self._built = dict(channels or {})  # rank channels already built for the same y, p (reused by name)
         self.kind = task_kind(y, p)
         self.thresholds = _item_thresholds(thresholds, p, self.kind)
         self.paired = paired
@@ -404,6 +425,17 @@ class _MetricSet:
         self.features: np.ndarray | None = None
         getattr(self, f"_setup_{self.kind}")(y, p)
 
+    def restrict(self, keys: Sequence[str]) -> _MetricSet:
+        """The same predictions with only `keys` (a subset) requested: only the rank channels and features those
+        keys need are evaluated, and a key's values are exactly those of the full set (its channels are reused)."""
+        y, p, names, paired, groups, thresholds = self._args
+        return _MetricSet(y, p, names, keys, paired, groups, thresholds, channels=self.channels)
+
+    def _channel(self, name: str, score: np.ndarray, label: np.ndarray, items: np.ndarray | None = None):
+        if name not in self._built:
+            self._built[name] = _rank_channel(score, label, items, paired=self.paired)
+        return self._built[name]
+
     # --- set-up: which rank channels and which additive per-row features the requested keys need
     def _needs_additive(self, rank_keys: Sequence[str]) -> bool:
         return any(k not in rank_keys and "/" not in k for k in self.keys)
@@ -412,7 +444,7 @@ class _MetricSet:
         y = _binary_labels(y, "labels").astype(np.float64)
         self.undecided = bool(np.isnan(self.thresholds).any())
         if {"auroc", "auprc"} & set(self.keys):
-            self.channels["score"] = _rank_channel(p, y, paired=self.paired)
+            self.channels["score"] = self._channel("score", p, y)
         if self._needs_additive(("auroc", "auprc")):
             pred = (p >= self.thresholds).astype(np.float64)
             b = np.minimum((p * 10).astype(np.int64), 9)
@@ -445,10 +477,10 @@ class _MetricSet:
                 or f"auroc/{nm}" in self.keys
                 or f"auprc/{nm}" in self.keys
             ):
-                self.channels[nm] = _rank_channel(p[:, j], y[:, j], paired=self.paired)
+                self.channels[nm] = self._channel(nm, p[:, j], y[:, j])
         if "auroc_micro" in self.keys or "auprc_micro" in self.keys:
             items = np.repeat(np.arange(len(y)), y.shape[1])
-            self.channels["__micro__"] = _rank_channel(p.ravel(), y.ravel(), items, paired=self.paired)
+            self.channels["__micro__"] = self._channel("__micro__", p.ravel(), y.ravel(), items)
         parts = []
         if any(k.endswith("_weighted") for k in self.keys):
             parts.append(y.astype(np.float64))  # weighted positive support of every label
@@ -467,7 +499,7 @@ class _MetricSet:
         self.defined = [c for c in range(k) if (y == c).any() and not (y == c).all()]
         for c, nm in enumerate(self.names):
             if ("auroc_ovr_macro" in self.keys and c in self.defined) or f"auroc/{nm}" in self.keys:
-                self.channels[nm] = _rank_channel(p[:, c], y == c, paired=self.paired)
+                self.channels[nm] = self._channel(nm, p[:, c], y == c)
         if self._needs_additive(("auroc_ovr_macro",)):
             self.features = np.eye(k * k)[
                 y * k + p.argmax(axis=1)
@@ -999,6 +1031,11 @@ class _Sequential:
         self.seen += block
 
     @property
+    def open_keys(self) -> list[str]:
+        """The keys still drawing permutations (all of them without stopping)."""
+        return [k for k, at in self.stopped_at.items() if at is None]
+
+    @property
     def done(self) -> bool:
         return bool(self.h) and all(at is not None for at in self.stopped_at.values())
 
@@ -1044,15 +1081,20 @@ def _permutation_many(
     exact, blocks = swap_blocks(n, n_permutations, seed)
     sequential = _Sequential(keys, observed, alternative, 0 if exact else sequential_h)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    current = pooled
     for swap in blocks:
         st = swap.T
-        va, vb = pooled.evaluate_swapped(np.concatenate([1 - st, st], axis=0))  # A*: a's score unless swapped
-        null = {k: va[k] - vb[k] for k in keys}
-        for k in keys:
+        # A*: a's score unless swapped
+        va, vb = current.evaluate_swapped(np.concatenate([1 - st, st], axis=0))
+        null = {k: va[k] - vb[k] for k in current.keys}
+        for k in current.keys:
             parts[k].append(null[k])
         sequential.add(null)
         if sequential.done:  # every key has seen its h extreme statistics: the remaining blocks cannot matter
             break
+        still = sequential.open_keys
+        if len(still) < len(current.keys):  # what only stopped keys need (e.g. a label's channel) is dropped
+            current = current.restrict(still)
     out = {}
     for k in keys:
         null = np.concatenate(parts[k])
