@@ -10,6 +10,11 @@ differences (predictions only, no training), then the time and memory of the ana
     # 3. analyze + report, each a fresh process: wall and CPU time, peak RSS, analyze's per-stage timings
     python benchmarks/analysis_scale.py measure --runs RUNS [--n-permutations 1000] [--n-bootstrap 100] \
         [--jobs 2] [--no-fairness] [--no-report]
+    # 4. the analysis's units on one (task, cohort) group, CPU seconds each, one process: the paired permutation
+    #    test of given method pairs (the analysis's defaults: 10,000 permutations, sequential h = 50) and one
+    #    run's fairness (1,000 bootstrap resamples, every declared attribute and intersection)
+    python benchmarks/analysis_scale.py units --runs RUNS_GROUP --pairs latefusion:lstm,mmtm:lstm \
+        [--fairness-methods latefusion]
 
 Planted differences (per task, label and stay; fixed by --seed): each method has a signal strength `strength[m]`
 (EHR-only methods 1.0, the X-ray-only method 0.6 on stays with an X-ray and 0 without, fusion methods 1.0 plus an
@@ -350,6 +355,62 @@ def extrapolate(args: argparse.Namespace) -> None:
     )
 
 
+def units(args: argparse.Namespace) -> None:
+    """CPU seconds of the paired permutation test of each of --pairs and of one run's fairness per method of
+    --fairness-methods, on the runs' only (task, cohort) group of main runs; one JSON line per unit."""
+    from carebench.analysis import comparisons as cmp
+    from carebench.analysis.analyze import fairness_attributes
+    from carebench.analysis.fairness import analyze_fairness
+    from carebench.analysis.options import resolve_options
+    from carebench.analysis.pooling import groups, load_runs, recorded_predictions
+    from carebench.data.store import open_dataset
+    from carebench.evaluation import statistics as st
+    from carebench.experiments.plan import read_plan_record
+    from carebench.runs import read_predictions
+
+    records = load_runs(args.runs)
+    main = {k[:2]: v for k, v in groups(records).items() if k[2] == (0.0, 0.0, 0.0)}
+    if len(main) != 1:
+        raise SystemExit(f"{args.runs}: expected the runs of one (task, cohort) group, got {sorted(main)}")
+    (task, cohort), members = next(iter(main.items()))
+    test = recorded_predictions(members)
+    pooled = cmp.pool_predictions(test, task)
+    names = runs_names(test, task)
+    keys = cmp._expand_keys(task, None, names)
+    for pair in filter(None, args.pairs.split(",")):
+        a, b = pair.split(":")
+        y, pa, pb, *_ = cmp._align(pooled[a], pooled[b], names, a, b)
+        t = time.process_time()
+        res = st.paired_permutation_tests(
+            y,
+            pa,
+            pb,
+            keys,
+            names=names,
+            n_permutations=args.n_permutations,
+            seed=0,
+            sequential_h=args.sequential_h,
+        )
+        cpu = time.process_time() - t
+        used = sorted(r.n_permutations for r in res.values())
+        print(json.dumps({"unit": "permutation", "task": task, "cohort": cohort, "pair": pair, "stays": len(y),
+                          "keys": len(keys), "cpu_s": round(cpu, 1), "permutations_min_median_max":
+                          [used[0], used[len(used) // 2], used[-1]], "keys_at_all_permutations":
+                          sum(u == args.n_permutations for u in used)}), flush=True)  # fmt: skip
+    ds = open_dataset(records[0].data, mmap=True)
+    attributes = fairness_attributes(ds, resolve_options(read_plan_record(args.runs)).fairness_attributes)
+    inter = [i for i in ds.intersections if set(i) <= set(attributes)]
+    for method in filter(None, args.fairness_methods.split(",")):
+        r = next(r for r in members if r.method == method)
+        test_r, val_r = read_predictions(r), read_predictions(r, "val")
+        t = time.process_time()
+        rep = analyze_fairness(test_r, ds.groups(), task, val_predictions=val_r, n_resamples=args.n_bootstrap,
+                               attributes=attributes, intersections=inter)  # fmt: skip
+        cpu = time.process_time() - t
+        print(json.dumps({"unit": "fairness", "task": task, "cohort": cohort, "run": r.run_id, "stays": len(test_r),
+                          "group_rows": len(rep.groups), "cpu_s": round(cpu, 1)}), flush=True)  # fmt: skip
+
+
 def _fairness_unit(test, cohort, task: str, n_resamples: int, options: dict) -> None:
     from carebench.analysis.fairness import analyze_fairness
 
@@ -392,10 +453,17 @@ def main() -> None:
     e.add_argument("--target-bootstrap", type=int, default=1000)
     e.add_argument("--target-permutations", type=int, default=10_000)
     e.add_argument("--jobs", type=int, default=2)
+    u = sub.add_parser("units", help="CPU s of given pairs' permutation tests and of one run's fairness")
+    u.add_argument("--runs", required=True, help="the runs of one (task, cohort) group (see subset)")
+    u.add_argument("--pairs", default="", help="comma-separated method pairs a:b")
+    u.add_argument("--fairness-methods", default="", help="comma-separated methods: one run's fairness each")
+    u.add_argument("--n-permutations", type=int, default=10_000)
+    u.add_argument("--sequential-h", type=int, default=50)
+    u.add_argument("--n-bootstrap", type=int, default=1000)
     args = ap.parse_args()
-    {"generate": generate, "subset": subset, "measure": measure, "extrapolate": extrapolate}[args.command](
-        args
-    )
+    commands = {"generate": generate, "subset": subset, "measure": measure, "extrapolate": extrapolate}
+    commands["units"] = units
+    commands[args.command](args)
 
 
 if __name__ == "__main__":

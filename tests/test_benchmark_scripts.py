@@ -64,6 +64,23 @@ def test_analysis_scale_writes_finished_runs_with_planted_differences(data_dir, 
         assert (marker.parent / runs.VAL_PREDICTIONS).is_file()
     # planted X-ray gains: none for late fusion (one of the null fusion methods), daft the first with a gain
     assert json.loads((out / "planted_gains.json").read_text()) == {"latefusion": 0.0}
+    # units: one (task, cohort) group's permutation test of a pair and one run's fairness, as JSON lines
+    sub = tmp_path / "mortality"
+    base = [sys.executable, str(BENCH / "analysis_scale.py")]
+    subprocess.run([*base, "subset", "--runs", str(out), "--out", str(sub), "--seeds", "2", "--tasks", "mortality"],
+                   check=True, capture_output=True)  # fmt: skip
+    with pytest.raises(subprocess.CalledProcessError):  # two groups: refused
+        subprocess.run([*base, "units", "--runs", str(out)], check=True, capture_output=True)
+    lines = subprocess.run(
+        [*base, "units", "--runs", str(sub), "--pairs", "latefusion:lstm", "--fairness-methods", "latefusion",
+         "--n-permutations", "300", "--n-bootstrap", "20"], check=True, capture_output=True, text=True,
+    ).stdout.splitlines()  # fmt: skip
+    perm, fair = (json.loads(line) for line in lines)
+    n_test = len(pd.read_parquet(done[0].parent / runs.PREDICTIONS))
+    assert (perm["unit"], perm["pair"], perm["stays"], fair["unit"], fair["stays"]) == (
+        "permutation", "latefusion:lstm", n_test, "fairness", n_test,
+    )  # fmt: skip
+    assert 0 < perm["permutations_min_median_max"][0] <= perm["permutations_min_median_max"][2] <= 300
     assert scale.gains(
         ["daft", "latefusion", "lstm"], {"daft": [1, 2], "latefusion": [1, 2], "lstm": [1]}
     ) == {
