@@ -138,7 +138,7 @@ def _prefix_at(wt: np.ndarray, items: np.ndarray, points: np.ndarray, dtype: typ
     A running row of R sums (cache-resident) is advanced segment by segment and copied out at each point: for many
     columns numpy's cumsum, which writes every prefix of every column, is several times slower. For a few columns
     (a point estimate, the observed arrangement of a test) the loop's per-point overhead dominates and cumsum is
-    4-100x faster (benchmarks in docs/performance.md); both give the same integers.
+    faster (benchmarks/prefix_sums.py measures where they cross); both give the same integers.
     """
     if wt.shape[1] <= CUMSUM_MAX_COLUMNS:
         sums = np.zeros((len(items) + 1, wt.shape[1]), dtype=dtype)
