@@ -659,6 +659,35 @@ def test_compare_methods_table(task):
         assert len(table[table["family"] == "phenotype:pairwise:auroc:per_label"]) == 3 * 4
 
 
+@pytest.mark.parametrize(
+    ("task", "ci_method", "stratify"),
+    [("phenotype", "percentile", False), ("mortality", "bca", True), ("los", "percentile", True)],
+)
+def test_compare_methods_resamples_each_method_once(task, ci_method, stratify, monkeypatch):
+    """When every method has the same stays, each is bootstrapped once and every pair's CI is the difference of
+    the two methods' values: identical to bootstrapping each pair (two models) on its own, in 3 method evaluations
+    instead of 2 per pair (8 here)."""
+    from carebench.analysis import comparisons as cmp
+
+    preds = _long_predictions(task, np.random.default_rng(16), n=60)
+    kw = {"unimodal": ["ehr", "cxr"], "n_resamples": 150, "n_permutations": 99, "seed": 2, "ci_method": ci_method,
+          "stratify": stratify}  # fmt: skip
+    calls = []
+    real = st._evaluate_blocks
+    monkeypatch.setattr(
+        st, "_evaluate_blocks", lambda sets, blocks: calls.append(len(sets)) or real(sets, blocks)
+    )
+    shared = compare_methods(preds, task, **kw)
+    per_value = 3 if ci_method == "bca" else 2  # point + resamples (+ jackknife)
+    assert calls == [1] * 3 * per_value  # the three methods, one model each; no pair bootstrapped
+    calls[:] = []
+    monkeypatch.setattr(cmp, "_same_stays", lambda pooled, methods: False)  # each pair on its own
+    alone = compare_methods(preds, task, **kw)
+    assert calls == [2] * 4 * per_value  # four pairs (fusion vs ehr twice: reference, pairwise), two models
+    pd.testing.assert_frame_equal(shared, alone)
+    assert shared["ci_low"].notna().all() and (shared["ci_low"] < shared["ci_high"]).all()
+
+
 def test_compare_methods_pairwise_with_keeps_the_rows_of_those_pairs():
     """Restricting the pairs (analyze --pairs findings) gives the same statistics for the pairs it keeps: each pair
     is computed on its own; only the multiplicity families shrink."""

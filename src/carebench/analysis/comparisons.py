@@ -33,12 +33,14 @@ from carebench.evaluation.statistics import (
     StatisticsInputError,
     available_metrics,
     bootstrap_cis,
+    bootstrap_values,
     check_ci_options,
     check_label_groups,
     check_test_options,
     group_key,
     metric_values,
     paired_bootstrap_cis,
+    paired_intervals,
     paired_permutation_tests,
     prepare_predictions,
 )
@@ -259,29 +261,50 @@ def _method_bootstrap(job: tuple) -> dict:
     return _lean(boot)
 
 
-def _pair_statistics(job: tuple) -> tuple[list[dict], dict, dict, int]:
-    """One method pair on their common stays: point values of both, paired bootstrap CIs of the difference and
-    paired permutation tests (a worker's unit of `compare_methods`)."""
+def _method_values(job: tuple):
+    """One method's bootstrap values on its pooled stays (a worker's unit of `compare_methods` when every method
+    has the same stays: each pair's paired CIs then follow from its two methods' values)."""
+    y, p, thresholds, o = job
+    return bootstrap_values(
+        y,
+        p,
+        o["keys"],
+        names=o["names"],
+        n_resamples=o["n_resamples"],
+        seed=o["seed"],
+        method=o["ci_method"],
+        stratify=o["stratify"],
+        groups=o["groups"],
+        thresholds=thresholds,
+    )
+
+
+def _pair_statistics(job: tuple) -> tuple[list[dict], dict | None, dict, int]:
+    """One method pair on their common stays: point values of both, paired bootstrap CIs of the difference (unless
+    `o["bootstrap"]` is False: computed from the methods' shared values instead) and paired permutation tests (a
+    worker's unit of `compare_methods`)."""
     y, pa, pb, ta, tb, o = job
     point = [
         metric_values(y, p, o["keys"], names=o["names"], groups=o["groups"], thresholds=t)
         for p, t in ((pa, ta), (pb, tb))
     ]
-    boot = paired_bootstrap_cis(
-        y,
-        pa,
-        pb,
-        o["keys"],
-        names=o["names"],
-        n_resamples=o["n_resamples"],
-        ci=o["ci"],
-        seed=o["seed"],
-        method=o["ci_method"],
-        stratify=o["stratify"],
-        groups=o["groups"],
-        thresholds_a=ta,
-        thresholds_b=tb,
-    )
+    boot = None
+    if o.get("bootstrap", True):
+        boot = paired_bootstrap_cis(
+            y,
+            pa,
+            pb,
+            o["keys"],
+            names=o["names"],
+            n_resamples=o["n_resamples"],
+            ci=o["ci"],
+            seed=o["seed"],
+            method=o["ci_method"],
+            stratify=o["stratify"],
+            groups=o["groups"],
+            thresholds_a=ta,
+            thresholds_b=tb,
+        )
     perm = paired_permutation_tests(
         y,
         pa,
@@ -296,7 +319,20 @@ def _pair_statistics(job: tuple) -> tuple[list[dict], dict, dict, int]:
         thresholds_b=tb,
         sequential_h=o["sequential_h"],
     )
-    return point, _lean(boot), _lean(perm), len(y)
+    return point, None if boot is None else _lean(boot), _lean(perm), len(y)
+
+
+def _same_stays(pooled: Mapping[str, PooledPredictions], methods: Sequence[str]) -> bool:
+    """Whether every one of `methods` has the same stays in the same, increasing order (so a pair's aligned
+    predictions are each method's own, and one bootstrap of each method serves all its pairs)."""
+    if not methods:
+        return False
+    first = pooled[methods[0]]
+    ordered = bool(np.all(np.diff(first.stay_id) > 0))
+    return ordered and all(
+        np.array_equal(pooled[m].stay_id, first.stay_id) and np.array_equal(pooled[m].y, first.y)
+        for m in methods
+    )
 
 
 def compare_methods(
@@ -379,8 +415,21 @@ def compare_methods(
     options = {"keys": keys, "names": names, "groups": groups, "n_resamples": n_resamples, "ci": ci, "seed": seed,
                "ci_method": ci_method, "stratify": stratify, "n_permutations": n_permutations,
                "alternative": alternative, "sequential_h": sequential_h}  # fmt: skip
-    work = ((*_align(pooled[a], pooled[b], names, a, b), options) for a, b in unique)
+    in_pairs = sorted({m for pair in unique for m in pair})
+    shared = _same_stays(pooled, in_pairs)  # then each method is resampled once, not once per pair
+    values = {}
+    if shared:
+        work_m = ((pooled[m].y, pooled[m].p, pooled[m].thresholds, options) for m in in_pairs)
+        values = dict(zip(in_pairs, parallel_map(_method_values, work_m, jobs), strict=True))
+    work = (
+        (*_align(pooled[a], pooled[b], names, a, b), {**options, "bootstrap": not shared}) for a, b in unique
+    )
     done = dict(zip(unique, parallel_map(_pair_statistics, work, jobs), strict=True))
+    if shared:
+        done = {
+            (a, b): (point, _lean(paired_intervals(values[a], values[b], ci)), perm, n)
+            for (a, b), (point, _, perm, n) in done.items()
+        }
     rows = []
     for comparison, a, b, row_keys in pairs:
         point, boot, perm, n = done[(a, b)]

@@ -931,7 +931,7 @@ def paired_bootstrap_cis(
     thresholds_b: np.ndarray | None = None,
 ) -> dict[str, BootstrapResult]:
     """`paired_bootstrap_ci` of several metrics on the same resamples, in one pass (each model's predictions
-    decided at its own thresholds)."""
+    decided at its own thresholds). Equals `paired_intervals` of the two models' `bootstrap_values`."""
     y, p_a, names = prepare_predictions(y_true, p_a, names)
     _, p_b, _ = prepare_predictions(y_true, p_b, names)
     _same_shape(p_a, p_b)
@@ -942,6 +942,73 @@ def paired_bootstrap_cis(
         _MetricSet(y, p_b, names, keys, groups=groups, thresholds=thresholds_b),
     ]
     return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
+
+
+@dataclass(frozen=True)
+class BootstrapValues:
+    """One model's metric values on its stays (`point`, [1] per key), on each bootstrap resample (`resamples`,
+    [n_resamples]) and, for BCa, on each leave-one-out sample (`jackknife`, [n]). Two models' values drawn with
+    the same stays in the same order, seed and options give their paired intervals (`paired_intervals`) without
+    evaluating either again: a model compared with many others is resampled once."""
+
+    point: dict[str, np.ndarray]
+    resamples: dict[str, np.ndarray]
+    jackknife: dict[str, np.ndarray]
+    n_stays: int
+    seed: int
+    method: str
+    stratify: bool
+
+
+def bootstrap_values(
+    y_true,
+    p,
+    metrics: Sequence[str],
+    *,
+    names: Sequence[str] | None = None,
+    n_resamples: int = DEFAULTS.n_bootstrap,
+    seed: int = DEFAULTS.seed,
+    method: str = "percentile",
+    stratify: bool = False,
+    groups: Mapping[str, Sequence[str]] | None = None,
+    thresholds: np.ndarray | None = None,
+) -> BootstrapValues:
+    """One model's `BootstrapValues` (the resamples of `bootstrap_weights`, as `paired_bootstrap_cis` draws them)."""
+    y, p, names = prepare_predictions(y_true, p, names)
+    check_ci_options(DEFAULTS.confidence, method, n_resamples, "n_resamples")
+    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups, thresholds=thresholds)]
+    n = len(y)
+    return BootstrapValues(
+        point=_evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)])),
+        resamples=_evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, _strata(y, stratify))),
+        jackknife=_evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else {},
+        n_stays=n,
+        seed=seed,
+        method=method,
+        stratify=stratify,
+    )
+
+
+def paired_intervals(
+    a: BootstrapValues, b: BootstrapValues, ci: float = DEFAULTS.confidence
+) -> dict[str, BootstrapResult]:
+    """Bootstrap CIs of metric(a) - metric(b) from the two models' values: identical to `paired_bootstrap_cis` on
+    the same stays, in the same order, with the same seed and options (each resample's difference is the
+    difference of the two models' values on it)."""
+    same = (a.n_stays, a.seed, a.method, a.stratify) == (b.n_stays, b.seed, b.method, b.stratify)
+    if not same or set(a.point) != set(b.point):
+        raise StatisticsInputError("paired_intervals: the two models' values were drawn differently")
+    check_ci_options(ci, a.method, len(next(iter(a.resamples.values()), [1])), "n_resamples")
+    return {
+        k: _interval(
+            a.resamples[k] - b.resamples[k],
+            float((a.point[k] - b.point[k])[0]),
+            ci,
+            a.method,
+            a.jackknife[k] - b.jackknife[k] if a.method == "bca" else None,
+        )
+        for k in a.point
+    }
 
 
 def _same_shape(p_a: np.ndarray, p_b: np.ndarray) -> None:
