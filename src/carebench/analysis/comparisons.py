@@ -242,41 +242,23 @@ def _lean(results: dict) -> dict:
     return out
 
 
+def _resampling(o: Mapping) -> dict:
+    """The bootstrap options of a worker's job (`o`), as the statistics functions name them."""
+    return {"names": o["names"], "n_resamples": o["n_resamples"], "seed": o["seed"], "method": o["ci_method"],
+            "stratify": o["stratify"], "groups": o["groups"]}  # fmt: skip
+
+
 def _method_bootstrap(job: tuple) -> dict:
     """Bootstrap CIs of one method's pooled predictions (a worker's unit of `method_metrics`)."""
     y, p, thresholds, o = job
-    boot = bootstrap_cis(
-        y,
-        p,
-        o["keys"],
-        names=o["names"],
-        n_resamples=o["n_resamples"],
-        ci=o["ci"],
-        seed=o["seed"],
-        method=o["ci_method"],
-        stratify=o["stratify"],
-        groups=o["groups"],
-        thresholds=thresholds,
-    )
-    return _lean(boot)
+    return _lean(bootstrap_cis(y, p, o["keys"], ci=o["ci"], thresholds=thresholds, **_resampling(o)))
 
 
 def _method_values(job: tuple):
     """One method's bootstrap values on its pooled stays (a worker's unit of `compare_methods` when every method
     has the same stays: each pair's paired CIs then follow from its two methods' values)."""
     y, p, thresholds, o = job
-    return bootstrap_values(
-        y,
-        p,
-        o["keys"],
-        names=o["names"],
-        n_resamples=o["n_resamples"],
-        seed=o["seed"],
-        method=o["ci_method"],
-        stratify=o["stratify"],
-        groups=o["groups"],
-        thresholds=thresholds,
-    )
+    return bootstrap_values(y, p, o["keys"], thresholds=thresholds, **_resampling(o))
 
 
 def _pair_statistics(job: tuple) -> tuple[list[dict], dict | None, dict, int]:
@@ -291,19 +273,7 @@ def _pair_statistics(job: tuple) -> tuple[list[dict], dict | None, dict, int]:
     boot = None
     if o.get("bootstrap", True):
         boot = paired_bootstrap_cis(
-            y,
-            pa,
-            pb,
-            o["keys"],
-            names=o["names"],
-            n_resamples=o["n_resamples"],
-            ci=o["ci"],
-            seed=o["seed"],
-            method=o["ci_method"],
-            stratify=o["stratify"],
-            groups=o["groups"],
-            thresholds_a=ta,
-            thresholds_b=tb,
+            y, pa, pb, o["keys"], ci=o["ci"], thresholds_a=ta, thresholds_b=tb, **_resampling(o)
         )
     perm = paired_permutation_tests(
         y,
