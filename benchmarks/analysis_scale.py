@@ -271,105 +271,32 @@ def measure(args: argparse.Namespace) -> None:
     )
 
 
-def _cpu(fn, *args, repeat: int = 3) -> float:
-    """Median CPU seconds of `fn(*args)` over `repeat` calls."""
-    out = []
-    for _ in range(repeat):
-        t = time.process_time()
-        fn(*args)
-        out.append(time.process_time() - t)
-    return sorted(out)[len(out) // 2]
-
-
-def extrapolate(args: argparse.Namespace) -> None:
-    """Per-unit CPU costs of the analysis measured on the runs (one method pair, one method's bootstrap, one run's
-    fairness per task x cohort group) at two resampling counts each, then the whole analysis at the target counts:
-    every unit is linear in the number of resamples / permutations, so two points give each line."""
-    from carebench.analysis import comparisons as cmp
-    from carebench.analysis.analyze import _bootstrap_job
+def _main_groups(runs_dir: str):
+    """The main (no X-ray dropout) runs of a runs directory by (task, cohort), their dataset, and the fairness
+    attributes and intersections `carebench analyze` would use for them."""
+    from carebench.analysis.analyze import fairness_attributes
     from carebench.analysis.options import resolve_options
-    from carebench.analysis.pooling import groups, load_runs, recorded_predictions
+    from carebench.analysis.pooling import groups, load_runs
     from carebench.data.store import open_dataset
     from carebench.experiments.plan import read_plan_record
-    from carebench.runs import read_predictions
-    from carebench.tasks import get_task
 
-    b0, b1, p0, p1 = args.b0, args.b1, args.p0, args.p1
-    records = load_runs(args.runs)
+    records = load_runs(runs_dir)
     main = {k[:2]: v for k, v in groups(records).items() if k[2] == (0.0, 0.0, 0.0)}
     ds = open_dataset(records[0].data, mmap=True)
-    cohort = ds.cohort
-    opts_a = resolve_options(read_plan_record(args.runs))
-    inter = [i for i in ds.intersections if set(i) <= set(opts_a.fairness_attributes)]
-    total = {"statistics": 0.0, "fairness": 0.0}
-    print(f"| task | cohort | stays | methods | unique pairs | runs | pair CPU s at B={args.target_bootstrap}, "
-          f"P={args.target_permutations} | method bootstrap CPU s | run fairness CPU s | group CPU min |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for (task, coh), members in sorted(main.items()):
-        test = recorded_predictions(members)
-        pooled = cmp.pool_predictions(test, task)
-        names = runs_names(test, task)
-        methods = sorted(pooled)
-        unimodal = sorted({r.method for r in members if r.unimodal})
-        fusion = [m for m in methods if m not in unimodal]
-        n_pairs = len(methods) * (len(methods) - 1) // 2 + sum(1 for m in fusion if m > unimodal[0])
-        keys = cmp._expand_keys(task, None, names)
-        a, b = fusion[0], unimodal[0]
-        y, pa, pb, *_ = cmp._align(pooled[a], pooled[b], names, a, b)
-        base = {"keys": keys, "names": names, "groups": {}, "ci": 0.95, "seed": 0, "ci_method": "percentile",
-                "stratify": False, "alternative": "two-sided"}  # fmt: skip
-
-        t00, t10, t01 = (
-            _cpu(cmp._pair_statistics, (y, pa, pb, {**base, "n_resamples": bb, "n_permutations": pp}))
-            for bb, pp in ((b0, p0), (b1, p0), (b0, p1))
-        )
-        slope_b, slope_p = (t10 - t00) / (b1 - b0), (t01 - t00) / (p1 - p0)
-        t_pair = t00 + slope_b * (args.target_bootstrap - b0) + slope_p * (args.target_permutations - p0)
-        metrics = cmp.available_metrics(get_task(task).kind, names, {})
-        opts = {"names": names, "n_resamples": b0, "ci": 0.95, "seed": 0, "groups": None}
-        m0 = _cpu(_bootstrap_job, (pooled[a].y, pooled[a].p, metrics, opts))
-        m1 = _cpu(_bootstrap_job, (pooled[a].y, pooled[a].p, metrics, {**opts, "n_resamples": b1}))
-        t_method = m0 + (m1 - m0) / (b1 - b0) * (args.target_bootstrap - b0)
-        r = next(r for r in members if r.method == a)
-        test_r, val_r = read_predictions(r), read_predictions(r, "val")
-
-        fair = {"val_predictions": val_r, "attributes": opts_a.fairness_attributes, "intersections": inter}
-        f0, f1 = (_cpu(_fairness_unit, test_r, cohort, task, bb, fair) for bb in (b0, b1))
-        t_fair = f0 + (f1 - f0) / (b1 - b0) * (args.target_bootstrap - b0)
-        # leaderboard: one bootstrap per method; natural missingness (base cohort): all / with / without X-ray
-        boots = len(methods) * (1 + (3 if coh == "base" else 0))
-        stats = n_pairs * t_pair + boots * t_method
-        total["statistics"] += stats
-        total["fairness"] += len(members) * t_fair
-        print(
-            f"| {task} | {coh} | {len(y):,} | {len(methods)} | {n_pairs} | {len(members)} | {t_pair:,.1f} | "
-            f"{t_method:,.1f} | {t_fair:,.2f} | {(stats + len(members) * t_fair) / 60:,.1f} |",
-            flush=True,
-        )
-    cpu = sum(total.values())
-    print(
-        f"\nExtrapolated CPU at B={args.target_bootstrap}, P={args.target_permutations} (main runs; the missing-X-ray "
-        f"training rows add one bootstrap per method and rate): statistics {total['statistics'] / 3600:.1f} h, "
-        f"fairness {total['fairness'] / 3600:.1f} h; total {cpu / 3600:.1f} CPU-hours = {cpu / 3600 / args.jobs:.1f} h "
-        f"on {args.jobs} cores (the units are independent: analyze --jobs)."
-    )
+    attributes = fairness_attributes(ds, resolve_options(read_plan_record(runs_dir)).fairness_attributes)
+    return main, ds, attributes, [i for i in ds.intersections if set(i) <= set(attributes)]
 
 
 def units(args: argparse.Namespace) -> None:
     """CPU seconds of the paired permutation test of each of --pairs and of one run's fairness per method of
     --fairness-methods, on the runs' only (task, cohort) group of main runs; one JSON line per unit."""
     from carebench.analysis import comparisons as cmp
-    from carebench.analysis.analyze import fairness_attributes
     from carebench.analysis.fairness import analyze_fairness
-    from carebench.analysis.options import resolve_options
-    from carebench.analysis.pooling import groups, load_runs, recorded_predictions
-    from carebench.data.store import open_dataset
+    from carebench.analysis.pooling import recorded_predictions
     from carebench.evaluation import statistics as st
-    from carebench.experiments.plan import read_plan_record
     from carebench.runs import read_predictions
 
-    records = load_runs(args.runs)
-    main = {k[:2]: v for k, v in groups(records).items() if k[2] == (0.0, 0.0, 0.0)}
+    main, ds, attributes, inter = _main_groups(args.runs)
     if len(main) != 1:
         raise SystemExit(f"{args.runs}: expected the runs of one (task, cohort) group, got {sorted(main)}")
     (task, cohort), members = next(iter(main.items()))
@@ -397,24 +324,16 @@ def units(args: argparse.Namespace) -> None:
                           "keys": len(keys), "cpu_s": round(cpu, 1), "permutations_min_median_max":
                           [used[0], used[len(used) // 2], used[-1]], "keys_at_all_permutations":
                           sum(u == args.n_permutations for u in used)}), flush=True)  # fmt: skip
-    ds = open_dataset(records[0].data, mmap=True)
-    attributes = fairness_attributes(ds, resolve_options(read_plan_record(args.runs)).fairness_attributes)
-    inter = [i for i in ds.intersections if set(i) <= set(attributes)]
+    stay_groups = ds.groups()
     for method in filter(None, args.fairness_methods.split(",")):
         r = next(r for r in members if r.method == method)
         test_r, val_r = read_predictions(r), read_predictions(r, "val")
         t = time.process_time()
-        rep = analyze_fairness(test_r, ds.groups(), task, val_predictions=val_r, n_resamples=args.n_bootstrap,
+        rep = analyze_fairness(test_r, stay_groups, task, val_predictions=val_r, n_resamples=args.n_bootstrap,
                                attributes=attributes, intersections=inter)  # fmt: skip
         cpu = time.process_time() - t
         print(json.dumps({"unit": "fairness", "task": task, "cohort": cohort, "run": r.run_id, "stays": len(test_r),
                           "group_rows": len(rep.groups), "cpu_s": round(cpu, 1)}), flush=True)  # fmt: skip
-
-
-def _fairness_unit(test, cohort, task: str, n_resamples: int, options: dict) -> None:
-    from carebench.analysis.fairness import analyze_fairness
-
-    analyze_fairness(test, cohort, task, n_resamples=n_resamples, **options)
 
 
 def runs_names(frame, task: str) -> list[str]:
@@ -424,6 +343,8 @@ def runs_names(frame, task: str) -> list[str]:
 
 
 def main() -> None:
+    from carebench.evaluation.options import DEFAULTS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate")
@@ -444,25 +365,15 @@ def main() -> None:
     m.add_argument("--jobs", type=int, default=0, help="analyze --jobs (0: its default)")
     m.add_argument("--no-fairness", action="store_true")
     m.add_argument("--no-report", action="store_true")
-    e = sub.add_parser("extrapolate", help="per-unit CPU costs -> the whole analysis at the target counts")
-    e.add_argument("--runs", required=True)
-    e.add_argument("--b0", type=int, default=20)
-    e.add_argument("--b1", type=int, default=100)
-    e.add_argument("--p0", type=int, default=20)
-    e.add_argument("--p1", type=int, default=200)
-    e.add_argument("--target-bootstrap", type=int, default=1000)
-    e.add_argument("--target-permutations", type=int, default=10_000)
-    e.add_argument("--jobs", type=int, default=2)
     u = sub.add_parser("units", help="CPU s of given pairs' permutation tests and of one run's fairness")
     u.add_argument("--runs", required=True, help="the runs of one (task, cohort) group (see subset)")
     u.add_argument("--pairs", default="", help="comma-separated method pairs a:b")
     u.add_argument("--fairness-methods", default="", help="comma-separated methods: one run's fairness each")
-    u.add_argument("--n-permutations", type=int, default=10_000)
-    u.add_argument("--sequential-h", type=int, default=50)
-    u.add_argument("--n-bootstrap", type=int, default=1000)
+    u.add_argument("--n-permutations", type=int, default=DEFAULTS.n_permutations)
+    u.add_argument("--sequential-h", type=int, default=DEFAULTS.sequential_h)
+    u.add_argument("--n-bootstrap", type=int, default=DEFAULTS.n_bootstrap)
     args = ap.parse_args()
-    commands = {"generate": generate, "subset": subset, "measure": measure, "extrapolate": extrapolate}
-    commands["units"] = units
+    commands = {"generate": generate, "subset": subset, "measure": measure, "units": units}
     commands[args.command](args)
 
 

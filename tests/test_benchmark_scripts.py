@@ -81,6 +81,7 @@ def test_analysis_scale_writes_finished_runs_with_planted_differences(data_dir, 
         "permutation", "latefusion:lstm", n_test, "fairness", n_test,
     )  # fmt: skip
     assert 0 < perm["permutations_min_median_max"][0] <= perm["permutations_min_median_max"][2] <= 300
+    assert fair["group_rows"] > 1  # the dataset's attributes, not the overall row alone
     assert scale.gains(
         ["daft", "latefusion", "lstm"], {"daft": [1, 2], "latefusion": [1, 2], "lstm": [1]}
     ) == {

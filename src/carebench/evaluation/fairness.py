@@ -296,7 +296,6 @@ class _GroupKernel:
         k = _N_SUMS + 2 * self.n_bins
         sums = wt.T.astype(np.float64) @ self.feats  # one product for all labels
         max_total = int(wt.sum(axis=0, dtype=np.int64).max(initial=0))
-        wt = np.ascontiguousarray(wt)
         per = []
         for j, scorer in enumerate(self.scorers):
             res = _from_sums(sums[:, j * k : (j + 1) * k], self.n_bins)

@@ -742,14 +742,15 @@ def _jackknife_weights(n: int) -> Iterator[np.ndarray]:
         yield w
 
 
-def _evaluate_blocks(sets: Sequence[_MetricSet], blocks: Iterator[np.ndarray]) -> dict[str, np.ndarray]:
-    """Metric values (one set) or differences a - b (two sets evaluated on the same weights), concatenated."""
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in sets[0].keys}
+def _evaluate_blocks(sets: Sequence[_MetricSet], blocks: Iterator[np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """Each set's metric values under every block of weights (the sets share each block), concatenated."""
+    parts: list[dict[str, list[np.ndarray]]] = [{k: [] for k in s.keys} for s in sets]
     for w in blocks:
-        vals = [s.evaluate(w) for s in sets]
-        for k in parts:
-            parts[k].append(vals[0][k] - vals[1][k] if len(vals) == 2 else vals[0][k])
-    return {k: np.concatenate(v) for k, v in parts.items()}
+        for s, part in zip(sets, parts, strict=True):
+            vals = s.evaluate(w)
+            for k, acc in part.items():
+                acc.append(vals[k])
+    return [{k: np.concatenate(v) for k, v in part.items()} for part in parts]
 
 
 def _interval(
@@ -799,19 +800,32 @@ def check_ci_options(confidence: float, method: str, n: int, name: str) -> None:
         raise StatisticsInputError(f"{name}: must be at least 1, got {n}")
 
 
-def _bootstrap_many(
-    sets: Sequence[_MetricSet],
-    n: int,
-    strata: np.ndarray | None,
-    n_resamples: int,
+def _draw(
+    sets: Sequence[_MetricSet], y: np.ndarray, n_resamples: int, seed: int, method: str, stratify: bool
+) -> list[BootstrapValues]:
+    """`BootstrapValues` of each set (the same predictions' stays), every set evaluated on the same draws."""
+    n = len(y)
+    point = _evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)]))
+    dist = _evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, _strata(y, stratify)))
+    jack = _evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else [{} for _ in sets]
+    return [
+        BootstrapValues(
+            point=pt, resamples=d, jackknife=j, n_stays=n, seed=seed, method=method, stratify=stratify
+        )
+        for pt, d, j in zip(point, dist, jack, strict=True)
+    ]
+
+
+def _intervals(
+    point: Mapping[str, np.ndarray],
+    resamples: Mapping[str, np.ndarray],
+    jackknife: Mapping[str, np.ndarray],
     confidence: float,
-    seed: int,
     method: str,
 ) -> dict[str, BootstrapResult]:
-    point = _evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)]))
-    dist = _evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, strata))
-    jack = _evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else {}
-    return {k: _interval(dist[k], float(point[k][0]), confidence, method, jack.get(k)) for k in point}
+    return {
+        k: _interval(resamples[k], float(point[k][0]), confidence, method, jackknife.get(k)) for k in point
+    }
 
 
 def _strata(y: np.ndarray, stratify: bool) -> np.ndarray | None:
@@ -877,7 +891,8 @@ def bootstrap_cis(
     y, p, names = prepare_predictions(y_true, p, names)
     check_ci_options(ci, method, n_resamples, "n_resamples")
     sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups, thresholds=thresholds)]
-    return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
+    (v,) = _draw(sets, y, n_resamples, seed, method, stratify)
+    return _intervals(v.point, v.resamples, v.jackknife, ci, method)
 
 
 def paired_bootstrap_ci(
@@ -941,7 +956,7 @@ def paired_bootstrap_cis(
         _MetricSet(y, p_a, names, keys, groups=groups, thresholds=thresholds_a),
         _MetricSet(y, p_b, names, keys, groups=groups, thresholds=thresholds_b),
     ]
-    return _bootstrap_many(sets, len(y), _strata(y, stratify), n_resamples, ci, seed, method)
+    return paired_intervals(*_draw(sets, y, n_resamples, seed, method, stratify), ci)
 
 
 @dataclass(frozen=True)
@@ -977,16 +992,7 @@ def bootstrap_values(
     y, p, names = prepare_predictions(y_true, p, names)
     check_ci_options(DEFAULTS.confidence, method, n_resamples, "n_resamples")
     sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups, thresholds=thresholds)]
-    n = len(y)
-    return BootstrapValues(
-        point=_evaluate_blocks(sets, iter([np.ones((n, 1), dtype=np.int32)])),
-        resamples=_evaluate_blocks(sets, bootstrap_weights(n, n_resamples, seed, _strata(y, stratify))),
-        jackknife=_evaluate_blocks(sets, _jackknife_weights(n)) if method == "bca" else {},
-        n_stays=n,
-        seed=seed,
-        method=method,
-        stratify=stratify,
-    )
+    return _draw(sets, y, n_resamples, seed, method, stratify)[0]
 
 
 def paired_intervals(
@@ -996,19 +1002,12 @@ def paired_intervals(
     the same stays, in the same order, with the same seed and options (each resample's difference is the
     difference of the two models' values on it)."""
     same = (a.n_stays, a.seed, a.method, a.stratify) == (b.n_stays, b.seed, b.method, b.stratify)
-    if not same or set(a.point) != set(b.point):
+    if not same or list(a.point) != list(b.point):
         raise StatisticsInputError("paired_intervals: the two models' values were drawn differently")
-    check_ci_options(ci, a.method, len(next(iter(a.resamples.values()), [1])), "n_resamples")
-    return {
-        k: _interval(
-            a.resamples[k] - b.resamples[k],
-            float((a.point[k] - b.point[k])[0]),
-            ci,
-            a.method,
-            a.jackknife[k] - b.jackknife[k] if a.method == "bca" else None,
-        )
-        for k in a.point
-    }
+    check_ci_options(ci, a.method, 1, "n_resamples")  # the resample count was checked when they were drawn
+    diff = [{k: x[k] - y[k] for k in x} for x, y in ((a.point, b.point), (a.resamples, b.resamples),
+                                                      (a.jackknife, b.jackknife))]  # fmt: skip
+    return _intervals(*diff, ci, a.method)
 
 
 def _same_shape(p_a: np.ndarray, p_b: np.ndarray) -> None:
