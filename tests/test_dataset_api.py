@@ -23,10 +23,12 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from carebench.analysis.options import AnalysisError, groups_by_task
 from carebench.cli import app
 from carebench.data import DatasetError, open_dataset, write_dataset
 from carebench.data.describe import summarize
 from carebench.data.store import FORMAT_VERSION, MANIFEST, dataset_fingerprint
+from carebench.errors import UserError
 from carebench.tasks import TaskError, get_task
 from html_tables import Tables
 
@@ -135,6 +137,92 @@ def test_train_analyze_report_on_the_new_dataset(mine, tmp_path):
     assert "mortality" not in set(board.task) and "leaderboard-mortality-base" not in tables.tables
     s = json.loads((runs / "analysis" / "summary.json").read_text())
     assert [t["name"] for t in s["tasks"]] == ["acuity", "readmission_30d"]
+
+
+def _two_multilabel_tasks(root: Path) -> Path:
+    """A dataset declaring two multilabel tasks of its own, with disjoint label names."""
+    rng = np.random.default_rng(5)
+    n = 100
+    severity = rng.normal(size=n)
+    cohort = pd.DataFrame({"stay_id": np.arange(n) + 1, "subject_id": np.arange(n) // 2})
+    for c in "abc":
+        cohort[f"comp_{c}"] = (severity + rng.normal(0, 1, n) > 0.5).astype(int)
+    for c in "xyz":
+        cohort[f"dx_{c}"] = (severity + rng.normal(0, 1, n) > 0.0).astype(int)
+    ehr = (severity[:, None, None] + rng.normal(0, 1, (n, 6, 3))).astype(np.float32)
+    write_dataset(
+        root,
+        cohort=cohort,
+        ehr=ehr,
+        features=["a", "b", "c"],
+        tasks={
+            "complications": {"labels": ["comp_a", "comp_b", "comp_c"], "spec": {"kind": "multilabel"}},
+            "diagnoses": {"labels": ["dx_x", "dx_y", "dx_z"], "spec": {"kind": "multilabel"}},
+        },
+        seed=0,
+    )
+    return root
+
+
+def test_analyze_in_a_new_process_knows_the_datasets_tasks_and_splits_label_groups(tmp_path, monkeypatch):
+    """`analyze` reads runs before it opens their dataset: a process that has not opened it yet (here: the task
+    registry emptied, as in a new process) must still know the dataset's own tasks. One label-groups file holds
+    the groups of two multilabel tasks; each group goes to the task that has its labels."""
+    import carebench.tasks as T
+    from carebench.analysis.analyze import analyze
+
+    data = _two_multilabel_tasks(tmp_path / "two")
+    runs = tmp_path / "runs"
+    for task in ("complications", "diagnoses"):
+        _invoke(["train", "--data", str(data), "--model", "lstm", "--task", task, "--preset", "test", "--fold",
+                 "1", "--out", str(runs), "max_epochs=1"])  # fmt: skip
+    options = {"n_bootstrap": 20, "n_permutations": 19, "fairness": False, "missingness": False,
+               "ablation": False}  # fmt: skip
+    groups = {"early": ["comp_a", "comp_b"], "common": ["dx_x", "dx_y", "dx_z"]}
+    monkeypatch.setattr(T, "_DECLARED", {})
+    res = analyze(runs, label_groups=groups, **options)
+    assert res.summary["options"]["task_label_groups"] == {
+        "complications": {"early": ["comp_a", "comp_b"]},
+        "diagnoses": {"common": ["dx_x", "dx_y", "dx_z"]},
+    }
+    board = res.tables["leaderboard"]
+    auroc = board[board.metric.isin(["auroc", "auroc_macro"])].set_index(["task", "label"])["estimate"]
+    assert {lb for lb in board.label if lb.startswith("group:")} == {"group:early", "group:common"}
+    assert auroc[("complications", "group:early")] == pytest.approx(
+        np.mean([auroc[("complications", nm)] for nm in ("comp_a", "comp_b")]), abs=1e-12
+    )
+    assert auroc[("diagnoses", "group:common")] == pytest.approx(auroc[("diagnoses", "diagnoses")], abs=1e-12)
+    assert ("diagnoses", "group:early") not in auroc.index
+
+    # a group that is in neither task names what each task lacks
+    with pytest.raises(AnalysisError, match=r"label group 'mixed': .*complications lacks \['dx_x'\]; "
+                                            r"diagnoses lacks \['comp_a'\]"):  # fmt: skip
+        analyze(runs, label_groups={"mixed": ["comp_a", "dx_x"]}, **options)
+    # the dataset moved: its tasks cannot be declared, and the error says how to go on
+    moved = tmp_path / "moved"
+    data.rename(moved)
+    monkeypatch.setattr(T, "_DECLARED", {})
+    with pytest.raises(UserError, match=r"two: dataset of the runs not found; it declares their task\(s\) "
+                                        r"\['complications', 'diagnoses'\] \(pass --data DIR"):  # fmt: skip
+        analyze(runs, **options)
+    assert len(analyze(runs, data=moved, **options).summary["run_ids"]) == 2
+
+
+def test_label_groups_go_to_the_multilabel_tasks_that_have_their_labels():
+    labels = {"t1": ["a", "b", "c"], "t2": ["c", "d"]}
+    assert groups_by_task({"g": ["a", "b"], "h": ["d"], "shared": ["c"]}, labels) == {
+        "t1": {"g": ["a", "b"], "shared": ["c"]},
+        "t2": {"h": ["d"], "shared": ["c"]},
+    }
+    assert groups_by_task({}, labels) == {} and groups_by_task({}, {}) == {}
+    with pytest.raises(
+        AnalysisError, match=r"label group 'g': unknown label\(s\) \['z'\]; labels of task 't1'"
+    ):
+        groups_by_task({"g": ["a", "z"]}, {"t1": labels["t1"]})
+    with pytest.raises(AnalysisError, match=r"label group 'g': .*t1 lacks \['d'\]; t2 lacks \['a'\]"):
+        groups_by_task({"g": ["a", "d"]}, labels)
+    with pytest.raises(AnalysisError, match=r"apply to multilabel tasks; the runs have none"):
+        groups_by_task({"g": ["a"]}, {})
 
 
 # ------------------------------------------------------------------------------------------------ validation

@@ -36,7 +36,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,7 @@ from carebench.analysis import comparisons as cmp
 from carebench.analysis.fairness import fairness_tables
 from carebench.analysis.findings import LATE_FUSION, Role, findings_table
 from carebench.analysis.modality import RunPredictor, dropout_runs_table
-from carebench.analysis.options import AnalysisError, AnalysisOptions, resolve_options
+from carebench.analysis.options import AnalysisError, AnalysisOptions, groups_by_task, resolve_options
 from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
 from carebench.analysis.parallel import Workers, parallel_map
 from carebench.analysis.pooling import groups as run_groups
@@ -192,14 +192,12 @@ def _names(task: str, frame: pd.DataFrame) -> list[str]:
 def _headline(task: str, opts: AnalysisOptions) -> list[str]:
     """The task's headline metrics, plus their label-group macro averages (multilabel, with --label-groups)."""
     spec = get_task(task)
-    metrics = list(spec.headline)
-    if spec.kind == "multilabel":
-        metrics += [st.group_key(m, g) for g in opts.label_groups for m in spec.headline]
-    return metrics
+    return [*spec.headline, *(st.group_key(m, g) for g in _groups(task, opts) or {} for m in spec.headline)]
 
 
 def _groups(task: str, opts: AnalysisOptions) -> dict[str, list[str]] | None:
-    return opts.label_groups if get_task(task).kind == "multilabel" and opts.label_groups else None
+    """The label groups of `task` (a multilabel task having all their labels), or None."""
+    return opts.task_label_groups.get(task) or None
 
 
 def _resampling(task: str, names: list[str], opts: AnalysisOptions) -> dict[str, Any]:
@@ -604,7 +602,7 @@ def analyze(
     t0 = time.perf_counter()
     runs_dir = Path(runs_dir)
     excluded: dict[str, str] = {}
-    records = load_runs(runs_dir, excluded)
+    records = load_runs(runs_dir, excluded, data)
     plan = read_plan_record(runs_dir)
     opts = resolve_options(plan, **options)
     data_path, fingerprint = runs.common_dataset(records)
@@ -618,6 +616,9 @@ def analyze(
         raise AnalysisError(
             f"{root}: runs of task(s) {undeclared} that the dataset does not declare ({ds.tasks})"
         )
+    ran = {r.task for r in records}
+    multilabel = {t: ds.output_names(t) for t in ds.tasks if t in ran and get_task(t).kind == "multilabel"}
+    opts = replace(opts, task_label_groups=groups_by_task(opts.label_groups, multilabel))
     has_cxr = ds.cohort.set_index("stay_id")["has_cxr"].astype(bool)
     grouped = run_groups(records)
     main = {k[:2]: v for k, v in grouped.items() if k[2] == (0.0, 0.0, 0.0)}

@@ -9,7 +9,7 @@ test-time X-ray missing rates from `experiments.plan.Missingness`. So `carebench
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,8 @@ class AnalysisOptions:
     device: str = "cpu"
     label_groups: dict[str, list[str]] = field(default_factory=dict)
     label_groups_source: str = ""
+    # task -> its label groups: each group goes to the multilabel task(s) having all its labels (`groups_by_task`)
+    task_label_groups: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     pairs: str = DEFAULTS.pairs
     sequential_h: int = DEFAULTS.sequential_h
     jobs: int = 1  # worker processes (analysis.parallel); the tables do not depend on it; CLI: every core
@@ -59,6 +61,38 @@ class AnalysisOptions:
             pairs=self.pairs,
             sequential_h=self.sequential_h,
         )
+
+
+def groups_by_task(
+    groups: Mapping[str, Sequence[str]], labels: Mapping[str, Sequence[str]]
+) -> dict[str, dict[str, list[str]]]:
+    """Each label group assigned to the multilabel task(s) of `labels` (task -> its output names) that have all of
+    its labels, so one `--label-groups` file can hold the groups of several multilabel tasks. A group that fits no
+    task is an error naming the group and the labels it lacks."""
+    out: dict[str, dict[str, list[str]]] = {}
+    if not groups:
+        return out
+    if not labels:
+        raise AnalysisError(
+            f"label groups {sorted(groups)}: label groups apply to multilabel tasks; the runs have none"
+        )
+    for g, members in groups.items():
+        fits = [t for t, names in labels.items() if set(members) <= set(names)]
+        if not fits:
+            lacking = {t: sorted(set(members) - set(names)) for t, names in labels.items()}
+            if len(lacking) == 1:
+                [(t, unknown)] = lacking.items()
+                raise AnalysisError(
+                    f"label group {g!r}: unknown label(s) {unknown}; labels of task {t!r}: {list(labels[t])}"
+                )
+            raise AnalysisError(
+                f"label group {g!r}: its labels are not all labels of one multilabel task ("
+                + "; ".join(f"{t} lacks {u}" for t, u in lacking.items())
+                + ")"
+            )
+        for t in fits:
+            out.setdefault(t, {})[g] = list(members)
+    return out
 
 
 def read_label_groups(

@@ -17,17 +17,22 @@ from pathlib import Path
 import pandas as pd
 
 from carebench import runs
+from carebench.data.store import MANIFEST, dataset_declarations
 from carebench.errors import UserError
 from carebench.runs import RunRecord
+from carebench.tasks import TASK_NAMES, declared_tasks
 
 KEY_COLUMNS = ["method", "run_id", "fold", "seed"]
 GroupKey = tuple[str, str, tuple[float, float, float]]  # (task, cohort, (train, val, test) X-ray dropout)
 
 
-def load_runs(runs_dir: str | Path, excluded: dict[str, str] | None = None) -> list[RunRecord]:
+def load_runs(
+    runs_dir: str | Path, excluded: dict[str, str] | None = None, data: str | Path | None = None
+) -> list[RunRecord]:
     """`runs.find_runs` without validation-only runs (tuning trials: never tested, they have nothing to pool),
     with the modalities of records that predate their being recorded filled in from the model registry (an
-    unregistered model is then an error naming the run).
+    unregistered model is then an error naming the run). The tasks a dataset declares are declared for this
+    process first (`declare_run_tasks`; `data`: the dataset's path when it moved).
 
     With `excluded` (a dict), a finished run whose record is unusable (`runs.run_problem`: corrupted predictions
     or metrics, malformed config) is left out and recorded there (run id -> the problem, naming the file) instead
@@ -39,6 +44,7 @@ def load_runs(runs_dir: str | Path, excluded: dict[str, str] | None = None) -> l
             f"{runs_dir}: its {len(found)} runs are validation-only tuning trials, which are never tested; "
             "analyse the benchmark whose plan uses their study (docs/tuning.md)"
         )
+    declare_run_tasks(tested, data)
     if excluded is None:
         records = tested
     else:
@@ -70,6 +76,27 @@ def load_runs(runs_dir: str | Path, excluded: dict[str, str] | None = None) -> l
                 ) from None
         out.append(r)
     return out
+
+
+def declare_run_tasks(records: Iterable[RunRecord], data: str | Path | None = None) -> None:
+    """Declare for this process the tasks of `records` that are not built in.
+
+    A dataset's own task is described by the dataset's manifest, not by the run record, so a process that reads
+    runs before opening their dataset (analyze) reads the declarations from the dataset the runs name (`data`
+    instead when given: the dataset moved). A missing dataset is an error naming the tasks it would declare.
+    """
+    records = list(records)
+    unknown = sorted({r.task for r in records} - {*TASK_NAMES, *declared_tasks()})
+    if not unknown:
+        return
+    roots = [Path(data)] if data is not None else [Path(r.data) for r in records if r.task in unknown]
+    for root in dict.fromkeys(roots):
+        if not (root / MANIFEST).is_file():
+            raise runs.RunsError(
+                f"{root}: dataset of the runs not found; it declares their task(s) {unknown} "
+                "(pass --data DIR if it moved)"
+            )
+        dataset_declarations(root)
 
 
 def balance_folds(records: list[RunRecord], excluded: dict[str, str]) -> list[RunRecord]:
