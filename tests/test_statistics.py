@@ -623,7 +623,8 @@ def test_compare_methods_table(task):
         ],
         "los": ["auroc_ovr_macro", "accuracy"],
     }[task]
-    # fusion vs ehr (reference), then the 3 pairs (cxr, ehr), (cxr, fusion), (ehr, fusion)
+    # fusion vs ehr (reference), then the 3 pairs (cxr, ehr), (cxr, fusion) in name order and (fusion, ehr)
+    # oriented as its reference comparison, with that comparison's result
     assert len(table) == 4 * len(keys)
     ref_rows = table[table["comparison"] == "reference"]
     assert set(zip(ref_rows["method_a"], ref_rows["method_b"], strict=True)) == {("fusion", "ehr")}
@@ -631,8 +632,11 @@ def test_compare_methods_table(task):
     assert set(zip(pair_rows["method_a"], pair_rows["method_b"], strict=True)) == {
         ("cxr", "ehr"),
         ("cxr", "fusion"),
-        ("ehr", "fusion"),
+        ("fusion", "ehr"),
     }
+    same = ["label", "metric", "delta", "ci_low", "ci_high", "p_value", "n_permutations", "n_resamples_valid"]
+    twice = pair_rows[pair_rows["method_a"] == "fusion"]
+    pd.testing.assert_frame_equal(twice[same].reset_index(drop=True), ref_rows[same].reset_index(drop=True))
     for row in table.itertuples():
         key = row.metric if row.label == task else f"{row.metric}/{row.label}"
         ma, mb = by_method[row.method_a][key], by_method[row.method_b][key]
@@ -683,7 +687,7 @@ def test_compare_methods_resamples_each_method_once(task, ci_method, stratify, m
     calls[:] = []
     monkeypatch.setattr(cmp, "_same_stays", lambda pooled, methods: False)  # each pair on its own
     alone = compare_methods(preds, task, **kw)
-    assert calls == [2] * 4 * per_value  # four pairs (fusion vs ehr twice: reference, pairwise), two models
+    assert calls == [2] * 3 * per_value  # three pairs (fusion vs ehr tested once for both rows), two models
     pd.testing.assert_frame_equal(shared, alone)
     assert shared["ci_low"].notna().all() and (shared["ci_low"] < shared["ci_high"]).all()
 
@@ -698,7 +702,7 @@ def test_compare_methods_pairwise_with_keeps_the_rows_of_those_pairs():
     some = compare_methods(preds, task, pairwise_with=["fusion"], **kw)
     none = compare_methods(preds, task, pairwise=False, **kw)
     pw = some[some["comparison"] == "pairwise"]
-    assert set(zip(pw["method_a"], pw["method_b"], strict=True)) == {("cxr", "fusion"), ("ehr", "fusion")}
+    assert set(zip(pw["method_a"], pw["method_b"], strict=True)) == {("cxr", "fusion"), ("fusion", "ehr")}
     assert set(none["comparison"]) == {"reference"}
     cols = ["comparison", "method_a", "method_b", "label", "metric"]
     vals = ["delta", "ci_low", "ci_high", "p_value", "estimate_a", "estimate_b"]

@@ -331,7 +331,8 @@ def compare_methods(
     Comparisons: every method other than the reference and the `unimodal` ones ("fusion methods") against the
     reference (comparison "reference"), and, with `pairwise`, every pair of methods (comparison "pairwise"), or
     with `pairwise_with` only the pairs that include one of those methods (the work of all pairs grows with the
-    square of the number of methods).
+    square of the number of methods). A pair is tested once: its pairwise row is (a, b) in name order, or
+    (method, reference) when the pair is also a reference comparison (the same delta, CI and p as that row).
     The reference is `reference`, or else the unimodal method with the best test value of the task's selection
     metric. One row per (comparison, pair, label, metric); `delta` = metric(method_a) - metric(method_b).
     `label_groups` (multilabel: group -> labels) adds the macro averages over each group (label `group:<name>`);
@@ -376,8 +377,10 @@ def compare_methods(
                 if m not in (ref, reference) and m not in unimodal
             ]
     if pairwise:
+        # a pair already compared with its reference keeps that orientation (method - reference): one test
+        compared = {(a, b) for _, a, b, _ in pairs}
         pairs += [
-            ("pairwise", a, b, keys)
+            ("pairwise", *((b, a) if (b, a) in compared else (a, b)), keys)
             for a, b in itertools.combinations(methods, 2)
             if pairwise_with is None or a in pairwise_with or b in pairwise_with
         ]
