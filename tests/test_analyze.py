@@ -374,6 +374,66 @@ def test_a_failed_write_leaves_the_previous_analysis(trained):
     assert not list(out.glob(".analysis*"))
 
 
+def test_a_killed_analysis_resumes_from_the_pieces_it_finished(written, tmp_path, monkeypatch):
+    """Killed in the second group's statistics, then again in the fairness of the fourth run: the third analyze
+    computes only what was left (1 statistics group was kept, then 3 fairness runs), writes tables identical to an
+    uninterrupted analysis, and removes the kept pieces."""
+    from carebench.analysis import fairness as F
+    from carebench.analysis.resume import WORK_DIR
+
+    kw = {"fairness": True, "missingness": True, "ablation": False, "n_bootstrap": 20, "n_permutations": 19}
+    src = shutil.copytree(written[0], tmp_path / "whole", ignore=shutil.ignore_patterns(O.ANALYSIS_DIR))
+    whole = A.analyze(src, **kw)
+    out = shutil.copytree(src, tmp_path / "runs", ignore=shutil.ignore_patterns(O.ANALYSIS_DIR))
+    calls = {"statistics": 0, "fairness": 0}
+    kill = {}
+    real = {"statistics": A._statistics, "fairness": F._run_fairness}
+
+    def counted(name):
+        def call(*args, **kwargs):
+            calls[name] += 1
+            if kill.get(name) == calls[name]:
+                raise KeyboardInterrupt
+            return real[name](*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(A, "_statistics", counted("statistics"))
+    monkeypatch.setattr(F, "_run_fairness", counted("fairness"))
+    kill.update(statistics=2)
+    with pytest.raises(KeyboardInterrupt):
+        A.analyze(out, **kw)
+    assert len(list((out / WORK_DIR).iterdir())) == 1 and not (out / O.ANALYSIS_DIR).exists()
+    calls.update(statistics=0, fairness=0)
+    kill.clear()
+    kill.update(fairness=4)
+    with pytest.raises(KeyboardInterrupt):
+        A.analyze(out, **kw)
+    assert calls == {"statistics": 1, "fairness": 4}  # the first group was not computed again
+    assert len(list((out / WORK_DIR).iterdir())) == 2 + 3
+    calls.update(statistics=0, fairness=0)
+    kill.clear()
+    resumed = A.analyze(out, **kw)
+    n_runs = len(whole.summary["run_ids"])
+    assert calls == {"statistics": 0, "fairness": n_runs - 3} and resumed.summary["resumed_pieces"] == 2 + 3
+    assert not (out / WORK_DIR).exists() and whole.summary["resumed_pieces"] == 0
+    for name, table in whole.tables.items():
+        pd.testing.assert_frame_equal(resumed.tables[name], table, check_exact=True, obj=name)
+    assert len(whole.tables["fairness_groups"]) and len(whole.tables["missingness_natural"])
+
+    # a changed option, or a retrained run of the kept group, reuses nothing of it
+    for change in ("option", "retrained"):
+        calls.update(statistics=0, fairness=0)
+        kill.update(statistics=2)
+        with pytest.raises(KeyboardInterrupt):
+            A.analyze(out, **kw)
+        kill.clear()
+        if change == "retrained":
+            (sorted(out.glob("latefusion_phenotype_*"))[0] / R.DONE).write_text("retrained\n")
+        again = A.analyze(out, **{**kw, "seed": 1 if change == "option" else 0, "fairness": False})
+        assert again.summary["resumed_pieces"] == 0 and calls["statistics"] == 2 + 2  # killed run, then both
+
+
 # ------------------------------------------------------------------------------------------- errors, CLI
 def test_errors_name_the_problem(tmp_path, data_dir, written):
     with pytest.raises(R.RunsError, match="no finished runs"):

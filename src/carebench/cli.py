@@ -772,7 +772,10 @@ def analyze(
     s = result.summary
     for w in s["warnings"]:
         err_console.print(f"[yellow]note:[/] {escape(w)}", highlight=False, soft_wrap=True)
-    err_console.print(f"{s['n_runs']} runs analysed in {s['timings_s']['total']:.1f} s", highlight=False)
+    resumed = f" (resumed: {s['resumed_pieces']} finished pieces reused)" if s["resumed_pieces"] else ""
+    err_console.print(
+        f"{s['n_runs']} runs analysed in {s['timings_s']['total']:.1f} s{resumed}", highlight=False
+    )
     print(result.path)
 
 

@@ -53,6 +53,7 @@ from carebench.analysis.outputs import ANALYSIS_DIR, TABLES, write_analysis
 from carebench.analysis.parallel import Workers, parallel_map
 from carebench.analysis.pooling import groups as run_groups
 from carebench.analysis.pooling import load_runs, long_predictions, recorded_predictions
+from carebench.analysis.resume import WORK_DIR, WorkCache
 from carebench.analysis.tuning import tuning_table
 from carebench.data.describe import fold_table, label_counts
 from carebench.data.store import ProcessedDataset, dataset_fingerprint, open_dataset
@@ -302,6 +303,13 @@ def _statistics(
     else:
         comp = pd.DataFrame()
     return board, comp, reference
+
+
+def _statistics_options(task: str, cohort: str, with_natural: bool, opts: AnalysisOptions) -> dict[str, Any]:
+    """What the statistics of a (task, cohort) group depend on besides its runs and the dataset (its resume key)."""
+    return {"task": task, "cohort": cohort, "natural": with_natural, "groups": _groups(task, opts),
+            **{k: getattr(opts, k) for k in ("n_bootstrap", "n_permutations", "confidence", "seed", "pairs",
+                                            "sequential_h")}}  # fmt: skip
 
 
 def _natural(
@@ -610,6 +618,7 @@ def analyze(
     if not root.is_dir():
         raise AnalysisError(f"{root}: dataset of the runs not found (pass --data DIR if it moved)")
     runs.check_dataset(fingerprint, root, dataset_fingerprint(root))
+    cache = WorkCache(runs_dir / WORK_DIR, {"dataset": fingerprint})
     ds = open_dataset(root, mmap=True)
     undeclared = sorted({r.task for r in records} - set(ds.tasks))
     if undeclared:
@@ -646,13 +655,24 @@ def analyze(
         tick = progress.stage("statistics (leaderboard, comparisons)", len(main))
         boards, comps, natural = [], [], []
         for (task, cohort), members in sorted(main.items(), key=lambda kv: order(*kv[0])):
-            test = recorded_predictions(members)
-            val = long_predictions((r, val_of(r)) for r in members)
-            board, comp, reference = _statistics(task, cohort, members, test, val, opts, workers)
-            boards.append(board)
-            comps.append(comp)
-            if opts.missingness and cohort == "base":
-                natural.append(_natural(task, cohort, test, val, has_cxr, opts, workers))
+            with_natural = opts.missingness and cohort == "base"
+            key = cache.key("statistics", _statistics_options(task, cohort, with_natural, opts), members)
+            piece = cache.get(key)
+            if piece is None:
+                test = recorded_predictions(members)
+                val = long_predictions((r, val_of(r)) for r in members)
+                board, comp, reference = _statistics(task, cohort, members, test, val, opts, workers)
+                made = {"board": board, "comp": comp}
+                if with_natural:
+                    made["natural"] = _natural(task, cohort, test, val, has_cxr, opts, workers)
+                piece = made, {"reference": reference, "n_stays": int(test["stay_id"].nunique())}
+                cache.put(key, *piece)
+            made, meta = piece
+            boards.append(made["board"])
+            comps.append(made["comp"])
+            if with_natural:
+                natural.append(made["natural"])
+            reference = meta["reference"]
             group_info.append(
                 {
                     "task": task,
@@ -663,7 +683,7 @@ def analyze(
                     "selection_metric": get_task(task).selection_metric,
                     "threshold_rule": get_task(task).threshold,
                     "n_runs": len(members),
-                    "n_stays": int(test["stay_id"].nunique()),
+                    "n_stays": meta["n_stays"],
                 }
             )
             tick()
@@ -690,6 +710,7 @@ def analyze(
                     warn=warnings.append,
                     tick=tick,
                     workers=workers,
+                    cache=cache,
                 )
             )
             timings["fairness"] = time.perf_counter() - t
@@ -786,8 +807,10 @@ def analyze(
         "macro_label": MACRO,
         "missing_aware": sorted(m for m, role in roles.items() if role.missing_aware),
         "tables": {name: len(tables[name]) for name in TABLES},
-        "warnings": warnings,
+        "warnings": warnings + ([cache.failed] if cache.failed else []),
+        "resumed_pieces": cache.reused,
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
     }
     path = write_analysis(runs_dir / ANALYSIS_DIR, tables, summary)
+    cache.clear()
     return AnalysisResult(path=path, tables=tables, summary=summary)

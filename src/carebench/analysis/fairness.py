@@ -17,6 +17,7 @@ import pandas as pd
 
 from carebench import runs
 from carebench.analysis.parallel import Workers, shared_value
+from carebench.analysis.resume import WorkCache
 from carebench.errors import UserError
 from carebench.evaluation.fairness import (
     FairnessInputError,
@@ -147,24 +148,37 @@ def fairness_tables(
     warn: Callable[[str], None],
     tick: Callable[[], None] = lambda: None,
     workers: Workers | int = 1,
+    cache: WorkCache | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Fairness tables of each run (`analyze_fairness`), with run key columns in front: fairness_groups,
     fairness_summary, fairness_thresholds. `validation(record)` gives a run's validation predictions when its
     record predates `predictions_val.parquet` (re-predicted from the checkpoint); a run whose fairness cannot be
     computed is reported through `warn` and left out. Runs are mapped over `workers` (a `Workers` sharing these
-    `groups` as "groups", or a number of processes); `validation` must then be picklable."""
+    `groups` as "groups", or a number of processes); `validation` must then be picklable. With `cache`, a run's
+    tables kept by an interrupted analysis are reused and each newly computed run's tables are kept
+    (`analysis.resume`)."""
     if isinstance(workers, int):
         with Workers(workers, shared={"groups": groups}) as pool:
             return fairness_tables(records, groups, attributes=attributes, intersections=intersections,
                                    n_resamples=n_resamples, seed=seed, confidence=confidence, validation=validation,
-                                   warn=warn, tick=tick, workers=pool)  # fmt: skip
+                                   warn=warn, tick=tick, workers=pool, cache=cache)  # fmt: skip
     if workers.shared.get("groups") is not groups:
         raise ValueError("fairness_tables: the workers must share these groups as 'groups'")
     options = {"n_resamples": n_resamples, "seed": seed, "confidence": confidence, "attributes": attributes,
                "intersections": [tuple(i) for i in intersections]}  # fmt: skip
     g_parts, s_parts, t_parts = [], [], []
-    reports = workers.map(_run_fairness, [(r, options, validation) for r in records])
-    for r, rep in zip(records, reports, strict=True):
+    keys = {r.run_id: cache.key("fairness", options, [r]) for r in records} if cache else {}
+    kept = {}
+    for r in records if cache else ():
+        if piece := cache.get(keys[r.run_id]):
+            kept[r.run_id] = FairnessReport(piece[0]["groups"], piece[0]["summary"], piece[1]["thresholds"])
+    computed = workers.map(_run_fairness, [(r, options, validation) for r in records if r.run_id not in kept])
+    for r in records:
+        rep = kept.get(r.run_id) or next(computed)
+        if cache and r.run_id not in kept and not isinstance(rep, str):
+            cache.put(
+                keys[r.run_id], {"groups": rep.groups, "summary": rep.summary}, {"thresholds": rep.thresholds}
+            )
         if isinstance(rep, str):
             warn(rep)
             tick()
