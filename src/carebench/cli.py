@@ -749,7 +749,8 @@ def analyze(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars.", **FLAG),
 ) -> None:
     """Statistics, fairness, missing-modality and modality-contribution tables of every finished run, and the
-    paper's four findings with a verdict each -> RUNS/analysis/ (parquet + csv, summary.json)."""
+    paper's four findings with a verdict each -> RUNS/analysis/ (parquet + csv, summary.json). Killed, it resumes:
+    the same command reuses the statistics groups and runs' fairness it had finished (RUNS/.analyze-pieces/)."""
     from carebench.analysis.analyze import analyze as run_analysis
 
     result = run_analysis(
