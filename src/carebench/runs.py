@@ -151,6 +151,14 @@ def is_done(runs_dir: str | Path, rid: str) -> bool:
     return (Path(runs_dir) / rid / DONE).is_file()
 
 
+def finish_stamp(run_dir: str | Path) -> str | None:
+    """What a finished run's ``DONE`` holds (the time it finished; a retrained run has another), or None."""
+    try:
+        return (Path(run_dir) / DONE).read_text()
+    except OSError:
+        return None
+
+
 def json_safe(obj: Any) -> Any:
     """NaN/inf -> None, numpy scalars -> Python numbers, tuples -> lists (recursively)."""
     if isinstance(obj, dict):

@@ -7,7 +7,7 @@ one (task, cohort) group (leaderboard, comparisons, natural missingness) and the
 Each piece is stored under `RUNS/.analyze-pieces/<key>/` as parquet tables and a `meta.json`, written to a
 temporary folder and renamed into place, so a piece is either whole or absent. Its key is a hash of everything its
 result depends on: the carebench version, the dataset's fingerprint, the piece's options and, for each run it
-reads, the run id, its `DONE` marker and the size and modification time of its prediction files. A changed
+reads, the run id, its finish marker (`runs.finish_stamp`) and the size and modification time of its prediction files. A changed
 option or a retrained run therefore gives another key and the piece is computed again; nothing stale is reused.
 The folder is removed once an analysis has been written completely. Tables are read back exactly (parquet keeps
 dtypes and index; tested by comparing a resumed analysis with an uninterrupted one).
@@ -15,6 +15,7 @@ dtypes and index; tested by comparing a resumed analysis with an uninterrupted o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,12 +35,8 @@ META = "meta.json"
 
 
 def run_identity(r: RunRecord) -> list[Any]:
-    """What identifies a run's results: its id, its DONE marker and its prediction files' sizes and times."""
-    ident: list[Any] = [r.run_id]
-    try:
-        ident.append((r.path / runs.DONE).read_text())
-    except OSError:
-        ident.append(None)
+    """What identifies a run's results: its id, its finish marker and its prediction files' sizes and times."""
+    ident: list[Any] = [r.run_id, runs.finish_stamp(r.path)]
     for name in (runs.PREDICTIONS, runs.VAL_PREDICTIONS):
         try:
             st = (r.path / name).stat()
@@ -101,6 +98,9 @@ class WorkCache:
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+            if self.failed:
+                with contextlib.suppress(OSError):
+                    self.root.rmdir()  # only when empty: nothing of a cache that could not be written
 
     def clear(self) -> None:
         """Remove every kept piece (after a complete analysis has been written)."""
