@@ -434,6 +434,36 @@ def test_a_killed_analysis_resumes_from_the_pieces_it_finished(written, tmp_path
         assert again.summary["resumed_pieces"] == 0 and calls["statistics"] == 2 + 2  # killed run, then both
 
 
+def test_a_killed_analysis_resumes_its_checkpoint_passes(trained, tmp_path, monkeypatch):
+    """Killed in the forward passes of the second group (real checkpoints: missing-X-ray curves, ablations), the
+    next analyze runs only that group's passes again and writes the tables of the uninterrupted analysis."""
+    out, runs, res = trained
+    copy = shutil.copytree(out, tmp_path / "runs", ignore=shutil.ignore_patterns(O.ANALYSIS_DIR))
+    kw = {"n_bootstrap": 200, "n_permutations": 400, "test_rates": [0.3, 0.9]}
+    calls, kill = [], [5]
+    real = A._controlled_job
+
+    def job(j):
+        calls.append(j[0].run_id)
+        if len(calls) == kill[0]:
+            raise KeyboardInterrupt
+        return real(j)
+
+    monkeypatch.setattr(A, "_controlled_job", job)
+    with pytest.raises(KeyboardInterrupt):
+        A.analyze(copy, **kw)
+    assert len(calls) == 5 and calls[-1] == runs["latefusion_r05"].name  # the base group's 4 runs were done
+    calls.clear()
+    kill[0] = 0
+    resumed = A.analyze(copy, **kw)
+    assert calls == [runs["latefusion_r05"].name]
+    # kept: the statistics, 4 runs' fairness and the base group's passes
+    assert resumed.summary["resumed_pieces"] == 1 + 4 + 1
+    for name, table in res.tables.items():
+        pd.testing.assert_frame_equal(resumed.tables[name], table, check_exact=True, obj=name)
+    assert len(res.tables["ablation"]) and len(res.tables["missingness_test"])
+
+
 # ------------------------------------------------------------------------------------------- errors, CLI
 def test_errors_name_the_problem(tmp_path, data_dir, written):
     with pytest.raises(R.RunsError, match="no finished runs"):

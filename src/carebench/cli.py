@@ -750,7 +750,7 @@ def analyze(
 ) -> None:
     """Statistics, fairness, missing-modality and modality-contribution tables of every finished run, and the
     paper's four findings with a verdict each -> RUNS/analysis/ (parquet + csv, summary.json). Killed, it resumes:
-    the same command reuses the statistics groups and runs' fairness it had finished (RUNS/.analyze-pieces/)."""
+    the same command reuses the statistics, fairness and checkpoint passes it had finished (RUNS/.analyze-pieces/)."""
     from carebench.analysis.analyze import analyze as run_analysis
 
     result = run_analysis(

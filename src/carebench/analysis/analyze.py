@@ -34,6 +34,7 @@ What it does (docs/report.md has every table and column):
 from __future__ import annotations
 
 import functools
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -310,6 +311,22 @@ def _statistics_options(task: str, cohort: str, with_natural: bool, opts: Analys
     return {"task": task, "cohort": cohort, "natural": with_natural, "groups": _groups(task, opts),
             **{k: getattr(opts, k) for k in ("n_bootstrap", "n_permutations", "confidence", "seed", "pairs",
                                             "sequential_h")}}  # fmt: skip
+
+
+def _modality_options(
+    task: str, cohort: str, rates: tuple, ablate: bool, opts: AnalysisOptions
+) -> dict[str, Any]:
+    """What the missing-X-ray curves and ablations of a group depend on besides its runs (its resume key)."""
+    return {"task": task, "cohort": cohort, "rates": rates, "ablation": ablate, "missingness": opts.missingness,
+            "groups": _groups(task, opts),
+            **{k: getattr(opts, k) for k in ("n_bootstrap", "confidence", "seed", "test_rates", "device")}}  # fmt: skip
+
+
+def _json_number(obj: Any) -> Any:
+    """numpy scalars in table rows as Python numbers (a resume piece's rows are JSON)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    raise TypeError(f"not JSON: {type(obj).__name__}")
 
 
 def _natural(
@@ -718,38 +735,52 @@ def analyze(
         t = time.perf_counter()
         ablation_rows, curve_rows = [], []
         if opts.missingness or opts.ablation:
-            curve_groups = {k: v for k, v in grouped.items() if k[2][2] == 0.0 and k[2][0] == k[2][1]}
-            todo = [
-                r
-                for (_, _, rates), mem in curve_groups.items()
-                for r in mem
-                if opts.missingness or rates == (0.0, 0.0, 0.0)
-            ]
+            curve_groups = sorted(
+                ((k, [r for r in v if opts.missingness or k[2] == (0.0, 0.0, 0.0)]) for k, v in grouped.items()
+                 if k[2][2] == 0.0 and k[2][0] == k[2][1]),
+                key=lambda kv: (*order(*kv[0][:2]), kv[0][2]),
+            )  # fmt: skip
+            todo = [r for _, mem in curve_groups for r in mem]
             tick = progress.stage("missing X-rays and ablations (checkpoints)", len(todo))
             no_checkpoint = [r.run_id for r in todo if (r.uses_cxr or opts.ablation) and not r.has_checkpoint]
-            ready = [r for r in todo if r.run_id not in set(no_checkpoint)]
+            skip = set(no_checkpoint)
             for _ in no_checkpoint:
-                tick()
-            jobs = [(r, root, opts, opts.ablation and r.main) for r in ready]
-            frames = {}
-            for r, f in zip(ready, workers.map(_controlled_job, jobs), strict=True):
-                frames[r.run_id] = f
                 tick()
             if no_checkpoint:
                 warnings.append(
                     f"{len(no_checkpoint)} run(s) without a checkpoint left out of the test-time "
                     f"missingness and ablation tables: {', '.join(no_checkpoint)}"
                 )
-            for (task, cohort, rates), all_members in sorted(
-                curve_groups.items(), key=lambda kv: (*order(*kv[0][:2]), kv[0][2])
-            ):
-                members = [r for r in all_members if r.run_id in frames]
+            # group by group: one group's forward passes are in memory at a time, and its rows are a resume piece
+            for (task, cohort, rates), all_members in curve_groups:
+                members = [r for r in all_members if r.run_id not in skip]
                 if not members:
                     continue
-                if opts.ablation and rates == (0.0, 0.0, 0.0):
-                    ablation_rows += _ablation_rows(task, cohort, members, frames, val_of, opts)
-                if opts.missingness:
-                    curve_rows += _curve_rows(task, cohort, rates[0], members, frames, val_of, opts, workers)
+                ablate = opts.ablation and rates == (0.0, 0.0, 0.0)
+                key = cache.key("modality", _modality_options(task, cohort, rates, ablate, opts), members)
+                piece = cache.get(key)
+                if piece is None:
+                    jobs = [(r, root, opts, opts.ablation and r.main) for r in members]
+                    frames = {}
+                    for r, f in zip(members, workers.map(_controlled_job, jobs), strict=True):
+                        frames[r.run_id] = f
+                        tick()
+                    rows = {
+                        "ablation": _ablation_rows(task, cohort, members, frames, val_of, opts)
+                        if ablate
+                        else [],
+                        "curves": _curve_rows(task, cohort, rates[0], members, frames, val_of, opts, workers)
+                        if opts.missingness
+                        else [],
+                    }
+                    del frames
+                    piece = {}, json.loads(json.dumps(rows, default=_json_number))
+                    cache.put(key, *piece)
+                else:
+                    for _ in members:
+                        tick()
+                ablation_rows += piece[1]["ablation"]
+                curve_rows += piece[1]["curves"]
         tables["ablation"] = pd.DataFrame(ablation_rows, columns=ABLATION_COLUMNS if ablation_rows else None)
         tables["missingness_test"] = pd.DataFrame(curve_rows)
         tables["missingness_train"] = pd.DataFrame(

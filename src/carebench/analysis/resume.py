@@ -1,8 +1,9 @@
 """Finished pieces of an `analyze` that was stopped, so that running it again redoes only the rest.
 
 Why: at the paper's size the analysis is hours of arithmetic (docs/performance.md); a kill, a lost node or a full
-disk should not cost the pieces already finished. Two kinds of piece are kept, the long ones: the statistics of
-one (task, cohort) group (leaderboard, comparisons, natural missingness) and the fairness of one run.
+disk should not cost the pieces already finished. Three kinds of piece are kept, the long ones: the statistics of
+one (task, cohort) group (leaderboard, comparisons, natural missingness), the fairness of one run, and the
+missing-X-ray curves and ablations of one group (its checkpoints' forward passes; kept as rows).
 
 Each piece is stored under `RUNS/.analyze-pieces/<key>/` as parquet tables and a `meta.json`, written to a
 temporary folder and renamed into place, so a piece is either whole or absent. Its key is a hash of everything its
