@@ -319,7 +319,7 @@ def _modality_options(
     """What the missing-X-ray curves and ablations of a group depend on besides its runs (its resume key)."""
     return {"task": task, "cohort": cohort, "rates": rates, "ablation": ablate, "missingness": opts.missingness,
             "groups": _groups(task, opts),
-            **{k: getattr(opts, k) for k in ("n_bootstrap", "confidence", "seed", "test_rates", "device")}}  # fmt: skip
+            **{k: getattr(opts, k) for k in ("n_bootstrap", "confidence", "seed", "test_rates")}}  # fmt: skip
 
 
 def _json_number(obj: Any) -> Any:
@@ -635,7 +635,9 @@ def analyze(
     if not root.is_dir():
         raise AnalysisError(f"{root}: dataset of the runs not found (pass --data DIR if it moved)")
     runs.check_dataset(fingerprint, root, dataset_fingerprint(root))
-    cache = WorkCache(runs_dir / WORK_DIR, {"dataset": fingerprint})
+    # in every piece's key: the dataset, and the device of forward passes (curves, ablations, and the validation
+    # predictions of records that predate saving them)
+    cache = WorkCache(runs_dir / WORK_DIR, {"dataset": fingerprint, "device": opts.device})
     ds = open_dataset(root, mmap=True)
     undeclared = sorted({r.task for r in records} - set(ds.tasks))
     if undeclared:
