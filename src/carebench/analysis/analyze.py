@@ -639,12 +639,12 @@ def analyze(
     # predictions of records that predate saving them)
     cache = WorkCache(runs_dir / WORK_DIR, {"dataset": fingerprint, "device": opts.device})
     ds = open_dataset(root, mmap=True)
-    undeclared = sorted({r.task for r in records} - set(ds.tasks))
+    ran = {r.task for r in records}
+    undeclared = sorted(ran - set(ds.tasks))
     if undeclared:
         raise AnalysisError(
             f"{root}: runs of task(s) {undeclared} that the dataset does not declare ({ds.tasks})"
         )
-    ran = {r.task for r in records}
     multilabel = {t: ds.output_names(t) for t in ds.tasks if t in ran and get_task(t).kind == "multilabel"}
     opts = replace(opts, task_label_groups=groups_by_task(opts.label_groups, multilabel))
     has_cxr = ds.cohort.set_index("stay_id")["has_cxr"].astype(bool)

@@ -34,7 +34,7 @@ p-value conventions are in docs/statistics.md.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from scipy.special import ndtr, ndtri
@@ -816,15 +816,11 @@ def _draw(
     ]
 
 
-def _intervals(
-    point: Mapping[str, np.ndarray],
-    resamples: Mapping[str, np.ndarray],
-    jackknife: Mapping[str, np.ndarray],
-    confidence: float,
-    method: str,
-) -> dict[str, BootstrapResult]:
+def _intervals(v: BootstrapValues, confidence: float) -> dict[str, BootstrapResult]:
+    """The CI of every key of `v` from its resamples (and jackknife values for BCa)."""
     return {
-        k: _interval(resamples[k], float(point[k][0]), confidence, method, jackknife.get(k)) for k in point
+        k: _interval(v.resamples[k], float(v.point[k][0]), confidence, v.method, v.jackknife.get(k))
+        for k in v.point
     }
 
 
@@ -887,12 +883,13 @@ def bootstrap_cis(
     groups: Mapping[str, Sequence[str]] | None = None,
     thresholds: np.ndarray | None = None,
 ) -> dict[str, BootstrapResult]:
-    """`bootstrap_ci` of several metrics on the same resamples, in one pass."""
-    y, p, names = prepare_predictions(y_true, p, names)
+    """`bootstrap_ci` of several metrics on the same resamples, in one pass (the intervals of `bootstrap_values`)."""
     check_ci_options(ci, method, n_resamples, "n_resamples")
-    sets = [_MetricSet(y, p, names, list(dict.fromkeys(metrics)), groups=groups, thresholds=thresholds)]
-    (v,) = _draw(sets, y, n_resamples, seed, method, stratify)
-    return _intervals(v.point, v.resamples, v.jackknife, ci, method)
+    values = bootstrap_values(
+        y_true, p, metrics, names=names, n_resamples=n_resamples, seed=seed, method=method, stratify=stratify,
+        groups=groups, thresholds=thresholds,
+    )  # fmt: skip
+    return _intervals(values, ci)
 
 
 def paired_bootstrap_ci(
@@ -1005,9 +1002,13 @@ def paired_intervals(
     if not same or list(a.point) != list(b.point):
         raise StatisticsInputError("paired_intervals: the two models' values were drawn differently")
     check_ci_options(ci, a.method, 1, "n_resamples")  # the resample count was checked when they were drawn
-    diff = [{k: x[k] - y[k] for k in x} for x, y in ((a.point, b.point), (a.resamples, b.resamples),
-                                                      (a.jackknife, b.jackknife))]  # fmt: skip
-    return _intervals(*diff, ci, a.method)
+    diff = replace(
+        a,
+        point={k: v - b.point[k] for k, v in a.point.items()},
+        resamples={k: v - b.resamples[k] for k, v in a.resamples.items()},
+        jackknife={k: v - b.jackknife[k] for k, v in a.jackknife.items()},
+    )
+    return _intervals(diff, ci)
 
 
 def _same_shape(p_a: np.ndarray, p_b: np.ndarray) -> None:
