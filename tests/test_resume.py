@@ -63,7 +63,7 @@ def test_a_damaged_piece_is_computed_again_and_a_failed_write_loses_only_pieces(
     key = cache.key("fairness", {}, records[:1])
     cache.put(key, {"groups": _frame()}, {"thresholds": {"los": 0.25}})
     (tmp_path / "pieces" / key / "groups.parquet").write_bytes(b"not parquet")
-    assert cache.get(key) is None
+    assert cache.get(key) is None and cache.reused == 0
     json.loads((tmp_path / "pieces" / key / META).read_text())  # the meta itself is whole
     blocked = tmp_path / "file"
     blocked.write_text("a file where the pieces would go")
